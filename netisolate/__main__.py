@@ -1,0 +1,3 @@
+from netisolate.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,410 @@
+"""Admission rules (DESIGN.md, "Admission findings") as pure functions → findings.
+
+The webhook and `netisolate check` both call `review_pod`, `review_ephemeral` and
+`review_namespace`; nothing here touches the network.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from itertools import combinations
+
+from netisolate.config import Config, Severity, image_matches
+from netisolate.model import (
+    AdmissionRequest,
+    Container,
+    InputError,
+    Namespace,
+    Pod,
+    parse_namespace,
+    parse_pod,
+)
+from netisolate.policy import (
+    ISOLATION_KEY,
+    ContainerKind,
+    Level,
+    PolicyError,
+    containers_with_kind,
+    effective_level,
+    effective_uid,
+    parse_level,
+    parse_pod_grants,
+)
+
+GATE_LABEL = "netisolate.io/gate"
+
+
+@dataclass(frozen=True)
+class Finding:
+    rule: str
+    severity: Severity
+    container: str | None
+    message: str
+
+    def as_dict(self) -> dict[str, str | None]:
+        return {
+            "rule": self.rule,
+            "severity": self.severity,
+            "container": self.container,
+            "message": self.message,
+        }
+
+
+@dataclass(frozen=True)
+class Requester:
+    username: str = ""
+    groups: tuple[str, ...] = field(default_factory=tuple)
+
+
+def allowed(findings: list[Finding]) -> bool:
+    return all(f.severity != "deny" for f in findings)
+
+
+def _exempt(requester: Requester | None, config: Config) -> bool:
+    # Offline there is no requester, and no requester is exempt.
+    return requester is not None and bool(set(requester.groups) & set(config.exempt_groups))
+
+
+# --- isolation rules: only for isolated pods, deny under enforce and warn under audit ---------
+
+
+def _concurrent(kinds: list[ContainerKind], i: int, j: int) -> bool:
+    """Whether containers i < j (declaration order) can run at the same time (DESIGN.md, uid-shared)."""
+    a, b = kinds[i], kinds[j]
+    running = (ContainerKind.REGULAR, ContainerKind.SIDECAR, ContainerKind.EPHEMERAL)
+    if a in running and b in running:
+        return True
+    # A native sidecar starts before, and keeps running through, every init container after it.
+    return a is ContainerKind.SIDECAR and b is ContainerKind.INIT
+
+
+def _uid_rules(pod: Pod, severity: Severity) -> Iterator[Finding]:
+    entries = containers_with_kind(pod)
+    uids = [effective_uid(pod, c) for c, _ in entries]
+    for (container, _), uid in zip(entries, uids, strict=True):
+        if uid is None:
+            yield Finding(
+                "uid-missing",
+                severity,
+                container.name,
+                "no runAsUser: set securityContext.runAsUser to a UID unique to this container "
+                "(the agent keys its rules on it)",
+            )
+        elif uid == 0:
+            yield Finding(
+                "uid-root",
+                severity,
+                container.name,
+                "runs as UID 0: set securityContext.runAsUser to a unique non-zero UID",
+            )
+    kinds = [kind for _, kind in entries]
+    for i, j in combinations(range(len(entries)), 2):
+        if uids[i] is not None and uids[i] == uids[j] and _concurrent(kinds, i, j):
+            first, second = entries[i][0].name, entries[j][0].name
+            yield Finding(
+                "uid-shared",
+                severity,
+                second,
+                f"shares UID {uids[i]} with {first!r}, which can run at the same time: give each "
+                "container its own runAsUser, or the two cannot be told apart",
+            )
+
+
+def _capability_names(names: list[str]) -> set[str]:
+    return {name.upper().removeprefix("CAP_") for name in names}
+
+
+def _container_rules(
+    pod: Pod, container: Container, kind: ContainerKind, config: Config, severity: Severity
+) -> Iterator[Finding]:
+    sc = container.security_context
+    if sc is None or sc.allow_privilege_escalation is not False:
+        yield Finding(
+            "privilege-escalation",
+            severity,
+            container.name,
+            "set securityContext.allowPrivilegeEscalation: false (setuid binaries could change the UID)",
+        )
+    trusted_init = kind is ContainerKind.INIT and image_matches(container.image, config.trusted_init_images)
+    caps = sc.capabilities if sc else None
+    dropped = _capability_names(caps.drop) if caps else set()
+    added = _capability_names(caps.add) - {"NET_BIND_SERVICE"} if caps else set()
+    if not trusted_init and ("ALL" not in dropped or added):
+        extra = f" and remove {sorted(added)} from add" if added else ""
+        yield Finding(
+            "capabilities",
+            severity,
+            container.name,
+            f"set securityContext.capabilities.drop: [ALL]{extra} (only NET_BIND_SERVICE may be added)",
+        )
+    if container.ports and any(p.host_port for p in container.ports):
+        yield Finding(
+            "host-namespaces",
+            severity,
+            container.name,
+            "remove hostPort: it exposes the container on the node's network",
+        )
+    if sc and sc.windows_options and sc.windows_options.host_process:
+        yield Finding(
+            "platform",
+            severity,
+            container.name,
+            "windowsOptions.hostProcess: Windows nodes have no netfilter, isolation cannot be enforced",
+        )
+
+
+def _pod_rules(pod: Pod, severity: Severity) -> Iterator[Finding]:
+    spec = pod.spec
+    for flag, value in (
+        ("hostNetwork", spec.host_network),
+        ("hostPID", spec.host_pid),
+        ("hostIPC", spec.host_ipc),
+    ):
+        if value:
+            yield Finding(
+                "host-namespaces", severity, None, f"set {flag}: false (it shares a node namespace)"
+            )
+    windows = (spec.os is not None and spec.os.name == "windows") or bool(
+        spec.security_context
+        and spec.security_context.windows_options
+        and spec.security_context.windows_options.host_process
+    )
+    if windows:
+        yield Finding(
+            "platform",
+            severity,
+            None,
+            "the pod targets Windows, which has no netfilter: isolation cannot be enforced there",
+        )
+
+
+def _isolation_rules(pod: Pod, level: Level, config: Config) -> Iterator[Finding]:
+    severity: Severity = "deny" if level is Level.ENFORCE else "warn"
+    yield from _uid_rules(pod, severity)
+    yield from _pod_rules(pod, severity)
+    for container, kind in containers_with_kind(pod):
+        yield from _container_rules(pod, container, kind, config, severity)
+        if container.security_context and container.security_context.privileged:
+            yield Finding(
+                "privileged",
+                severity,
+                container.name,
+                "remove privileged: true (a privileged container can rewrite the pod's rules)",
+            )
+
+
+# --- injection guard: every pod, configurable severities --------------------------------------
+
+
+def _guard_rules(pod: Pod, config: Config, requester: Requester | None) -> Iterator[Finding]:
+    for container in pod.all_containers():
+        if container.security_context and container.security_context.privileged:
+            yield Finding(
+                "privileged",
+                config.severity("privileged"),
+                container.name,
+                "privileged container: remove privileged: true, or find out which injector added it",
+            )
+        prefixes = config.sidecar_images.get(container.name)
+        if prefixes is None:
+            continue
+        if not image_matches(container.image, prefixes):
+            yield Finding(
+                "sidecar-image",
+                config.severity("sidecar-image"),
+                container.name,
+                f"image {container.image!r} is not one of the allowed images for {container.name} "
+                f"({', '.join(prefixes)}): check the injector, or add the image to sidecarImages",
+            )
+        if "@sha256:" not in (container.image or ""):
+            yield Finding(
+                "sidecar-digest",
+                config.severity("sidecar-digest"),
+                container.name,
+                f"image {container.image!r} is not pinned: reference it by @sha256: digest",
+            )
+    mounts: dict[str, list[str]] = {}
+    for container in pod.all_containers():
+        for mount in container.volume_mounts:
+            mounts.setdefault(mount.name, []).append(container.name)
+    for volume in pod.spec.volumes:
+        if volume.host_path is not None:
+            users = ",".join(mounts.get(volume.name, [])) or None
+            yield Finding(
+                "hostpath",
+                config.severity("hostpath"),
+                users,
+                f"hostPath volume {volume.name!r} ({volume.host_path.get('path', '?')}): "
+                "use a projected, configMap or emptyDir volume instead",
+            )
+    if not _exempt(requester, config):
+        meta = {**pod.metadata.labels, **pod.metadata.annotations}
+        for key, value in sorted(config.opt_out_annotations.items()):
+            if meta.get(key) == value:
+                yield Finding(
+                    "injection-opt-out",
+                    config.severity("injection-opt-out"),
+                    None,
+                    f"{key}: {value!r} opts the pod out of sidecar injection; only members of "
+                    f"{config.exempt_groups} may set it",
+                )
+
+
+# --- hardening warnings and the gate ----------------------------------------------------------
+
+
+def _hardening_warnings(pod: Pod) -> Iterator[Finding]:
+    if pod.spec.share_process_namespace:
+        yield Finding(
+            "shared-process-namespace",
+            "warn",
+            None,
+            "shareProcessNamespace: true lets containers reach each other's sockets and fds",
+        )
+    for container in pod.spec.ephemeral_containers:
+        if container.target_container_name:
+            yield Finding(
+                "shared-process-namespace",
+                "warn",
+                container.name,
+                f"targets {container.target_container_name!r}: it can reach that container's sockets and fds",
+            )
+    users: dict[str, list[str]] = {}
+    empty_dirs = {v.name for v in pod.spec.volumes if v.empty_dir is not None}
+    for container in pod.all_containers():
+        for mount in container.volume_mounts:
+            if mount.name in empty_dirs and container.name not in users.setdefault(mount.name, []):
+                users[mount.name].append(container.name)
+    for volume, names in sorted(users.items()):
+        if len(names) > 1:
+            yield Finding(
+                "shared-emptydir",
+                "warn",
+                None,
+                f"emptyDir {volume!r} is mounted by {', '.join(names)}: Unix sockets in it "
+                "bypass network isolation; mount it in one container, or accept the channel",
+            )
+
+
+def _is_gate(container: Container, config: Config) -> bool:
+    return image_matches(container.image, config.gate_images) and "gate" in [
+        *container.command,
+        *container.args,
+    ]
+
+
+def _gate_rule(pod: Pod, config: Config, namespace_labels: Mapping[str, str]) -> Iterator[Finding]:
+    if not (config.gate_required or namespace_labels.get(GATE_LABEL) == "required"):
+        return
+    for container in pod.spec.init_containers:
+        if _is_gate(container, config):
+            return
+        if not image_matches(container.image, config.trusted_init_images):
+            break
+    yield Finding(
+        "gate-missing",
+        "deny",
+        None,
+        "the first init container must be the netisolate gate (`netisolate gate`), so no container "
+        "starts before the pod's rules hold; only trusted init images may precede it",
+    )
+
+
+# --- entry points -----------------------------------------------------------------------------
+
+
+def _merge(findings: Iterator[Finding]) -> list[Finding]:
+    """One finding per (rule, container): the stricter severity wins (privileged has two sources)."""
+    merged: dict[tuple[str, str | None, str], Finding] = {}
+    for finding in findings:
+        key = (finding.rule, finding.container, finding.message if finding.rule != "privileged" else "")
+        kept = merged.get(key)
+        if kept is None or (kept.severity == "warn" and finding.severity == "deny"):
+            merged[key] = finding
+    return list(merged.values())
+
+
+def review_pod(
+    pod: Pod, namespace_labels: Mapping[str, str], config: Config, requester: Requester | None = None
+) -> list[Finding]:
+    level, level_problems = effective_level(pod, namespace_labels)
+    _, grant_problems = parse_pod_grants(pod)
+
+    def all_findings() -> Iterator[Finding]:
+        for problem in [*level_problems, *grant_problems]:
+            yield Finding("annotation-invalid", "deny", None, problem)
+        if level is not Level.OFF:
+            yield from _isolation_rules(pod, level, config)
+            yield from _hardening_warnings(pod)
+            yield from _gate_rule(pod, config, namespace_labels)
+        yield from _guard_rules(pod, config, requester)
+
+    return _merge(all_findings())
+
+
+def review_ephemeral(
+    pod: Pod,
+    old: Pod | None,
+    namespace_labels: Mapping[str, str],
+    config: Config,
+    requester: Requester | None = None,
+) -> list[Finding]:
+    """`kubectl debug`: judge only the ephemeral containers this update adds, against the running ones."""
+    before = {c.name for c in old.spec.ephemeral_containers} if old else set()
+    added = {c.name for c in pod.spec.ephemeral_containers} - before
+    return [f for f in review_pod(pod, namespace_labels, config, requester) if f.container in added]
+
+
+def review_namespace(
+    namespace: Namespace, old: Namespace | None, config: Config, requester: Requester | None = None
+) -> list[Finding]:
+    findings = []
+    labels = namespace.metadata.labels
+    if ISOLATION_KEY in labels:
+        try:
+            parse_level(labels[ISOLATION_KEY], f"namespace label {ISOLATION_KEY}")
+        except PolicyError as err:
+            findings.append(Finding("annotation-invalid", "deny", None, str(err)))
+    if not _exempt(requester, config):
+        before = old.metadata.labels if old else {}
+        for key in config.protected_namespace_labels:
+            if labels.get(key) != before.get(key):
+                findings.append(
+                    Finding(
+                        "namespace-label-protected",
+                        config.severity("namespace-label-protected"),
+                        None,
+                        f"label {key} changes from {before.get(key)!r} to {labels.get(key)!r}: "
+                        f"only members of {config.exempt_groups} may change it",
+                    )
+                )
+    return findings
+
+
+def _requester(request: AdmissionRequest) -> Requester | None:
+    if request.user_info is None:
+        return None
+    return Requester(request.user_info.username, tuple(request.user_info.groups))
+
+
+def review_request(
+    request: AdmissionRequest, namespace_labels: Mapping[str, str], config: Config
+) -> list[Finding]:
+    """Dispatch an admission request (or an offline document wrapped as one) to its rules.
+
+    Raises InputError when the objects in it cannot be read.
+    """
+    where = f"{request.kind.kind} {request.namespace or '-'}/{request.name or '-'} ({request.operation})"
+    requester = _requester(request)
+    if request.kind.kind == "Namespace":
+        namespace = parse_namespace(request.object, f"{where} object")
+        old_ns = parse_namespace(request.old_object, f"{where} oldObject") if request.old_object else None
+        return review_namespace(namespace, old_ns, config, requester)
+    if request.kind.kind != "Pod":
+        raise InputError(f"{where}: netisolate reviews Pods and Namespaces, not {request.kind.kind}")
+    pod = parse_pod(request.object, f"{where} object")
+    if request.sub_resource == "ephemeralcontainers":
+        old = parse_pod(request.old_object, f"{where} oldObject") if request.old_object else None
+        return review_ephemeral(pod, old, namespace_labels, config, requester)
+    return review_pod(pod, namespace_labels, config, requester)

@@ -1,0 +1,42 @@
+"""The `netisolate` entry point: builds the sub-command parsers and maps errors to exit codes."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Sequence
+
+from netisolate import __version__
+from netisolate.commands.common import ANNOTATION_HELP
+from netisolate.model import InputError
+
+# Modules under netisolate.commands, in the order `--help` lists them.
+COMMANDS = ("check", "render")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="netisolate",
+        description="Container-level network isolation for Kubernetes pods: each container reaches only "
+        "the loopback ports its pod's annotations grant it.",
+        epilog=ANNOTATION_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"netisolate {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name in COMMANDS:
+        importlib.import_module(f"netisolate.commands.{name}").register(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        code: int = args.run(args)
+    except InputError as err:
+        print(f"netisolate {args.command}: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    return code

@@ -1,0 +1,1 @@
+"""One module per `netisolate` sub-command; each exposes `register(subparsers)`."""

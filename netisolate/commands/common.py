@@ -1,0 +1,83 @@
+"""Options shared by the commands that turn a pod file into rules."""
+
+from __future__ import annotations
+
+import argparse
+
+from netisolate.model import InputError
+from netisolate.rules import DEFAULT_SENTINEL_PORT, Settings
+
+ANNOTATION_HELP = """\
+Annotations (on the pod; the isolation level may also be a namespace label):
+  netisolate.io/isolation: enforce|audit|off   stricter of pod annotation and namespace label wins
+  allow.netisolate.io/<container>: "PORTS"     loopback ports <container> may open connections to:
+                                               comma list of PORT or LOW-HIGH, each optionally
+                                               /tcp or /udp (default tcp); empty = nothing
+
+Example: the app may reach its proxy on 15001, the proxy may reach the app on 8080 and a
+DNS cache on 53/udp, anything else in the pod may reach nothing over loopback:
+
+  metadata:
+    annotations:
+      netisolate.io/isolation: enforce
+      allow.netisolate.io/app: "15001"
+      allow.netisolate.io/proxy: "8080, 53/udp"
+
+Each container needs its own non-root runAsUser: the rules are keyed on it.
+"""
+
+
+def add_command(
+    sub: argparse._SubParsersAction[argparse.ArgumentParser], name: str, summary: str, details: str = ""
+) -> argparse.ArgumentParser:
+    return sub.add_parser(
+        name,
+        help=summary,
+        description=f"{summary}\n\n{details}".rstrip(),
+        epilog=ANNOTATION_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+
+
+def parse_labels(text: str) -> dict[str, str]:
+    """`k=v,k2=v2` → mapping; an item without `=` is an error, not an empty label."""
+    labels = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise argparse.ArgumentTypeError(f"{item!r} is not KEY=VALUE")
+        labels[key] = value
+    return labels
+
+
+def add_namespace_labels(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--namespace-labels",
+        type=parse_labels,
+        default={},
+        metavar="K=V,...",
+        help="labels of the pod's namespace (e.g. netisolate.io/isolation=enforce), which set the "
+        "isolation floor",
+    )
+
+
+def add_rule_settings(parser: argparse.ArgumentParser) -> None:
+    add_namespace_labels(parser)
+    parser.add_argument(
+        "--sentinel-port",
+        type=int,
+        default=DEFAULT_SENTINEL_PORT,
+        metavar="PORT",
+        help=f"the gate's sentinel loopback port (default {DEFAULT_SENTINEL_PORT})",
+    )
+    parser.add_argument(
+        "--deny-port-forward",
+        action="store_true",
+        help="also deny UID 0 (the runtime: kubectl port-forward), which is allowed by default",
+    )
+
+
+def rule_settings(args: argparse.Namespace) -> Settings:
+    if not 1 <= args.sentinel_port <= 65535:
+        raise InputError(f"--sentinel-port {args.sentinel_port} is outside 1-65535")
+    return Settings(sentinel_port=args.sentinel_port, allow_root=not args.deny_port_forward)

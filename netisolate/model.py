@@ -1,0 +1,207 @@
+"""Pydantic models of the Kubernetes objects netisolate reads.
+
+Only the fields we act on are declared; every other field Kubernetes may send is tolerated
+(``extra="allow"``). Declared fields are strict: a string where the API wants an integer is an
+error naming the field, never a silent coercion, because these values decide who may connect where.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic.alias_generators import to_camel
+
+
+class K8s(BaseModel):
+    model_config = ConfigDict(
+        extra="allow", strict=True, alias_generator=to_camel, populate_by_name=True, frozen=True
+    )
+
+
+class Capabilities(K8s):
+    add: list[str] = Field(default_factory=list)
+    drop: list[str] = Field(default_factory=list)
+
+
+class WindowsOptions(K8s):
+    host_process: bool | None = None
+
+
+class SecurityContext(K8s):
+    run_as_user: int | None = None
+    run_as_non_root: bool | None = None
+    allow_privilege_escalation: bool | None = None
+    privileged: bool | None = None
+    capabilities: Capabilities | None = None
+    windows_options: WindowsOptions | None = None
+
+
+class PodSecurityContext(K8s):
+    run_as_user: int | None = None
+    run_as_non_root: bool | None = None
+    windows_options: WindowsOptions | None = None
+
+
+class ContainerPort(K8s):
+    container_port: int
+    host_port: int | None = None
+    protocol: str = "TCP"
+
+
+class VolumeMount(K8s):
+    name: str
+    mount_path: str
+
+
+# Kubernetes only admits DNS-1123 labels as container names; holding to that here also means a
+# name can never smuggle syntax into a rendered ruleset, where it appears as a comment.
+DNS_LABEL = r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$"
+
+
+class Container(K8s):
+    name: str = Field(pattern=DNS_LABEL)
+    image: str | None = None
+    command: list[str] = Field(default_factory=list)
+    args: list[str] = Field(default_factory=list)
+    security_context: SecurityContext | None = None
+    ports: list[ContainerPort] = Field(default_factory=list)
+    volume_mounts: list[VolumeMount] = Field(default_factory=list)
+    restart_policy: str | None = None
+    target_container_name: str | None = None
+
+
+class Volume(K8s):
+    name: str
+    host_path: dict[str, Any] | None = None
+    empty_dir: dict[str, Any] | None = None
+
+
+class PodOS(K8s):
+    name: str
+
+
+class PodSpec(K8s):
+    containers: list[Container] = Field(default_factory=list)
+    init_containers: list[Container] = Field(default_factory=list)
+    ephemeral_containers: list[Container] = Field(default_factory=list)
+    security_context: PodSecurityContext | None = None
+    volumes: list[Volume] = Field(default_factory=list)
+    host_network: bool | None = None
+    host_pid: bool | None = Field(default=None, alias="hostPID")
+    host_ipc: bool | None = Field(default=None, alias="hostIPC")
+    host_users: bool | None = None
+    share_process_namespace: bool | None = None
+    os: PodOS | None = None
+    node_name: str | None = None
+
+
+class ObjectMeta(K8s):
+    name: str | None = None
+    generate_name: str | None = None
+    namespace: str | None = None
+    uid: str | None = None
+    labels: dict[str, str] = Field(default_factory=dict)
+    annotations: dict[str, str] = Field(default_factory=dict)
+
+
+class PodIP(K8s):
+    ip: str
+
+
+class PodStatus(K8s):
+    pod_ip: str | None = Field(default=None, alias="podIP")
+    pod_ips: list[PodIP] = Field(default_factory=list, alias="podIPs")
+    phase: str | None = None
+
+
+class Pod(K8s):
+    api_version: str | None = None
+    kind: str | None = None
+    metadata: ObjectMeta = Field(default_factory=ObjectMeta)
+    spec: PodSpec
+    status: PodStatus | None = None
+
+    @property
+    def ref(self) -> str:
+        """`namespace/name` for messages; generateName pods are shown by their prefix."""
+        name = self.metadata.name or f"{self.metadata.generate_name or ''}<generated>"
+        return f"{self.metadata.namespace or 'default'}/{name}"
+
+    def all_containers(self) -> list[Container]:
+        return [*self.spec.init_containers, *self.spec.containers, *self.spec.ephemeral_containers]
+
+
+class Namespace(K8s):
+    api_version: str | None = None
+    kind: str | None = None
+    metadata: ObjectMeta = Field(default_factory=ObjectMeta)
+
+
+class InputError(ValueError):
+    """Input we cannot read: the message names the object and the field and says what to fix."""
+
+
+def _location(loc: tuple[int | str, ...]) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
+
+
+def describe_validation_error(err: ValidationError, where: str) -> str:
+    problems = [f"{_location(e['loc']) or '(root)'}: {e['msg']}" for e in err.errors(include_url=False)]
+    return f"{where}: " + "; ".join(problems)
+
+
+def parse_pod(data: object, where: str = "pod") -> Pod:
+    try:
+        return Pod.model_validate(data)
+    except ValidationError as err:
+        raise InputError(describe_validation_error(err, where)) from None
+
+
+def parse_namespace(data: object, where: str = "namespace") -> Namespace:
+    try:
+        return Namespace.model_validate(data)
+    except ValidationError as err:
+        raise InputError(describe_validation_error(err, where)) from None
+
+
+class UserInfo(K8s):
+    username: str = ""
+    groups: list[str] = Field(default_factory=list)
+
+
+class GroupVersionKind(K8s):
+    group: str = ""
+    version: str = ""
+    kind: str = ""
+
+
+class GroupVersionResource(K8s):
+    group: str = ""
+    version: str = ""
+    resource: str = ""
+
+
+class AdmissionRequest(K8s):
+    """The `request` of an AdmissionReview v1. `user_info` is None only for offline checks."""
+
+    uid: str = Field(min_length=1)
+    kind: GroupVersionKind
+    resource: GroupVersionResource = Field(default_factory=GroupVersionResource)
+    sub_resource: str | None = None
+    operation: str
+    namespace: str | None = None
+    name: str | None = None
+    user_info: UserInfo | None = None
+    object: dict[str, Any] | None = None
+    old_object: dict[str, Any] | None = None
+    dry_run: bool | None = None
+
+
+class AdmissionReview(K8s):
+    api_version: str
+    kind: str
+    request: AdmissionRequest | None = None
