@@ -1,0 +1,60 @@
+#!/usr/bin/env bash
+# One command from a bare Debian/Ubuntu machine (as root) to a running netisolate:
+#   bash scripts/bootstrap.sh demo   install, then run `netisolate demo` (the main job)
+#   bash scripts/bootstrap.sh test   install, then ruff + mypy --strict + the whole test suite
+# It installs the system packages the kernel-facing parts use, a venv in .venv and the project.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+# nftables/iptables: both backends; socat: listeners/clients under other UIDs in tests and the demo;
+# iproute2: netns/veth; conntrack: inspecting state in tests; util-linux: setpriv/nsenter;
+# gcc + python3-dev: python-iptables builds a small C extension at install time.
+APT_PACKAGES=(nftables iptables socat iproute2 conntrack util-linux procps gcc python3-dev python3-venv kmod)
+mode=${1:-test}
+
+if [[ $(id -u) -ne 0 ]]; then
+  echo "bootstrap: run as root (sudo bash scripts/bootstrap.sh $mode): it installs packages and the" \
+       "demo/tests create network namespaces" >&2
+  exit 1
+fi
+
+missing=()
+for pkg in "${APT_PACKAGES[@]}"; do
+  dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "ok installed" || missing+=("$pkg")
+done
+if ((${#missing[@]})); then
+  echo "bootstrap: installing ${missing[*]}"
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+PYTHON=${PYTHON:-python3}
+if [[ ! -x .venv/bin/python ]]; then
+  "$PYTHON" -m venv .venv
+fi
+.venv/bin/pip install -q --upgrade pip >/dev/null
+.venv/bin/pip install -q -e '.[test]'
+
+case "$mode" in
+  demo)
+    exec .venv/bin/netisolate demo
+    ;;
+  test)
+    .venv/bin/ruff check netisolate tests bench
+    .venv/bin/ruff format --check netisolate tests bench
+    .venv/bin/mypy
+    set +e
+    .venv/bin/pytest -q -p no:cacheprovider "${@:2}"
+    code=$?
+    set -e
+    if [[ $code -eq 5 ]]; then
+      echo "bootstrap: pytest collected no tests: that is a failure here" >&2
+      exit 1
+    fi
+    exit $code
+    ;;
+  *)
+    echo "usage: bash scripts/bootstrap.sh demo|test [pytest args...]" >&2
+    exit 2
+    ;;
+esac
