@@ -1,0 +1,213 @@
+"""Policy → ruleset → backend text: the decisions, determinism, and that the kernel tools accept it."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+from typing import Any
+
+import pytest
+
+from netisolate.model import parse_pod
+from netisolate.policy import pod_policy
+from netisolate.rules import (
+    RuleSet,
+    Settings,
+    build_ruleset,
+    iptables_rules,
+    nft_table,
+    render_iptables,
+    render_nftables,
+)
+
+
+def ruleset(
+    annotations: dict[str, str],
+    containers: list[dict[str, Any]] | None = None,
+    settings: Settings | None = None,
+) -> RuleSet:
+    containers = containers or [
+        {"name": "app", "securityContext": {"runAsUser": 1000}},
+        {"name": "proxy", "securityContext": {"runAsUser": 1001}},
+        {"name": "rogue", "securityContext": {"runAsUser": 1002}},
+    ]
+    pod = parse_pod(
+        {"metadata": {"name": "p", "annotations": annotations}, "spec": {"containers": containers}}
+    )
+    rs = build_ruleset(pod_policy(pod, {}), settings or Settings())
+    assert rs is not None
+    return rs
+
+
+ENFORCE = {"netisolate.io/isolation": "enforce"}
+TYPICAL = {
+    **ENFORCE,
+    "allow.netisolate.io/app": "15001",
+    "allow.netisolate.io/proxy": "8080, 9000-9100, 53/udp",
+}
+
+
+def test_off_pods_get_no_rules() -> None:
+    pod = parse_pod({"spec": {"containers": [{"name": "a"}]}})
+    assert build_ruleset(pod_policy(pod, {}), Settings()) is None
+
+
+def test_grants_per_uid_and_protocol() -> None:
+    rs = ruleset(TYPICAL)
+    assert [(g.uid, g.protocol, [str(p) for p in g.ports]) for g in rs.grants] == [
+        (1000, "tcp", ["15001"]),
+        (1001, "tcp", ["8080", "9000-9100"]),
+        (1001, "udp", ["53/udp"]),
+    ]
+    assert [(i.uid, i.containers) for i in rs.identities] == [(1000, "app"), (1001, "proxy"), (1002, "rogue")]
+
+
+def test_rendering_is_deterministic_whatever_the_annotation_order() -> None:
+    a = ruleset(TYPICAL)
+    b = ruleset(
+        {
+            "allow.netisolate.io/proxy": "53/udp,9000-9100 ,8080",
+            **ENFORCE,
+            "allow.netisolate.io/app": "15001,15001",
+        }
+    )
+    assert render_nftables(a) == render_nftables(b)
+    assert render_iptables(a, 4) == render_iptables(b, 4)
+
+
+def test_nft_order_of_decisions() -> None:
+    lines = [line.strip() for line in nft_table(ruleset(TYPICAL)).splitlines()]
+    order = [
+        "tcp flags != syn / syn,ack accept",
+        "ct state established,related accept",
+        "meta l4proto { tcp, udp } th dport 9 reject with icmpx admin-prohibited",
+        "meta skuid 0 accept",
+        'meta skuid 1000 tcp dport 15001 accept comment "app"',
+        'meta skuid 1001 tcp dport { 8080, 9000-9100 } accept comment "proxy"',
+        'meta skuid 1001 udp dport 53 accept comment "proxy"',
+        'meta skuid 1002 counter goto deny comment "rogue"',
+        "counter goto deny",
+        "meta l4proto tcp reject with tcp reset",
+        "meta l4proto udp reject",
+        "drop",
+    ]
+    positions = [lines.index(line) for line in order]
+    assert positions == sorted(positions)
+    assert 'oif "lo" jump loopback' in lines
+
+
+def test_conntrack_only_where_udp_is_granted() -> None:
+    tcp_only = ruleset({**ENFORCE, "allow.netisolate.io/app": "15001"})
+    assert not tcp_only.stateful
+    assert "ct state" not in nft_table(tcp_only)
+    assert not any("conntrack" in r for r in iptables_rules(tcp_only, 4))
+    assert ruleset(TYPICAL).stateful
+
+
+def test_deny_port_forward_drops_the_root_allowance() -> None:
+    rs = ruleset(TYPICAL, settings=Settings(allow_root=False))
+    assert "skuid 0 " not in nft_table(rs)
+    assert not any("--uid-owner 0 " in r for r in iptables_rules(rs, 4))
+
+
+def test_sentinel_port_is_configurable_and_never_grantable() -> None:
+    rs = ruleset({**ENFORCE, "allow.netisolate.io/app": "9, 7000"}, settings=Settings(sentinel_port=7000))
+    lines = [line.strip() for line in nft_table(rs).splitlines()]
+    sentinel = lines.index("meta l4proto { tcp, udp } th dport 7000 reject with icmpx admin-prohibited")
+    grant = next(i for i, line in enumerate(lines) if "skuid 1000 tcp dport" in line)
+    assert sentinel < grant, "the sentinel must answer before any grant can accept"
+
+
+def test_audit_counts_but_accepts() -> None:
+    rs = ruleset({"netisolate.io/isolation": "audit"})
+    table = nft_table(rs)
+    assert "chain deny {\n\t\taccept\n\t}" in table
+    assert "reject with tcp reset" not in table
+    assert render_iptables(rs, 4).count("-A NETISOLATE-DENY") == 1
+    assert "-A NETISOLATE-DENY -j ACCEPT" in render_iptables(rs, 6)
+
+
+def test_shared_uid_and_missing_uid() -> None:
+    rs = ruleset(
+        {
+            **ENFORCE,
+            "allow.netisolate.io/a": "80",
+            "allow.netisolate.io/b": "81",
+            "allow.netisolate.io/c": "82",
+        },
+        containers=[
+            {"name": "a", "securityContext": {"runAsUser": 1000}},
+            {"name": "b", "securityContext": {"runAsUser": 1000}},
+            {"name": "c"},  # no UID: nothing can be allowed for it
+        ],
+    )
+    assert [(g.uid, g.containers, [str(p) for p in g.ports]) for g in rs.grants] == [
+        (1000, "a,b", ["80", "81"])
+    ]
+    assert "82" not in nft_table(rs)
+
+
+def test_multiport_is_split_at_fifteen_slots() -> None:
+    ports = ",".join(str(p) for p in range(1000, 1020))
+    rules = [
+        r
+        for r in iptables_rules(ruleset({**ENFORCE, "allow.netisolate.io/app": ports}), 4)
+        if "multiport" in r
+    ]
+    assert len(rules) == 2
+    assert sum(len(r.split("--dports ")[1].split()[0].split(",")) for r in rules) == 20
+
+
+# --- the kernel's own tools accept the text (in a throwaway network namespace) ----------------
+
+
+def _in_fresh_netns(cmd: list[str], text: str) -> subprocess.CompletedProcess[str]:
+    if shutil.which("unshare") is None or shutil.which(cmd[0]) is None:
+        pytest.fail(f"{cmd[0]} or unshare is missing: run `bash scripts/bootstrap.sh test` as root")
+    return subprocess.run(["unshare", "--net", *cmd], input=text, capture_output=True, text=True, check=False)
+
+
+CASES = {
+    "typical": (TYPICAL, Settings()),
+    "audit": ({"netisolate.io/isolation": "audit"}, Settings()),
+    "no-root": (TYPICAL, Settings(allow_root=False, sentinel_port=65000)),
+    "many-ports": (
+        {**ENFORCE, "allow.netisolate.io/app": ",".join(str(p) for p in range(2000, 2040))},
+        Settings(),
+    ),
+}
+
+
+@pytest.mark.kernel
+@pytest.mark.parametrize("case", CASES)
+def test_nft_accepts_the_script(case: str) -> None:
+    annotations, settings = CASES[case]
+    result = _in_fresh_netns(
+        ["nft", "-c", "-f", "-"], render_nftables(ruleset(annotations, settings=settings))
+    )
+    assert result.returncode == 0, result.stderr
+
+
+@pytest.mark.kernel
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize(
+    "tool",
+    ["iptables-legacy-restore", "ip6tables-legacy-restore", "iptables-nft-restore", "ip6tables-nft-restore"],
+)
+def test_iptables_restore_accepts_the_document(case: str, tool: str) -> None:
+    annotations, settings = CASES[case]
+    family = 6 if tool.startswith("ip6") else 4
+    document = render_iptables(ruleset(annotations, settings=settings), family)
+    result = _in_fresh_netns([tool, "--test", "--noflush"], document)
+    assert result.returncode == 0, result.stderr
+
+
+@pytest.mark.kernel
+def test_nft_lists_exactly_what_we_render() -> None:
+    """Drift detection compares text, so our table must be nft's own listing (less counter values)."""
+    rs = ruleset(TYPICAL)
+    result = _in_fresh_netns(["sh", "-c", "nft -f - && nft list table inet netisolate"], render_nftables(rs))
+    assert result.returncode == 0, result.stderr
+    listed = re.sub(r"counter packets \d+ bytes \d+", "counter", result.stdout)
+    assert listed == nft_table(rs)
