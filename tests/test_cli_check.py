@@ -241,3 +241,11 @@ def test_reviews_never_raise_anything_but_input_error(doc: Any) -> None:
             review_request(subject.request, {}, Config())
     except InputError as err:
         assert str(err).startswith("fuzz") or "(" in str(err)
+
+
+def test_pods_as_the_api_server_returns_them(capsys: pytest.CaptureFixture[str]) -> None:
+    path = Path(__file__).parent / "fixtures" / "pod-from-api.yaml"
+    code, out, _ = run(capsys, "check", "-f", str(path))
+    assert code == 0, out
+    code, out, _ = run(capsys, "render", "-f", str(path))
+    assert 'meta skuid 1000 tcp dport 15001 accept comment "app"' in out
