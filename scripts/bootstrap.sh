@@ -8,8 +8,8 @@ cd "$(dirname "$0")/.."
 
 # nftables/iptables: both backends; socat: listeners/clients under other UIDs in tests and the demo;
 # iproute2: netns/veth; conntrack: inspecting state in tests; util-linux: setpriv/nsenter;
-# gcc + python3-dev: python-iptables builds a small C extension at install time.
-APT_PACKAGES=(nftables iptables socat iproute2 conntrack util-linux procps gcc python3-dev python3-venv kmod)
+# python3: the system interpreter runs the stand-in container processes under other UIDs.
+APT_PACKAGES=(nftables iptables socat iproute2 conntrack util-linux procps python3 python3-venv)
 mode=${1:-test}
 
 if [[ $(id -u) -ne 0 ]]; then

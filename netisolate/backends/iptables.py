@@ -1,0 +1,90 @@
+"""iptables (legacy tables, IPv4 and IPv6): our own chains, jumped to first from OUTPUT for `-o lo`.
+
+Loaded with `iptables-legacy-restore --noflush`: declaring our two chains flushes only them, the
+whole filter table is committed in one replace (a reader never sees half a chain), and chains and
+policies we do not own are never touched. The jump is kept unique and first in the same commit.
+"""
+
+from __future__ import annotations
+
+import re
+
+from netisolate.backends.base import checked, run_tool
+from netisolate.netns import NetNS
+from netisolate.rules import (
+    IPT_CHAIN,
+    IPT_DENY_CHAIN,
+    JUMP_RULE,
+    Family,
+    RuleSet,
+    iptables_deny_rules,
+    iptables_rules,
+    render_iptables,
+)
+
+_TOOLS: dict[Family, str] = {4: "iptables-legacy", 6: "ip6tables-legacy"}
+_JUMP = f"-A OUTPUT {JUMP_RULE}"
+_DENY_COUNTER = re.compile(rf"^\[(\d+):\d+\] -A {IPT_CHAIN} (.*)-g {IPT_DENY_CHAIN}$")
+_COMMENT = re.compile(r"-m comment --comment (\S+)")
+
+
+class IptablesBackend:
+    name = "iptables"
+
+    def _save(self, ns: NetNS, family: Family, counters: bool = False) -> list[str]:
+        argv = [f"{_TOOLS[family]}-save", "-t", "filter", *(["-c"] if counters else [])]
+        return checked(run_tool(ns, argv), "reading the filter table").splitlines()
+
+    def _document(self, ruleset: RuleSet, family: Family, current: list[str]) -> str:
+        """The rendered document, with the jump fixed up so it ends up exactly once and first."""
+        output = [line for line in current if line.startswith("-A OUTPUT ")]
+        lines = render_iptables(ruleset, family).splitlines()
+        jump_at = lines.index(f"-I OUTPUT 1 {JUMP_RULE}")
+        if output[:1] == [_JUMP] and output.count(_JUMP) == 1:
+            del lines[jump_at]
+        else:
+            lines[jump_at:jump_at] = [f"-D OUTPUT {JUMP_RULE}"] * output.count(_JUMP)
+        return "\n".join(lines) + "\n"
+
+    def apply(self, ns: NetNS, ruleset: RuleSet) -> None:
+        for family in (4, 6):
+            document = self._document(ruleset, family, self._save(ns, family))
+            argv = [f"{_TOOLS[family]}-restore", "--noflush", "--wait"]
+            checked(run_tool(ns, argv, document), f"loading {ruleset.pod}'s IPv{family} rules")
+
+    def verify(self, ns: NetNS, ruleset: RuleSet) -> list[str]:
+        drift = []
+        for family in (4, 6):
+            current = self._save(ns, family)
+            output = [line for line in current if line.startswith("-A OUTPUT ")]
+            if output.count(_JUMP) != 1 or output[:1] != [_JUMP]:
+                drift.append(f"IPv{family}: the jump `{JUMP_RULE}` is not exactly once and first in OUTPUT")
+            drift += _chain_drift(current, IPT_CHAIN, iptables_rules(ruleset, family), family)
+            drift += _chain_drift(current, IPT_DENY_CHAIN, iptables_deny_rules(ruleset, family), family)
+        return drift
+
+    def installed(self, ns: NetNS) -> bool:
+        return any(line.startswith(f":{IPT_CHAIN} ") for family in (4, 6) for line in self._save(ns, family))
+
+    def deny_counters(self, ns: NetNS) -> dict[str, int]:
+        counts: dict[str, int] = {}
+        for family in (4, 6):
+            for line in self._save(ns, family, counters=True):
+                match = _DENY_COUNTER.match(line)
+                if match:
+                    comment = _COMMENT.search(match[2])
+                    key = comment[1].strip('"') if comment else ""
+                    counts[key] = counts.get(key, 0) + int(match[1])
+        return counts
+
+
+def _chain_drift(saved: list[str], chain: str, expected: list[str], family: Family) -> list[str]:
+    if not any(line.startswith(f":{chain} ") for line in saved):
+        return [f"IPv{family}: chain {chain} is missing"]
+    prefix = f"-A {chain} "
+    actual = [line.removeprefix(prefix) for line in saved if line.startswith(prefix)]
+    if actual == expected:
+        return []
+    drift = [f"IPv{family}: missing in {chain}: {rule}" for rule in expected if rule not in actual]
+    drift += [f"IPv{family}: unexpected in {chain}: {rule}" for rule in actual if rule not in expected]
+    return drift or [f"IPv{family}: rules of {chain} are out of order"]

@@ -1,0 +1,182 @@
+"""A pod on this machine without a cluster: a network namespace shaped like a pod sandbox (lo, and
+an eth0 veth with IPv4 and IPv6 addresses whose peer sits in a second namespace of ours) and one
+listener process per container, running under that container's UID. Used by `netisolate demo`,
+the kernel tests and the shared end-to-end scenarios.
+
+Everything it creates carries a unique name prefix and is removed by `close()`, which the context
+manager and signal handlers guarantee.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import uuid
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from netisolate.model import Pod
+from netisolate.netns import NetNS
+from netisolate.policy import PortRange, effective_uid, parse_grants
+from netisolate.workload import script
+
+SYSTEM_PYTHON = "/usr/bin/python3"
+POD_IPV4, PEER_IPV4 = "192.0.2.10", "192.0.2.1"  # TEST-NET-1: documentation addresses, never routed
+POD_IPV6, PEER_IPV6 = "2001:db8::10", "2001:db8::1"
+LOOPBACK_ADDRESSES = ("127.0.0.1", "127.0.0.53", "::1")
+ALL_ADDRESSES = (*LOOPBACK_ADDRESSES, POD_IPV4, POD_IPV6)
+
+
+class HarnessError(RuntimeError):
+    pass
+
+
+def _ip(*args: str) -> None:
+    result = subprocess.run(["ip", *args], capture_output=True, text=True, check=False)
+    if result.returncode != 0:
+        raise HarnessError(f"ip {' '.join(args)}: {result.stderr.strip()}")
+
+
+def as_uid(uid: int, argv: Sequence[str]) -> list[str]:
+    """argv run under uid (with a group of the same number and no supplementary groups)."""
+    if uid == 0:
+        return list(argv)
+    return ["setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups", "--", *argv]
+
+
+def python_argv(name: str, *args: str) -> list[str]:
+    if not os.access(SYSTEM_PYTHON, os.X_OK):
+        raise HarnessError(
+            f"{SYSTEM_PYTHON} is missing: install Debian's python3 (processes under other UIDs "
+            "cannot run a Python that lives under /root)"
+        )
+    return [SYSTEM_PYTHON, "-c", script(name), *args]
+
+
+@dataclass
+class LocalPod:
+    pod: Pod
+    prefix: str = field(default_factory=lambda: f"ni-{uuid.uuid4().hex[:8]}")
+    ns: NetNS | None = None
+    processes: list[subprocess.Popen[str]] = field(default_factory=list)
+
+    @property
+    def name(self) -> str:
+        return f"{self.prefix}-pod"
+
+    @property
+    def peer(self) -> str:
+        return f"{self.prefix}-peer"
+
+    def uid(self, container: str) -> int:
+        for c in self.pod.all_containers():
+            if c.name == container:
+                uid = effective_uid(self.pod, c)
+                if uid is None:
+                    raise HarnessError(f"container {container} has no runAsUser: the harness needs one")
+                return uid
+        raise HarnessError(f"the pod has no container {container!r}")
+
+    def create(self) -> LocalPod:
+        for tool in ("ip", "setpriv"):
+            if shutil.which(tool) is None:
+                raise HarnessError(f"{tool} is missing: run `bash scripts/bootstrap.sh` as root")
+        _ip("netns", "add", self.name)
+        _ip("netns", "add", self.peer)
+        veth = f"v{self.prefix[3:]}"
+        # The pod end is created under a unique name and renamed, as CNI plugins do.
+        _ip("link", "add", veth, "netns", self.name, "type", "veth", "peer", "eth0", "netns", self.peer)
+        _ip("-n", self.name, "link", "set", veth, "name", "eth0")
+        for ns, v4, v6 in ((self.name, POD_IPV4, POD_IPV6), (self.peer, PEER_IPV4, PEER_IPV6)):
+            _ip("-n", ns, "link", "set", "lo", "up")
+            _ip("-n", ns, "addr", "add", f"{v4}/24", "dev", "eth0")
+            _ip("-n", ns, "addr", "add", f"{v6}/64", "dev", "eth0", "nodad")
+            _ip("-n", ns, "link", "set", "eth0", "up")
+        # Containers in a real pod may bind low ports (NET_BIND_SERVICE); let our listeners do so too.
+        subprocess.run(
+            ["ip", "netns", "exec", self.name, "sysctl", "-qw", "net.ipv4.ip_unprivileged_port_start=0"],
+            check=True,
+        )
+        self.ns = NetNS.open(f"/run/netns/{self.name}")
+        return self
+
+    def spawn(self, argv: Sequence[str]) -> subprocess.Popen[str]:
+        """Start a process inside the pod's namespace (it inherits the namespace of the thread)."""
+        assert self.ns is not None, "create() first"
+        proc = self.ns.run(
+            lambda: subprocess.Popen(
+                list(argv), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+            )
+        )
+        self.processes.append(proc)
+        return proc
+
+    def listen(self, container: str, ports: Sequence[str]) -> None:
+        """A listener on `ports` (grant syntax: `8080`, `53/udp`) under the container's UID."""
+        specs = [f"{r.low}/{r.protocol}" for spec in ports for r in _ports(spec)]
+        proc = self.spawn(as_uid(self.uid(container), python_argv("listener", *specs)))
+        assert proc.stdout is not None
+        if proc.stdout.readline().strip() != "ready":
+            raise HarnessError(
+                f"listener for {container} failed: {proc.stderr.read() if proc.stderr else ''}"
+            )
+
+    def probe(self, uid: int, targets: Sequence[tuple[str, int, str]]) -> list[str]:
+        """Connect from uid to each (address, port, protocol); one result each (see workload/probe.py)."""
+        args = [str(item) for target in targets for item in target]
+        proc = self.spawn(as_uid(uid, python_argv("probe", *args)))
+        out, err = proc.communicate(timeout=5 + 2 * len(targets))
+        self.processes.remove(proc)
+        results = out.split()
+        if len(results) != len(targets):
+            raise HarnessError(f"probe as UID {uid} failed: {err.strip()}")
+        return results
+
+    def close(self) -> None:
+        for proc in self.processes:
+            proc.kill()
+            proc.wait()
+        self.processes.clear()
+        if self.ns is not None:
+            self.ns.close()
+            self.ns = None
+        for name in (self.name, self.peer):
+            if Path(f"/run/netns/{name}").exists():
+                subprocess.run(["ip", "netns", "del", name], capture_output=True, check=False)
+
+    def __enter__(self) -> LocalPod:
+        try:
+            return self.create()
+        except BaseException:
+            self.close()
+            raise
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _ports(spec: str) -> tuple[PortRange, ...]:
+    ranges = parse_grants(spec)
+    if any(r.low != r.high for r in ranges):
+        raise HarnessError(f"{spec!r}: a listener takes single ports, not ranges")
+    return ranges
+
+
+def matrix(
+    pod: LocalPod,
+    listeners: Mapping[str, Sequence[str]],
+    addresses: Sequence[str] = ALL_ADDRESSES,
+    clients: Sequence[str] | None = None,
+) -> dict[tuple[str, str], list[str]]:
+    """{(client, "container:port[/udp]"): [result per address]} for every listener port."""
+    targets = [(owner, r) for owner, specs in listeners.items() for spec in specs for r in _ports(spec)]
+    names = clients if clients is not None else [c.name for c in pod.pod.spec.containers]
+    out = {}
+    for client in names:
+        attempts = [(addr, r.low, r.protocol) for _, r in targets for addr in addresses]
+        results = pod.probe(pod.uid(client), attempts)
+        for i, (owner, r) in enumerate(targets):
+            out[(client, f"{owner}:{r}")] = results[i * len(addresses) : (i + 1) * len(addresses)]
+    return out
