@@ -102,12 +102,18 @@ class LocalPod:
         self.ns = NetNS.open(f"/run/netns/{self.name}")
         return self
 
-    def spawn(self, argv: Sequence[str]) -> subprocess.Popen[str]:
+    def spawn(self, argv: Sequence[str], stdin: bool = False) -> subprocess.Popen[str]:
         """Start a process inside the pod's namespace (it inherits the namespace of the thread)."""
         assert self.ns is not None, "create() first"
+        pipe = subprocess.PIPE
         proc = self.ns.run(
             lambda: subprocess.Popen(
-                list(argv), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+                list(argv),
+                stdin=pipe if stdin else subprocess.DEVNULL,
+                stdout=pipe,
+                stderr=pipe,
+                text=True,
+                start_new_session=True,
             )
         )
         self.processes.append(proc)

@@ -102,6 +102,12 @@ def build_ruleset(policy: PodPolicy, settings: Settings) -> RuleSet | None:
 # so drift detection is a text comparison.
 
 
+# Which packets are loopback traffic. `oif` is the device the packet was routed to before NAT (the
+# hook's device does not change when a nat OUTPUT redirect re-routes it), so a connection captured
+# by a mesh's REDIRECT (to 127.0.0.1 / ::1) is caught by its new destination instead.
+_NFT_LOOPBACK_MATCHES = ('oif "lo"', "ip daddr 127.0.0.0/8", "ip6 daddr ::1")
+
+
 def _nft_ports(ports: tuple[PortRange, ...]) -> str:
     items = [str(p.low) if p.low == p.high else f"{p.low}-{p.high}" for p in ports]
     return items[0] if len(items) == 1 else "{ " + ", ".join(items) + " }"
@@ -133,7 +139,10 @@ def nft_table(rs: RuleSet) -> str:
         else ["meta l4proto tcp reject with tcp reset", "meta l4proto udp reject", "drop"]
     )
     chains = {
-        "output": ["type filter hook output priority filter; policy accept;", 'oif "lo" jump loopback'],
+        "output": [
+            "type filter hook output priority filter; policy accept;",
+            *(f"{match} jump loopback" for match in _NFT_LOOPBACK_MATCHES),
+        ],
         "loopback": loopback,
         "deny": deny,
     }
@@ -229,7 +238,16 @@ def iptables_deny_rules(rs: RuleSet, family: Family) -> list[str]:
     ]
 
 
-JUMP_RULE = f"-o lo -j {IPT_CHAIN}"
+_IPT_LOOPBACK_MATCHES: dict[Family, tuple[str, ...]] = {
+    4: ("-o lo", "-d 127.0.0.0/8"),
+    6: ("-o lo", "-d ::1/128"),
+}
+
+
+def iptables_jumps(family: Family) -> list[str]:
+    """The jumps from OUTPUT to our chain, which must be OUTPUT's first rules, in this order
+    (see _NFT_LOOPBACK_MATCHES for why there are several)."""
+    return [f"{match} -j {IPT_CHAIN}" for match in _IPT_LOOPBACK_MATCHES[family]]
 
 
 def render_iptables(rs: RuleSet, family: Family) -> str:
@@ -237,5 +255,6 @@ def render_iptables(rs: RuleSet, family: Family) -> str:
     lines = ["*filter", f":{IPT_CHAIN} - [0:0]", f":{IPT_DENY_CHAIN} - [0:0]"]
     lines += [f"-A {IPT_CHAIN} {rule}" for rule in iptables_rules(rs, family)]
     lines += [f"-A {IPT_DENY_CHAIN} {rule}" for rule in iptables_deny_rules(rs, family)]
-    lines += [f"-I OUTPUT 1 {JUMP_RULE}", "COMMIT"]
+    lines += [f"-I OUTPUT {i} {jump}" for i, jump in enumerate(iptables_jumps(family), 1)]
+    lines.append("COMMIT")
     return "\n".join(lines) + "\n"

@@ -94,7 +94,11 @@ def test_nft_order_of_decisions() -> None:
     ]
     positions = [lines.index(line) for line in order]
     assert positions == sorted(positions)
-    assert 'oif "lo" jump loopback' in lines
+    assert lines[3:6] == [
+        'oif "lo" jump loopback',
+        "ip daddr 127.0.0.0/8 jump loopback",
+        "ip6 daddr ::1 jump loopback",
+    ]
 
 
 def test_conntrack_only_where_udp_is_granted() -> None:

@@ -14,16 +14,15 @@ from netisolate.netns import NetNS
 from netisolate.rules import (
     IPT_CHAIN,
     IPT_DENY_CHAIN,
-    JUMP_RULE,
     Family,
     RuleSet,
     iptables_deny_rules,
+    iptables_jumps,
     iptables_rules,
     render_iptables,
 )
 
 _TOOLS: dict[Family, str] = {4: "iptables-legacy", 6: "ip6tables-legacy"}
-_JUMP = f"-A OUTPUT {JUMP_RULE}"
 _DENY_COUNTER = re.compile(rf"^\[(\d+):\d+\] -A {IPT_CHAIN} (.*)-g {IPT_DENY_CHAIN}$")
 _COMMENT = re.compile(r"-m comment --comment (\S+)")
 
@@ -36,15 +35,16 @@ class IptablesBackend:
         return checked(run_tool(ns, argv), "reading the filter table").splitlines()
 
     def _document(self, ruleset: RuleSet, family: Family, current: list[str]) -> str:
-        """The rendered document, with the jump fixed up so it ends up exactly once and first."""
-        output = [line for line in current if line.startswith("-A OUTPUT ")]
+        """The rendered document, with the jumps fixed up so they end up exactly once and first."""
+        output = _output_rules(current)
+        ours = [rule for rule in output if rule.endswith(f"-j {IPT_CHAIN}")]
         lines = render_iptables(ruleset, family).splitlines()
-        jump_at = lines.index(f"-I OUTPUT 1 {JUMP_RULE}")
-        if output[:1] == [_JUMP] and output.count(_JUMP) == 1:
-            del lines[jump_at]
-        else:
-            lines[jump_at:jump_at] = [f"-D OUTPUT {JUMP_RULE}"] * output.count(_JUMP)
-        return "\n".join(lines) + "\n"
+        commit = lines.pop()  # COMMIT
+        inserts = [line for line in lines if line.startswith("-I OUTPUT ")]
+        lines = [line for line in lines if not line.startswith("-I OUTPUT ")]
+        if not _jumps_in_place(output, family):
+            lines += [f"-D OUTPUT {rule}" for rule in ours] + inserts
+        return "\n".join([*lines, commit]) + "\n"
 
     def apply(self, ns: NetNS, ruleset: RuleSet) -> None:
         for family in (4, 6):
@@ -56,9 +56,11 @@ class IptablesBackend:
         drift = []
         for family in (4, 6):
             current = self._save(ns, family)
-            output = [line for line in current if line.startswith("-A OUTPUT ")]
-            if output.count(_JUMP) != 1 or output[:1] != [_JUMP]:
-                drift.append(f"IPv{family}: the jump `{JUMP_RULE}` is not exactly once and first in OUTPUT")
+            if not _jumps_in_place(_output_rules(current), family):
+                jumps = ", ".join(f"`{jump}`" for jump in iptables_jumps(family))
+                drift.append(
+                    f"IPv{family}: OUTPUT must start with {jumps}, and jump to {IPT_CHAIN} nowhere else"
+                )
             drift += _chain_drift(current, IPT_CHAIN, iptables_rules(ruleset, family), family)
             drift += _chain_drift(current, IPT_DENY_CHAIN, iptables_deny_rules(ruleset, family), family)
         return drift
@@ -88,3 +90,13 @@ def _chain_drift(saved: list[str], chain: str, expected: list[str], family: Fami
     drift = [f"IPv{family}: missing in {chain}: {rule}" for rule in expected if rule not in actual]
     drift += [f"IPv{family}: unexpected in {chain}: {rule}" for rule in actual if rule not in expected]
     return drift or [f"IPv{family}: rules of {chain} are out of order"]
+
+
+def _output_rules(saved: list[str]) -> list[str]:
+    return [line.removeprefix("-A OUTPUT ") for line in saved if line.startswith("-A OUTPUT ")]
+
+
+def _jumps_in_place(output: list[str], family: Family) -> bool:
+    jumps = iptables_jumps(family)
+    ours = [rule for rule in output if rule.endswith(f"-j {IPT_CHAIN}")]
+    return output[: len(jumps)] == jumps and ours == jumps
