@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import difflib
 import re
+import subprocess
 
 from netisolate.backends.base import EnforceError, checked, run_tool
 from netisolate.netns import NetNS
@@ -20,14 +21,22 @@ _DENY_RULE = re.compile(r'counter packets (\d+) bytes \d+ goto deny(?: comment "
 class NftablesBackend:
     name = "nftables"
 
+    def __init__(self) -> None:
+        self._installed: set[int] = set()  # inodes of namespaces we have loaded a table into
+
+    def _load(self, ns: NetNS, text: str) -> subprocess.CompletedProcess[str]:
+        return run_tool(ns, ["nft", "-f", "-"], text)
+
     def apply(self, ns: NetNS, ruleset: RuleSet) -> None:
         """A new pod's table is created outright (~5 ms); only when one exists already is it replaced
         by the delete-and-recreate transaction, which waits ~15 ms in the kernel for RCU."""
-        what = f"loading {ruleset.pod}'s rules"
-        created = run_tool(ns, ["nft", "-f", "-"], f"create table inet {NFT_TABLE}\n{nft_table(ruleset)}")
-        if created.returncode != 0 and "File exists" in created.stderr:
-            created = run_tool(ns, ["nft", "-f", "-"], render_nftables(ruleset))
-        checked(created, what)
+        result = None
+        if ns.inode not in self._installed:
+            result = self._load(ns, f"create table inet {NFT_TABLE}\n{nft_table(ruleset)}")
+        if result is None or (result.returncode != 0 and "File exists" in result.stderr):
+            result = self._load(ns, render_nftables(ruleset))
+        checked(result, f"loading {ruleset.pod}'s rules")
+        self._installed.add(ns.inode)
 
     def listing(self, ns: NetNS) -> str | None:
         result = run_tool(ns, ["nft", "list", "table", "inet", NFT_TABLE])

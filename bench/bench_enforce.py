@@ -1,0 +1,218 @@
+"""Enforcement benchmark: prints one JSON object per scenario, each with its baseline from the same run.
+
+    sudo .venv/bin/python bench/bench_enforce.py [--quick]
+
+apply-new / apply-update  per-namespace apply of a 3-container x 4-port policy, per backend, median
+                          and p95, next to the same text loaded by the raw tool from the same thread
+apply-100                 updating 100 pod namespaces (serial and with apply_many's 8 workers)
+loopback                  connection rate and throughput between two UIDs, without and with rules
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
+
+from netisolate.backends import Backend, apply_many, run_tool, select_backend
+from netisolate.localpod import LocalPod, as_uid
+from netisolate.model import Pod, parse_pod
+from netisolate.netns import NetNS
+from netisolate.policy import pod_policy
+from netisolate.rules import NFT_TABLE, RuleSet, Settings, build_ruleset, nft_table, render_iptables
+
+UIDS = {"app": 1000, "proxy": 1001, "worker": 1002}
+
+
+def bench_pod(extra_port: int = 0) -> Pod:
+    annotations = {"netisolate.io/isolation": "enforce"}
+    for i, name in enumerate(UIDS):
+        base = 8000 + 100 * i + extra_port
+        annotations[f"allow.netisolate.io/{name}"] = ", ".join(str(base + p) for p in range(4))
+    containers = [{"name": n, "securityContext": {"runAsUser": u}} for n, u in UIDS.items()]
+    return parse_pod(
+        {"metadata": {"name": "bench", "annotations": annotations}, "spec": {"containers": containers}}
+    )
+
+
+def ruleset(extra_port: int = 0) -> RuleSet:
+    rs = build_ruleset(pod_policy(bench_pod(extra_port), {}), Settings())
+    assert rs is not None
+    return rs
+
+
+def ms(samples: list[float]) -> dict[str, float]:
+    ordered = sorted(samples)
+    return {
+        "median_ms": round(statistics.median(ordered) * 1000, 2),
+        "p95_ms": round(ordered[int(0.95 * (len(ordered) - 1))] * 1000, 2),
+    }
+
+
+def timed(fn: Callable[[], object]) -> float:
+    started = time.perf_counter()
+    fn()
+    return time.perf_counter() - started
+
+
+@contextmanager
+def namespaces(count: int) -> Iterator[list[NetNS]]:
+    names = [f"ni-bench-{i}-{time.monotonic_ns() % 100000}" for i in range(count)]
+    with ExitStack() as stack:
+        for name in names:
+            subprocess.run(["ip", "netns", "add", name], check=True)
+            stack.callback(subprocess.run, ["ip", "netns", "del", name], check=False)
+        opened = [NetNS.open(f"/run/netns/{name}") for name in names]
+        for ns in opened:
+            stack.callback(ns.close)
+            ns.run(
+                lambda: None
+            )  # start each namespace's thread outside the timings, as a long-lived agent has
+        yield opened
+
+
+def raw_loader(backend: Backend, rs: RuleSet, new: bool) -> Callable[[NetNS], object]:
+    """The same text our backend loads, by the raw tool from the same kind of thread."""
+    if backend.name == "nftables":
+        text = f"create table inet {NFT_TABLE}\n{nft_table(rs)}" if new else None
+        doc = text or f"table inet {NFT_TABLE}\ndelete table inet {NFT_TABLE}\n{nft_table(rs)}"
+        return lambda ns: run_tool(ns, ["nft", "-f", "-"], doc)
+
+    def iptables(ns: NetNS) -> None:
+        for family, tool in ((4, "iptables-legacy-restore"), (6, "ip6tables-legacy-restore")):
+            text = render_iptables(rs, family)  # type: ignore[arg-type]
+            if not new:
+                text = (
+                    "\n".join(line for line in text.splitlines() if not line.startswith("-I OUTPUT")) + "\n"
+                )
+            run_tool(ns, [tool, "--noflush", "--wait"], text)
+
+    return iptables
+
+
+def bench_apply(backend: Backend, rounds: int) -> Iterator[dict[str, object]]:
+    rs, changed = ruleset(), ruleset(extra_port=50)
+    with namespaces(rounds) as ours, namespaces(rounds) as raw:
+        new = [timed(lambda ns=ns: backend.apply(ns, rs)) for ns in ours]  # type: ignore[misc]
+        raw_new = [timed(lambda ns=ns: raw_loader(backend, rs, True)(ns)) for ns in raw]  # type: ignore[misc]
+        update = [timed(lambda ns=ns: backend.apply(ns, changed)) for ns in ours]  # type: ignore[misc]
+        raw_update = [timed(lambda ns=ns: raw_loader(backend, changed, False)(ns)) for ns in raw]  # type: ignore[misc]
+    for scenario, samples, baseline in (("apply-new", new, raw_new), ("apply-update", update, raw_update)):
+        ours_ms, raw_ms = ms(samples), ms(baseline)
+        yield {
+            "scenario": scenario,
+            "backend": backend.name,
+            "policy": "3 containers x 4 ports, IPv4+IPv6",
+            "namespaces": rounds,
+            **ours_ms,
+            "raw_median_ms": raw_ms["median_ms"],
+            "ratio_to_raw": round(ours_ms["median_ms"] / raw_ms["median_ms"], 2),
+        }
+
+
+def bench_many(backend: Backend, count: int) -> dict[str, object]:
+    rs, changed = ruleset(), ruleset(extra_port=50)
+    with namespaces(count) as opened:
+        apply_many(backend, [(ns, rs) for ns in opened])
+        serial = timed(lambda: [backend.apply(ns, changed) for ns in opened])
+        parallel = timed(lambda: apply_many(backend, [(ns, rs) for ns in opened], workers=8))
+    return {
+        "scenario": "apply-100",
+        "backend": backend.name,
+        "namespaces": count,
+        "update_serial_s": round(serial, 3),
+        "update_8_workers_s": round(parallel, 3),
+    }
+
+
+SERVER = """
+import socket, sys
+s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("127.0.0.1", int(sys.argv[1]))); s.listen(1024); print("ready", flush=True)
+while True:
+    c, _ = s.accept()
+    while c.recv(1 << 20):
+        pass
+    c.close()
+"""
+CLIENT = """
+import json, socket, sys, time
+port, seconds = int(sys.argv[1]), float(sys.argv[2])
+n, deadline = 0, time.monotonic() + seconds
+while time.monotonic() < deadline:
+    s = socket.create_connection(("127.0.0.1", port)); s.close(); n += 1
+payload, sent = b"x" * (1 << 20), 0
+s = socket.create_connection(("127.0.0.1", port))
+started = time.monotonic()
+while time.monotonic() - started < seconds:
+    s.sendall(payload); sent += len(payload)
+s.close()
+print(json.dumps({"conn_per_s": n / seconds, "mib_per_s": sent / (1 << 20) / (time.monotonic() - started)}))
+"""
+
+
+def measure(pod: LocalPod, seconds: float) -> dict[str, float]:
+    client = pod.spawn(as_uid(UIDS["app"], ["/usr/bin/python3", "-c", CLIENT, "8000", str(seconds)]))
+    out, err = client.communicate(timeout=seconds * 3 + 10)
+    pod.processes.remove(client)
+    if client.returncode != 0:
+        raise RuntimeError(err)
+    result: dict[str, float] = json.loads(out)
+    return result
+
+
+def bench_loopback(backend: Backend, rounds: int, seconds: float) -> dict[str, object]:
+    """app (UID 1000, granted 8000) → proxy (UID 1001) on 127.0.0.1:8000; TCP-only grants, so no
+    conntrack. Rounds alternate without/with rules so drift of the machine hits both alike."""
+    with LocalPod(bench_pod()) as pod:
+        assert pod.ns is not None
+        server = pod.spawn(as_uid(UIDS["proxy"], ["/usr/bin/python3", "-c", SERVER, "8000"]))
+        assert server.stdout is not None and server.stdout.readline().strip() == "ready"
+        base: list[dict[str, float]] = []
+        ruled: list[dict[str, float]] = []
+        for _ in range(rounds):
+            run_tool(pod.ns, ["nft", "delete", "table", "inet", NFT_TABLE])
+            for family in ("iptables-legacy", "ip6tables-legacy"):
+                run_tool(pod.ns, [family, "-F", "OUTPUT"])
+            base.append(measure(pod, seconds))
+            backend.apply(pod.ns, ruleset())
+            ruled.append(measure(pod, seconds))
+    med = {
+        key: (statistics.median(r[key] for r in base), statistics.median(r[key] for r in ruled))
+        for key in ("conn_per_s", "mib_per_s")
+    }
+    return {
+        "scenario": "loopback",
+        "backend": backend.name,
+        "rounds": rounds,
+        "seconds_each": seconds,
+        "conn_per_s_without": round(med["conn_per_s"][0]),
+        "conn_per_s_with": round(med["conn_per_s"][1]),
+        "conn_rate_ratio": round(med["conn_per_s"][1] / med["conn_per_s"][0], 3),
+        "mib_per_s_without": round(med["mib_per_s"][0]),
+        "mib_per_s_with": round(med["mib_per_s"][1]),
+        "throughput_ratio": round(med["mib_per_s"][1] / med["mib_per_s"][0], 3),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--quick", action="store_true", help="few samples: a smoke run, not numbers to quote")
+    args = parser.parse_args()
+    rounds, many, loop_rounds, seconds = (5, 10, 1, 0.3) if args.quick else (40, 100, 5, 2.0)
+    for name in ("nftables", "iptables"):
+        backend = select_backend(name)
+        for result in bench_apply(backend, rounds):
+            print(json.dumps(result), flush=True)
+        print(json.dumps(bench_many(backend, many)), flush=True)
+        print(json.dumps(bench_loopback(backend, loop_rounds, seconds)), flush=True)
+
+
+if __name__ == "__main__":
+    main()
