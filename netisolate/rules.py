@@ -3,8 +3,9 @@
 The decisions (DESIGN.md, "Pod contract"), in the order both renderings evaluate them for every
 packet that leaves through `lo`:
 
-1. ICMP errors pass: the kernel sends them (our own rejects included); unprivileged processes cannot.
-2. TCP packets other than a connection-opening SYN pass — see `CONNECTION_STATE` below.
+1. TCP packets other than a connection-opening SYN pass — see `CONNECTION_STATE` below. First,
+   because every packet of an open connection takes this path.
+2. ICMP errors pass: the kernel sends them (our own rejects included); unprivileged processes cannot.
 3. Where the policy grants UDP, conntrack lets replies of accepted flows pass.
 4. The sentinel port is answered with ICMP admin-prohibited, whoever asks: only our rules do that,
    which is how `netisolate gate` knows they are live.
@@ -116,9 +117,9 @@ def _nft_ports(ports: tuple[PortRange, ...]) -> str:
 def nft_table(rs: RuleSet) -> str:
     """The table block, in nft's own listing format; counters print as a bare `counter`."""
     loopback = [
+        "tcp flags != syn / syn,ack accept",  # first: the path of every packet of an open connection
         "icmp type { destination-unreachable, time-exceeded, parameter-problem } accept",
         "icmpv6 type { destination-unreachable, packet-too-big, time-exceeded, parameter-problem } accept",
-        "tcp flags != syn / syn,ack accept",
     ]
     if rs.stateful:
         loopback.append("ct state established,related accept")
@@ -205,8 +206,8 @@ def _comment(containers: str) -> str:
 def iptables_rules(rs: RuleSet, family: Family) -> list[str]:
     """Rule specs (without `-A CHAIN`) for our main chain, in order."""
     icmp = _ICMP[family]
-    rules = [f"-p {icmp.proto} -m {icmp.module} {icmp.option} {t} -j ACCEPT" for t in icmp.error_types]
-    rules.append("-p tcp -m tcp ! --tcp-flags SYN,ACK SYN -j ACCEPT")
+    rules = ["-p tcp -m tcp ! --tcp-flags SYN,ACK SYN -j ACCEPT"]
+    rules += [f"-p {icmp.proto} -m {icmp.module} {icmp.option} {t} -j ACCEPT" for t in icmp.error_types]
     if rs.stateful:
         rules.append("-m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT")
     rules += [

@@ -317,7 +317,7 @@ def test_apply_many(backend: Backend) -> None:
 def test_another_tables_accept_cannot_undo_our_reject(local_pod: LocalPod) -> None:
     """Why nftables is the default where it can be: our base chain sees every packet on the hook,
     whatever another table (a CNI's, a mesh's) decided before it."""
-    other = "table inet other {\n chain out {\n type filter hook output priority -10; policy accept;\n accept\n }\n}\n"
+    other = "table inet other {\n chain out {\n type filter hook output priority -10; accept\n }\n}\n"
     assert run_tool(ns_of(local_pod), ["nft", "-f", "-"], other).returncode == 0
     select_backend("nftables").apply(ns_of(local_pod), ruleset_for(local_pod.pod))
     assert local_pod.probe(ROGUE, [("127.0.0.1", 8080, "tcp")]) == ["refused"]

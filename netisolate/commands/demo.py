@@ -77,6 +77,10 @@ def run(args: argparse.Namespace) -> int:
     backend = select_backend(args.backend)
     print(f"{scenario.name}: {scenario.description.strip()}\n")
     with LocalPod(scenario.parsed_pod()) as pod:
+        print(
+            f"Demo pod: network namespace {pod.name} (its eth0 peer: {pod.peer}), removed on exit\n",
+            flush=True,
+        )
         for container, ports in scenario.listeners.items():
             pod.listen(container, ports)
         print(_table("Before: every container reaches every port", matrix(pod, scenario.listeners)))

@@ -16,7 +16,17 @@ def bind(port: int, proto: str) -> socket.socket:
     sock.bind(("::", port))
     if proto == "tcp":
         sock.listen(128)
+    else:  # learn which address each datagram was sent to, to answer from that same address
+        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_RECVPKTINFO, 1)
     return sock
+
+
+def echo(sock: socket.socket) -> None:
+    data, ancillary, _, peer = sock.recvmsg(2048, socket.CMSG_SPACE(20))
+    info = [c for level, kind, c in ancillary if (level, kind) == (socket.IPPROTO_IPV6, socket.IPV6_PKTINFO)]
+    # in6_pktinfo: the destination address, then an interface index (0: let routing choose)
+    reply = [(socket.IPPROTO_IPV6, socket.IPV6_PKTINFO, info[0][:16] + bytes(4))] if info else []
+    sock.sendmsg([data], reply, 0, peer)
 
 
 def serve(sel: selectors.DefaultSelector) -> None:
@@ -28,8 +38,7 @@ def serve(sel: selectors.DefaultSelector) -> None:
                 conn.sendall(b"ok")
                 conn.close()
             else:
-                data, peer = sock.recvfrom(2048)
-                sock.sendto(data, peer)
+                echo(sock)
 
 
 def main() -> None:
