@@ -32,8 +32,10 @@ PYTHON=${PYTHON:-python3}
 if [[ ! -x .venv/bin/python ]]; then
   "$PYTHON" -m venv .venv
 fi
-.venv/bin/pip install -q --upgrade pip >/dev/null
-.venv/bin/pip install -q -e '.[test]'
+# (this image's pip config names local wheel folders that may be absent: drop those warnings)
+quiet_pip() { .venv/bin/pip "$@" 2> >(grep -v "is ignored: it is neither a file nor a directory" >&2); }
+quiet_pip install -q --upgrade pip >/dev/null
+quiet_pip install -q -e '.[test]'
 
 case "$mode" in
   demo)
