@@ -1,0 +1,90 @@
+"""`netisolate webhook`: the validating admission webhook server."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import tempfile
+from pathlib import Path
+
+from aiohttp import web
+
+from netisolate.commands.common import add_command
+from netisolate.config import load_config
+from netisolate.kube import api_clients
+from netisolate.logs import setup_logging
+from netisolate.model import InputError
+from netisolate.webhook import tls
+from netisolate.webhook.review import PATHS
+from netisolate.webhook.server import NamespaceLabels, build_app
+
+log = logging.getLogger("netisolate.webhook")
+DETAILS = f"""\
+Serves HTTPS on --listen at the paths of daemonset/'s ValidatingWebhookConfiguration:
+{chr(10).join(f"  {path}" for path in PATHS)}
+plus /healthz and /metrics. Given --tls-cert-file/--tls-key-file it serves those and reloads them
+when they change (cert-manager, a rotated Secret). Without them it bootstraps: it reads (or, first
+writer wins, creates) the Secret {{namespace}}/netisolate-webhook-tls and patches the caBundle of the
+`netisolate` ValidatingWebhookConfiguration — and no other. Pods are judged with their namespace's
+isolation label, read from the API server; when it cannot be read the pod is denied (fail closed).
+"""
+
+
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    parser = add_command(sub, "webhook", "run the validating admission webhook", DETAILS)
+    parser.add_argument("--listen", default="0.0.0.0:8443", metavar="ADDR:PORT")
+    parser.add_argument("--tls-cert-file", metavar="FILE")
+    parser.add_argument("--tls-key-file", metavar="FILE")
+    parser.add_argument("--config", metavar="FILE", help="admission config (default: built-in defaults)")
+    parser.add_argument("--kubeconfig", metavar="FILE", help="default: in-cluster configuration")
+    parser.add_argument(
+        "--no-bootstrap-tls",
+        action="store_true",
+        help="never create certificates (cert-manager provides them); then the files are required",
+    )
+    parser.add_argument(
+        "--namespace",
+        default=os.environ.get("POD_NAMESPACE", "netisolate-system"),
+        help="where the TLS Secret lives (default: $POD_NAMESPACE or netisolate-system)",
+    )
+    parser.add_argument("--secret", default="netisolate-webhook-tls")
+    parser.add_argument("--service", default="netisolate-webhook")
+    parser.add_argument("--webhook-configuration", default="netisolate")
+    parser.set_defaults(run=run)
+
+
+def _cert_files(args: argparse.Namespace, clients: tuple[object, object]) -> tuple[str, str]:
+    if args.tls_cert_file and args.tls_key_file:
+        return args.tls_cert_file, args.tls_key_file
+    if args.no_bootstrap_tls:
+        raise InputError("--no-bootstrap-tls needs --tls-cert-file and --tls-key-file")
+    core, admission = clients
+    bundle = tls.bootstrap(
+        core,
+        admission,
+        namespace=args.namespace,
+        secret=args.secret,
+        service=args.service,
+        webhook_config=args.webhook_configuration,
+    )
+    return tls.write_files(bundle, Path(tempfile.mkdtemp(prefix="netisolate-tls-")))
+
+
+async def serve(args: argparse.Namespace) -> None:
+    host, _, port = args.listen.rpartition(":")
+    clients = api_clients(args.kubeconfig)
+    cert = tls.ReloadingCert(*_cert_files(args, clients))
+    app = build_app(load_config(args.config), NamespaceLabels(clients[0]))
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, host or "0.0.0.0", int(port), ssl_context=cert.context).start()
+    log.info("webhook serving", extra={"listen": args.listen, "paths": list(PATHS)})
+    await cert.watch()
+
+
+def run(args: argparse.Namespace) -> int:
+    setup_logging()
+    asyncio.run(serve(args))
+    return 0

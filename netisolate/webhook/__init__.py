@@ -1,0 +1,1 @@
+"""The validating admission webhook: the checks of `netisolate check`, served over TLS."""

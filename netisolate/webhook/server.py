@@ -1,0 +1,113 @@
+"""The webhook's HTTPS server (aiohttp). kopf's admission server is not used: it answers handler
+exceptions with HTTP 500, derives its paths from handler ids, and manages its own configuration and
+certificates — we need our fixed paths, 4xx for malformed bodies, and certificates that rotate."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable, Mapping
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, Counter, Histogram, generate_latest
+
+from netisolate.admission import allowed, review_request
+from netisolate.config import Config
+from netisolate.model import InputError
+from netisolate.webhook.review import MAX_BODY, PATHS, BadReviewError, parse_review, refusal, response
+
+log = logging.getLogger(__name__)
+REVIEWS = Counter("netisolate_webhook_reviews_total", "Admission reviews answered", ["path", "result"])
+LATENCY = Histogram(
+    "netisolate_webhook_review_seconds",
+    "Time to answer a review",
+    ["path"],
+    buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5),
+)
+
+LabelLookup = Callable[[str], Awaitable[Mapping[str, str]]]
+
+
+class NamespaceUnavailableError(Exception):
+    """The pod's namespace could not be read, so its isolation floor is unknown: deny."""
+
+
+class NamespaceLabels:
+    """Namespace labels from the API server, cached briefly (labels change rarely; a review must be fast)."""
+
+    def __init__(self, core: object, ttl: float = 30.0) -> None:
+        self._core, self._ttl = core, ttl
+        self._cache: dict[str, tuple[float, Mapping[str, str]]] = {}
+
+    async def __call__(self, namespace: str) -> Mapping[str, str]:
+        hit = self._cache.get(namespace)
+        if hit and time.monotonic() - hit[0] < self._ttl:
+            return hit[1]
+        try:
+            ns = await asyncio.to_thread(self._core.read_namespace, namespace)  # type: ignore[attr-defined]
+        except Exception as err:
+            raise NamespaceUnavailableError(
+                f"cannot read namespace {namespace} for its isolation label: {err}"
+            ) from None
+        labels = dict(ns.metadata.labels or {})
+        self._cache[namespace] = (time.monotonic(), labels)
+        return labels
+
+
+def build_app(config: Config, labels: LabelLookup) -> web.Application:
+    async def review(request: web.Request) -> web.Response:
+        started = time.perf_counter()
+        try:
+            answer, result = await _answer(request, config, labels)
+        except BadReviewError as bad:
+            REVIEWS.labels(request.path, "bad-request").inc()
+            return web.json_response({"error": bad.message}, status=bad.status)
+        REVIEWS.labels(request.path, result).inc()
+        LATENCY.labels(request.path).observe(time.perf_counter() - started)
+        return web.json_response(answer)
+
+    async def healthz(_: web.Request) -> web.Response:
+        return web.Response(text="ok")
+
+    async def metrics(_: web.Request) -> web.Response:
+        return web.Response(body=generate_latest(), headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    app = web.Application(client_max_size=MAX_BODY, middlewares=[_never_500])
+    app.add_routes([web.post(path, review) for path in PATHS])
+    app.add_routes([web.get("/healthz", healthz), web.get("/metrics", metrics)])
+    return app
+
+
+async def _answer(request: web.Request, config: Config, labels: LabelLookup) -> tuple[dict[str, object], str]:
+    body = await request.read()
+    admission = parse_review(request.path, body)
+    try:
+        floor = {} if admission.kind.kind == "Namespace" else await labels(admission.namespace or "default")
+        findings = review_request(admission, floor, config)
+    except (InputError, NamespaceUnavailableError) as err:
+        return refusal(admission, str(err)), "refused"
+    except Exception:  # a bug of ours must deny (fail closed) with a message, never answer 500
+        log.exception("review failed", extra={"uid": admission.uid})
+        return refusal(admission, "internal error while reviewing; see the webhook's logs"), "error"
+    return response(admission, findings), "allowed" if allowed(findings) else "denied"
+
+
+@web.middleware
+async def _never_500(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
+    try:
+        return await handler(request)
+    except web.HTTPRequestEntityTooLarge:
+        return web.json_response({"error": f"request body exceeds {MAX_BODY} bytes"}, status=413)
+    except web.HTTPException as err:
+        if err.status < 400:
+            raise
+        served = ", ".join(f"POST {path}" for path in PATHS)
+        return web.json_response(
+            {"error": f"{err.reason} {request.method} {request.path}; served: {served}"}, status=err.status
+        )
+    except Exception:
+        log.exception("unexpected error", extra={"path": request.path})
+        return web.json_response({"error": "malformed request"}, status=400)

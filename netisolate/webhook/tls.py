@@ -1,0 +1,159 @@
+"""The webhook's serving certificate: files that are reloaded when they change (cert-manager or a
+mounted Secret rotating them), and a bootstrap for clusters without cert-manager."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import datetime
+import logging
+import os
+import ssl
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+log = logging.getLogger(__name__)
+
+
+class ReloadingCert:
+    """An SSLContext whose certificate follows its files: new handshakes get the new certificate."""
+
+    def __init__(self, cert_file: str, key_file: str) -> None:
+        self.cert_file, self.key_file = cert_file, key_file
+        self.context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        self.context.minimum_version = ssl.TLSVersion.TLSv1_2
+        self._stamp = self._mtimes()
+        self.context.load_cert_chain(cert_file, key_file)
+
+    def _mtimes(self) -> tuple[float, float]:
+        return os.stat(self.cert_file).st_mtime, os.stat(self.key_file).st_mtime
+
+    def reload_if_changed(self) -> bool:
+        stamp = self._mtimes()
+        if stamp == self._stamp:
+            return False
+        self.context.load_cert_chain(self.cert_file, self.key_file)  # raises if the pair is half-written
+        self._stamp = stamp
+        log.info("serving certificate reloaded", extra={"cert_file": self.cert_file})
+        return True
+
+    async def watch(self, interval: float = 5.0) -> None:
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                self.reload_if_changed()
+            except (OSError, ssl.SSLError) as err:  # mid-rotation: keep the old one, try again
+                log.warning("certificate reload failed, keeping the current one", extra={"error": str(err)})
+
+
+@dataclass(frozen=True)
+class CertBundle:
+    ca_pem: bytes
+    cert_pem: bytes
+    key_pem: bytes
+
+
+def _name(common_name: str) -> x509.Name:
+    return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
+
+
+def generate(service: str, namespace: str, days: int = 3650) -> CertBundle:
+    """A CA and a serving certificate for the webhook Service's DNS names."""
+    now = datetime.datetime.now(datetime.UTC)
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca = (
+        x509.CertificateBuilder()
+        .subject_name(_name("netisolate-webhook-ca"))
+        .issuer_name(_name("netisolate-webhook-ca"))
+        .public_key(ca_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=days))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .sign(ca_key, hashes.SHA256())
+    )
+    key = ec.generate_private_key(ec.SECP256R1())
+    names = [
+        service,
+        f"{service}.{namespace}",
+        f"{service}.{namespace}.svc",
+        f"{service}.{namespace}.svc.cluster.local",
+    ]
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(_name(names[2]))
+        .issuer_name(ca.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=days))
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName(n) for n in names]), critical=False)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .sign(ca_key, hashes.SHA256())
+    )
+    pem = serialization.Encoding.PEM
+    key_pem = key.private_bytes(pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    return CertBundle(ca.public_bytes(pem), cert.public_bytes(pem), key_pem)
+
+
+def write_files(bundle: CertBundle, directory: Path) -> tuple[str, str]:
+    directory.mkdir(parents=True, exist_ok=True)
+    cert_file, key_file = directory / "tls.crt", directory / "tls.key"
+    cert_file.write_bytes(bundle.cert_pem)
+    key_file.touch(mode=0o600)
+    key_file.write_bytes(bundle.key_pem)
+    return str(cert_file), str(key_file)
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+def bootstrap(
+    core: Any, admission: Any, *, namespace: str, secret: str, service: str, webhook_config: str
+) -> CertBundle:
+    """First writer wins: read the Secret; if absent, create it (a replica that loses the race reads
+    the winner's). Then point our own ValidatingWebhookConfiguration — and only it — at the CA."""
+    from kubernetes.client.exceptions import ApiException
+
+    try:
+        data = core.read_namespaced_secret(secret, namespace).data
+    except ApiException as err:
+        if err.status != 404:
+            raise
+        bundle = generate(service, namespace)
+        body = {
+            "metadata": {"name": secret},
+            "type": "kubernetes.io/tls",
+            "data": {
+                "tls.crt": _b64(bundle.cert_pem),
+                "tls.key": _b64(bundle.key_pem),
+                "ca.crt": _b64(bundle.ca_pem),
+            },
+        }
+        try:
+            core.create_namespaced_secret(namespace, body)
+            log.info("created the webhook's TLS secret", extra={"secret": f"{namespace}/{secret}"})
+            data = body["data"]
+        except ApiException as race:
+            if race.status != 409:
+                raise
+            data = core.read_namespaced_secret(secret, namespace).data
+    bundle = CertBundle(*(base64.b64decode(data[k]) for k in ("ca.crt", "tls.crt", "tls.key")))
+    config = admission.read_validating_webhook_configuration(webhook_config)
+    ca = _b64(bundle.ca_pem)
+    patch = [
+        {"op": "add", "path": f"/webhooks/{i}/clientConfig/caBundle", "value": ca}
+        for i, hook in enumerate(config.webhooks or [])
+        if hook.client_config.ca_bundle != ca
+    ]
+    if patch:
+        admission.patch_validating_webhook_configuration(webhook_config, patch)
+        log.info("patched caBundle", extra={"webhook_configuration": webhook_config, "webhooks": len(patch)})
+    return bundle

@@ -1,0 +1,331 @@
+"""The webhook served for real over TLS on 127.0.0.1, called with AdmissionReview v1 bodies."""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import json
+import ssl
+import time
+from collections.abc import AsyncIterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+import pytest_asyncio
+from aiohttp import web
+from cryptography import x509
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from netisolate.admission import review_request
+from netisolate.config import Config
+from netisolate.model import InputError
+from netisolate.webhook import tls
+from netisolate.webhook.review import BadReviewError, parse_review, response
+from netisolate.webhook.server import NamespaceUnavailableError, build_app
+
+HARDENED = {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}}
+
+
+def pod(containers: list[dict[str, Any]], ephemeral: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    return {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": "web", "namespace": "shop"},
+        "spec": {"containers": containers, "ephemeralContainers": ephemeral or []},
+    }
+
+
+GOOD = pod([{"name": "app", "image": "app:1", "securityContext": {"runAsUser": 1000, **HARDENED}}])
+ROOT = pod([{"name": "app", "image": "app:1", "securityContext": {"runAsUser": 0, **HARDENED}}])
+
+
+def review(
+    kind: str,
+    obj: dict[str, Any],
+    *,
+    old: dict[str, Any] | None = None,
+    sub: str | None = None,
+    groups: tuple[str, ...] = ("developers",),
+    dry_run: bool = False,
+    uid: str = "r-1",
+) -> dict[str, Any]:
+    request: dict[str, Any] = {
+        "uid": uid,
+        "kind": {"group": "", "version": "v1", "kind": kind},
+        "resource": {"group": "", "version": "v1", "resource": kind.lower() + "s"},
+        "operation": "UPDATE" if old else "CREATE",
+        "namespace": obj["metadata"].get("namespace"),
+        "name": obj["metadata"]["name"],
+        "userInfo": {"username": "u", "groups": list(groups)},
+        "object": obj,
+        "oldObject": old,
+        "dryRun": dry_run,
+    }
+    if sub:
+        request["subResource"] = sub
+    return {"apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview", "request": request}
+
+
+NAMESPACES = {"shop": {"netisolate.io/isolation": "enforce"}, "open": {}}
+
+
+async def lookup(namespace: str) -> Mapping[str, str]:
+    if namespace not in NAMESPACES:
+        raise NamespaceUnavailableError(f"cannot read namespace {namespace}")
+    return NAMESPACES[namespace]
+
+
+class Served:
+    def __init__(
+        self, url: str, client: aiohttp.ClientSession, cert_dir: Path, cert: tls.ReloadingCert
+    ) -> None:
+        self.url, self.client, self.cert_dir, self.cert = url, client, cert_dir, cert
+
+    async def post(self, path: str, body: bytes | dict[str, Any]) -> tuple[int, Any]:
+        data = body if isinstance(body, bytes) else json.dumps(body).encode()
+        async with self.client.post(
+            self.url + path, data=data, headers={"Content-Type": "application/json"}
+        ) as r:
+            return r.status, await r.json(content_type=None)
+
+
+@pytest_asyncio.fixture
+async def served(tmp_path: Path) -> AsyncIterator[Served]:
+    bundle = tls.generate("netisolate-webhook", "netisolate-system")
+    cert = tls.ReloadingCert(*tls.write_files(bundle, tmp_path))
+    runner = web.AppRunner(build_app(Config(), lookup))
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0, ssl_context=cert.context)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    trust = ssl.create_default_context(cadata=bundle.ca_pem.decode())
+    trust.check_hostname = False  # the certificate names the Service, we dial 127.0.0.1
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=trust)) as client:
+        yield Served(f"https://127.0.0.1:{port}", client, tmp_path, cert)
+    await runner.cleanup()
+
+
+@pytest.mark.asyncio
+async def test_pod_create_allow_and_deny(served: Served) -> None:
+    status, body = await served.post("/validate/pods", review("Pod", GOOD))
+    assert status == 200 and body["response"] == {"uid": "r-1", "allowed": True}
+    status, body = await served.post("/validate/pods", review("Pod", ROOT))
+    answer = body["response"]
+    assert status == 200 and answer["allowed"] is False and answer["status"]["code"] == 403
+    assert "[uid-root] container app" in answer["status"]["message"]
+    assert "shop/web" in answer["status"]["message"]
+
+
+@pytest.mark.asyncio
+async def test_warnings_are_short_and_dry_run_behaves_the_same(served: Served) -> None:
+    proxy = {
+        "name": "istio-proxy",
+        "image": "docker.io/istio/proxyv2:1.22",
+        "securityContext": {"runAsUser": 1337, **HARDENED},
+    }
+    obj = pod([GOOD["spec"]["containers"][0], proxy])
+    for dry_run in (False, True):
+        _, body = await served.post("/validate/pods", review("Pod", obj, dry_run=dry_run))
+        assert body["response"]["allowed"] is True
+        assert body["response"]["warnings"] == [
+            "netisolate: [sidecar-digest] container istio-proxy: image 'docker.io/istio/proxyv2:1.22' is not "
+            "pinned: reference it by @sha256: digest"
+        ]
+        assert all(len(w) <= 200 for w in body["response"]["warnings"])
+
+
+@pytest.mark.asyncio
+async def test_ephemeral_containers_judged_against_the_running_pod(served: Served) -> None:
+    old = copy.deepcopy(GOOD)
+    debug_root = pod(
+        GOOD["spec"]["containers"], [{"name": "debugger", "image": "busybox", "targetContainerName": "app"}]
+    )
+    _, body = await served.post(
+        "/validate/pods-ephemeralcontainers", review("Pod", debug_root, old=old, sub="ephemeralcontainers")
+    )
+    assert body["response"]["allowed"] is False
+    assert "container debugger" in body["response"]["status"]["message"]
+    debug_ok = pod(
+        GOOD["spec"]["containers"],
+        [{"name": "debugger", "image": "busybox", "securityContext": {"runAsUser": 4000, **HARDENED}}],
+    )
+    _, body = await served.post(
+        "/validate/pods-ephemeralcontainers", review("Pod", debug_ok, old=old, sub="ephemeralcontainers")
+    )
+    assert body["response"]["allowed"] is True
+
+
+@pytest.mark.asyncio
+async def test_namespace_labels_by_requester(served: Served) -> None:
+    old = {
+        "apiVersion": "v1",
+        "kind": "Namespace",
+        "metadata": {"name": "shop", "labels": {"istio-injection": "enabled"}},
+    }
+    new = copy.deepcopy(old)
+    new["metadata"]["labels"] = {"istio-injection": "disabled"}
+    _, body = await served.post("/validate/namespaces", review("Namespace", new, old=old))
+    assert body["response"]["allowed"] is False
+    assert "namespace-label-protected" in body["response"]["status"]["message"]
+    _, body = await served.post(
+        "/validate/namespaces", review("Namespace", new, old=old, groups=("system:masters",))
+    )
+    assert body["response"]["allowed"] is True
+
+
+@pytest.mark.asyncio
+async def test_unreadable_namespace_fails_closed(served: Served) -> None:
+    obj = copy.deepcopy(GOOD)
+    obj["metadata"]["namespace"] = "ghost"
+    request = review("Pod", obj)
+    status, body = await served.post("/validate/pods", request)
+    assert status == 200 and body["response"]["allowed"] is False
+    assert "cannot read namespace ghost" in body["response"]["status"]["message"]
+
+
+@pytest.mark.asyncio
+async def test_isolation_floor_comes_from_the_namespace(served: Served) -> None:
+    bare = pod([{"name": "app", "image": "app:1"}])
+    _, body = await served.post("/validate/pods", review("Pod", bare))  # shop: enforce
+    assert body["response"]["allowed"] is False
+    bare["metadata"]["namespace"] = "open"
+    _, body = await served.post("/validate/pods", review("Pod", bare))
+    assert body["response"]["allowed"] is True
+
+
+MALFORMED: dict[str, tuple[str, bytes, int]] = {
+    "not-json": ("/validate/pods", b"{nope", 400),
+    "not-utf8": ("/validate/pods", b"\xff\xfe\xfa", 400),
+    "json-array": ("/validate/pods", b"[]", 400),
+    "wrong-kind": ("/validate/pods", json.dumps({"kind": "Pod", "apiVersion": "v1"}).encode(), 400),
+    "no-request": (
+        "/validate/pods",
+        json.dumps({"kind": "AdmissionReview", "apiVersion": "admission.k8s.io/v1"}).encode(),
+        400,
+    ),
+    "no-uid": (
+        "/validate/pods",
+        json.dumps(
+            {
+                **review("Pod", GOOD),
+                "request": {k: v for k, v in review("Pod", GOOD)["request"].items() if k != "uid"},
+            }
+        ).encode(),
+        400,
+    ),
+    "uid-wrong-type": (
+        "/validate/pods",
+        json.dumps({**review("Pod", GOOD), "request": {**review("Pod", GOOD)["request"], "uid": 7}}).encode(),
+        400,
+    ),
+    "namespace-to-pod-path": (
+        "/validate/pods",
+        json.dumps(review("Namespace", {"metadata": {"name": "x"}})).encode(),
+        400,
+    ),
+    "unknown-path": ("/validate/services", json.dumps(review("Pod", GOOD)).encode(), 404),
+    "huge": ("/validate/pods", b" " * (4 * 1024 * 1024), 413),
+}
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("case", MALFORMED)
+async def test_malformed_bodies_get_a_4xx_with_a_message(served: Served, case: str) -> None:
+    path, body, expected = MALFORMED[case]
+    status, answer = await served.post(path, body)
+    assert status == expected
+    assert answer["error"]
+
+
+@pytest.mark.asyncio
+async def test_unreadable_objects_are_denied_with_the_field(served: Served) -> None:
+    bad = copy.deepcopy(GOOD)
+    bad["spec"]["containers"][0]["securityContext"]["runAsUser"] = "1000"
+    status, body = await served.post("/validate/pods", review("Pod", bad))
+    assert status == 200 and body["response"]["allowed"] is False
+    assert "runAsUser" in body["response"]["status"]["message"]
+
+
+@pytest.mark.asyncio
+async def test_concurrent_reviews(served: Served) -> None:
+    bodies = [review("Pod", GOOD if i % 2 else ROOT, uid=f"u{i}") for i in range(200)]
+    results = await asyncio.gather(*(served.post("/validate/pods", b) for b in bodies))
+    for i, (status, answer) in enumerate(results):
+        assert status == 200
+        assert answer["response"]["uid"] == f"u{i}"
+        assert answer["response"]["allowed"] is bool(i % 2)
+
+
+@pytest.mark.asyncio
+async def test_healthz_and_metrics(served: Served) -> None:
+    await served.post("/validate/pods", review("Pod", GOOD))
+    async with served.client.get(served.url + "/healthz") as r:
+        assert r.status == 200
+    async with served.client.get(served.url + "/metrics") as r:
+        assert 'netisolate_webhook_reviews_total{path="/validate/pods",result="allowed"}' in await r.text()
+
+
+@pytest.mark.asyncio
+async def test_rotated_certificate_is_served_without_restart(served: Served) -> None:
+    async def serial() -> int:
+        host, port = served.url.removeprefix("https://").split(":")
+        ctx = ssl.create_default_context()
+        ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE
+        _, writer = await asyncio.open_connection(host, int(port), ssl=ctx)
+        der = writer.get_extra_info("ssl_object").getpeercert(binary_form=True)
+        writer.close()
+        return x509.load_der_x509_certificate(der).serial_number
+
+    before = await serial()
+    time.sleep(0.01)
+    tls.write_files(tls.generate("netisolate-webhook", "netisolate-system"), served.cert_dir)
+    assert await serial() == before, "nothing changes until the watcher looks"
+    assert served.cert.reload_if_changed() is True  # what the watch loop does every few seconds
+    assert await serial() != before
+
+
+def test_reloading_cert_picks_up_new_files(tmp_path: Path) -> None:
+    files = tls.write_files(tls.generate("a", "b"), tmp_path)
+    cert = tls.ReloadingCert(*files)
+    assert cert.reload_if_changed() is False
+    time.sleep(0.01)
+    tls.write_files(tls.generate("a", "b"), tmp_path)
+    assert cert.reload_if_changed() is True
+
+
+# --- fuzz: the pure path never raises anything but its own errors ------------------------------
+
+values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.text(max_size=8),
+    lambda kids: st.lists(kids, max_size=3) | st.dictionaries(st.text(max_size=8), kids, max_size=3),
+    max_leaves=15,
+)
+requests = st.fixed_dictionaries(
+    {
+        "uid": st.one_of(st.just("x"), values),
+        "kind": st.one_of(st.just({"kind": "Pod"}), values),
+        "operation": st.one_of(st.just("CREATE"), values),
+    },
+    optional={"object": values, "oldObject": values, "userInfo": values, "subResource": values},
+)
+
+
+@settings(max_examples=400, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    st.sampled_from(["/validate/pods", "/validate/pods-ephemeralcontainers", "/validate/namespaces"]),
+    st.one_of(
+        values,
+        st.fixed_dictionaries(
+            {"kind": st.just("AdmissionReview"), "apiVersion": st.just("v1")}, optional={"request": requests}
+        ),
+    ),
+)
+def test_fuzzed_reviews_never_escape(path: str, doc: Any) -> None:
+    try:
+        request = parse_review(path, json.dumps(doc).encode())
+        response(request, review_request(request, {}, Config()))
+    except (BadReviewError, InputError):
+        pass

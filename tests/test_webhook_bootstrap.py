@@ -1,0 +1,106 @@
+"""TLS bootstrap against the Kubernetes API stand-in (see tests/kube_standin.py for its gaps)."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+from typing import Any
+
+import pytest
+from cryptography import x509
+from kubernetes import client
+from kubernetes.client.exceptions import ApiException
+
+from netisolate.webhook import tls
+from tests.kube_standin import api_client, declare, put
+
+VWC = "admissionregistration.k8s.io/v1/validatingwebhookconfigurations"
+
+
+def webhook_configuration(name: str) -> dict[str, Any]:
+    hook = {
+        "clientConfig": {"service": {"name": "netisolate-webhook", "namespace": "netisolate-system"}},
+        "admissionReviewVersions": ["v1"],
+        "sideEffects": "None",
+    }
+    return {
+        "apiVersion": "admissionregistration.k8s.io/v1",
+        "kind": "ValidatingWebhookConfiguration",
+        "metadata": {"name": name},
+        "webhooks": [{"name": f"pods.{name}.io", **hook}, {"name": f"ns.{name}.io", **hook}],
+    }
+
+
+def run_bootstrap(api: client.ApiClient) -> tls.CertBundle:
+    return tls.bootstrap(
+        client.CoreV1Api(api),
+        client.AdmissionregistrationV1Api(api),
+        namespace="netisolate-system",
+        secret="netisolate-webhook-tls",
+        service="netisolate-webhook",
+        webhook_config="netisolate",
+    )
+
+
+class LateReader:
+    """A replica that read "no Secret" just before another replica created it."""
+
+    def __init__(self, core: client.CoreV1Api) -> None:
+        self.core, self.missed = core, False
+
+    def read_namespaced_secret(self, name: str, namespace: str) -> Any:
+        if not self.missed:
+            self.missed = True
+            raise ApiException(status=404, reason="Not Found")
+        return self.core.read_namespaced_secret(name, namespace)
+
+    def create_namespaced_secret(self, namespace: str, body: Any) -> Any:
+        return self.core.create_namespaced_secret(namespace, body)  # the stand-in answers 409
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.asyncio
+async def test_first_writer_wins_and_only_our_configuration_is_patched(kmock: Any) -> None:
+    declare(kmock)
+    put(kmock, VWC, webhook_configuration("netisolate"))
+    put(kmock, VWC, webhook_configuration("someone-else"))
+    api = api_client(kmock)
+    first = await asyncio.to_thread(run_bootstrap, api)
+    late = LateReader(client.CoreV1Api(api))
+    second = await asyncio.to_thread(
+        tls.bootstrap,
+        late,
+        client.AdmissionregistrationV1Api(api),
+        namespace="netisolate-system",
+        secret="netisolate-webhook-tls",
+        service="netisolate-webhook",
+        webhook_config="netisolate",
+    )
+    assert late.missed
+    assert first == second, "the replica that lost the race serves the winner's certificate"
+    cert = x509.load_pem_x509_certificate(first.cert_pem)
+    names = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value.get_values_for_type(
+        x509.DNSName
+    )
+    assert "netisolate-webhook.netisolate-system.svc" in names
+    # (sync client calls go to a thread: kmock serves from this test's event loop)
+    read = client.AdmissionregistrationV1Api(api).read_validating_webhook_configuration
+    ours = await asyncio.to_thread(read, "netisolate")
+    assert {base64.b64decode(h.client_config.ca_bundle) for h in ours.webhooks} == {first.ca_pem}
+    theirs = await asyncio.to_thread(read, "someone-else")
+    assert all(h.client_config.ca_bundle is None for h in theirs.webhooks)
+    patched = {str(r.url.path) for r in kmock if r.method == "PATCH"}
+    assert patched == {"/apis/admissionregistration.k8s.io/v1/validatingwebhookconfigurations/netisolate"}
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.asyncio
+async def test_a_restart_reuses_the_secret_and_patches_nothing(kmock: Any) -> None:
+    declare(kmock)
+    put(kmock, VWC, webhook_configuration("netisolate"))
+    api = api_client(kmock)
+    first = await asyncio.to_thread(run_bootstrap, api)
+    patches = sum(1 for r in kmock if r.method == "PATCH")
+    again = await asyncio.to_thread(run_bootstrap, api)
+    assert again == first
+    assert sum(1 for r in kmock if r.method == "PATCH") == patches
