@@ -329,3 +329,57 @@ def test_fuzzed_reviews_never_escape(path: str, doc: Any) -> None:
         response(request, review_request(request, {}, Config()))
     except (BadReviewError, InputError):
         pass
+
+
+def test_the_command_serves_given_certificate_files_without_a_cluster(tmp_path: Path) -> None:
+    import os
+    import socket
+    import subprocess
+    import sys
+    import urllib.request
+
+    bundle = tls.generate("netisolate-webhook", "netisolate-system")
+    cert, key = tls.write_files(bundle, tmp_path)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("KUBERNETES_")}
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "netisolate",
+            "webhook",
+            "--listen",
+            f"127.0.0.1:{port}",
+            "--tls-cert-file",
+            cert,
+            "--tls-key-file",
+            key,
+        ],
+        env=env,
+        stderr=subprocess.PIPE,
+    )
+    trust = ssl.create_default_context(cadata=bundle.ca_pem.decode())
+    trust.check_hostname = False
+    try:
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                with urllib.request.urlopen(f"https://127.0.0.1:{port}/healthz", context=trust) as r:
+                    assert r.status == 200
+                    break
+            except OSError:
+                assert proc.poll() is None and time.monotonic() < deadline, "the webhook did not come up"
+                time.sleep(0.2)
+        post = urllib.request.Request(
+            f"https://127.0.0.1:{port}/validate/pods",
+            data=json.dumps(review("Pod", GOOD)).encode(),
+            method="POST",
+        )
+        with urllib.request.urlopen(post, context=trust) as r:
+            answer = json.loads(r.read())["response"]
+        assert answer["allowed"] is False and "cannot read namespace shop" in answer["status"]["message"]
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)

@@ -7,6 +7,7 @@ import asyncio
 import logging
 import os
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
 
 from aiohttp import web
@@ -18,7 +19,7 @@ from netisolate.logs import setup_logging
 from netisolate.model import InputError
 from netisolate.webhook import tls
 from netisolate.webhook.review import PATHS
-from netisolate.webhook.server import NamespaceLabels, build_app
+from netisolate.webhook.server import LabelLookup, NamespaceLabels, NamespaceUnavailableError, build_app
 
 log = logging.getLogger("netisolate.webhook")
 DETAILS = f"""\
@@ -72,11 +73,28 @@ def _cert_files(args: argparse.Namespace, clients: tuple[object, object]) -> tup
     return tls.write_files(bundle, Path(tempfile.mkdtemp(prefix="netisolate-tls-")))
 
 
+def _unreadable(reason: str) -> LabelLookup:
+    async def lookup(namespace: str) -> Mapping[str, str]:
+        raise NamespaceUnavailableError(f"cannot read namespace {namespace}: {reason}")
+
+    return lookup
+
+
 async def serve(args: argparse.Namespace) -> None:
     host, _, port = args.listen.rpartition(":")
-    clients = api_clients(args.kubeconfig)
+    try:
+        clients = api_clients(args.kubeconfig)
+        labels: LabelLookup = NamespaceLabels(clients[0])
+    except InputError as err:
+        if not (args.tls_cert_file and args.tls_key_file):
+            raise
+        # Serving needs no cluster; judging a pod needs its namespace's label: deny until it can be read.
+        log.warning(
+            "no cluster access: pods will be denied until namespaces can be read", extra={"error": str(err)}
+        )
+        clients, labels = (None, None), _unreadable(str(err))
     cert = tls.ReloadingCert(*_cert_files(args, clients))
-    app = build_app(load_config(args.config), NamespaceLabels(clients[0]))
+    app = build_app(load_config(args.config), labels)
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
     await web.TCPSite(runner, host or "0.0.0.0", int(port), ssl_context=cert.context).start()
