@@ -1,0 +1,105 @@
+"""Pod UID → the pod's network namespace, on a real node, from /proc alone (hostPID).
+
+Every container process of a pod sits in a cgroup whose path names the pod's UID, whatever the
+layout: cgroup v1 or v2, systemd or cgroupfs driver, containerd or CRI-O:
+
+    0::/kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod1f2e…_9a.slice/cri-containerd-<id>.scope
+    4:memory:/kubepods/burstable/pod1f2e…-9a/<id>
+    0::/kubepods.slice/kubepods-pod1f2e…_9a.slice/crio-<id>.scope
+
+The parsing is pure; `scan` reads /proc. The namespace is taken from the oldest process (the
+sandbox), never the host's own (CRI-O's conmon lives in the pod's cgroup but the host's netns),
+and confirmed by the pod's IP where the pod has one.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+from netisolate.netns import NetNS, NetNSError
+
+_POD_UID = re.compile(
+    r"pod([0-9a-f]{8}[-_][0-9a-f]{4}[-_][0-9a-f]{4}[-_][0-9a-f]{4}[-_][0-9a-f]{12})(?:\.slice)?(?:/|$)"
+)
+
+
+def pod_uid_from_cgroup(text: str) -> str | None:
+    """The pod UID named by a /proc/PID/cgroup file, or None for processes outside kubepods."""
+    for line in text.splitlines():
+        path = line.split(":", 2)[-1]
+        if "kubepods" not in path:
+            continue
+        match = _POD_UID.search(path)
+        if match:
+            return match[1].replace("_", "-")
+    return None
+
+
+@dataclass(frozen=True, order=True)
+class Process:
+    start: int  # clock ticks since boot: the oldest process of a pod is its sandbox
+    pid: int
+
+
+def _start_ticks(proc: Path) -> int:
+    stat = (proc / "stat").read_text()
+    return int(stat.rsplit(")", 1)[1].split()[19])
+
+
+def scan(proc_root: str = "/proc", wanted: Iterable[str] | None = None) -> dict[str, list[Process]]:
+    """{pod UID: its processes, oldest first}, optionally only for the wanted pods."""
+    want = set(wanted) if wanted is not None else None
+    found: dict[str, list[Process]] = {}
+    for entry in os.scandir(proc_root):
+        if not entry.name.isdigit():
+            continue
+        proc = Path(entry.path)
+        try:
+            uid = pod_uid_from_cgroup((proc / "cgroup").read_text())
+            if uid is None or (want is not None and uid not in want):
+                continue
+            found.setdefault(uid, []).append(Process(_start_ticks(proc), int(entry.name)))
+        except (OSError, ValueError, IndexError):  # the process exited while we looked
+            continue
+    return {uid: sorted(procs) for uid, procs in found.items()}
+
+
+def _has_address(ns: NetNS, addresses: set[str]) -> bool:
+    import socket
+
+    from pyroute2 import IPRoute
+
+    def read() -> set[str]:
+        with IPRoute() as ipr:
+            return {
+                a.get_attr("IFA_ADDRESS")
+                for a in ipr.get_addr()
+                if a["family"] in (socket.AF_INET, socket.AF_INET6)
+            }
+
+    return bool(ns.run(read) & addresses)
+
+
+def find_netns(
+    processes: list[Process], host_inode: int, pod_ips: set[str], proc_root: str = "/proc"
+) -> NetNS | None:
+    """The pod's namespace: the oldest process's that is not the host's and holds the pod IP (when
+    the pod has one yet). The returned NetNS keeps the namespace open by fd."""
+    seen: set[int] = set()
+    for process in processes:
+        try:
+            ns = NetNS.open(f"{proc_root}/{process.pid}/ns/net")
+        except NetNSError:
+            continue
+        if ns.inode == host_inode or ns.inode in seen:
+            ns.close()
+            continue
+        seen.add(ns.inode)
+        if not pod_ips or _has_address(ns, pod_ips):
+            return ns
+        ns.close()
+    return None

@@ -1,0 +1,197 @@
+"""The agent on one node: watches → reconciler, timers for new sandboxes and drift, and the HTTP
+endpoints (/metrics, /healthz, /readyz, /status)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from netisolate.agent import discovery
+from netisolate.agent.reconcile import Reconciler
+from netisolate.agent.report import PODS, REFUSED, Reporter
+from netisolate.agent.watch import ListWatch, Obj
+from netisolate.backends import Backend
+from netisolate.model import InputError, Pod, parse_pod
+from netisolate.netns import NetNS
+from netisolate.rules import Settings
+
+log = logging.getLogger("netisolate.agent")
+
+
+class Agent:
+    def __init__(
+        self,
+        node: str,
+        backend: Backend,
+        settings: Settings,
+        core: Any | None,
+        *,
+        proc_root: str = "/proc",
+        host_netns: str = "/proc/1/ns/net",
+        verify_interval: float = 10.0,
+        pending_interval: float = 0.1,
+    ) -> None:
+        self.node, self.core, self.proc_root = node, core, proc_root
+        self.verify_interval, self.pending_interval = verify_interval, pending_interval
+        self.host = NetNS.open(host_netns)  # the node's own namespace (PID 1's): never a pod's
+        self.reconciler = Reconciler(backend, settings, Reporter(core, node), self._discover)
+        self.stop = threading.Event()
+        self.ready = threading.Event()
+        self._scan: tuple[float, dict[str, list[discovery.Process]]] = (0.0, {})
+
+    # --- discovery: one /proc scan serves every pod looked up within a moment --------------------
+
+    def _discover(self, pod: Pod) -> NetNS | None:
+        stamp, found = self._scan
+        if time.monotonic() - stamp > 0.05:
+            found = discovery.scan(self.proc_root)
+            self._scan = (time.monotonic(), found)
+        ips = {ip.ip for ip in pod.status.pod_ips} if pod.status else set()
+        return discovery.find_netns(
+            found.get(pod.metadata.uid or "", []), self.host.inode, ips, self.proc_root
+        )
+
+    # --- watch callbacks ---------------------------------------------------------------------------
+
+    def _pod(self, obj: Obj) -> Pod | None:
+        try:
+            pod = parse_pod(
+                obj, f"pod {obj.get('metadata', {}).get('namespace')}/{obj.get('metadata', {}).get('name')}"
+            )
+        except InputError as err:
+            log.error("unreadable pod skipped", extra={"error": str(err)})
+            return None
+        return pod if pod.spec.node_name == self.node else None  # the server filters too; trust, but verify
+
+    def on_pod_list(self, items: list[Obj]) -> None:
+        self.reconciler.replace_pods([p for p in map(self._pod, items) if p is not None])
+
+    def on_pod_event(self, kind: str, obj: Obj) -> None:
+        if kind == "DELETED":
+            self.reconciler.forget((obj.get("metadata") or {}).get("uid", ""))
+            return
+        pod = self._pod(obj)
+        if pod is not None:
+            self.reconciler.upsert_pod(pod)
+
+    def on_namespace_list(self, items: list[Obj]) -> None:
+        for obj in items:
+            self.on_namespace_event("ADDED", obj)
+
+    def on_namespace_event(self, kind: str, obj: Obj) -> None:
+        meta = obj.get("metadata") or {}
+        self.reconciler.set_namespace(
+            meta.get("name", ""), {} if kind == "DELETED" else dict(meta.get("labels") or {})
+        )
+
+    # --- running -----------------------------------------------------------------------------------
+
+    def watches(self) -> list[ListWatch]:
+        assert self.core is not None
+        return [
+            ListWatch(
+                "namespaces",
+                self.core.list_namespace,
+                self.on_namespace_list,
+                self.on_namespace_event,
+                stop=self.stop,
+            ),
+            ListWatch(
+                "pods",
+                self.core.list_pod_for_all_namespaces,
+                self.on_pod_list,
+                self.on_pod_event,
+                stop=self.stop,
+                field_selector=f"spec.nodeName={self.node}",
+            ),
+        ]
+
+    def loop(self, synced: list[threading.Event]) -> None:
+        """Timers: new sandboxes are looked for every pending_interval, drift every verify_interval."""
+        for event in synced:
+            while not event.wait(0.5) and not self.stop.is_set():
+                pass
+        self.reconciler.verify_all()  # start-up: everything re-verified before we call ourselves ready
+        self.ready.set()
+        log.info("agent ready", extra={"node": self.node, "pods": len(self.reconciler.pods)})
+        next_verify = time.monotonic() + self.verify_interval
+        while not self.stop.wait(self.pending_interval):
+            self.reconciler.retry_pending()
+            if time.monotonic() >= next_verify:
+                self.reconciler.verify_all()
+                self.update_gauges()
+                next_verify = time.monotonic() + self.verify_interval
+
+    def update_gauges(self) -> None:
+        states: dict[str, int] = {}
+        for tracked in list(self.reconciler.pods.values()):
+            states[tracked.state] = states.get(tracked.state, 0) + 1
+            if tracked.ns is not None and tracked.applied is not None:
+                try:
+                    counts = self.reconciler.backend.deny_counters(tracked.ns)
+                except Exception:  # a pod going away mid-read
+                    continue
+                for containers, packets in counts.items():
+                    REFUSED.labels(
+                        tracked.pod.metadata.namespace, tracked.pod.metadata.name, containers or "unknown-uid"
+                    ).set(packets)
+        for state in ("pending", "enforce", "audit", "failed", "off", "host-network"):
+            PODS.labels(state).set(states.get(state, 0))
+
+    def serve_http(self, port: int, host: str = "0.0.0.0") -> ThreadingHTTPServer:
+        agent = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                if self.path == "/metrics":
+                    self._send(200, generate_latest(), CONTENT_TYPE_LATEST)
+                elif self.path == "/healthz":
+                    self._send(200, b"ok", "text/plain")
+                elif self.path == "/readyz":
+                    ok = agent.ready.is_set()
+                    self._send(
+                        200 if ok else 503, b"ok" if ok else b"start-up verification running", "text/plain"
+                    )
+                elif self.path == "/status":
+                    body = json.dumps(
+                        {
+                            "node": agent.node,
+                            "ready": agent.ready.is_set(),
+                            "backend": agent.reconciler.backend.name,
+                            "pods": agent.reconciler.status(),
+                        }
+                    )
+                    self._send(200, body.encode(), "application/json")
+                else:
+                    self._send(404, b"not found", "text/plain")
+
+            def _send(self, code: int, body: bytes, kind: str) -> None:
+                self.send_response(code)
+                self.send_header("Content-Type", kind)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *_: Any) -> None:
+                pass
+
+        server = ThreadingHTTPServer((host, port), Handler)
+        threading.Thread(target=server.serve_forever, name="http", daemon=True).start()
+        return server
+
+    def run(self, metrics_port: int) -> None:
+        server = self.serve_http(metrics_port)
+        watches = self.watches()
+        for w in watches:
+            w.start()
+        try:
+            self.loop([w.synced for w in watches])
+        finally:
+            self.stop.set()
+            server.shutdown()  # rules stay: the agent never removes them on its way out

@@ -1,0 +1,214 @@
+"""Keep every isolated pod of this node enforced: desired ruleset from pod + namespace, applied only
+when it changes, verified (read and compare) on adoption and periodically, repaired on drift.
+
+Rules are never removed by the agent: not when it stops, crashes or loses the API server, and not
+on a bad annotation (that enforces with no grants). They go away with the pod's network namespace.
+A pod that validly lowers its own level to `off` keeps its rules until it restarts (reported).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from netisolate.backends import Backend, EnforceError
+from netisolate.model import Pod
+from netisolate.netns import NetNS
+from netisolate.policy import pod_policy
+from netisolate.rules import RuleSet, Settings, build_ruleset
+
+log = logging.getLogger(__name__)
+
+
+class Reporter(Protocol):
+    def event(self, pod: Pod, reason: str, message: str, warning: bool = False) -> None: ...
+    def applied(self, pod: Pod, seconds: float) -> None: ...
+    def drift_repaired(self, pod: Pod) -> None: ...
+    def error(self, pod: Pod, kind: str) -> None: ...
+
+
+Discover = Callable[[Pod], NetNS | None]
+
+
+@dataclass
+class Tracked:
+    pod: Pod
+    ns: NetNS | None = None
+    applied: RuleSet | None = None
+    state: str = "pending"  # pending | enforce | audit | failed | off | host-network
+    detail: str = ""
+    problems: tuple[str, ...] = field(default_factory=tuple)
+
+
+class Reconciler:
+    def __init__(self, backend: Backend, settings: Settings, reporter: Reporter, discover: Discover) -> None:
+        self.backend, self.settings, self.reporter, self.discover = backend, settings, reporter, discover
+        self.pods: dict[str, Tracked] = {}
+        self.namespaces: dict[str, dict[str, str]] = {}
+        self.lock = threading.RLock()
+
+    # --- inputs from the watches ------------------------------------------------------------
+
+    def upsert_pod(self, pod: Pod) -> None:
+        uid = pod.metadata.uid or pod.ref
+        with self.lock:
+            if pod.status and pod.status.phase in ("Succeeded", "Failed"):
+                self.forget(uid)
+                return
+            tracked = self.pods.setdefault(uid, Tracked(pod))
+            tracked.pod = pod
+            self._sync(tracked)
+
+    def forget(self, uid: str) -> None:
+        with self.lock:
+            tracked = self.pods.pop(uid, None)
+            if tracked and tracked.ns:
+                tracked.ns.close()
+
+    def replace_pods(self, pods: list[Pod]) -> None:
+        """A full list (start-up, relist after 410 Gone): adopt these, forget the rest."""
+        with self.lock:
+            keep = {p.metadata.uid or p.ref for p in pods}
+            for uid in set(self.pods) - keep:
+                self.forget(uid)
+            for pod in pods:
+                self.upsert_pod(pod)
+
+    def set_namespace(self, name: str, labels: dict[str, str]) -> None:
+        with self.lock:
+            if self.namespaces.get(name) == labels:
+                return
+            self.namespaces[name] = labels
+            for tracked in list(self.pods.values()):
+                if (tracked.pod.metadata.namespace or "default") == name:
+                    self._sync(tracked)
+
+    # --- timers --------------------------------------------------------------------------------
+
+    def retry_pending(self) -> None:
+        with self.lock:
+            for tracked in list(self.pods.values()):
+                if tracked.state in ("pending", "failed"):
+                    self._sync(tracked)
+
+    def verify_all(self) -> int:
+        """Read and compare every enforced pod's rules; repair drift. Returns how many drifted."""
+        drifted = 0
+        with self.lock:
+            for tracked in list(self.pods.values()):
+                if tracked.ns is None or tracked.applied is None:
+                    continue
+                try:
+                    drift = self.backend.verify(tracked.ns, tracked.applied)
+                except EnforceError as err:
+                    self._failed(tracked, "VerifyFailed", str(err))
+                    continue
+                if drift:
+                    drifted += 1
+                    self._apply(tracked, tracked.applied)
+                    self.reporter.drift_repaired(tracked.pod)
+                    self.reporter.event(
+                        tracked.pod,
+                        "DriftRepaired",
+                        "rules were changed behind the agent's back "
+                        "and have been restored: " + "; ".join(drift[:5]),
+                        warning=True,
+                    )
+        return drifted
+
+    # --- the decision ----------------------------------------------------------------------------
+
+    def _sync(self, tracked: Tracked) -> None:
+        pod = tracked.pod
+        if pod.spec.host_network:
+            tracked.state, tracked.detail = (
+                "host-network",
+                "shares the node's network namespace: not isolated",
+            )
+            return
+        policy = pod_policy(pod, self.namespaces.get(pod.metadata.namespace or "default", {}))
+        if policy.problems != tracked.problems:
+            tracked.problems = policy.problems
+            if policy.problems:
+                self.reporter.event(
+                    pod,
+                    "PolicyInvalid",
+                    "enforced with no grants (fail closed): " + "; ".join(policy.problems),
+                    warning=True,
+                )
+        desired = build_ruleset(policy, self.settings)
+        if desired is None:
+            if tracked.applied is not None and tracked.state != "off":
+                self.reporter.event(
+                    pod,
+                    "IsolationOff",
+                    "isolation was turned off; the current rules stay until "
+                    "the pod restarts (the agent never opens a running pod)",
+                )
+            tracked.state = "off"
+            return
+        if tracked.ns is None:
+            tracked.ns = self.discover(pod)
+            if tracked.ns is None:
+                tracked.state, tracked.detail = "pending", "network namespace not found yet"
+                return
+        if tracked.applied == desired and tracked.state != "failed":
+            return
+        if tracked.applied is None and self._intact(tracked, desired):
+            tracked.applied, tracked.state, tracked.detail = (
+                desired,
+                desired.mode,
+                "adopted: rules verified intact",
+            )
+            return
+        self._apply(tracked, desired)
+
+    def _intact(self, tracked: Tracked, desired: RuleSet) -> bool:
+        """After an agent restart the rules are usually there already: a read, not a re-apply."""
+        assert tracked.ns is not None
+        try:
+            return self.backend.verify(tracked.ns, desired) == []
+        except EnforceError:
+            return False
+
+    def _apply(self, tracked: Tracked, desired: RuleSet) -> None:
+        assert tracked.ns is not None
+        started = time.perf_counter()
+        try:
+            self.backend.apply(tracked.ns, desired)
+        except EnforceError as err:
+            self._failed(tracked, "EnforceFailed", str(err))
+            return
+        self.reporter.applied(tracked.pod, time.perf_counter() - started)
+        announce = tracked.applied is None or tracked.state == "failed"
+        tracked.applied, tracked.state, tracked.detail = desired, desired.mode, ""
+        if announce:
+            grants = ", ".join(f"{g.containers}→{','.join(str(p) for p in g.ports)}" for g in desired.grants)
+            self.reporter.event(
+                tracked.pod,
+                "Enforced",
+                f"{desired.mode} with {self.backend.name}; grants: {grants or 'none'}",
+            )
+
+    def _failed(self, tracked: Tracked, reason: str, message: str) -> None:
+        tracked.state, tracked.detail = "failed", message
+        self.reporter.error(tracked.pod, reason)
+        self.reporter.event(tracked.pod, reason, message, warning=True)
+        log.error("enforcement failed", extra={"pod": tracked.pod.ref, "reason": reason, "error": message})
+
+    def status(self) -> list[dict[str, str]]:
+        with self.lock:
+            return [
+                {
+                    "pod": t.pod.ref,
+                    "uid": uid,
+                    "state": t.state,
+                    "detail": t.detail,
+                    "netns": str(t.ns.inode) if t.ns else "",
+                }
+                for uid, t in sorted(self.pods.items())
+            ]

@@ -1,0 +1,82 @@
+"""What the agent tells operators: Kubernetes Events on pods, Prometheus metrics, JSON logs."""
+
+from __future__ import annotations
+
+import datetime
+import logging
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from prometheus_client import Counter, Gauge, Histogram
+
+from netisolate.model import Pod
+
+log = logging.getLogger("netisolate.agent")
+
+APPLY_SECONDS = Histogram(
+    "netisolate_apply_seconds",
+    "Time to install a pod's ruleset",
+    buckets=(0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 1.0),
+)
+DRIFT_REPAIRS = Counter("netisolate_drift_repairs_total", "Rulesets found changed and restored")
+ERRORS = Counter("netisolate_errors_total", "Enforcement errors", ["reason"])
+PODS = Gauge("netisolate_pods", "Pods on this node by state", ["state"])
+REFUSED = Gauge(
+    "netisolate_refused_packets",
+    "Connection attempts refused (audit: would be refused)",
+    ["namespace", "pod", "containers"],
+)
+EVENTS = Counter("netisolate_events_total", "Kubernetes events emitted", ["reason"])
+
+
+class Reporter:
+    """Events go out on a small thread pool: the API server being slow or down never stalls enforcement."""
+
+    def __init__(self, core: Any | None, node: str) -> None:
+        self.core, self.node = core, node
+        self.pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="events")
+
+    def event(self, pod: Pod, reason: str, message: str, warning: bool = False) -> None:
+        EVENTS.labels(reason).inc()
+        log.log(
+            logging.WARNING if warning else logging.INFO, message, extra={"pod": pod.ref, "reason": reason}
+        )
+        if self.core is not None:
+            self.pool.submit(self._post, pod, reason, message, warning)
+
+    def _post(self, pod: Pod, reason: str, message: str, warning: bool) -> None:
+        now = datetime.datetime.now(datetime.UTC).isoformat()
+        body = {
+            "metadata": {
+                "generateName": f"{pod.metadata.name}.netisolate.",
+                "namespace": pod.metadata.namespace,
+            },
+            "involvedObject": {
+                "kind": "Pod",
+                "apiVersion": "v1",
+                "name": pod.metadata.name,
+                "namespace": pod.metadata.namespace,
+                "uid": pod.metadata.uid,
+            },
+            "reason": reason,
+            "message": message[:1024],
+            "type": "Warning" if warning else "Normal",
+            "source": {"component": "netisolate-agent", "host": self.node},
+            "firstTimestamp": now,
+            "lastTimestamp": now,
+            "count": 1,
+        }
+        try:
+            self.core.create_namespaced_event(pod.metadata.namespace or "default", body)  # type: ignore[union-attr]
+        except Exception as err:  # best effort: an event lost is logged, never fatal
+            log.warning("could not post event", extra={"pod": pod.ref, "reason": reason, "error": str(err)})
+
+    def applied(self, pod: Pod, seconds: float) -> None:
+        APPLY_SECONDS.observe(seconds)
+        log.info("rules applied", extra={"pod": pod.ref, "ms": round(seconds * 1000, 2)})
+
+    def drift_repaired(self, pod: Pod) -> None:
+        DRIFT_REPAIRS.inc()
+
+    def error(self, pod: Pod, kind: str) -> None:
+        ERRORS.labels(kind).inc()

@@ -1,0 +1,92 @@
+"""`netisolate agent` and `netisolate status`: the node agent, and what it is doing."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sys
+import urllib.error
+import urllib.request
+
+from netisolate.backends import BACKENDS, select_backend
+from netisolate.commands.common import add_command
+from netisolate.logs import setup_logging
+from netisolate.model import InputError
+from netisolate.netns import NetNS
+from netisolate.rules import DEFAULT_SENTINEL_PORT, Settings
+
+AGENT_DETAILS = """\
+Runs on every node (DaemonSet, hostPID, capabilities NET_ADMIN, SYS_ADMIN, SYS_PTRACE). Watches the
+pods of its own node (server-side field selector spec.nodeName) and the namespaces, finds each
+isolated pod's network namespace from /proc, installs its rules, verifies them at start-up and every
+--verify-interval seconds and repairs drift. Rules are never removed by the agent: they go away with
+the pod. Serves /metrics, /healthz, /readyz (ready after the start-up verification) and /status.
+"""
+STATUS_DETAILS = """\
+Asks the agent on this node (its --metrics-port on localhost) for the pods it tracks and their
+state: enforce, audit, pending (namespace not found yet), failed, off, host-network.
+"""
+
+
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    agent = add_command(sub, "agent", "run the node agent", AGENT_DETAILS)
+    agent.add_argument("--node-name", default=os.environ.get("NODE_NAME"), help="default: $NODE_NAME")
+    agent.add_argument("--kubeconfig", metavar="FILE", help="default: in-cluster configuration")
+    agent.add_argument("--backend", choices=("auto", *BACKENDS), default="auto")
+    agent.add_argument("--metrics-port", type=int, default=9808)
+    agent.add_argument(
+        "--deny-port-forward", action="store_true", help="also refuse UID 0 (kubectl port-forward)"
+    )
+    agent.add_argument("--sentinel-port", type=int, default=DEFAULT_SENTINEL_PORT)
+    agent.add_argument("--verify-interval", type=float, default=10.0, metavar="SECONDS")
+    agent.add_argument("--proc-root", default="/proc", help=argparse.SUPPRESS)
+    agent.add_argument("--host-netns", default="/proc/1/ns/net", help=argparse.SUPPRESS)
+    agent.set_defaults(run=run_agent)
+    status = add_command(sub, "status", "list this node's pods and their enforcement state", STATUS_DETAILS)
+    status.add_argument("--metrics-port", type=int, default=9808)
+    status.add_argument("-o", "--output", choices=("text", "json"), default="text")
+    status.set_defaults(run=run_status)
+
+
+def run_agent(args: argparse.Namespace) -> int:
+    from netisolate.agent.node import Agent
+    from netisolate.kube import api_clients
+
+    setup_logging()
+    if not args.node_name:
+        raise InputError(
+            "no node name: pass --node-name or set NODE_NAME (the DaemonSet sets it from spec.nodeName)"
+        )
+    core, _ = api_clients(args.kubeconfig)
+    with NetNS.open(args.host_netns) as host:
+        backend = select_backend(args.backend, host)
+    settings = Settings(sentinel_port=args.sentinel_port, allow_root=not args.deny_port_forward)
+    agent = Agent(
+        args.node_name,
+        backend,
+        settings,
+        core,
+        proc_root=args.proc_root,
+        verify_interval=args.verify_interval,
+    )
+    signal.signal(signal.SIGTERM, lambda *_: agent.stop.set())
+    agent.run(args.metrics_port)
+    return 0
+
+
+def run_status(args: argparse.Namespace) -> int:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{args.metrics_port}/status", timeout=5) as r:
+            status = json.loads(r.read())
+    except (urllib.error.URLError, OSError) as err:
+        print(f"netisolate status: no agent answers on 127.0.0.1:{args.metrics_port}: {err}", file=sys.stderr)
+        return 1
+    if args.output == "json":
+        print(json.dumps(status, indent=2))
+        return 0
+    print(f"node {status['node']} ({status['backend']}, {'ready' if status['ready'] else 'starting'})")
+    for pod in status["pods"]:
+        print(f"  {pod['state']:<12} {pod['pod']:<40} {pod['detail']}")
+    return 0

@@ -1,0 +1,105 @@
+"""A simulated node for the agent: pods laid out as the kubelet and containerd lay them out — a
+network namespace per pod (netisolate.localpod), cgroups named after the pod UID with the
+container processes moved into them, running under the containers' UIDs — and pod objects served
+by the Kubernetes API stand-in (tests/kube_standin.py).
+
+Cgroups are created under a unique pod UID and removed again, like the namespaces.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+from netisolate.localpod import LocalPod, as_uid
+from netisolate.model import parse_pod
+
+HARDENED = {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}}
+V2_ROOT = Path("/sys/fs/cgroup/unified")
+V1_ROOT = Path("/sys/fs/cgroup/pids")
+
+
+def pod_manifest(
+    name: str, node: str, annotations: dict[str, str] | None = None, uid: str | None = None
+) -> dict[str, Any]:
+    containers = [
+        {"name": n, "image": "busybox", "securityContext": {"runAsUser": u, **HARDENED}}
+        for n, u in (("app", 1000), ("proxy", 1001), ("rogue", 1002))
+    ]
+    return {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {
+            "name": name,
+            "namespace": "shop",
+            "uid": uid or str(uuid.uuid4()),
+            "annotations": {
+                "netisolate.io/isolation": "enforce",
+                "allow.netisolate.io/app": "15001",
+                "allow.netisolate.io/proxy": "8080",
+                **(annotations or {}),
+            },
+        },
+        "spec": {"nodeName": node, "containers": containers},
+        "status": {"phase": "Running", "podIP": "192.0.2.10", "podIPs": [{"ip": "192.0.2.10"}]},
+    }
+
+
+class SimulatedPod:
+    """Sandbox + containers of one pod on this machine (systemd driver, cgroup v2, or cgroupfs v1)."""
+
+    def __init__(self, manifest: dict[str, Any], layout: str = "systemd") -> None:
+        self.manifest = manifest
+        uid = manifest["metadata"]["uid"]
+        if layout == "systemd":
+            slice_ = f"kubepods-besteffort-pod{uid.replace('-', '_')}.slice"
+            self.pod_dir = V2_ROOT / "kubepods.slice" / "kubepods-besteffort.slice" / slice_
+            self.scope = lambda cid: self.pod_dir / f"cri-containerd-{cid}.scope"
+        else:
+            self.pod_dir = V1_ROOT / "kubepods" / "besteffort" / f"pod{uid}"
+            self.scope = lambda cid: self.pod_dir / cid
+        self.local = LocalPod(parse_pod(manifest))
+
+    def start_sandbox(self) -> None:
+        self.local.create()
+        self._run_in_cgroup("sandbox", ["sleep", "infinity"])
+
+    def start_container(self, name: str, ports: list[str]) -> None:
+        self.local.listen(name, ports)
+        self._move(self.local.processes[-1].pid, name)
+
+    def run_as(self, container: str, argv: list[str]) -> Any:
+        proc = self.local.spawn(as_uid(self.local.uid(container), argv))
+        self._move(proc.pid, container)
+        return proc
+
+    def _run_in_cgroup(self, cid: str, argv: list[str]) -> None:
+        proc = self.local.spawn(argv)
+        self._move(proc.pid, cid)
+
+    def _move(self, pid: int, cid: str) -> None:
+        scope = self.scope(uuid.uuid5(uuid.NAMESPACE_OID, cid).hex + uuid.uuid5(uuid.NAMESPACE_URL, cid).hex)
+        scope.mkdir(parents=True, exist_ok=True)
+        (scope / "cgroup.procs").write_text(str(pid))
+
+    def close(self) -> None:
+        self.local.close()
+        deadline = time.monotonic() + 5
+        for directory in [*sorted(self.pod_dir.rglob("*"), key=lambda p: -len(p.parts)), self.pod_dir]:
+            while directory.is_dir():
+                try:
+                    os.rmdir(directory)
+                except OSError:
+                    if time.monotonic() > deadline:
+                        raise
+                    time.sleep(0.05)
+        for parent in self.pod_dir.parents:  # kubepods.slice & co., once no other pod uses them
+            if parent in (V1_ROOT, V2_ROOT):
+                break
+            try:
+                os.rmdir(parent)
+            except OSError:
+                break

@@ -1,0 +1,301 @@
+"""The agent running for real against a simulated node (tests/agent_harness.py) and the Kubernetes API
+stand-in over HTTP (tests/kube_standin.py).
+
+Gaps of the stand-in that shape these tests: it ignores the field selector (the agent filters by
+node itself, and a test asserts the selector is sent), fakes resourceVersions, and cannot serve
+Namespaces — so the namespace watch is not started here and namespace labels are fed to the agent
+directly through the same callback the watch uses.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import pytest
+import pytest_asyncio
+from kubernetes import client
+
+from netisolate.agent.node import Agent
+from netisolate.agent.watch import ListWatch
+from netisolate.backends import run_tool, select_backend
+from netisolate.model import parse_pod
+from netisolate.policy import pod_policy
+from netisolate.rules import Settings, build_ruleset
+from tests.agent_harness import SimulatedPod, pod_manifest
+from tests.kube_standin import api_client, declare
+
+pytestmark = [pytest.mark.kernel, pytest.mark.timeout(120)]
+NODE = "node-a"
+
+
+class Running:
+    """An agent on NODE: the pod list+watch thread and the reconcile loop thread."""
+
+    def __init__(
+        self, core: client.CoreV1Api, backend: str = "nftables", verify_interval: float = 0.3
+    ) -> None:
+        self.agent = Agent(
+            NODE,
+            select_backend(backend),
+            Settings(),
+            core,
+            verify_interval=verify_interval,
+            host_netns="/proc/self/ns/net",
+            pending_interval=0.05,
+        )
+        self.agent.on_namespace_event("ADDED", {"metadata": {"name": "shop", "labels": {}}})
+        self.watch = ListWatch(
+            "pods",
+            core.list_pod_for_all_namespaces,
+            self.agent.on_pod_list,
+            self.agent.on_pod_event,
+            stop=self.agent.stop,
+            timeout_seconds=1,
+            field_selector=f"spec.nodeName={NODE}",
+        )
+        self.threads = [
+            self.watch.start(),
+            threading.Thread(target=self.agent.loop, args=([self.watch.synced],), daemon=True),
+        ]
+        self.threads[1].start()
+
+    def state(self, uid: str) -> str:
+        tracked = self.agent.reconciler.pods.get(uid)
+        return tracked.state if tracked else "untracked"
+
+    def stop(self) -> None:
+        self.agent.stop.set()
+        for thread in self.threads:
+            thread.join(timeout=10)
+
+
+async def until(condition: Callable[[], bool], timeout: float = 15.0, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        await asyncio.sleep(0.02)
+
+
+@pytest_asyncio.fixture
+async def core(kmock: Any) -> AsyncIterator[client.CoreV1Api]:
+    declare(kmock)
+    yield client.CoreV1Api(api_client(kmock))
+
+
+def events(kmock: Any, reason: str) -> list[dict[str, Any]]:
+    return [
+        r.data
+        for r in kmock
+        if r.method == "POST"
+        and str(r.url.path).endswith("/events")
+        and (r.data or {}).get("reason") == reason
+    ]
+
+
+async def create(core: client.CoreV1Api, manifest: dict[str, Any]) -> None:
+    await asyncio.to_thread(core.create_namespaced_pod, "shop", manifest)
+
+
+async def patch(core: client.CoreV1Api, name: str, annotations: dict[str, str]) -> None:
+    await asyncio.to_thread(
+        core.patch_namespaced_pod, name, "shop", {"metadata": {"annotations": annotations}}
+    )
+
+
+def probe(pod: SimulatedPod, uid: int, port: int) -> str:
+    return pod.local.probe(uid, [("127.0.0.1", port, "tcp")])[0]
+
+
+@pytest.mark.asyncio
+async def test_pod_lifecycle(core: client.CoreV1Api, kmock: Any) -> None:
+    manifest = pod_manifest("web", NODE)
+    uid = manifest["metadata"]["uid"]
+    sim = SimulatedPod(manifest)
+    running = Running(core)
+    try:
+        await create(core, manifest)
+        await until(lambda: running.state(uid) == "pending", what="the pod to be tracked")
+        await asyncio.to_thread(sim.start_sandbox)  # the sandbox appears after the pod object
+        await until(lambda: running.state(uid) == "enforce", what="enforcement")
+        await asyncio.to_thread(sim.start_container, "app", ["8080"])
+        assert await asyncio.to_thread(probe, sim, 1002, 8080) == "refused"
+        assert await asyncio.to_thread(probe, sim, 1001, 8080) == "open"
+        await until(lambda: bool(events(kmock, "Enforced")), what="the Enforced event")
+
+        # annotation changed -> new rules
+        await patch(core, "web", {"allow.netisolate.io/rogue": "8080"})
+        await until(lambda: probe(sim, 1002, 8080) == "open", what="the new grant")
+
+        # bad annotation -> fail closed, reported
+        await patch(core, "web", {"allow.netisolate.io/proxy": "http"})
+        await until(lambda: probe(sim, 1001, 8080) == "refused", what="fail closed")
+        assert await asyncio.to_thread(probe, sim, 1002, 8080) == "refused"
+        await until(lambda: bool(events(kmock, "PolicyInvalid")), what="the PolicyInvalid event")
+
+        # tampering -> repaired and reported
+        assert sim.local.ns is not None
+        run_tool(sim.local.ns, ["nft", "insert", "rule", "inet", "netisolate", "loopback", "accept"])
+        await until(lambda: bool(events(kmock, "DriftRepaired")), what="the drift repair")
+        assert await asyncio.to_thread(probe, sim, 1002, 8080) == "refused"
+
+        # deleted -> forgotten, no stale state
+        await asyncio.to_thread(core.delete_namespaced_pod, "web", "shop")
+        await until(lambda: running.state(uid) == "untracked", what="the pod to be forgotten")
+    finally:
+        running.stop()
+        sim.close()
+
+
+@pytest.mark.asyncio
+async def test_restart_keeps_and_reverifies_rules(core: client.CoreV1Api) -> None:
+    manifest = pod_manifest("web", NODE)
+    uid = manifest["metadata"]["uid"]
+    sim = SimulatedPod(manifest)
+    try:
+        await asyncio.to_thread(sim.start_sandbox)
+        await asyncio.to_thread(sim.start_container, "app", ["8080"])
+        await create(core, manifest)
+        first = Running(core)
+        await until(lambda: first.state(uid) == "enforce", what="enforcement")
+        first.stop()  # the agent goes away: the rules stay
+        assert await asyncio.to_thread(probe, sim, 1002, 8080) == "refused"
+        second = Running(core)
+        try:
+            await until(second.agent.ready.is_set, what="readiness")
+            tracked = second.agent.reconciler.pods[uid]
+            assert tracked.state == "enforce" and tracked.detail.startswith("adopted"), (
+                "verified, not re-applied"
+            )
+        finally:
+            second.stop()
+    finally:
+        sim.close()
+
+
+@pytest.mark.asyncio
+async def test_only_this_nodes_pods_and_the_selector_is_sent(core: client.CoreV1Api, kmock: Any) -> None:
+    elsewhere = pod_manifest("other", "node-b")
+    running = Running(core)
+    try:
+        await create(core, elsewhere)
+        await until(running.watch.synced.is_set, what="the first list")
+        await asyncio.sleep(0.5)
+        assert running.state(elsewhere["metadata"]["uid"]) == "untracked"
+        selectors = {r.params.get("fieldSelector") for r in kmock if str(r.url.path) == "/api/v1/pods"}
+        assert selectors == {f"spec.nodeName={NODE}"}
+    finally:
+        running.stop()
+
+
+@pytest.mark.asyncio
+async def test_api_server_away_changes_nothing(kmock: Any) -> None:
+    """With the API server unreachable the agent keeps retrying with backoff and never touches rules."""
+    config = client.Configuration()
+    config.host = "http://127.0.0.1:9"  # nothing listens there
+    manifest = pod_manifest("web", NODE)
+    sim = SimulatedPod(manifest)
+    try:
+        await asyncio.to_thread(sim.start_sandbox)
+        await asyncio.to_thread(sim.start_container, "app", ["8080"])
+        backend = select_backend("nftables")
+        rs = build_ruleset(pod_policy(parse_pod(manifest), {}), Settings())
+        assert rs is not None and sim.local.ns is not None
+        backend.apply(sim.local.ns, rs)
+        running = Running(client.CoreV1Api(client.ApiClient(config)))
+        await asyncio.sleep(2.0)
+        assert running.threads[0].is_alive(), "the watch keeps retrying"
+        assert not running.agent.ready.is_set()
+        assert backend.verify(sim.local.ns, rs) == []
+        assert await asyncio.to_thread(probe, sim, 1002, 8080) == "refused"
+        running.stop()
+    finally:
+        sim.close()
+
+
+@pytest.mark.asyncio
+async def test_churn_leaves_nothing_unenforced_and_nothing_stale(core: client.CoreV1Api) -> None:
+    manifests = [pod_manifest(f"churn-{i}", NODE) for i in range(30)]
+    sims = [SimulatedPod(m) for m in manifests]
+    running = Running(core, verify_interval=5.0)
+    try:
+        for manifest, sim in zip(manifests, sims, strict=True):
+            await asyncio.to_thread(sim.start_sandbox)
+            await create(core, manifest)
+        uids = [m["metadata"]["uid"] for m in manifests]
+        await until(lambda: all(running.state(u) == "enforce" for u in uids), timeout=60, what="all enforced")
+        for manifest in manifests[::2]:
+            await asyncio.to_thread(core.delete_namespaced_pod, manifest["metadata"]["name"], "shop")
+        await until(lambda: len(running.agent.reconciler.pods) == 15, what="deleted pods forgotten")
+        assert all(running.state(u) == "enforce" for u in uids[1::2])
+    finally:
+        running.stop()
+        for sim in sims:
+            sim.close()
+
+
+@pytest.mark.asyncio
+async def test_gate_holds_the_pod_until_its_rules_are_live(core: client.CoreV1Api) -> None:
+    """The simulated kubelet runs the gate first and starts the app only when it exits 0."""
+    manifest = pod_manifest("gated", NODE)
+    sim = SimulatedPod(manifest)
+    running: Running | None = None
+    try:
+        await asyncio.to_thread(sim.start_sandbox)
+        gate = sim.local.spawn([sys.executable, "-m", "netisolate", "gate", "--timeout", "30"])
+        await asyncio.sleep(1.0)
+        assert gate.poll() is None, "no rules yet: the gate must keep the pod waiting"
+        await create(core, manifest)
+        running = Running(core)
+        await until(lambda: gate.poll() is not None, timeout=30, what="the gate to open")
+        assert gate.returncode == 0
+        assert sim.local.ns is not None
+        assert (
+            select_backend("nftables").verify(
+                sim.local.ns, running.agent.reconciler.pods[manifest["metadata"]["uid"]].applied
+            )
+            == []
+        )  # type: ignore[arg-type]
+        await asyncio.to_thread(sim.start_container, "app", ["8080"])  # only now does the app start
+        assert await asyncio.to_thread(probe, sim, 1002, 8080) == "refused"
+    finally:
+        if running:
+            running.stop()
+        sim.close()
+
+
+def test_gate_times_out_without_rules() -> None:
+    started = time.monotonic()
+    result = subprocess.run(
+        ["unshare", "--net", sys.executable, "-m", "netisolate", "gate", "--timeout", "1"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert result.returncode == 1 and "no rules" in result.stderr
+    assert time.monotonic() - started < 10
+
+
+@pytest.mark.asyncio
+async def test_status_endpoint(core: client.CoreV1Api) -> None:
+    running = Running(core)
+    server = running.agent.serve_http(0, "127.0.0.1")
+    try:
+        await until(running.agent.ready.is_set, what="readiness")
+        port = server.server_address[1]
+        out = subprocess.run(
+            [sys.executable, "-m", "netisolate", "status", "--metrics-port", str(port), "-o", "json"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+        assert json.loads(out)["ready"] is True
+    finally:
+        server.shutdown()
+        running.stop()
