@@ -35,7 +35,7 @@ class Agent:
         proc_root: str = "/proc",
         host_netns: str = "/proc/1/ns/net",
         verify_interval: float = 10.0,
-        pending_interval: float = 0.1,
+        pending_interval: float = 0.02,
     ) -> None:
         self.node, self.core, self.proc_root = node, core, proc_root
         self.verify_interval, self.pending_interval = verify_interval, pending_interval
@@ -49,7 +49,7 @@ class Agent:
 
     def _discover(self, pod: Pod) -> NetNS | None:
         stamp, found = self._scan
-        if time.monotonic() - stamp > 0.05:
+        if time.monotonic() - stamp > 0.005:  # one scan serves one retry round, never a later one
             found = discovery.scan(self.proc_root)
             self._scan = (time.monotonic(), found)
         ips = {ip.ip for ip in pod.status.pod_ips} if pod.status else set()

@@ -1,0 +1,140 @@
+"""Agent benchmark on a simulated node: prints one JSON object per scenario.
+
+    sudo .venv/bin/python bench/bench_agent.py [--quick]
+
+start-to-enforced  a pod's sandbox process appears → its rules hold (median, p99), agent running
+restart            an agent starting on a node with N isolated pods already enforced → all verified
+footprint          the agent's RSS and CPU while idle with those pods (one verify round included)
+
+Pods reach the agent through the same callbacks its watch uses; the API server is not what is
+measured here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import threading
+import time
+from pathlib import Path
+
+import psutil
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from netisolate.agent.node import Agent
+from netisolate.backends import select_backend
+from netisolate.rules import Settings
+from tests.agent_harness import SimulatedPod, pod_manifest
+
+NODE = "bench-node"
+
+
+def new_agent(verify_interval: float = 3600.0) -> Agent:
+    agent = Agent(
+        NODE,
+        select_backend("nftables"),
+        Settings(),
+        None,
+        host_netns="/proc/self/ns/net",
+        verify_interval=verify_interval,
+    )
+    agent.on_namespace_event("ADDED", {"metadata": {"name": "shop", "labels": {}}})
+    return agent
+
+
+def start_to_enforced(samples: int) -> dict[str, object]:
+    agent = new_agent()
+    loop = threading.Thread(target=agent.loop, args=([],), daemon=True)
+    loop.start()
+    latencies = []
+    try:
+        for i in range(samples):
+            manifest = pod_manifest(f"s{i}", NODE)
+            uid = manifest["metadata"]["uid"]
+            sim = SimulatedPod(manifest)
+            try:
+                agent.on_pod_event("ADDED", manifest)  # the pod object comes first, the sandbox after
+                sim.local.create()
+                started = time.perf_counter()
+                sim._run_in_cgroup("sandbox", ["sleep", "infinity"])
+                while agent.reconciler.pods[uid].state != "enforce":
+                    time.sleep(0.001)
+                latencies.append(time.perf_counter() - started)
+                agent.on_pod_event("DELETED", manifest)
+            finally:
+                sim.close()
+    finally:
+        agent.stop.set()
+    ordered = sorted(latencies)
+    return {
+        "scenario": "start-to-enforced",
+        "pods": samples,
+        "median_ms": round(statistics.median(ordered) * 1000, 1),
+        "p99_ms": round(ordered[min(len(ordered) - 1, int(0.99 * len(ordered)))] * 1000, 1),
+        "pending_interval_ms": agent.pending_interval * 1000,
+    }
+
+
+def restart(count: int, idle_seconds: float) -> list[dict[str, object]]:
+    manifests = [pod_manifest(f"r{i}", NODE) for i in range(count)]
+    sims = [SimulatedPod(m) for m in manifests]
+    try:
+        for sim in sims:
+            sim.start_sandbox()
+        first = new_agent()
+        first.on_pod_list(manifests)
+        assert all(t.state == "enforce" for t in first.reconciler.pods.values())
+        first.stop.set()
+        second = new_agent(verify_interval=idle_seconds / 2)
+        started = time.perf_counter()
+        second.on_pod_list(manifests)  # the watch's first list
+        second.reconciler.verify_all()  # the start-up verification before readiness
+        took = time.perf_counter() - started
+        adopted = sum(t.detail.startswith("adopted") for t in second.reconciler.pods.values())
+        me = psutil.Process(os.getpid())
+        cpu_before = me.cpu_times()
+        loop = threading.Thread(target=second.loop, args=([],), daemon=True)
+        loop.start()
+        time.sleep(idle_seconds)
+        cpu_after = me.cpu_times()
+        second.stop.set()
+        cpu = (cpu_after.user + cpu_after.system) - (cpu_before.user + cpu_before.system)
+        cpu += sum(c.cpu_times().user + c.cpu_times().system for c in me.children(recursive=True))
+        return [
+            {
+                "scenario": "restart",
+                "pods": count,
+                "verified_s": round(took, 3),
+                "adopted_without_reapply": adopted,
+            },
+            {
+                "scenario": "footprint",
+                "pods": count,
+                "rss_mib": round(me.memory_info().rss / 2**20, 1),
+                "idle_cpu_percent_of_a_core": round(100 * cpu / idle_seconds, 2),
+                "idle_seconds": idle_seconds,
+                "verify_rounds_in_window": 2,
+            },
+        ]
+    finally:
+        for sim in sims:
+            sim.close()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--quick", action="store_true", help="few samples: a smoke run, not numbers to quote")
+    args = parser.parse_args()
+    print(json.dumps(start_to_enforced(10 if args.quick else 100)), flush=True)
+    for count in (10,) if args.quick else (110, 250):
+        for result in restart(count, idle_seconds=2.0 if args.quick else 20.0):
+            print(json.dumps(result), flush=True)
+
+
+if __name__ == "__main__":
+    main()
