@@ -48,8 +48,11 @@ class Agent:
     # --- discovery: one /proc scan serves every pod looked up within a moment --------------------
 
     def _discover(self, pod: Pod) -> NetNS | None:
+        # One /proc scan serves a whole round of lookups; a pod it does not show is looked for in
+        # a fresh scan, so a sandbox that just appeared is never hidden by an older one.
         stamp, found = self._scan
-        if time.monotonic() - stamp > 0.005:  # one scan serves one retry round, never a later one
+        uid = pod.metadata.uid or ""
+        if (uid not in found and time.monotonic() - stamp > 0.002) or time.monotonic() - stamp > 1.0:
             found = discovery.scan(self.proc_root)
             self._scan = (time.monotonic(), found)
         ips = {ip.ip for ip in pod.status.pod_ips} if pod.status else set()

@@ -12,6 +12,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -42,6 +43,7 @@ class Tracked:
     state: str = "pending"  # pending | enforce | audit | failed | off | host-network
     detail: str = ""
     problems: tuple[str, ...] = field(default_factory=tuple)
+    checked_at: float = 0.0  # when the installed rules were last applied or verified
 
 
 class Reconciler:
@@ -50,6 +52,7 @@ class Reconciler:
         self.pods: dict[str, Tracked] = {}
         self.namespaces: dict[str, dict[str, str]] = {}
         self.lock = threading.RLock()
+        self.workers = 8
 
     # --- inputs from the watches ------------------------------------------------------------
 
@@ -70,13 +73,20 @@ class Reconciler:
                 tracked.ns.close()
 
     def replace_pods(self, pods: list[Pod]) -> None:
-        """A full list (start-up, relist after 410 Gone): adopt these, forget the rest."""
+        """A full list (start-up, relist after 410 Gone): adopt these, forget the rest. Pods are
+        synced in parallel: adopting one is mostly waiting on a netfilter tool, not CPU."""
         with self.lock:
             keep = {p.metadata.uid or p.ref for p in pods}
             for uid in set(self.pods) - keep:
                 self.forget(uid)
-            for pod in pods:
-                self.upsert_pod(pod)
+            live = [p for p in pods if not (p.status and p.status.phase in ("Succeeded", "Failed"))]
+            tracked = []
+            for pod in live:
+                entry = self.pods.setdefault(pod.metadata.uid or pod.ref, Tracked(pod))
+                entry.pod = pod
+                tracked.append(entry)
+            with ThreadPoolExecutor(max_workers=self.workers) as pool:
+                list(pool.map(self._sync, tracked))
 
     def set_namespace(self, name: str, labels: dict[str, str]) -> None:
         with self.lock:
@@ -95,13 +105,19 @@ class Reconciler:
                 if tracked.state in ("pending", "failed"):
                     self._sync(tracked)
 
-    def verify_all(self) -> int:
-        """Read and compare every enforced pod's rules; repair drift. Returns how many drifted."""
+    def verify_all(self, fresh: float = 1.0) -> int:
+        """Read and compare every enforced pod's rules (but those checked within `fresh` seconds);
+        repair drift. Returns how many drifted."""
         drifted = 0
         with self.lock:
             for tracked in list(self.pods.values()):
-                if tracked.ns is None or tracked.applied is None:
+                if (
+                    tracked.ns is None
+                    or tracked.applied is None
+                    or time.monotonic() - tracked.checked_at < fresh
+                ):
                     continue
+                tracked.checked_at = time.monotonic()
                 try:
                     drift = self.backend.verify(tracked.ns, tracked.applied)
                 except EnforceError as err:
@@ -186,6 +202,7 @@ class Reconciler:
         self.reporter.applied(tracked.pod, time.perf_counter() - started)
         announce = tracked.applied is None or tracked.state == "failed"
         tracked.applied, tracked.state, tracked.detail = desired, desired.mode, ""
+        tracked.checked_at = time.monotonic()
         if announce:
             grants = ", ".join(f"{g.containers}→{','.join(str(p) for p in g.ports)}" for g in desired.grants)
             self.reporter.event(
