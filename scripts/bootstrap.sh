@@ -42,8 +42,8 @@ case "$mode" in
     exec .venv/bin/netisolate demo
     ;;
   test)
-    .venv/bin/ruff check netisolate tests bench
-    .venv/bin/ruff format --check netisolate tests bench
+    .venv/bin/ruff check netisolate tests bench e2e
+    .venv/bin/ruff format --check netisolate tests bench e2e
     .venv/bin/mypy
     set +e
     .venv/bin/pytest -q -p no:cacheprovider "${@:2}"
