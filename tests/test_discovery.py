@@ -69,3 +69,16 @@ def test_finds_the_sandbox_namespace_on_a_simulated_node(layout: str) -> None:
     finally:
         host.close()
         pod.close()
+
+
+def test_wildcard_listeners_from_proc_net_tcp() -> None:
+    from netisolate.agent.listeners import wildcard_ports
+
+    table = (
+        "  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode\n"
+        "   0: 00000000:1F90 00000000:0000 0A 00000000:00000000 00:00000000 00000000  1000        0 1\n"
+        "   1: 0100007F:3A99 00000000:0000 0A 00000000:00000000 00:00000000 00000000  1001        0 2\n"
+        "   2: 00000000:0050 0100007F:C350 01 00000000:00000000 00:00000000 00000000  1000        0 3\n"
+        "   3: 00000000000000000000000000000000:3A98 00000000000000000000000000000000:0000 0A 0 0 0 0 0 4\n"
+    )
+    assert wildcard_ports(table) == {8080, 15000}  # not the 127.0.0.1 listener, not an established socket

@@ -16,6 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from netisolate.agent.listeners import exposed_grants
 from netisolate.backends import Backend, EnforceError
 from netisolate.model import Pod
 from netisolate.netns import NetNS
@@ -203,12 +204,30 @@ class Reconciler:
         announce = tracked.applied is None or tracked.state == "failed"
         tracked.applied, tracked.state, tracked.detail = desired, desired.mode, ""
         tracked.checked_at = time.monotonic()
+        self._warn_wildcards(tracked, desired)
         if announce:
             grants = ", ".join(f"{g.containers}→{','.join(str(p) for p in g.ports)}" for g in desired.grants)
             self.reporter.event(
                 tracked.pod,
                 "Enforced",
                 f"{desired.mode} with {self.backend.name}; grants: {grants or 'none'}",
+            )
+
+    def _warn_wildcards(self, tracked: Tracked, desired: RuleSet) -> None:
+        assert tracked.ns is not None
+        try:
+            exposed = exposed_grants(tracked.ns, desired)
+        except OSError:
+            return
+        if exposed:
+            self.reporter.event(
+                tracked.pod,
+                "WildcardListener",
+                "granted ports listen on every address, so they "
+                "are also reachable by hairpin through a Service (not only over loopback): "
+                + ", ".join(exposed)
+                + "; bind them to 127.0.0.1 or ::1",
+                warning=True,
             )
 
     def _failed(self, tracked: Tracked, reason: str, message: str) -> None:
