@@ -10,6 +10,7 @@ import difflib
 import re
 import subprocess
 
+from netisolate.backends import libnft
 from netisolate.backends.base import EnforceError, checked, run_tool
 from netisolate.netns import NetNS
 from netisolate.rules import NFT_TABLE, RuleSet, nft_table, render_nftables
@@ -39,12 +40,17 @@ class NftablesBackend:
         self._installed.add(ns.inode)
 
     def listing(self, ns: NetNS) -> str | None:
-        result = run_tool(ns, ["nft", "list", "table", "inet", NFT_TABLE])
-        if result.returncode != 0:
-            if "No such file or directory" in result.stderr:
+        command = f"list table inet {NFT_TABLE}"
+        if libnft.available():
+            status, out, err = ns.run(lambda: libnft.run(command))
+        else:
+            result = run_tool(ns, ["nft", *command.split()])
+            status, out, err = result.returncode, result.stdout, result.stderr
+        if status != 0:
+            if "No such file or directory" in err:
                 return None
-            raise EnforceError(f"cannot list table inet {NFT_TABLE}: {result.stderr.strip()}")
-        return result.stdout
+            raise EnforceError(f"cannot list table inet {NFT_TABLE}: {err.strip()}")
+        return out
 
     def verify(self, ns: NetNS, ruleset: RuleSet) -> list[str]:
         listed = self.listing(ns)
