@@ -34,7 +34,7 @@ class Agent:
         *,
         proc_root: str = "/proc",
         host_netns: str = "/proc/1/ns/net",
-        verify_interval: float = 10.0,
+        verify_interval: float = 30.0,
         pending_interval: float = 0.02,
     ) -> None:
         self.node, self.core, self.proc_root = node, core, proc_root

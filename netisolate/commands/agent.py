@@ -40,7 +40,13 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "--deny-port-forward", action="store_true", help="also refuse UID 0 (kubectl port-forward)"
     )
     agent.add_argument("--sentinel-port", type=int, default=DEFAULT_SENTINEL_PORT)
-    agent.add_argument("--verify-interval", type=float, default=10.0, metavar="SECONDS")
+    agent.add_argument(
+        "--verify-interval",
+        type=float,
+        default=30.0,
+        metavar="SECONDS",
+        help="how often every pod's rules are read back and compared; drift is repaired (default 30)",
+    )
     agent.add_argument("--proc-root", default="/proc", help=argparse.SUPPRESS)
     agent.add_argument("--host-netns", default="/proc/1/ns/net", help=argparse.SUPPRESS)
     agent.set_defaults(run=run_agent)
