@@ -135,15 +135,10 @@ class Agent:
         states: dict[str, int] = {}
         for tracked in list(self.reconciler.pods.values()):
             states[tracked.state] = states.get(tracked.state, 0) + 1
-            if tracked.ns is not None and tracked.applied is not None:
-                try:
-                    counts = self.reconciler.backend.deny_counters(tracked.ns)
-                except Exception:  # a pod going away mid-read
-                    continue
-                for containers, packets in counts.items():
-                    REFUSED.labels(
-                        tracked.pod.metadata.namespace, tracked.pod.metadata.name, containers or "unknown-uid"
-                    ).set(packets)
+            for containers, packets in tracked.refused.items():  # read by the last verification
+                REFUSED.labels(
+                    tracked.pod.metadata.namespace, tracked.pod.metadata.name, containers or "unknown-uid"
+                ).set(packets)
         for state in ("pending", "enforce", "audit", "failed", "off", "host-network"):
             PODS.labels(state).set(states.get(state, 0))
 

@@ -45,6 +45,7 @@ class Tracked:
     detail: str = ""
     problems: tuple[str, ...] = field(default_factory=tuple)
     checked_at: float = 0.0  # when the installed rules were last applied or verified
+    refused: dict[str, int] = field(default_factory=dict)  # counters from the last verification
 
 
 class Reconciler:
@@ -120,10 +121,11 @@ class Reconciler:
                     continue
                 tracked.checked_at = time.monotonic()
                 try:
-                    drift = self.backend.verify(tracked.ns, tracked.applied)
+                    inspection = self.backend.inspect(tracked.ns, tracked.applied)
                 except EnforceError as err:
                     self._failed(tracked, "VerifyFailed", str(err))
                     continue
+                tracked.refused, drift = inspection.refused, inspection.drift
                 if drift:
                     drifted += 1
                     self._apply(tracked, tracked.applied)

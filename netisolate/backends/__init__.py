@@ -12,13 +12,22 @@ import shutil
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 
-from netisolate.backends.base import Backend, EnforceError, checked, run_tool
+from netisolate.backends.base import Backend, EnforceError, Inspection, checked, run_tool
 from netisolate.backends.iptables import IptablesBackend
 from netisolate.backends.nftables import NftablesBackend
 from netisolate.netns import NetNS
 from netisolate.rules import RuleSet
 
-__all__ = ["BACKENDS", "Backend", "EnforceError", "apply_many", "checked", "run_tool", "select_backend"]
+__all__ = [
+    "BACKENDS",
+    "Backend",
+    "EnforceError",
+    "Inspection",
+    "apply_many",
+    "checked",
+    "run_tool",
+    "select_backend",
+]
 log = logging.getLogger(__name__)
 BACKENDS = ("nftables", "iptables")
 

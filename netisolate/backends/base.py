@@ -10,6 +10,7 @@ from __future__ import annotations
 import shutil
 import subprocess
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Protocol
 
 from netisolate.netns import NetNS
@@ -18,6 +19,14 @@ from netisolate.rules import RuleSet
 
 class EnforceError(RuntimeError):
     """Rules could not be installed or read; the message says which tool failed and why."""
+
+
+@dataclass(frozen=True)
+class Inspection:
+    """One read of a namespace's rules: what drifted ([] when intact) and the refused-packet counters."""
+
+    drift: list[str]
+    refused: dict[str, int]
 
 
 class Backend(Protocol):
@@ -34,6 +43,9 @@ class Backend(Protocol):
 
     def deny_counters(self, ns: NetNS) -> dict[str, int]:
         """Refused (in audit: would-be refused) packets by container names; "" for unknown UIDs."""
+
+    def inspect(self, ns: NetNS, ruleset: RuleSet) -> Inspection:
+        """verify() and deny_counters() from a single read, for the agent's periodic round."""
 
 
 def run_tool(ns: NetNS | None, argv: Sequence[str], stdin: str = "") -> subprocess.CompletedProcess[str]:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 
-from netisolate.backends.base import checked, run_tool
+from netisolate.backends.base import Inspection, checked, run_tool
 from netisolate.netns import NetNS
 from netisolate.rules import (
     IPT_CHAIN,
@@ -25,6 +25,7 @@ from netisolate.rules import (
 _TOOLS: dict[Family, str] = {4: "iptables-legacy", 6: "ip6tables-legacy"}
 _DENY_COUNTER = re.compile(rf"^\[(\d+):\d+\] -A {IPT_CHAIN} (.*)-g {IPT_DENY_CHAIN}$")
 _COMMENT = re.compile(r"-m comment --comment (\S+)")
+_COUNTERS = re.compile(r"^\[\d+:\d+\] ")
 
 
 class IptablesBackend:
@@ -53,9 +54,15 @@ class IptablesBackend:
             checked(run_tool(ns, argv, document), f"loading {ruleset.pod}'s IPv{family} rules")
 
     def verify(self, ns: NetNS, ruleset: RuleSet) -> list[str]:
-        drift = []
+        return self.inspect(ns, ruleset).drift
+
+    def inspect(self, ns: NetNS, ruleset: RuleSet) -> Inspection:
+        drift: list[str] = []
+        refused: dict[str, int] = {}
         for family in (4, 6):
-            current = self._save(ns, family)
+            counted = self._save(ns, family, counters=True)
+            _count(counted, refused)
+            current = [_COUNTERS.sub("", line) for line in counted]
             if not _jumps_in_place(_output_rules(current), family):
                 jumps = ", ".join(f"`{jump}`" for jump in iptables_jumps(family))
                 drift.append(
@@ -63,21 +70,25 @@ class IptablesBackend:
                 )
             drift += _chain_drift(current, IPT_CHAIN, iptables_rules(ruleset, family), family)
             drift += _chain_drift(current, IPT_DENY_CHAIN, iptables_deny_rules(ruleset, family), family)
-        return drift
+        return Inspection(drift, refused)
 
     def installed(self, ns: NetNS) -> bool:
         return any(line.startswith(f":{IPT_CHAIN} ") for family in (4, 6) for line in self._save(ns, family))
 
     def deny_counters(self, ns: NetNS) -> dict[str, int]:
-        counts: dict[str, int] = {}
+        refused: dict[str, int] = {}
         for family in (4, 6):
-            for line in self._save(ns, family, counters=True):
-                match = _DENY_COUNTER.match(line)
-                if match:
-                    comment = _COMMENT.search(match[2])
-                    key = comment[1].strip('"') if comment else ""
-                    counts[key] = counts.get(key, 0) + int(match[1])
-        return counts
+            _count(self._save(ns, family, counters=True), refused)
+        return refused
+
+
+def _count(saved: list[str], into: dict[str, int]) -> None:
+    for line in saved:
+        match = _DENY_COUNTER.match(line)
+        if match:
+            comment = _COMMENT.search(match[2])
+            key = comment[1].strip('"') if comment else ""
+            into[key] = into.get(key, 0) + int(match[1])
 
 
 def _chain_drift(saved: list[str], chain: str, expected: list[str], family: Family) -> list[str]:

@@ -11,7 +11,7 @@ import re
 import subprocess
 
 from netisolate.backends import libnft
-from netisolate.backends.base import EnforceError, checked, run_tool
+from netisolate.backends.base import EnforceError, Inspection, checked, run_tool
 from netisolate.netns import NetNS
 from netisolate.rules import NFT_TABLE, RuleSet, nft_table, render_nftables
 
@@ -53,28 +53,34 @@ class NftablesBackend:
         return out
 
     def verify(self, ns: NetNS, ruleset: RuleSet) -> list[str]:
+        return self.inspect(ns, ruleset).drift
+
+    def inspect(self, ns: NetNS, ruleset: RuleSet) -> Inspection:
         listed = self.listing(ns)
         if listed is None:
-            return [f"table inet {NFT_TABLE} is missing"]
-        actual = _COUNTER.sub("counter", listed)
-        expected = nft_table(ruleset)
-        if actual == expected:
-            return []
-        diff = difflib.unified_diff(
-            expected.splitlines(), actual.splitlines(), "expected", "installed", n=0, lineterm=""
-        )
-        return [
-            f"{'unexpected' if line[0] == '+' else 'missing'}: {line[1:].strip()}"
-            for line in diff
-            if line[:1] in "+-" and line[:3] not in ("+++", "---")
-        ]
+            return Inspection([f"table inet {NFT_TABLE} is missing"], {})
+        return Inspection(_drift(_COUNTER.sub("counter", listed), nft_table(ruleset)), _refused(listed))
 
     def installed(self, ns: NetNS) -> bool:
         return self.listing(ns) is not None
 
     def deny_counters(self, ns: NetNS) -> dict[str, int]:
-        listed = self.listing(ns) or ""
-        counts: dict[str, int] = {}
-        for packets, containers in _DENY_RULE.findall(listed):
-            counts[containers] = counts.get(containers, 0) + int(packets)
-        return counts
+        return _refused(self.listing(ns) or "")
+
+
+def _drift(actual: str, expected: str) -> list[str]:
+    if actual == expected:
+        return []
+    diff = difflib.unified_diff(expected.splitlines(), actual.splitlines(), n=0, lineterm="")
+    return [
+        f"{'unexpected' if line[0] == '+' else 'missing'}: {line[1:].strip()}"
+        for line in diff
+        if line[:1] in "+-" and line[:3] not in ("+++", "---")
+    ]
+
+
+def _refused(listed: str) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for packets, containers in _DENY_RULE.findall(listed):
+        counts[containers] = counts.get(containers, 0) + int(packets)
+    return counts
