@@ -9,6 +9,8 @@ Finding IDs (stable):
   pod-violates-admission       an isolated pod that today's admission rules would deny (created before the
                                webhook, or while it was down) (deny under enforce)
   namespace-label-invalid      a namespace's isolation label is not enforce, audit or off (deny)
+  namespace-label-unexpected   a namespace's protected label differs from the value the config expects
+                               (expectedNamespaceLabels), e.g. isolation or injection switched off (deny)
 """
 
 from __future__ import annotations
@@ -149,7 +151,7 @@ def audit_pods(
     return findings
 
 
-def audit_namespaces(namespaces: Mapping[str, Mapping[str, str]]) -> list[AuditFinding]:
+def audit_namespaces(namespaces: Mapping[str, Mapping[str, str]], config: Config) -> list[AuditFinding]:
     findings = []
     for name, labels in sorted(namespaces.items()):
         if ISOLATION_KEY in labels:
@@ -158,6 +160,16 @@ def audit_namespaces(namespaces: Mapping[str, Mapping[str, str]]) -> list[AuditF
             except PolicyError as err:
                 findings.append(
                     AuditFinding("namespace-label-invalid", "deny", f"Namespace {name}", str(err))
+                )
+        for key, value in sorted(config.expected_namespace_labels.get(name, {}).items()):
+            if labels.get(key) != value:
+                findings.append(
+                    AuditFinding(
+                        "namespace-label-unexpected",
+                        "deny",
+                        f"Namespace {name}",
+                        f"label {key} is {labels.get(key)!r}, expected {value!r}: find out who changed it",
+                    )
                 )
     return findings
 
@@ -168,6 +180,6 @@ def audit(
     kube_system = namespaces.get("kube-system", {"kubernetes.io/metadata.name": "kube-system"})
     return [
         *audit_webhooks(webhooks, kube_system),
-        *audit_namespaces(namespaces),
+        *audit_namespaces(namespaces, config),
         *audit_pods(pods, namespaces, config),
     ]

@@ -74,6 +74,8 @@ class Config(BaseModel):
     gate_required: bool = False
     gate_images: list[str] = Field(default_factory=lambda: list(DEFAULT_GATE_IMAGES))
     sentinel_port: int = Field(default=DEFAULT_SENTINEL_PORT, ge=1, le=65535)
+    # for `netisolate audit`: namespace -> the values its protected labels must have
+    expected_namespace_labels: dict[str, dict[str, str]] = Field(default_factory=dict)
 
     def severity(self, rule: str) -> Severity:
         return self.severities.get(rule, DEFAULT_SEVERITIES[rule])

@@ -49,6 +49,19 @@ def test_findings_on_realistic_injectors() -> None:
     }
 
 
+def test_namespace_labels_that_differ_from_the_expected_values() -> None:
+    config = Config(
+        expected_namespace_labels={
+            "shop": {"istio-injection": "enabled", "netisolate.io/isolation": "enforce"},
+            "batch": {"netisolate.io/isolation": "audit"},
+        }
+    )
+    result = {
+        f for f in found(audit([], CLUSTER["namespaces"], [], config)) if f[0] == "namespace-label-unexpected"
+    }
+    assert result == {("namespace-label-unexpected", "deny", "Namespace batch")}
+
+
 @pytest.mark.parametrize(
     ("selector", "labels", "matches"),
     [

@@ -14,7 +14,8 @@ from netisolate.kube import api_clients
 DETAILS = """\
 Lists mutating webhooks, namespaces and pods, and reports (finding IDs are stable):
   webhook-cluster-wide, webhook-reaches-kube-system (deny), webhook-no-cabundle, webhook-failure-ignore,
-  pod-opt-out, pod-violates-admission (deny for enforced pods), namespace-label-invalid (deny).
+  pod-opt-out, pod-violates-admission (deny for enforced pods), namespace-label-invalid (deny),
+  namespace-label-unexpected (deny; the config's expectedNamespaceLabels says what to expect).
 Exit status: 0 nothing at deny severity, 1 something at deny severity (gate a pipeline on it),
 2 the cluster could not be read.
 
