@@ -224,7 +224,7 @@ async def test_api_server_away_changes_nothing(kmock: Any) -> None:
 
 @pytest.mark.asyncio
 async def test_churn_leaves_nothing_unenforced_and_nothing_stale(core: client.CoreV1Api) -> None:
-    manifests = [pod_manifest(f"churn-{i}", NODE) for i in range(30)]
+    manifests = [pod_manifest(f"churn-{i}", NODE) for i in range(200)]
     sims = [SimulatedPod(m) for m in manifests]
     running = Running(core, verify_interval=5.0)
     try:
@@ -235,7 +235,7 @@ async def test_churn_leaves_nothing_unenforced_and_nothing_stale(core: client.Co
         await until(lambda: all(running.state(u) == "enforce" for u in uids), timeout=60, what="all enforced")
         for manifest in manifests[::2]:
             await asyncio.to_thread(core.delete_namespaced_pod, manifest["metadata"]["name"], "shop")
-        await until(lambda: len(running.agent.reconciler.pods) == 15, what="deleted pods forgotten")
+        await until(lambda: len(running.agent.reconciler.pods) == 100, what="deleted pods forgotten")
         assert all(running.state(u) == "enforce" for u in uids[1::2])
     finally:
         running.stop()
@@ -302,3 +302,87 @@ async def test_status_endpoint(core: client.CoreV1Api) -> None:
     finally:
         server.shutdown()
         running.stop()
+
+
+class Outage:
+    """A TCP relay in front of the API stand-in that can be cut and restored: an API server outage."""
+
+    def __init__(self, target: str) -> None:
+        host, _, port = target.removeprefix("http://").rstrip("/").partition(":")
+        self.target = (host, int(port))
+        self.up = True
+        self.open: list[asyncio.StreamWriter] = []
+
+    async def start(self) -> str:
+        server = await asyncio.start_server(self._relay, "127.0.0.1", 0)
+        self.server = server
+        return f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+
+    async def _relay(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if not self.up:
+            writer.close()
+            return
+        up_reader, up_writer = await asyncio.open_connection(*self.target)
+        self.open += [writer, up_writer]
+
+        async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+            try:
+                while data := await src.read(65536):
+                    dst.write(data)
+                    await dst.drain()
+            except (ConnectionError, OSError):
+                pass
+            finally:
+                dst.close()
+
+        await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
+
+    def cut(self) -> None:
+        self.up = False
+        for writer in self.open:
+            writer.close()
+        self.open.clear()
+
+
+@pytest.mark.asyncio
+async def test_api_outage_enforcement_continues_and_resumes(core: client.CoreV1Api, kmock: Any) -> None:
+    outage = Outage(str(kmock.url))
+    config = client.Configuration()
+    config.host = await outage.start()
+    first, second = pod_manifest("before", NODE), pod_manifest("during", NODE)
+    sims = [SimulatedPod(first), SimulatedPod(second)]
+    running = Running(client.CoreV1Api(client.ApiClient(config)))
+    try:
+        await asyncio.to_thread(sims[0].start_sandbox)
+        await asyncio.to_thread(sims[0].start_container, "app", ["8080"])
+        await create(core, first)
+        await until(lambda: running.state(first["metadata"]["uid"]) == "enforce", what="enforcement")
+
+        outage.cut()  # the API server is gone
+        ns = sims[0].local.ns
+        assert ns is not None
+        run_tool(ns, ["nft", "insert", "rule", "inet", "netisolate", "loopback", "accept"])
+        await until(
+            lambda: (
+                select_backend("nftables").verify(
+                    ns, running.agent.reconciler.pods[first["metadata"]["uid"]].applied
+                )
+                == []
+            ),
+            what="repair without the API",
+        )  # type: ignore[arg-type]
+        assert await asyncio.to_thread(probe, sims[0], 1002, 8080) == "refused"
+        await asyncio.to_thread(sims[1].start_sandbox)
+        await create(core, second)  # created while the agent cannot see it
+        await asyncio.sleep(1.0)
+        assert running.state(second["metadata"]["uid"]) == "untracked"
+
+        outage.up = True  # the API server is back: the watch reconnects and catches up
+        await until(
+            lambda: running.state(second["metadata"]["uid"]) == "enforce", timeout=45, what="resumption"
+        )
+    finally:
+        running.stop()
+        outage.server.close()
+        for sim in sims:
+            sim.close()
