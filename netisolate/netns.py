@@ -1,9 +1,9 @@
-"""Enter a network namespace safely: a dedicated thread per namespace, never the caller's thread.
+"""Enter a network namespace safely: a short-lived thread per call, never the caller's thread.
 
 `setns(2)` changes the namespace of the calling *thread* only, and threads and processes started
-from it inherit that namespace. So each `NetNS` owns one worker thread that enters the namespace
-once and runs every call for it; the caller's thread (an event loop, a pool worker) never moves,
-and a worker thread never returns to serve another namespace.
+from it inherit that namespace. So every call runs on a fresh thread that enters the namespace and
+ends with the call: the caller's thread (an event loop, a pool worker) never moves, and no thread
+is ever left behind inside a pod's namespace. (A thread costs ~0.1 ms; every call does more.)
 """
 
 from __future__ import annotations
@@ -11,9 +11,9 @@ from __future__ import annotations
 import ctypes
 import fcntl
 import os
+import threading
 from collections.abc import Callable
-from concurrent.futures import BrokenExecutor, ThreadPoolExecutor
-from typing import TypeVar
+from typing import Any, TypeVar, cast
 
 T = TypeVar("T")
 CLONE_NEWNET = 0x40000000
@@ -42,7 +42,6 @@ class NetNS:
         self.fd = fd
         self.path = path
         self.inode = os.fstat(fd).st_ino
-        self._worker: ThreadPoolExecutor | None = None
 
     @classmethod
     def open(cls, target: str | int) -> NetNS:
@@ -72,20 +71,25 @@ class NetNS:
             raise NetNSError(f"cannot enter network namespace {self.path}: {err.strerror}") from None
 
     def run(self, fn: Callable[[], T]) -> T:
-        """Run fn on this namespace's own thread; subprocesses fn starts live in the namespace."""
-        if self._worker is None:
-            self._worker = ThreadPoolExecutor(
-                max_workers=1, thread_name_prefix=f"netns-{self.inode}", initializer=self._enter
-            )
-        try:
-            return self._worker.submit(fn).result()
-        except BrokenExecutor:  # the initializer (setns) failed
-            raise NetNSError(f"cannot enter network namespace {self.path}") from None
+        """Run fn on a thread of its own that enters this namespace and ends with the call, so no
+        thread outlives its work inside a pod's namespace. Processes fn starts live in the namespace."""
+        outcome: dict[str, Any] = {}
+
+        def inside() -> None:
+            try:
+                self._enter()
+                outcome["value"] = fn()
+            except BaseException as err:  # handed to the caller, whatever it is
+                outcome["error"] = err
+
+        thread = threading.Thread(target=inside, name=f"netns-{self.inode}")
+        thread.start()
+        thread.join()
+        if "error" in outcome:
+            raise outcome["error"]
+        return cast(T, outcome["value"])
 
     def close(self) -> None:
-        if self._worker is not None:
-            self._worker.shutdown(wait=True)
-            self._worker = None
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
