@@ -14,11 +14,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
+import multiprocessing
 import statistics
 import sys
 import threading
 import time
+from multiprocessing.queues import Queue
 from pathlib import Path
 
 import psutil
@@ -59,8 +60,8 @@ def start_to_enforced(samples: int) -> dict[str, object]:
             try:
                 agent.on_pod_event("ADDED", manifest)  # the pod object comes first, the sandbox after
                 sim.local.create()
-                started = time.perf_counter()
                 sim._run_in_cgroup("sandbox", ["sleep", "infinity"])
+                started = time.perf_counter()  # the process is in its pod's cgroup: it has appeared
                 while agent.reconciler.pods[uid].state != "enforce":
                     time.sleep(0.001)
                 latencies.append(time.perf_counter() - started)
@@ -79,6 +80,26 @@ def start_to_enforced(samples: int) -> dict[str, object]:
     }
 
 
+def _agent_process(manifests: list[dict[str, object]], idle_seconds: float, out: Queue) -> None:
+    """The restarted agent, alone in a fresh interpreter: its RSS and CPU are the agent's only, not
+    the harness's (the simulated pods and the first agent live in the parent)."""
+    agent = new_agent(verify_interval=VERIFY_INTERVAL)
+    started = time.perf_counter()
+    agent.on_pod_list(manifests)  # the watch's first list
+    agent.reconciler.verify_all()  # the start-up verification before readiness
+    took = time.perf_counter() - started
+    adopted = sum(t.detail.startswith("adopted") for t in agent.reconciler.pods.values())
+    me = psutil.Process()
+    cpu_before = me.cpu_times()
+    loop = threading.Thread(target=agent.loop, args=([],), daemon=True)
+    loop.start()
+    time.sleep(idle_seconds)
+    cpu_after = me.cpu_times()
+    agent.stop.set()
+    cpu = sum(cpu_after[:4]) - sum(cpu_before[:4])  # user, system and those of reaped children
+    out.put((took, adopted, me.memory_info().rss, cpu))
+
+
 def restart(count: int, idle_seconds: float) -> list[dict[str, object]]:
     manifests = [pod_manifest(f"r{i}", NODE) for i in range(count)]
     sims = [SimulatedPod(m) for m in manifests]
@@ -89,23 +110,14 @@ def restart(count: int, idle_seconds: float) -> list[dict[str, object]]:
         first.on_pod_list(manifests)
         assert all(t.state == "enforce" for t in first.reconciler.pods.values())
         first.stop.set()
-        for uid in list(first.reconciler.pods):  # its namespace handles and threads: not the new agent's
+        for uid in list(first.reconciler.pods):
             first.reconciler.forget(uid)
-        second = new_agent(verify_interval=VERIFY_INTERVAL)
-        started = time.perf_counter()
-        second.on_pod_list(manifests)  # the watch's first list
-        second.reconciler.verify_all()  # the start-up verification before readiness
-        took = time.perf_counter() - started
-        adopted = sum(t.detail.startswith("adopted") for t in second.reconciler.pods.values())
-        me = psutil.Process(os.getpid())
-        cpu_before = me.cpu_times()
-        loop = threading.Thread(target=second.loop, args=([],), daemon=True)
-        loop.start()
-        time.sleep(idle_seconds)
-        cpu_after = me.cpu_times()
-        second.stop.set()
-        cpu = (cpu_after.user + cpu_after.system) - (cpu_before.user + cpu_before.system)
-        cpu += sum(c.cpu_times().user + c.cpu_times().system for c in me.children(recursive=True))
+        ctx = multiprocessing.get_context("spawn")
+        out: Queue = ctx.Queue()
+        child = ctx.Process(target=_agent_process, args=(manifests, idle_seconds, out))
+        child.start()
+        took, adopted, rss, cpu = out.get(timeout=idle_seconds + 600)
+        child.join()
         return [
             {
                 "scenario": "restart",
@@ -116,7 +128,7 @@ def restart(count: int, idle_seconds: float) -> list[dict[str, object]]:
             {
                 "scenario": "footprint",
                 "pods": count,
-                "rss_mib": round(me.memory_info().rss / 2**20, 1),
+                "rss_mib": round(rss / 2**20, 1),
                 "idle_cpu_percent_of_a_core": round(100 * cpu / idle_seconds, 2),
                 "idle_seconds": idle_seconds,
                 "verify_interval_s": VERIFY_INTERVAL,

@@ -124,8 +124,13 @@ class Agent:
         self.ready.set()
         log.info("agent ready", extra={"node": self.node, "pods": len(self.reconciler.pods)})
         next_verify = time.monotonic() + self.verify_interval
-        while not self.stop.wait(self.pending_interval):
-            self.reconciler.retry_pending()
+        while not self.stop.is_set():
+            # Idle, the loop sleeps until a pod becomes unsettled (or ~2 wake-ups a second to see
+            # `stop`); while one waits for its sandbox, it polls every pending_interval.
+            if self.reconciler.unsettled.wait(min(0.5, max(0.0, next_verify - time.monotonic()))):
+                if self.stop.wait(self.pending_interval):
+                    break
+                self.reconciler.retry_pending()
             if time.monotonic() >= next_verify:
                 self.reconciler.verify_all()
                 self.update_gauges()

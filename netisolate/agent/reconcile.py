@@ -55,6 +55,8 @@ class Reconciler:
         self.namespaces: dict[str, dict[str, str]] = {}
         self.lock = threading.RLock()
         self.workers = 8
+        # Set while some pod waits for its sandbox or a retry: only then do the timers poll fast.
+        self.unsettled = threading.Event()
 
     # --- inputs from the watches ------------------------------------------------------------
 
@@ -103,9 +105,11 @@ class Reconciler:
 
     def retry_pending(self) -> None:
         with self.lock:
-            for tracked in list(self.pods.values()):
-                if tracked.state in ("pending", "failed"):
-                    self._sync(tracked)
+            waiting = [t for t in self.pods.values() if t.state in ("pending", "failed")]
+            for tracked in waiting:
+                self._sync(tracked)
+            if not any(t.state in ("pending", "failed") for t in waiting):
+                self.unsettled.clear()
 
     def verify_all(self, fresh: float = 1.0) -> int:
         """Read and compare every enforced pod's rules (but those checked within `fresh` seconds);
@@ -174,6 +178,7 @@ class Reconciler:
             tracked.ns = self.discover(pod)
             if tracked.ns is None:
                 tracked.state, tracked.detail = "pending", "network namespace not found yet"
+                self.unsettled.set()
                 return
         if tracked.applied == desired and tracked.state != "failed":
             return
@@ -234,6 +239,7 @@ class Reconciler:
 
     def _failed(self, tracked: Tracked, reason: str, message: str) -> None:
         tracked.state, tracked.detail = "failed", message
+        self.unsettled.set()
         self.reporter.error(tracked.pod, reason)
         self.reporter.event(tracked.pod, reason, message, warning=True)
         log.error("enforcement failed", extra={"pod": tracked.pod.ref, "reason": reason, "error": message})

@@ -2,8 +2,8 @@
 fork and exec: listing a pod's table costs ~0.5 ms instead of ~4 ms, which is what makes verifying
 hundreds of pods cheap. Writes still go through `nft -f`, which runs in parallel across namespaces.
 
-The library opens its netlink socket in the namespace of the calling thread, and NetNS.run calls
-come from that namespace's own thread. Calls are serialised: libnftables keeps global state.
+The library opens its netlink socket in the namespace of the calling thread: NetNS.run calls it
+from a thread that has entered the pod's namespace. Calls are serialised: libnftables keeps global state.
 """
 
 from __future__ import annotations
