@@ -3,6 +3,10 @@ an eth0 veth with IPv4 and IPv6 addresses whose peer sits in a second namespace 
 listener process per container, running under that container's UID. Used by `netisolate demo`,
 the kernel tests and the shared end-to-end scenarios.
 
+With `user_namespace=True` it is shaped like a `hostUsers: false` pod instead: the network namespace
+belongs to a user namespace of its own that maps the pod's UIDs 0-65535 to the node's
+USERNS_BASE and up, and the container processes run under those node UIDs, as the runtime runs them.
+
 Everything it creates carries a unique name prefix and is removed by `close()`, which the context
 manager and signal handlers guarantee.
 """
@@ -12,6 +16,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import time
 import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -27,6 +32,7 @@ POD_IPV4, PEER_IPV4 = "192.0.2.10", "192.0.2.1"  # TEST-NET-1: documentation add
 POD_IPV6, PEER_IPV6 = "2001:db8::10", "2001:db8::1"
 LOOPBACK_ADDRESSES = ("127.0.0.1", "127.0.0.53", "::1")
 ALL_ADDRESSES = (*LOOPBACK_ADDRESSES, POD_IPV4, POD_IPV6)
+USERNS_BASE, USERNS_SIZE = 200000, 65536  # the node's UIDs behind a user-namespaced pod's 0-65535
 
 
 class HarnessError(RuntimeError):
@@ -59,6 +65,7 @@ def python_argv(name: str, *args: str) -> list[str]:
 class LocalPod:
     pod: Pod
     prefix: str = field(default_factory=lambda: f"ni-{uuid.uuid4().hex[:8]}")
+    user_namespace: bool = False
     ns: NetNS | None = None
     processes: list[subprocess.Popen[str]] = field(default_factory=list)
 
@@ -83,7 +90,10 @@ class LocalPod:
         for tool in ("ip", "setpriv"):
             if shutil.which(tool) is None:
                 raise HarnessError(f"{tool} is missing: run `bash scripts/bootstrap.sh` as root")
-        _ip("netns", "add", self.name)
+        if self.user_namespace:
+            self._add_user_namespaced(self.name)
+        else:
+            _ip("netns", "add", self.name)
         _ip("netns", "add", self.peer)
         veth = f"v{self.prefix[3:]}"
         # The pod end is created under a unique name and renamed, as CNI plugins do.
@@ -101,6 +111,26 @@ class LocalPod:
         )
         self.ns = NetNS.open(f"/run/netns/{self.name}")
         return self
+
+    def _add_user_namespaced(self, name: str) -> None:
+        """A network namespace owned by a new user namespace, pinned at /run/netns/<name>."""
+        holder = subprocess.Popen(
+            ["unshare", "--user", "--net", "sleep", "infinity"], text=True, start_new_session=True
+        )
+        self.processes.append(holder)
+        own = os.stat("/proc/self/ns/user").st_ino
+        deadline = time.monotonic() + 5
+        while os.stat(f"/proc/{holder.pid}/ns/user").st_ino == own:  # until unshare(2) has run
+            if time.monotonic() > deadline or holder.poll() is not None:
+                raise HarnessError("unshare --user --net did not start: is util-linux installed?")
+            time.sleep(0.001)
+        for kind in ("uid_map", "gid_map"):
+            Path(f"/proc/{holder.pid}/{kind}").write_text(f"0 {USERNS_BASE} {USERNS_SIZE}\n")
+        _ip("netns", "attach", name, str(holder.pid))
+
+    def node_uid(self, uid: int) -> int:
+        """The node's UID for a UID as the pod sees it."""
+        return uid + USERNS_BASE if self.user_namespace else uid
 
     def spawn(self, argv: Sequence[str], stdin: bool = False) -> subprocess.Popen[str]:
         """Start a process inside the pod's namespace (it inherits the namespace of the thread)."""
@@ -122,7 +152,7 @@ class LocalPod:
     def listen(self, container: str, ports: Sequence[str]) -> None:
         """A listener on `ports` (grant syntax: `8080`, `53/udp`) under the container's UID."""
         specs = [f"{r.low}/{r.protocol}" for spec in ports for r in _ports(spec)]
-        proc = self.spawn(as_uid(self.uid(container), python_argv("listener", *specs)))
+        proc = self.spawn(as_uid(self.node_uid(self.uid(container)), python_argv("listener", *specs)))
         assert proc.stdout is not None
         if proc.stdout.readline().strip() != "ready":
             raise HarnessError(
@@ -130,9 +160,10 @@ class LocalPod:
             )
 
     def probe(self, uid: int, targets: Sequence[tuple[str, int, str]]) -> list[str]:
-        """Connect from uid to each (address, port, protocol); one result each (see workload/probe.py)."""
+        """Connect from uid (as the pod sees it) to each (address, port, protocol); one result each
+        (see workload/probe.py)."""
         args = [str(item) for target in targets for item in target]
-        proc = self.spawn(as_uid(uid, python_argv("probe", *args)))
+        proc = self.spawn(as_uid(self.node_uid(uid), python_argv("probe", *args)))
         out, err = proc.communicate(timeout=5 + 2 * len(targets))
         self.processes.remove(proc)
         results = out.split()

@@ -17,6 +17,7 @@ from typing import Any, TypeVar, cast
 
 T = TypeVar("T")
 CLONE_NEWNET = 0x40000000
+NS_GET_USERNS = 0xB701  # ioctl on an nsfs file: an fd of the user namespace that owns it
 NS_GET_NSTYPE = 0xB703  # ioctl on an nsfs file: which kind of namespace it is
 
 
@@ -63,6 +64,18 @@ class NetNS:
     @classmethod
     def current(cls) -> NetNS:
         return cls.open("/proc/thread-self/ns/net")
+
+    def foreign_owner(self) -> int | None:
+        """An fd of the user namespace that owns this network namespace when that is not ours (a
+        `hostUsers: false` pod), else None. The caller closes the fd."""
+        try:
+            owner = fcntl.ioctl(self.fd, NS_GET_USERNS)
+        except OSError as err:
+            raise NetNSError(f"cannot find who owns network namespace {self.path}: {err.strerror}") from None
+        if os.fstat(owner).st_ino == os.stat("/proc/self/ns/user").st_ino:
+            os.close(owner)
+            return None
+        return owner
 
     def _enter(self) -> None:
         try:

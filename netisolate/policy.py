@@ -123,6 +123,7 @@ class PodPolicy:
     level: Level
     containers: tuple[ContainerPolicy, ...]
     problems: tuple[str, ...]
+    user_namespaced: bool = False  # hostUsers: false — the pod's UIDs, 0 included, are not the node's
 
     @property
     def isolated(self) -> bool:
@@ -200,4 +201,4 @@ def pod_policy(pod: Pod, namespace_labels: Mapping[str, str]) -> PodPolicy:
         ContainerPolicy(c.name, kind, effective_uid(pod, c), grants.get(c.name, ()))
         for c, kind in containers_with_kind(pod)
     )
-    return PodPolicy(pod.ref, level, containers, tuple(problems))
+    return PodPolicy(pod.ref, level, containers, tuple(problems), pod.spec.host_users is False)

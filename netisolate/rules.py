@@ -93,9 +93,10 @@ def build_ruleset(policy: PodPolicy, settings: Settings) -> RuleSet | None:
             if ports:
                 grants.append(Grant(uid, protocol, ports, names))
     mode: Literal["enforce", "audit"] = "enforce" if policy.level is Level.ENFORCE else "audit"
-    return RuleSet(
-        policy.pod, mode, settings.sentinel_port, settings.allow_root, tuple(grants), tuple(identities)
-    )
+    # UID 0 is let through as the node's runtime (port-forward). In a user-namespaced pod, UID 0 is
+    # the pod's own root and the runtime shows up as an unmapped UID: no exception there.
+    allow_root = settings.allow_root and not policy.user_namespaced
+    return RuleSet(policy.pod, mode, settings.sentinel_port, allow_root, tuple(grants), tuple(identities))
 
 
 # --- nftables ---------------------------------------------------------------------------------

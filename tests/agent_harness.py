@@ -51,7 +51,9 @@ def pod_manifest(
 class SimulatedPod:
     """Sandbox + containers of one pod on this machine (systemd driver, cgroup v2, or cgroupfs v1)."""
 
-    def __init__(self, manifest: dict[str, Any], layout: str = "systemd") -> None:
+    def __init__(
+        self, manifest: dict[str, Any], layout: str = "systemd", user_namespace: bool = False
+    ) -> None:
         self.manifest = manifest
         uid = manifest["metadata"]["uid"]
         if layout == "systemd":
@@ -61,7 +63,7 @@ class SimulatedPod:
         else:
             self.pod_dir = V1_ROOT / "kubepods" / "besteffort" / f"pod{uid}"
             self.scope = lambda cid: self.pod_dir / cid
-        self.local = LocalPod(parse_pod(manifest))
+        self.local = LocalPod(parse_pod(manifest), user_namespace=user_namespace)
 
     def start_sandbox(self) -> None:
         self.local.create()
@@ -72,7 +74,7 @@ class SimulatedPod:
         self._move(self.local.processes[-1].pid, name)
 
     def run_as(self, container: str, argv: list[str]) -> Any:
-        proc = self.local.spawn(as_uid(self.local.uid(container), argv))
+        proc = self.local.spawn(as_uid(self.local.node_uid(self.local.uid(container)), argv))
         self._move(proc.pid, container)
         return proc
 

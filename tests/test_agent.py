@@ -183,6 +183,34 @@ async def test_restart_keeps_and_reverifies_rules(core: client.CoreV1Api) -> Non
 
 
 @pytest.mark.asyncio
+@pytest.mark.parametrize("backend", ["nftables", "iptables"])
+async def test_user_namespaced_pod_enforced_and_adopted(core: client.CoreV1Api, backend: str) -> None:
+    """`hostUsers: false`: the agent finds the pod's namespace, writes the pod's own UIDs (from inside
+    its user namespace where the backend needs that) and, restarted, reads them back intact."""
+    manifest = pod_manifest("userns", NODE)
+    manifest["spec"]["hostUsers"] = False
+    uid = manifest["metadata"]["uid"]
+    sim = SimulatedPod(manifest, user_namespace=True)
+    try:
+        await asyncio.to_thread(sim.start_sandbox)
+        await asyncio.to_thread(sim.start_container, "app", ["8080"])
+        await create(core, manifest)
+        first = Running(core, backend)
+        await until(lambda: first.state(uid) == "enforce", what="enforcement")
+        first.stop()
+        assert await asyncio.to_thread(probe, sim, 1002, 8080) == "refused"
+        assert await asyncio.to_thread(probe, sim, 1001, 8080) == "open"
+        second = Running(core, backend)
+        try:
+            await until(second.agent.ready.is_set, what="readiness")
+            assert second.agent.reconciler.pods[uid].detail.startswith("adopted")
+        finally:
+            second.stop()
+    finally:
+        sim.close()
+
+
+@pytest.mark.asyncio
 async def test_only_this_nodes_pods_and_the_selector_is_sent(core: client.CoreV1Api, kmock: Any) -> None:
     elsewhere = pod_manifest("other", "node-b")
     running = Running(core)

@@ -7,6 +7,7 @@ when a test fails; traffic stays inside those namespaces.
 from __future__ import annotations
 
 import json
+import os
 import threading
 import time
 from collections.abc import Iterator
@@ -18,7 +19,7 @@ import pytest
 from netisolate import scenarios
 from netisolate.backends import Backend, apply_many, run_tool, select_backend
 from netisolate.cli import main
-from netisolate.localpod import ALL_ADDRESSES, PEER_IPV4, LocalPod, as_uid, matrix
+from netisolate.localpod import ALL_ADDRESSES, PEER_IPV4, LocalPod, as_uid, matrix, python_argv
 from netisolate.model import Pod, parse_pod
 from netisolate.netns import NetNS, NetNSError
 from netisolate.policy import pod_policy
@@ -321,3 +322,31 @@ def test_another_tables_accept_cannot_undo_our_reject(local_pod: LocalPod) -> No
     assert run_tool(ns_of(local_pod), ["nft", "-f", "-"], other).returncode == 0
     select_backend("nftables").apply(ns_of(local_pod), ruleset_for(local_pod.pod))
     assert local_pod.probe(ROGUE, [("127.0.0.1", 8080, "tcp")]) == ["refused"]
+
+
+def test_user_namespaced_pod(backend: Backend) -> None:
+    """`hostUsers: false`: the pod's UIDs are not the node's. Rules name the pod's UIDs; both backends
+    must make them hold (iptables only accepts an owner match written from inside the pod's user
+    namespace, so this fails if the backend stops entering it)."""
+    scenario = scenarios.load("app-proxy-rogue")
+    spec = scenario.parsed_pod().spec.model_copy(update={"host_users": False})
+    with LocalPod(scenario.parsed_pod().model_copy(update={"spec": spec}), user_namespace=True) as pod:
+        ns = ns_of(pod)
+        owner = ns.foreign_owner()
+        assert owner is not None, "the harness must give the pod a user namespace of its own"
+        os.close(owner)
+        for container, ports in scenario.listeners.items():
+            pod.listen(container, ports)
+        rs = ruleset_for(pod.pod)
+        backend.apply(ns, rs)
+        backend.apply(ns, rs)
+        assert backend.verify(ns, rs) == []
+        after = matrix(pod, scenario.listeners, addresses=("127.0.0.1", "::1"))
+        assert pod.probe(APP + 4242, [("127.0.0.1", 8080, "tcp")]) == ["refused"]
+        # the node's root (the runtime) is an unmapped UID here, and the pod's root is no exception
+        node_root = pod.spawn(python_argv("probe", "127.0.0.1", "8080", "tcp"))
+        assert node_root.communicate(timeout=10)[0].split() == ["refused"]
+        assert pod.probe(0, [("127.0.0.1", 8080, "tcp")]) == ["refused"]
+    for (client, target), results in after.items():
+        expected = "open" if scenario.expected(client, target) == "open" else "refused"
+        assert results == [expected] * 2, (client, target, results)

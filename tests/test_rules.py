@@ -115,6 +115,23 @@ def test_deny_port_forward_drops_the_root_allowance() -> None:
     assert not any("--uid-owner 0 " in r for r in iptables_rules(rs, 4))
 
 
+def test_user_namespaced_pods_get_no_root_allowance() -> None:
+    """In a `hostUsers: false` pod UID 0 is the pod's own root, not the node's runtime."""
+    pod = parse_pod(
+        {
+            "metadata": {"name": "p", "annotations": TYPICAL},
+            "spec": {
+                "hostUsers": False,
+                "containers": [{"name": "app", "securityContext": {"runAsUser": 0}}],
+            },
+        }
+    )
+    rs = build_ruleset(pod_policy(pod, {}), Settings())
+    assert rs is not None and not rs.allow_root
+    assert "meta skuid 0 accept" not in nft_table(rs)
+    assert "meta skuid 0 accept" in nft_table(ruleset(TYPICAL))
+
+
 def test_sentinel_port_is_configurable_and_never_grantable() -> None:
     rs = ruleset({**ENFORCE, "allow.netisolate.io/app": "9, 7000"}, settings=Settings(sentinel_port=7000))
     lines = [line.strip() for line in nft_table(rs).splitlines()]

@@ -7,9 +7,10 @@ sees half a ruleset and a second apply changes nothing.
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -48,13 +49,29 @@ class Backend(Protocol):
         """verify() and deny_counters() from a single read, for the agent's periodic round."""
 
 
-def run_tool(ns: NetNS | None, argv: Sequence[str], stdin: str = "") -> subprocess.CompletedProcess[str]:
-    """Run a netfilter tool inside `ns` (or here); raises EnforceError when it is missing."""
+def run_tool(
+    ns: NetNS | None,
+    argv: Sequence[str],
+    stdin: str = "",
+    *,
+    user_ns: int | None = None,
+    env: Mapping[str, str] | None = None,
+) -> subprocess.CompletedProcess[str]:
+    """Run a netfilter tool inside `ns` (or here), and inside the user namespace `user_ns` (an fd)
+    when given, as its root; raises EnforceError when a tool is missing."""
     if shutil.which(argv[0]) is None:
         raise EnforceError(f"{argv[0]} is not installed: install the nftables and iptables packages")
+    command, fds = list(argv), tuple[int, ...]()
+    if user_ns is not None:
+        if shutil.which("nsenter") is None:
+            raise EnforceError("nsenter is not installed: install util-linux")
+        command, fds = ["nsenter", f"--user=/proc/self/fd/{user_ns}", "--", *argv], (user_ns,)
+    environment = {**os.environ, **env} if env else None
 
     def call() -> subprocess.CompletedProcess[str]:
-        return subprocess.run(list(argv), input=stdin, capture_output=True, text=True, check=False)
+        return subprocess.run(
+            command, input=stdin, capture_output=True, text=True, check=False, pass_fds=fds, env=environment
+        )
 
     return ns.run(call) if ns is not None else call()
 

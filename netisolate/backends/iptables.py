@@ -3,11 +3,20 @@
 Loaded with `iptables-legacy-restore --noflush`: declaring our two chains flushes only them, the
 whole filter table is committed in one replace (a reader never sees half a chain), and chains and
 policies we do not own are never touched. The jump is kept unique and first in the same commit.
+
+A user-namespaced pod (`hostUsers: false`) owns its network namespace through its user namespace,
+and the kernel's owner match takes UIDs only from a writer inside that user namespace. There the
+tools run as its root (`nsenter --user`); that root cannot open the node's /run/xtables.lock, so
+they take a lock file of ours: legacy tables are per network namespace, and only we write these.
 """
 
 from __future__ import annotations
 
+import os
 import re
+import subprocess
+import tempfile
+from collections.abc import Sequence
 
 from netisolate.backends.base import Inspection, checked, run_tool
 from netisolate.netns import NetNS
@@ -26,6 +35,28 @@ _TOOLS: dict[Family, str] = {4: "iptables-legacy", 6: "ip6tables-legacy"}
 _DENY_COUNTER = re.compile(rf"^\[(\d+):\d+\] -A {IPT_CHAIN} (.*)-g {IPT_DENY_CHAIN}$")
 _COMMENT = re.compile(r"-m comment --comment (\S+)")
 _COUNTERS = re.compile(r"^\[\d+:\d+\] ")
+_LOCK_WAIT = "10"  # seconds a write waits for the xtables lock before it fails (and is retried)
+
+
+def _tool(ns: NetNS, argv: Sequence[str], stdin: str = "") -> subprocess.CompletedProcess[str]:
+    owner = ns.foreign_owner()
+    if owner is None:
+        return run_tool(ns, argv, stdin)
+    try:
+        return run_tool(ns, argv, stdin, user_ns=owner, env={"XTABLES_LOCKFILE": _user_ns_lock()})
+    finally:
+        os.close(owner)
+
+
+def _user_ns_lock() -> str:
+    """A lock file the root of any pod's user namespace may open (the node's is root's, 0600)."""
+    directory = os.path.join(tempfile.gettempdir(), "netisolate")
+    os.makedirs(directory, mode=0o755, exist_ok=True)
+    path = os.path.join(directory, "xtables-userns.lock")
+    fd = os.open(path, os.O_CREAT | os.O_RDONLY | os.O_CLOEXEC, 0o666)
+    os.fchmod(fd, 0o666)  # whatever the umask
+    os.close(fd)
+    return path
 
 
 class IptablesBackend:
@@ -33,7 +64,7 @@ class IptablesBackend:
 
     def _save(self, ns: NetNS, family: Family, counters: bool = False) -> list[str]:
         argv = [f"{_TOOLS[family]}-save", "-t", "filter", *(["-c"] if counters else [])]
-        return checked(run_tool(ns, argv), "reading the filter table").splitlines()
+        return checked(_tool(ns, argv), "reading the filter table").splitlines()
 
     def _document(self, ruleset: RuleSet, family: Family, current: list[str]) -> str:
         """The rendered document, with the jumps fixed up so they end up exactly once and first."""
@@ -50,8 +81,8 @@ class IptablesBackend:
     def apply(self, ns: NetNS, ruleset: RuleSet) -> None:
         for family in (4, 6):
             document = self._document(ruleset, family, self._save(ns, family))
-            argv = [f"{_TOOLS[family]}-restore", "--noflush", "--wait"]
-            checked(run_tool(ns, argv, document), f"loading {ruleset.pod}'s IPv{family} rules")
+            argv = [f"{_TOOLS[family]}-restore", "--noflush", f"--wait={_LOCK_WAIT}"]
+            checked(_tool(ns, argv, document), f"loading {ruleset.pod}'s IPv{family} rules")
 
     def verify(self, ns: NetNS, ruleset: RuleSet) -> list[str]:
         return self.inspect(ns, ruleset).drift
