@@ -2,18 +2,24 @@
 delete over real HTTP), with the resources netisolate touches declared.
 
 What it does not model (so tests must not rely on it): server-side field and label selectors are
-ignored; resourceVersions are fake; the Namespace resource itself cannot be served (kmock 0.8 reads
-/api/v1/namespaces/X as a namespace prefix); no RBAC, no admission, no strategic-merge semantics
-(merge patches overwrite whole keys; JSON patches follow RFC 6902 as the real server does).
+ignored; resourceVersions are fake; no RBAC, no admission, no strategic-merge semantics (merge
+patches overwrite whole keys; JSON patches follow RFC 6902 as the real server does).
+
+kmock 0.8 reads /api/v1/namespaces[/X] as a namespace prefix rather than as the Namespace resource
+(listing namespaces answers HTTP 500). `declare` teaches it those two paths, the only ones where
+the real API server means the Namespace itself, so namespaces are listed, watched and read over
+HTTP like every other resource.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+from kmock._internal import parsing
 from kubernetes import client
 
 RESOURCES = {
+    "v1/namespaces": {"kind": "Namespace", "namespaced": False},
     "v1/pods": {"kind": "Pod", "namespaced": True},
     "v1/secrets": {"kind": "Secret", "namespaced": True},
     "v1/events": {"kind": "Event", "namespaced": True},
@@ -29,8 +35,25 @@ RESOURCES = {
 
 
 def declare(kmock: Any) -> None:
+    _serve_namespaces()
     for resource, info in RESOURCES.items():
         kmock.resources[resource] = info
+
+
+def _serve_namespaces() -> None:
+    original = parsing.parse_path
+    if getattr(original, "serves_namespaces", False):
+        return
+
+    def parse_path(path: str) -> Any:
+        parts = path.strip("/").split("/")
+        if parts[:3] == ["api", "v1", "namespaces"] and len(parts) <= 4:
+            name = parts[3] if len(parts) == 4 else None
+            return parsing.ParsedPath("", "v1", "namespaces", None, name, None)
+        return original(path)
+
+    parse_path.serves_namespaces = True  # type: ignore[attr-defined]
+    parsing.parse_path = parse_path
 
 
 def api_client(kmock: Any) -> client.ApiClient:

@@ -2,9 +2,9 @@
 stand-in over HTTP (tests/kube_standin.py).
 
 Gaps of the stand-in that shape these tests: it ignores the field selector (the agent filters by
-node itself, and a test asserts the selector is sent), fakes resourceVersions, and cannot serve
-Namespaces — so the namespace watch is not started here and namespace labels are fed to the agent
-directly through the same callback the watch uses.
+node itself, and a test asserts the selector is sent) and `timeoutSeconds` (watches here end by a
+short client read timeout), and fakes resourceVersions. Both of the agent's watches run against it:
+namespaces and this node's pods.
 """
 
 from __future__ import annotations
@@ -23,13 +23,12 @@ import pytest_asyncio
 from kubernetes import client
 
 from netisolate.agent.node import Agent
-from netisolate.agent.watch import ListWatch
 from netisolate.backends import run_tool, select_backend
 from netisolate.model import parse_pod
 from netisolate.policy import pod_policy
 from netisolate.rules import Settings, build_ruleset
 from tests.agent_harness import SimulatedPod, pod_manifest
-from tests.kube_standin import api_client, declare
+from tests.kube_standin import api_client, declare, put
 
 pytestmark = [pytest.mark.kernel, pytest.mark.timeout(120)]
 NODE = "node-a"
@@ -50,21 +49,18 @@ class Running:
             host_netns="/proc/self/ns/net",
             pending_interval=0.05,
         )
-        self.agent.on_namespace_event("ADDED", {"metadata": {"name": "shop", "labels": {}}})
-        self.watch = ListWatch(
-            "pods",
-            core.list_pod_for_all_namespaces,
-            self.agent.on_pod_list,
-            self.agent.on_pod_event,
-            stop=self.agent.stop,
-            timeout_seconds=1,
-            field_selector=f"spec.nodeName={NODE}",
-        )
+        # the agent's own watches, but ending every second (the stand-in ignores timeoutSeconds)
+        self.namespace_watch, self.pod_watch = self.agent.watches(timeout_seconds=1)
         self.threads = [
-            self.watch.start(),
-            threading.Thread(target=self.agent.loop, args=([self.watch.synced],), daemon=True),
+            self.namespace_watch.start(),
+            self.pod_watch.start(),
+            threading.Thread(
+                target=self.agent.loop,
+                args=([self.namespace_watch.synced, self.pod_watch.synced],),
+                daemon=True,
+            ),
         ]
-        self.threads[1].start()
+        self.threads[-1].start()
 
     def state(self, uid: str) -> str:
         tracked = self.agent.reconciler.pods.get(uid)
@@ -86,6 +82,7 @@ async def until(condition: Callable[[], bool], timeout: float = 15.0, what: str 
 @pytest_asyncio.fixture
 async def core(kmock: Any) -> AsyncIterator[client.CoreV1Api]:
     declare(kmock)
+    put(kmock, "v1/namespaces", {"metadata": {"name": "shop", "labels": {}}})
     yield client.CoreV1Api(api_client(kmock))
 
 
@@ -211,12 +208,36 @@ async def test_user_namespaced_pod_enforced_and_adopted(core: client.CoreV1Api, 
 
 
 @pytest.mark.asyncio
+async def test_namespace_label_through_the_watch_turns_isolation_on(core: client.CoreV1Api) -> None:
+    annotations = {"allow.netisolate.io/proxy": "8080"}
+    manifest = pod_manifest("plain", NODE, annotations)
+    del manifest["metadata"]["annotations"]["netisolate.io/isolation"]
+    uid = manifest["metadata"]["uid"]
+    sim = SimulatedPod(manifest)
+    running = Running(core)
+    try:
+        await asyncio.to_thread(sim.start_sandbox)
+        await asyncio.to_thread(sim.start_container, "app", ["8080"])
+        await create(core, manifest)
+        await until(lambda: running.state(uid) == "off", what="the pod tracked, not isolated")
+        assert await asyncio.to_thread(probe, sim, 1002, 8080) == "open"
+        label = {"metadata": {"labels": {"netisolate.io/isolation": "enforce"}}}
+        await asyncio.to_thread(core.patch_namespace, "shop", label)
+        await until(lambda: running.state(uid) == "enforce", what="the namespace's floor to apply")
+        assert await asyncio.to_thread(probe, sim, 1002, 8080) == "refused"
+        assert await asyncio.to_thread(probe, sim, 1001, 8080) == "open"  # the pod's grants still hold
+    finally:
+        running.stop()
+        sim.close()
+
+
+@pytest.mark.asyncio
 async def test_only_this_nodes_pods_and_the_selector_is_sent(core: client.CoreV1Api, kmock: Any) -> None:
     elsewhere = pod_manifest("other", "node-b")
     running = Running(core)
     try:
         await create(core, elsewhere)
-        await until(running.watch.synced.is_set, what="the first list")
+        await until(running.pod_watch.synced.is_set, what="the first list")
         await asyncio.sleep(0.5)
         assert running.state(elsewhere["metadata"]["uid"]) == "untracked"
         selectors = {r.params.get("fieldSelector") for r in kmock if str(r.url.path) == "/api/v1/pods"}
@@ -241,7 +262,7 @@ async def test_api_server_away_changes_nothing(kmock: Any) -> None:
         backend.apply(sim.local.ns, rs)
         running = Running(client.CoreV1Api(client.ApiClient(config)))
         await asyncio.sleep(2.0)
-        assert running.threads[0].is_alive(), "the watch keeps retrying"
+        assert all(t.is_alive() for t in running.threads[:2]), "the watches keep retrying"
         assert not running.agent.ready.is_set()
         assert backend.verify(sim.local.ns, rs) == []
         assert await asyncio.to_thread(probe, sim, 1002, 8080) == "refused"

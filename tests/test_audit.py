@@ -79,21 +79,6 @@ def test_selector_semantics(selector: Any, labels: dict[str, str], matches: bool
     assert selector_matches(selector, labels) is matches
 
 
-class NamespacesBeside:
-    """kmock 0.8 fails to parse /api/v1/namespaces itself (HTTP 500), so only that list is answered
-    here, in the shape the real API server returns; every other call goes over HTTP to kmock."""
-
-    def __init__(self, core: Any) -> None:
-        self.core = core
-
-    def list_namespace(self, **_: Any) -> Any:
-        items = [{"metadata": {"name": n, "labels": labels}} for n, labels in CLUSTER["namespaces"].items()]
-        return type("Raw", (), {"data": json.dumps({"kind": "NamespaceList", "items": items}).encode()})()
-
-    def list_pod_for_all_namespaces(self, **kwargs: Any) -> Any:
-        return self.core.list_pod_for_all_namespaces(**kwargs)
-
-
 @pytest.mark.timeout(60)
 @pytest.mark.asyncio
 async def test_audit_reads_the_cluster_over_http(kmock: Any) -> None:
@@ -102,11 +87,13 @@ async def test_audit_reads_the_cluster_over_http(kmock: Any) -> None:
         put(kmock, "admissionregistration.k8s.io/v1/mutatingwebhookconfigurations", hook)
     for pod in CLUSTER["pods"]:
         put(kmock, "v1/pods", pod)
+    for name, labels in CLUSTER["namespaces"].items():
+        put(kmock, "v1/namespaces", {"metadata": {"name": name, "labels": labels}})
     from kubernetes import client
 
     api = api_client(kmock)
     webhooks, labels, pods = await asyncio.to_thread(
-        fetch, NamespacesBeside(client.CoreV1Api(api)), client.AdmissionregistrationV1Api(api)
+        fetch, client.CoreV1Api(api), client.AdmissionregistrationV1Api(api)
     )
     assert labels == CLUSTER["namespaces"]
     assert sorted(p["metadata"]["name"] for p in pods) == ["job-1", "web-1", "web-old"]

@@ -15,16 +15,19 @@ import aiohttp
 import pytest
 import pytest_asyncio
 from aiohttp import web
+from aiohttp.test_utils import TestClient, TestServer
 from cryptography import x509
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from kubernetes import client as kube
 
 from netisolate.admission import review_request
 from netisolate.config import Config
 from netisolate.model import InputError
 from netisolate.webhook import tls
 from netisolate.webhook.review import BadReviewError, parse_review, response
-from netisolate.webhook.server import NamespaceUnavailableError, build_app
+from netisolate.webhook.server import NamespaceLabels, NamespaceUnavailableError, build_app
+from tests.kube_standin import api_client, declare, put
 
 HARDENED = {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}}
 
@@ -383,3 +386,20 @@ def test_the_command_serves_given_certificate_files_without_a_cluster(tmp_path: 
     finally:
         proc.terminate()
         proc.wait(timeout=10)
+
+
+@pytest.mark.asyncio
+async def test_namespace_labels_are_read_from_the_api_and_a_missing_namespace_fails_closed(
+    kmock: Any,
+) -> None:
+    declare(kmock)
+    put(kmock, "v1/namespaces", {"metadata": {"name": "shop", "labels": NAMESPACES["shop"]}})
+    labels = NamespaceLabels(kube.CoreV1Api(api_client(kmock)))
+    assert await labels("shop") == NAMESPACES["shop"]
+    with pytest.raises(NamespaceUnavailableError, match="cannot read namespace nowhere"):
+        await labels("nowhere")
+    request = review("Pod", {**GOOD, "metadata": {"name": "web", "namespace": "nowhere"}})
+    async with TestClient(TestServer(build_app(Config(), labels))) as http:
+        reply = await http.post("/validate/pods", json=request)
+        answer = (await reply.json())["response"]
+    assert answer["allowed"] is False and "cannot read namespace nowhere" in answer["status"]["message"]

@@ -95,7 +95,8 @@ class Agent:
 
     # --- running -----------------------------------------------------------------------------------
 
-    def watches(self) -> list[ListWatch]:
+    def watches(self, timeout_seconds: int = 240) -> list[ListWatch]:
+        """Namespaces (labels set the isolation floor) and this node's pods."""
         assert self.core is not None
         return [
             ListWatch(
@@ -104,6 +105,7 @@ class Agent:
                 self.on_namespace_list,
                 self.on_namespace_event,
                 stop=self.stop,
+                timeout_seconds=timeout_seconds,
             ),
             ListWatch(
                 "pods",
@@ -111,6 +113,7 @@ class Agent:
                 self.on_pod_list,
                 self.on_pod_event,
                 stop=self.stop,
+                timeout_seconds=timeout_seconds,
                 field_selector=f"spec.nodeName={self.node}",
             ),
         ]
