@@ -72,10 +72,22 @@ class NetNS:
             owner = fcntl.ioctl(self.fd, NS_GET_USERNS)
         except OSError as err:
             raise NetNSError(f"cannot find who owns network namespace {self.path}: {err.strerror}") from None
-        if os.fstat(owner).st_ino == os.stat("/proc/self/ns/user").st_ino:
+        try:
+            ours = os.fstat(owner).st_ino == os.stat("/proc/self/ns/user").st_ino
+        except OSError:
+            os.close(owner)
+            raise
+        if ours:
             os.close(owner)
             return None
         return owner
+
+    def user_namespaced(self) -> bool:
+        """Whether a user namespace other than ours owns this network namespace."""
+        owner = self.foreign_owner()
+        if owner is not None:
+            os.close(owner)
+        return owner is not None
 
     def _enter(self) -> None:
         try:

@@ -12,14 +12,16 @@ they take a lock file of ours: legacy tables are per network namespace, and only
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
+import stat
 import subprocess
 import tempfile
 from collections.abc import Sequence
 
-from netisolate.backends.base import Inspection, checked, run_tool
-from netisolate.netns import NetNS
+from netisolate.backends.base import EnforceError, Inspection, checked, run_tool
+from netisolate.netns import NetNS, NetNSError
 from netisolate.rules import (
     IPT_CHAIN,
     IPT_DENY_CHAIN,
@@ -39,23 +41,36 @@ _LOCK_WAIT = "10"  # seconds a write waits for the xtables lock before it fails 
 
 
 def _tool(ns: NetNS, argv: Sequence[str], stdin: str = "") -> subprocess.CompletedProcess[str]:
-    owner = ns.foreign_owner()
-    if owner is None:
-        return run_tool(ns, argv, stdin)
     try:
-        return run_tool(ns, argv, stdin, user_ns=owner, env={"XTABLES_LOCKFILE": _user_ns_lock()})
-    finally:
-        os.close(owner)
+        owner = ns.foreign_owner()
+        if owner is None:
+            return run_tool(ns, argv, stdin)
+        try:
+            return run_tool(ns, argv, stdin, user_ns=owner, env={"XTABLES_LOCKFILE": _user_ns_lock()})
+        finally:
+            os.close(owner)
+    except (NetNSError, OSError) as err:
+        raise EnforceError(f"cannot run {argv[0]} in {ns.path}: {err}") from None
 
 
 def _user_ns_lock() -> str:
-    """A lock file the root of any pod's user namespace may open (the node's is root's, 0600)."""
+    """A lock file the root of a pod's user namespace can open (the node's is root's, 0600), in a
+    directory only we can write to: a shared /tmp must not let anyone point our writes elsewhere."""
     directory = os.path.join(tempfile.gettempdir(), "netisolate")
-    os.makedirs(directory, mode=0o755, exist_ok=True)
+    with contextlib.suppress(FileExistsError):
+        os.mkdir(directory, 0o700)
+    info = os.lstat(directory)
+    if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.geteuid() or info.st_mode & 0o022:
+        raise EnforceError(
+            f"{directory} is not a directory that only this user can write to: remove it and retry"
+        )
+    os.chmod(directory, 0o755)  # ours (checked above), and the pod's root must reach the file
     path = os.path.join(directory, "xtables-userns.lock")
-    fd = os.open(path, os.O_CREAT | os.O_RDONLY | os.O_CLOEXEC, 0o666)
-    os.fchmod(fd, 0o666)  # whatever the umask
-    os.close(fd)
+    fd = os.open(path, os.O_CREAT | os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+    try:
+        os.fchmod(fd, 0o644)  # iptables opens it read-only; whatever the umask, it must be readable
+    finally:
+        os.close(fd)
     return path
 
 
