@@ -1,9 +1,11 @@
 """The Kubernetes API stand-in for tests: kmock's KubernetesEmulator (list/watch/get/create/patch/
 delete over real HTTP), with the resources netisolate touches declared.
 
-What it does not model (so tests must not rely on it): server-side field and label selectors are
-ignored; resourceVersions are fake; no RBAC, no admission, no strategic-merge semantics (merge
-patches overwrite whole keys; JSON patches follow RFC 6902 as the real server does).
+What it does not model (so tests must not rely on it): server-side field and label selectors and
+`timeoutSeconds` are ignored; resourceVersions are fake; `metadata.generateName` is ignored (a
+second nameless create in a namespace is a 409 — the agent names its events as client-go does); no
+RBAC, no admission, no strategic-merge semantics (merge patches overwrite whole keys; JSON patches
+follow RFC 6902 as the real server does).
 
 kmock 0.8 reads /api/v1/namespaces[/X] as a namespace prefix rather than as the Namespace resource
 (listing namespaces answers HTTP 500). `declare` teaches it those two paths, the only ones where

@@ -87,13 +87,11 @@ async def core(kmock: Any) -> AsyncIterator[client.CoreV1Api]:
 
 
 def events(kmock: Any, reason: str) -> list[dict[str, Any]]:
-    return [
-        r.data
-        for r in kmock
-        if r.method == "POST"
-        and str(r.url.path).endswith("/events")
-        and (r.data or {}).get("reason") == reason
+    """Events the stand-in stored (not merely received: a rejected create does not count)."""
+    stored = [
+        dict(obj.raw) for (resource, _, _), obj in list(kmock.objects.items()) if "events" in str(resource)
     ]
+    return [event for event in stored if event.get("reason") == reason]
 
 
 async def create(core: client.CoreV1Api, manifest: dict[str, Any]) -> None:
@@ -229,6 +227,39 @@ async def test_namespace_label_through_the_watch_turns_isolation_on(core: client
     finally:
         running.stop()
         sim.close()
+
+
+@pytest.mark.asyncio
+async def test_recreated_sandbox_is_found_and_enforced(core: client.CoreV1Api, kmock: Any) -> None:
+    """The kubelet recreates a pod's sandbox under the same pod UID: a new network namespace. The
+    agent must not keep guarding the old one it still holds open."""
+    manifest = pod_manifest("web", NODE)
+    uid = manifest["metadata"]["uid"]
+    first, second = SimulatedPod(manifest), SimulatedPod(manifest)
+    running = Running(core)
+    try:
+        await asyncio.to_thread(first.start_sandbox)
+        await create(core, manifest)
+        await until(lambda: running.state(uid) == "enforce", what="enforcement")
+        await asyncio.to_thread(first.close)  # the sandbox and its namespace go away...
+        await asyncio.to_thread(second.start_sandbox)  # ...and a new one takes its place
+        await asyncio.to_thread(second.start_container, "app", ["8080"])
+        assert second.local.ns is not None
+        new_inode = second.local.ns.inode
+
+        def moved_on() -> bool:
+            tracked = running.agent.reconciler.pods.get(uid)
+            return tracked is not None and tracked.ns is not None and tracked.ns.inode == new_inode
+
+        await until(moved_on, what="the new namespace to be found")
+        await until(lambda: running.state(uid) == "enforce", what="the new namespace enforced")
+        assert await asyncio.to_thread(probe, second, 1002, 8080) == "refused"
+        assert await asyncio.to_thread(probe, second, 1001, 8080) == "open"
+        assert events(kmock, "SandboxReplaced")
+    finally:
+        running.stop()
+        second.close()
+        first.close()  # after: both share the pod's cgroup directories
 
 
 @pytest.mark.asyncio

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime
 import logging
+import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -47,8 +48,8 @@ class Reporter:
     def _post(self, pod: Pod, reason: str, message: str, warning: bool) -> None:
         now = datetime.datetime.now(datetime.UTC).isoformat()
         body = {
-            "metadata": {
-                "generateName": f"{pod.metadata.name}.netisolate.",
+            "metadata": {  # named as client-go's event recorder names them: object.<time in hex>
+                "name": f"{pod.metadata.name}.{time.time_ns():x}",
                 "namespace": pod.metadata.namespace,
             },
             "involvedObject": {
