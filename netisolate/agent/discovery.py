@@ -71,6 +71,17 @@ def scan(proc_root: str = "/proc", wanted: Iterable[str] | None = None) -> dict[
     return {uid: sorted(procs) for uid, procs in found.items()}
 
 
+def netns_inodes(processes: list[Process], proc_root: str = "/proc") -> set[int]:
+    """The network namespaces (by inode) the processes that still exist live in."""
+    inodes = set()
+    for process in processes:
+        try:
+            inodes.add(os.stat(f"{proc_root}/{process.pid}/ns/net").st_ino)
+        except OSError:  # exited meanwhile
+            continue
+    return inodes
+
+
 def _has_address(ns: NetNS, addresses: set[str]) -> bool:
     def read() -> set[str]:
         with IPRoute() as ipr:

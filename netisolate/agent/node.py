@@ -40,25 +40,36 @@ class Agent:
         self.node, self.core, self.proc_root = node, core, proc_root
         self.verify_interval, self.pending_interval = verify_interval, pending_interval
         self.host = NetNS.open(host_netns)  # the node's own namespace (PID 1's): never a pod's
-        self.reconciler = Reconciler(backend, settings, Reporter(core, node), self._discover)
+        self.reconciler = Reconciler(backend, settings, Reporter(core, node), self._discover, self._moved)
+        self.heartbeat = time.monotonic()  # the timer loop's last round: /healthz fails when it stalls
         self.stop = threading.Event()
         self.ready = threading.Event()
         self._scan: tuple[float, dict[str, list[discovery.Process]]] = (0.0, {})
 
     # --- discovery: one /proc scan serves every pod looked up within a moment --------------------
 
-    def _discover(self, pod: Pod) -> NetNS | None:
-        # One /proc scan serves a whole round of lookups; a pod it does not show is looked for in
-        # a fresh scan, so a sandbox that just appeared is never hidden by an older one.
+    def _processes(self, pod: Pod, look_again: bool) -> list[discovery.Process]:
+        # One /proc scan serves a whole round of lookups. With look_again, a pod the scan does not
+        # show is looked for in a fresh one, so a sandbox that just appeared is never hidden.
         stamp, found = self._scan
         uid = pod.metadata.uid or ""
-        if (uid not in found and time.monotonic() - stamp > 0.002) or time.monotonic() - stamp > 1.0:
+        age = time.monotonic() - stamp
+        if (look_again and uid not in found and age > 0.002) or age > 1.0:
             found = discovery.scan(self.proc_root)
             self._scan = (time.monotonic(), found)
+        return found.get(uid, [])
+
+    def _discover(self, pod: Pod) -> NetNS | None:
         ips = {ip.ip for ip in pod.status.pod_ips} if pod.status else set()
         return discovery.find_netns(
-            found.get(pod.metadata.uid or "", []), self.host.inode, ips, self.proc_root
+            self._processes(pod, look_again=True), self.host.inode, ips, self.proc_root
         )
+
+    def _moved(self, pod: Pod, ns: NetNS) -> bool:
+        """The pod's processes live in other namespaces than ns: its sandbox was recreated."""
+        processes = self._processes(pod, look_again=False)
+        inodes = discovery.netns_inodes(processes, self.proc_root) - {self.host.inode}
+        return bool(inodes) and ns.inode not in inodes
 
     # --- watch callbacks ---------------------------------------------------------------------------
 
@@ -122,22 +133,31 @@ class Agent:
         """Timers: new sandboxes are looked for every pending_interval, drift every verify_interval."""
         for event in synced:
             while not event.wait(0.5) and not self.stop.is_set():
-                pass
+                self.heartbeat = time.monotonic()  # alive, waiting for the API server
         self.reconciler.verify_all()  # start-up: everything re-verified before we call ourselves ready
         self.ready.set()
         log.info("agent ready", extra={"node": self.node, "pods": len(self.reconciler.pods)})
         next_verify = time.monotonic() + self.verify_interval
         while not self.stop.is_set():
-            # Idle, the loop sleeps until a pod becomes unsettled (or ~2 wake-ups a second to see
-            # `stop`); while one waits for its sandbox, it polls every pending_interval.
-            if self.reconciler.unsettled.wait(min(0.5, max(0.0, next_verify - time.monotonic()))):
-                if self.stop.wait(self.pending_interval):
-                    break
-                self.reconciler.retry_pending()
-            if time.monotonic() >= next_verify:
-                self.reconciler.verify_all()
-                self.update_gauges()
-                next_verify = time.monotonic() + self.verify_interval
+            self.heartbeat = time.monotonic()
+            try:
+                # Idle, the loop sleeps until a pod becomes unsettled (or ~2 wake-ups a second to see
+                # `stop`); while one waits for its sandbox or a retry, it polls every pending_interval.
+                if self.reconciler.unsettled.wait(min(0.5, max(0.0, next_verify - time.monotonic()))):
+                    if self.stop.wait(self.pending_interval):
+                        break
+                    self.reconciler.retry_pending()
+                if time.monotonic() >= next_verify:
+                    next_verify = time.monotonic() + self.verify_interval
+                    self.reconciler.verify_all()
+                    self.update_gauges()
+            except Exception:  # a bug must not end enforcement: log it and go on with the next round
+                log.exception("agent loop round failed")
+                self.stop.wait(1.0)
+
+    def alive(self) -> bool:
+        """The timer loop still turns (a verification round included); /healthz says so."""
+        return time.monotonic() - self.heartbeat < max(60.0, 3 * self.verify_interval)
 
     def update_gauges(self) -> None:
         states: dict[str, int] = {}
@@ -158,7 +178,8 @@ class Agent:
                 if self.path == "/metrics":
                     self._send(200, generate_latest(), CONTENT_TYPE_LATEST)
                 elif self.path == "/healthz":
-                    self._send(200, b"ok", "text/plain")
+                    ok = agent.alive()
+                    self._send(200 if ok else 503, b"ok" if ok else b"timer loop stalled", "text/plain")
                 elif self.path == "/readyz":
                     ok = agent.ready.is_set()
                     self._send(

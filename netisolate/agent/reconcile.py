@@ -4,6 +4,10 @@ when it changes, verified (read and compare) on adoption and periodically, repai
 Rules are never removed by the agent: not when it stops, crashes or loses the API server, and not
 on a bad annotation (that enforces with no grants). They go away with the pod's network namespace.
 A pod that validly lowers its own level to `off` keeps its rules until it restarts (reported).
+
+A pod whose sandbox is recreated under the same pod UID gets a new network namespace: the agent
+notices that the pod's processes have moved and enforces the new one. Failures are retried with
+backoff and reported once per distinct failure, so a broken pod cannot flood the API with events.
 """
 
 from __future__ import annotations
@@ -13,7 +17,7 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Protocol
 
 from netisolate.agent.listeners import exposed_grants
@@ -33,7 +37,12 @@ class Reporter(Protocol):
     def error(self, pod: Pod, kind: str) -> None: ...
 
 
-Discover = Callable[[Pod], NetNS | None]
+Discover = Callable[[Pod], NetNS | None]  # the pod's network namespace, once its sandbox exists
+Moved = Callable[[Pod, NetNS], bool]  # the pod's processes now live in another network namespace
+WAITING = ("pending", "failed")
+PENDING_FAST_S = 5.0  # a sandbox normally appears within a second or two: look often, then calmly
+PENDING_SLOW_S = 0.5
+FAILED_BACKOFF_S = (0.5, 30.0)  # first retry, longest wait
 
 
 @dataclass
@@ -46,11 +55,17 @@ class Tracked:
     problems: tuple[str, ...] = field(default_factory=tuple)
     checked_at: float = 0.0  # when the installed rules were last applied or verified
     refused: dict[str, int] = field(default_factory=dict)  # counters from the last verification
+    retry_at: float = 0.0  # pending or failed: not retried by the timer before this
+    pending_since: float = 0.0
+    failures: int = 0  # in a row
 
 
 class Reconciler:
-    def __init__(self, backend: Backend, settings: Settings, reporter: Reporter, discover: Discover) -> None:
-        self.backend, self.settings, self.reporter, self.discover = backend, settings, reporter, discover
+    def __init__(
+        self, backend: Backend, settings: Settings, reporter: Reporter, discover: Discover, moved: Moved
+    ) -> None:
+        self.backend, self.settings, self.reporter = backend, settings, reporter
+        self.discover, self.moved = discover, moved
         self.pods: dict[str, Tracked] = {}
         self.namespaces: dict[str, dict[str, str]] = {}
         self.lock = threading.RLock()
@@ -105,10 +120,10 @@ class Reconciler:
 
     def retry_pending(self) -> None:
         with self.lock:
-            waiting = [t for t in self.pods.values() if t.state in ("pending", "failed")]
-            for tracked in waiting:
+            now = time.monotonic()
+            for tracked in [t for t in self.pods.values() if t.state in WAITING and t.retry_at <= now]:
                 self._sync(tracked)
-            if not any(t.state in ("pending", "failed") for t in waiting):
+            if not any(t.state in WAITING for t in self.pods.values()):
                 self.unsettled.clear()
 
     def verify_all(self, fresh: float = 1.0) -> int:
@@ -124,9 +139,12 @@ class Reconciler:
                 ):
                     continue
                 tracked.checked_at = time.monotonic()
+                if self.moved(tracked.pod, tracked.ns):
+                    self._sync(tracked)  # finds and enforces the pod's new namespace
+                    continue
                 try:
                     inspection = self.backend.inspect(tracked.ns, tracked.applied)
-                except EnforceError as err:
+                except Exception as err:  # an unreadable namespace is a failure to retry, not a crash
                     self._failed(tracked, "VerifyFailed", str(err))
                     continue
                 tracked.refused, drift = inspection.refused, inspection.drift
@@ -146,6 +164,13 @@ class Reconciler:
     # --- the decision ----------------------------------------------------------------------------
 
     def _sync(self, tracked: Tracked) -> None:
+        try:
+            self._decide(tracked)
+        except Exception as err:  # whatever it was: reported and retried with backoff, rules untouched
+            log.exception("reconciling failed", extra={"pod": tracked.pod.ref})
+            self._failed(tracked, "EnforceFailed", f"unexpected error: {err}")
+
+    def _decide(self, tracked: Tracked) -> None:
         pod = tracked.pod
         if pod.spec.host_network:
             tracked.state, tracked.detail = (
@@ -163,8 +188,7 @@ class Reconciler:
                     "enforced with no grants (fail closed): " + "; ".join(policy.problems),
                     warning=True,
                 )
-        desired = build_ruleset(policy, self.settings)
-        if desired is None:
+        if not policy.isolated:
             if tracked.applied is not None and tracked.state != "off":
                 self.reporter.event(
                     pod,
@@ -174,12 +198,13 @@ class Reconciler:
                 )
             tracked.state = "off"
             return
-        if tracked.ns is None:
-            tracked.ns = self.discover(pod)
-            if tracked.ns is None:
-                tracked.state, tracked.detail = "pending", "network namespace not found yet"
-                self.unsettled.set()
-                return
+        ns = self._namespace(tracked)
+        if ns is None:
+            return
+        if not policy.user_namespaced and ns.user_namespaced():  # the kernel's word over the spec's
+            policy = replace(policy, user_namespaced=True)
+        desired = build_ruleset(policy, self.settings)
+        assert desired is not None  # isolated
         if tracked.applied == desired and tracked.state != "failed":
             return
         if tracked.applied is None and self._intact(tracked, desired):
@@ -188,8 +213,33 @@ class Reconciler:
                 desired.mode,
                 "adopted: rules verified intact",
             )
+            tracked.failures = 0
             return
         self._apply(tracked, desired)
+
+    def _namespace(self, tracked: Tracked) -> NetNS | None:
+        """The pod's current network namespace (found again if its sandbox was recreated), or None
+        while it has none yet."""
+        if tracked.ns is not None and self.moved(tracked.pod, tracked.ns):
+            self.reporter.event(
+                tracked.pod,
+                "SandboxReplaced",
+                "the pod's network namespace was recreated; enforcing the new one",
+                warning=True,
+            )
+            tracked.ns.close()
+            tracked.ns, tracked.applied = None, None
+        if tracked.ns is None:
+            tracked.ns = self.discover(tracked.pod)
+        if tracked.ns is None:
+            now = time.monotonic()
+            if tracked.state != "pending" or not tracked.pending_since:
+                tracked.pending_since = now
+            tracked.state, tracked.detail = "pending", "network namespace not found yet"
+            calm = now - tracked.pending_since > PENDING_FAST_S
+            tracked.retry_at = now + (PENDING_SLOW_S if calm else 0.0)
+            self.unsettled.set()
+        return tracked.ns
 
     def _intact(self, tracked: Tracked, desired: RuleSet) -> bool:
         """After an agent restart the rules are usually there already: a read, not a re-apply."""
@@ -210,6 +260,7 @@ class Reconciler:
         self.reporter.applied(tracked.pod, time.perf_counter() - started)
         announce = tracked.applied is None or tracked.state == "failed"
         tracked.applied, tracked.state, tracked.detail = desired, desired.mode, ""
+        tracked.failures = 0
         tracked.checked_at = time.monotonic()
         self._warn_wildcards(tracked, desired)
         if announce:
@@ -238,11 +289,17 @@ class Reconciler:
             )
 
     def _failed(self, tracked: Tracked, reason: str, message: str) -> None:
+        self.reporter.error(tracked.pod, reason)
+        if tracked.state != "failed" or tracked.detail != message:  # once per distinct failure
+            self.reporter.event(tracked.pod, reason, message, warning=True)
+            log.error(
+                "enforcement failed", extra={"pod": tracked.pod.ref, "reason": reason, "error": message}
+            )
+        first, longest = FAILED_BACKOFF_S
+        tracked.failures += 1
+        tracked.retry_at = time.monotonic() + min(first * 2 ** (tracked.failures - 1), longest)
         tracked.state, tracked.detail = "failed", message
         self.unsettled.set()
-        self.reporter.error(tracked.pod, reason)
-        self.reporter.event(tracked.pod, reason, message, warning=True)
-        log.error("enforcement failed", extra={"pod": tracked.pod.ref, "reason": reason, "error": message})
 
     def status(self) -> list[dict[str, str]]:
         with self.lock:

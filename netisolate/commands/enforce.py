@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import argparse
 import sys
+from dataclasses import replace
 
 from netisolate.backends import BACKENDS, Backend, EnforceError, select_backend
 from netisolate.commands.common import add_command, add_rule_settings, rule_settings
 from netisolate.inputs import load_pods, read_text
 from netisolate.netns import NetNS, NetNSError
-from netisolate.policy import pod_policy
+from netisolate.policy import PodPolicy, pod_policy
 from netisolate.rules import RuleSet, build_ruleset
 
 ENFORCE_DETAILS = """\
@@ -53,7 +54,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     verify.set_defaults(run=run_verify)
 
 
-def _prepare(args: argparse.Namespace) -> tuple[str, RuleSet | None, Backend]:
+def _prepare(args: argparse.Namespace) -> tuple[str, PodPolicy, Backend]:
     pods = load_pods(read_text(args.filename), "stdin" if args.filename == "-" else args.filename)
     if len(pods) != 1:
         raise EnforceError(f"{args.filename} holds {len(pods)} pods: give exactly one")
@@ -61,16 +62,25 @@ def _prepare(args: argparse.Namespace) -> tuple[str, RuleSet | None, Backend]:
     policy = pod_policy(pod, args.namespace_labels)
     for problem in policy.problems:
         print(f"{name}: fail closed, no grants: {problem}", file=sys.stderr)
-    return name, build_ruleset(policy, rule_settings(args)), select_backend(args.backend)
+    return name, policy, select_backend(args.backend)
+
+
+def _ruleset(policy: PodPolicy, ns: NetNS, args: argparse.Namespace) -> RuleSet:
+    if ns.user_namespaced():  # the kernel's word over the manifest's hostUsers
+        policy = replace(policy, user_namespaced=True)
+    ruleset = build_ruleset(policy, rule_settings(args))
+    assert ruleset is not None  # isolated
+    return ruleset
 
 
 def run_enforce(args: argparse.Namespace) -> int:
     try:
-        name, ruleset, backend = _prepare(args)
-        if ruleset is None:
+        name, policy, backend = _prepare(args)
+        if not policy.isolated:
             print(f"{name}: isolation is off, nothing to install")
             return 0
         with NetNS.open(args.netns) as ns:
+            ruleset = _ruleset(policy, ns, args)
             backend.apply(ns, ruleset)
     except (EnforceError, NetNSError) as err:
         print(f"netisolate enforce: {err}", file=sys.stderr)
@@ -81,12 +91,12 @@ def run_enforce(args: argparse.Namespace) -> int:
 
 def run_verify(args: argparse.Namespace) -> int:
     try:
-        name, ruleset, backend = _prepare(args)
-        if ruleset is None:
+        name, policy, backend = _prepare(args)
+        if not policy.isolated:
             print(f"{name}: isolation is off, no ruleset expected")
             return 0
         with NetNS.open(args.netns) as ns:
-            drift = backend.verify(ns, ruleset)
+            drift = backend.verify(ns, _ruleset(policy, ns, args))
     except (EnforceError, NetNSError) as err:
         print(f"netisolate verify: {err}", file=sys.stderr)
         return 1

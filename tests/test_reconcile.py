@@ -1,0 +1,157 @@
+"""The reconciler's decisions when things go wrong, with a backend that fails on purpose: failures are
+retried with backoff and reported once, an unexpected error never escapes, a pod whose sandbox was
+recreated is enforced in its new namespace, and the kernel decides whether a pod is user-namespaced."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import pytest
+
+from netisolate.agent.reconcile import Reconciler
+from netisolate.backends import EnforceError
+from netisolate.backends.base import Inspection
+from netisolate.model import Pod, parse_pod
+from netisolate.netns import NetNS
+from netisolate.rules import RuleSet, Settings
+from tests.agent_harness import pod_manifest
+
+
+@dataclass
+class Events:
+    seen: list[tuple[str, str]] = field(default_factory=list)
+    errors: int = 0
+
+    def event(self, pod: Pod, reason: str, message: str, warning: bool = False) -> None:
+        self.seen.append((reason, message))
+
+    def applied(self, pod: Pod, seconds: float) -> None:
+        pass
+
+    def drift_repaired(self, pod: Pod) -> None:
+        pass
+
+    def error(self, pod: Pod, kind: str) -> None:
+        self.errors += 1
+
+    def reasons(self) -> list[str]:
+        return [reason for reason, _ in self.seen]
+
+
+@dataclass
+class Backend:
+    """Records what it is asked; fails with `failure` while one is set."""
+
+    failure: Exception | None = None
+    applied: list[tuple[int, RuleSet]] = field(default_factory=list)
+    name: str = "fake"
+
+    def apply(self, ns: NetNS, ruleset: RuleSet) -> None:
+        if self.failure is not None:
+            raise self.failure
+        self.applied.append((ns.inode, ruleset))
+
+    def verify(self, ns: NetNS, ruleset: RuleSet) -> list[str]:
+        return ["nothing installed"]
+
+    def inspect(self, ns: NetNS, ruleset: RuleSet) -> Inspection:
+        return Inspection([], {})
+
+    def installed(self, ns: NetNS) -> bool:
+        return False
+
+    def deny_counters(self, ns: NetNS) -> dict[str, int]:
+        return {}
+
+
+@pytest.fixture
+def here() -> Iterator[NetNS]:
+    ns = NetNS.open("/proc/self/ns/net")
+    yield ns
+    ns.close()
+
+
+def reconciler(backend: Backend, events: Events, find: list[NetNS | None], moved: list[bool]) -> Reconciler:
+    """find[0] is what discovery returns; moved[0] whether the pod's processes have left its namespace."""
+    return Reconciler(backend, Settings(), events, lambda pod: find[0], lambda pod, ns: moved[0])
+
+
+def pod() -> Pod:
+    return parse_pod(pod_manifest("web", "node-a"))
+
+
+def test_failures_are_retried_with_backoff_and_reported_once(here: NetNS) -> None:
+    backend, events = Backend(failure=EnforceError("nft: Operation not permitted")), Events()
+    rec = reconciler(backend, events, [here], [False])
+    rec.upsert_pod(pod())
+    uid = next(iter(rec.pods))
+    assert rec.pods[uid].state == "failed" and rec.unsettled.is_set()
+    deadline = time.monotonic() + 1.2
+    attempts = 1
+    while time.monotonic() < deadline:  # the timer's pace: every 20 ms
+        before = rec.pods[uid].failures
+        rec.retry_pending()
+        attempts += rec.pods[uid].failures - before
+        time.sleep(0.02)
+    assert 2 <= attempts <= 3, "0.5 s, then 1 s: not every tick"
+    assert events.reasons() == ["EnforceFailed"], "one event for one failure, however often retried"
+    assert events.errors == attempts, "but every attempt is counted in the metric"
+    backend.failure = None
+    rec.pods[uid].retry_at = 0.0
+    rec.retry_pending()
+    assert rec.pods[uid].state == "enforce" and rec.pods[uid].failures == 0
+    assert not rec.unsettled.is_set()
+
+
+def test_an_unexpected_error_is_a_failure_not_a_crash(here: NetNS) -> None:
+    backend, events = Backend(failure=RuntimeError("a bug")), Events()
+    rec = reconciler(backend, events, [here], [False])
+    rec.upsert_pod(pod())  # must not raise into the watch thread
+    tracked = next(iter(rec.pods.values()))
+    assert tracked.state == "failed" and "a bug" in tracked.detail
+    assert rec.unsettled.is_set(), "and it is retried"
+
+
+def test_a_pending_pod_is_looked_for_often_then_calmly(here: NetNS) -> None:
+    find: list[NetNS | None] = [None]
+    rec = reconciler(Backend(), Events(), find, [False])
+    rec.upsert_pod(pod())
+    tracked = next(iter(rec.pods.values()))
+    assert tracked.state == "pending" and tracked.retry_at <= time.monotonic()
+    tracked.pending_since -= 10  # ten seconds without a sandbox
+    rec.retry_pending()
+    assert tracked.retry_at - time.monotonic() > 0.4
+    find[0] = here
+    tracked.retry_at = 0.0
+    rec.retry_pending()
+    assert tracked.state == "enforce"
+
+
+def test_a_recreated_sandbox_is_enforced_in_its_new_namespace(here: NetNS) -> None:
+    backend, events = Backend(), Events()
+    old = NetNS.open("/proc/self/ns/net")
+    find: list[NetNS | None] = [old]
+    moved = [False]
+    rec = reconciler(backend, events, find, moved)
+    rec.upsert_pod(pod())
+    tracked = next(iter(rec.pods.values()))
+    assert tracked.ns is old and len(backend.applied) == 1
+    moved[0], find[0] = True, here  # the pod's processes now live elsewhere
+    rec.verify_all(fresh=0)
+    assert tracked.ns is here and old.fd == -1, "the old namespace is let go"
+    assert len(backend.applied) == 2 and "SandboxReplaced" in events.reasons()
+    assert events.reasons().count("Enforced") == 2
+
+
+def test_the_kernel_decides_whether_a_pod_is_user_namespaced(
+    here: NetNS, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A pod the runtime put in a user namespace without `hostUsers: false` in its spec: its UID 0 is
+    its own root, not the node's runtime, so it gets no root exception."""
+    backend = Backend()
+    rec = reconciler(backend, Events(), [here], [False])
+    monkeypatch.setattr(NetNS, "user_namespaced", lambda self: True)
+    rec.upsert_pod(pod())
+    assert backend.applied and not backend.applied[0][1].allow_root
