@@ -6,6 +6,11 @@ layout: cgroup v1 or v2, systemd or cgroupfs driver, containerd or CRI-O:
     0::/kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod1f2e…_9a.slice/cri-containerd-<id>.scope
     4:memory:/kubepods/burstable/pod1f2e…-9a/<id>
     0::/kubepods.slice/kubepods-pod1f2e…_9a.slice/crio-<id>.scope
+    0::/../../burstable/pod1f2e…-9a/<id>      (cgroup v2, cgroupfs driver, seen from the agent's
+                                              own cgroup namespace: relative, no "kubepods")
+
+A static pod's cgroup names its config hash (32 hex digits) rather than the UID of its mirror pod
+in the API; the agent looks those up by the mirror pod's `kubernetes.io/config.mirror` annotation.
 
 The parsing is pure; `scan` reads /proc. The namespace is taken from the oldest process (the
 sandbox), never the host's own (CRI-O's conmon lives in the pod's cgroup but the host's netns),
@@ -25,16 +30,23 @@ from pyroute2 import IPRoute  # imported up front: its first import costs ~130 m
 
 from netisolate.netns import NetNS, NetNSError
 
+# A whole path part: `pod<uid>`, or a systemd slice `…-pod<uid_with_underscores>.slice`.
 _POD_UID = re.compile(
-    r"pod([0-9a-f]{8}[-_][0-9a-f]{4}[-_][0-9a-f]{4}[-_][0-9a-f]{4}[-_][0-9a-f]{12})(?:\.slice)?(?:/|$)"
+    r"(?:^|/)(?:[\w.-]*-)?pod("
+    r"[0-9a-f]{8}[-_][0-9a-f]{4}[-_][0-9a-f]{4}[-_][0-9a-f]{4}[-_][0-9a-f]{12}"
+    r"|[0-9a-f]{32}"  # a static pod: its config hash
+    r")(?:\.slice)?(?:/|$)"
 )
+MIRROR_ANNOTATION = "kubernetes.io/config.mirror"
 
 
 def pod_uid_from_cgroup(text: str) -> str | None:
-    """The pod UID named by a /proc/PID/cgroup file, or None for processes outside kubepods."""
+    """The pod UID (or static pod's config hash) named by a /proc/PID/cgroup file, or None for
+    processes outside pods. A path counts when it is under kubepods, or relative (the agent's own
+    cgroup namespace hides the kubepods root; with the cgroupfs driver nothing else names it)."""
     for line in text.splitlines():
         path = line.split(":", 2)[-1]
-        if "kubepods" not in path:
+        if "kubepods" not in path and not path.startswith("/.."):
             continue
         match = _POD_UID.search(path)
         if match:

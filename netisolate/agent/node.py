@@ -52,7 +52,7 @@ class Agent:
         # One /proc scan serves a whole round of lookups. With look_again, a pod the scan does not
         # show is looked for in a fresh one, so a sandbox that just appeared is never hidden.
         stamp, found = self._scan
-        uid = pod.metadata.uid or ""
+        uid = pod.metadata.annotations.get(discovery.MIRROR_ANNOTATION) or pod.metadata.uid or ""
         age = time.monotonic() - stamp
         if (look_again and uid not in found and age > 0.002) or age > 1.0:
             found = discovery.scan(self.proc_root)
