@@ -94,7 +94,8 @@ class IptablesBackend:
         return "\n".join([*lines, commit]) + "\n"
 
     def apply(self, ns: NetNS, ruleset: RuleSet) -> None:
-        for family in (4, 6):
+        # IPv6 first: the gate probes the IPv4 sentinel, so once it answers, ::1 is guarded too.
+        for family in (6, 4):
             document = self._document(ruleset, family, self._save(ns, family))
             argv = [f"{_TOOLS[family]}-restore", "--noflush", f"--wait={_LOCK_WAIT}"]
             checked(_tool(ns, argv, document), f"loading {ruleset.pod}'s IPv{family} rules")
