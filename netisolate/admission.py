@@ -128,9 +128,11 @@ def _container_rules(
         )
     trusted_init = kind is ContainerKind.INIT and image_matches(container.image, config.trusted_init_images)
     caps = sc.capabilities if sc else None
-    dropped = _capability_names(caps.drop) if caps else set()
+    # The runtimes match "ALL" literally (any case) and prefix every other name with CAP_, so
+    # "CAP_ALL" drops nothing; for additions, any spelling of a name counts as that capability.
+    drops_all = caps is not None and any(name.upper() == "ALL" for name in caps.drop)
     added = _capability_names(caps.add) - {"NET_BIND_SERVICE"} if caps else set()
-    if not trusted_init and ("ALL" not in dropped or added):
+    if not trusted_init and (not drops_all or added):
         extra = f" and remove {sorted(added)} from add" if added else ""
         yield Finding(
             "capabilities",
@@ -165,10 +167,14 @@ def _pod_rules(pod: Pod, severity: Severity) -> Iterator[Finding]:
             yield Finding(
                 "host-namespaces", severity, None, f"set {flag}: false (it shares a node namespace)"
             )
-    windows = (spec.os is not None and spec.os.name == "windows") or bool(
-        spec.security_context
-        and spec.security_context.windows_options
-        and spec.security_context.windows_options.host_process
+    windows = (
+        (spec.os is not None and spec.os.name == "windows")
+        or spec.node_selector.get("kubernetes.io/os") == "windows"
+        or bool(
+            spec.security_context
+            and spec.security_context.windows_options
+            and spec.security_context.windows_options.host_process
+        )
     )
     if windows:
         yield Finding(
@@ -239,16 +245,28 @@ def _guard_rules(pod: Pod, config: Config, requester: Requester | None) -> Itera
                 "use a projected, configMap or emptyDir volume instead",
             )
     if not _exempt(requester, config):
-        meta = {**pod.metadata.labels, **pod.metadata.annotations}
-        for key, value in sorted(config.opt_out_annotations.items()):
-            if meta.get(key) == value:
-                yield Finding(
-                    "injection-opt-out",
-                    config.severity("injection-opt-out"),
-                    None,
-                    f"{key}: {value!r} opts the pod out of sidecar injection; only members of "
-                    f"{config.exempt_groups} may set it",
-                )
+        for key, off in sorted(config.opt_out_annotations.items()):
+            # labels and annotations apart: injectors read both, and either may win
+            for where, meta in (("label", pod.metadata.labels), ("annotation", pod.metadata.annotations)):
+                if key in meta and _opts_out(meta[key], off):
+                    yield Finding(
+                        "injection-opt-out",
+                        config.severity("injection-opt-out"),
+                        None,
+                        f"{where} {key}: {meta[key]!r} opts the pod out of sidecar injection; only "
+                        f"members of {config.exempt_groups} may set it",
+                    )
+
+
+_NO = {"false", "no", "n", "off", "0", "disabled"}
+_STILL_ON = {"", "true", "yes", "y", "on", "1", "enabled", "ingress"}  # ingress: Linkerd's other mode
+
+
+def _opts_out(value: str, off: str) -> bool:
+    """The configured opt-out value in any case and, where that value is a "no", anything the
+    injectors do not read as "inject" (Istio skips injection for every value but y/yes/true/on)."""
+    value, off = value.strip().lower(), off.strip().lower()
+    return value == off or (off in _NO and value not in _STILL_ON)
 
 
 # --- hardening warnings and the gate ----------------------------------------------------------
@@ -288,10 +306,14 @@ def _hardening_warnings(pod: Pod) -> Iterator[Finding]:
 
 
 def _is_gate(container: Container, config: Config) -> bool:
-    return image_matches(container.image, config.gate_images) and "gate" in [
-        *container.command,
-        *container.args,
-    ]
+    """Exactly the documented form: our image, its own entrypoint running `gate`, as a classic init
+    container (a native sidecar, restartPolicy Always, would not hold the others back)."""
+    return (
+        image_matches(container.image, config.gate_images)
+        and not container.command
+        and container.args[:1] == ["gate"]
+        and container.restart_policy != "Always"
+    )
 
 
 def _gate_rule(pod: Pod, config: Config, namespace_labels: Mapping[str, str]) -> Iterator[Finding]:
@@ -353,6 +375,10 @@ def review_ephemeral(
     """`kubectl debug`: judge only the ephemeral containers this update adds, against the running ones."""
     before = {c.name for c in old.spec.ephemeral_containers} if old else set()
     added = {c.name for c in pod.spec.ephemeral_containers} - before
+    # The running ones first: a pair finding names the later container, so it names the new one
+    # whatever order the request lists them in.
+    ephemeral = sorted(pod.spec.ephemeral_containers, key=lambda c: c.name in added)
+    pod = pod.model_copy(update={"spec": pod.spec.model_copy(update={"ephemeral_containers": ephemeral})})
     return [f for f in review_pod(pod, namespace_labels, config, requester) if f.container in added]
 
 

@@ -7,16 +7,20 @@ error naming the field, never a silent coercion, because these values decide who
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from pydantic.alias_generators import to_camel
 
 
 class K8s(BaseModel):
+    # Only the API's own (camelCase) field names: Kubernetes drops `run_as_user`, so must we.
     model_config = ConfigDict(
-        extra="allow", strict=True, alias_generator=to_camel, populate_by_name=True, frozen=True
+        extra="allow", strict=True, alias_generator=to_camel, populate_by_name=False, frozen=True
     )
+
+
+Uid = Annotated[int, Field(ge=0, le=2**31 - 1)]  # what the API server accepts for runAsUser
 
 
 class Capabilities(K8s):
@@ -29,7 +33,7 @@ class WindowsOptions(K8s):
 
 
 class SecurityContext(K8s):
-    run_as_user: int | None = None
+    run_as_user: Uid | None = None
     run_as_non_root: bool | None = None
     allow_privilege_escalation: bool | None = None
     privileged: bool | None = None
@@ -38,7 +42,7 @@ class SecurityContext(K8s):
 
 
 class PodSecurityContext(K8s):
-    run_as_user: int | None = None
+    run_as_user: Uid | None = None
     run_as_non_root: bool | None = None
     windows_options: WindowsOptions | None = None
 
@@ -94,6 +98,7 @@ class PodSpec(K8s):
     share_process_namespace: bool | None = None
     os: PodOS | None = None
     node_name: str | None = None
+    node_selector: dict[str, str] = Field(default_factory=dict)
 
 
 class ObjectMeta(K8s):

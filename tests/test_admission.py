@@ -93,6 +93,11 @@ ISOLATION_CASES: dict[str, tuple[Callable[[Obj], None], str, str | None]] = {
         "capabilities",
         "app",
     ),
+    "drop-cap-all": (  # the runtimes match "ALL" literally: "CAP_ALL" drops nothing
+        lambda p: container(p)["securityContext"]["capabilities"].update(drop=["CAP_ALL"]),
+        "capabilities",
+        "app",
+    ),
     "add-cap-prefixed": (
         lambda p: container(p)["securityContext"]["capabilities"].update(add=["CAP_SYS_ADMIN"]),
         "capabilities",
@@ -108,6 +113,11 @@ ISOLATION_CASES: dict[str, tuple[Callable[[Obj], None], str, str | None]] = {
         "app",
     ),
     "windows": (lambda p: p["spec"].update(os={"name": "windows"}), "platform", None),
+    "windows-node-selector": (
+        lambda p: p["spec"].update(nodeSelector={"kubernetes.io/os": "windows"}),
+        "platform",
+        None,
+    ),
     "host-process": (
         lambda p: container(p)["securityContext"].update(windowsOptions={"hostProcess": True}),
         "platform",
@@ -305,6 +315,30 @@ def test_opt_out_warns_unless_requester_is_exempt() -> None:
     assert findings(inject) == []
 
 
+@pytest.mark.parametrize(
+    ("labels", "annotations", "fires"),
+    [
+        ({"sidecar.istio.io/inject": "false"}, {"sidecar.istio.io/inject": "true"}, True),  # the label
+        ({}, {"sidecar.istio.io/inject": "False"}, True),
+        ({}, {"sidecar.istio.io/inject": "no"}, True),
+        ({}, {"sidecar.istio.io/inject": "off"}, True),
+        ({}, {"sidecar.istio.io/inject": "yes"}, False),
+        ({}, {"linkerd.io/inject": "ingress"}, False),
+        ({}, {"linkerd.io/inject": "Disabled"}, True),
+        ({"dapr.io/enabled": "FALSE"}, {}, True),
+    ],
+)
+def test_opt_out_in_every_spelling_and_place(
+    labels: dict[str, str], annotations: dict[str, str], fires: bool
+) -> None:
+    def set_meta(p: Obj) -> None:
+        p["metadata"].setdefault("labels", {}).update(labels)
+        p["metadata"]["annotations"].update(annotations)
+
+    found = {f.rule for f in findings(mutated(set_meta, "off"))}
+    assert ("injection-opt-out" in found) is fires
+
+
 def _namespace(labels: dict[str, str]) -> Any:
     return parse_namespace(
         {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "shop", "labels": labels}}
@@ -351,6 +385,11 @@ GATE = hardened("netisolate-gate", 65000, image="ghcr.io/netisolate/netisolate:0
             False,
         ),
         ([dict(GATE, args=["sleep"])], {}, Config(gate_required=True), True),
+        # only the documented form counts: not as a native sidecar, not behind another command
+        ([dict(GATE, restartPolicy="Always")], {}, Config(gate_required=True), True),
+        ([dict(GATE, command=["sh", "-c", "exit 0"], args=["gate"])], {}, Config(gate_required=True), True),
+        ([dict(GATE, args=["--timeout", "5", "gate"])], {}, Config(gate_required=True), True),
+        ([dict(GATE, args=["gate", "--timeout", "120"])], {}, Config(gate_required=True), False),
     ],
 )
 def test_gate_missing(init: list[Obj], labels: dict[str, str], config: Config, fires: bool) -> None:
@@ -406,6 +445,23 @@ def test_ephemeral_update_judges_only_the_new_container() -> None:
     assert not allowed(found)
 
 
+def test_ephemeral_update_sharing_a_uid_is_caught_whatever_the_order() -> None:
+    """The new debugger takes the UID of an earlier one; listing it first must not hide that."""
+    old = good_pod()
+    old["spec"]["ephemeralContainers"] = [hardened("dbg1", 2000)]
+    for order in ("new-first", "new-last"):
+        new = copy.deepcopy(old)
+        dbg2 = hardened("dbg2", 2000)
+        new["spec"]["ephemeralContainers"] = (
+            [dbg2, *old["spec"]["ephemeralContainers"]]
+            if order == "new-first"
+            else [*old["spec"]["ephemeralContainers"], dbg2]
+        )
+        req = request(kind={"kind": "Pod"}, subResource="ephemeralcontainers", object=new, oldObject=old)
+        found = review_request(req, {}, Config())
+        assert ("uid-shared", "deny", "dbg2") in rules(found), order
+
+
 def test_namespace_requests_use_the_requester_groups() -> None:
     old = {"metadata": {"name": "shop", "labels": {"istio-injection": "enabled"}}}
     new = {"metadata": {"name": "shop", "labels": {}}}
@@ -432,3 +488,20 @@ def test_unreadable_objects_raise_input_errors_naming_the_field() -> None:
         review_request(request(kind={"kind": "Deployment"}, object={}), {}, Config())
     with pytest.raises(InputError, match="object"):
         review_request(request(kind={"kind": "Pod"}), {}, Config())
+
+
+@pytest.mark.parametrize("uid", [-1, 2**31, 2**64])
+def test_uids_the_api_server_would_refuse_are_input_errors(uid: int) -> None:
+    bad = good_pod()
+    bad["spec"]["containers"][0]["securityContext"]["runAsUser"] = uid
+    with pytest.raises(InputError, match=r"securityContext\.runAsUser"):
+        parse_pod(bad, "pod")
+
+
+def test_field_names_the_api_server_ignores_are_ignored_here_too() -> None:
+    """Kubernetes drops `run_as_user` (not its field name), so the container runs as the image's
+    user: the offline check must not credit it with a UID."""
+    pod = good_pod()
+    sc = pod["spec"]["containers"][0]["securityContext"]
+    sc["run_as_user"] = sc.pop("runAsUser")
+    assert ("uid-missing", "deny", "app") in rules(findings(parse_pod(pod, "pod")))

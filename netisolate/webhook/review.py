@@ -39,6 +39,8 @@ def parse_review(path: str, body: bytes) -> AdmissionRequest:
         data = json.loads(body)
     except (ValueError, UnicodeDecodeError) as err:
         raise BadReviewError(400, f"body is not JSON: {err}") from None
+    except RecursionError:
+        raise BadReviewError(400, "body is not a Kubernetes object: JSON nested too deeply") from None
     if not isinstance(data, dict) or data.get("kind") != "AdmissionReview":
         raise BadReviewError(
             400, "body is not an AdmissionReview (kind: AdmissionReview, apiVersion: admission.k8s.io/v1)"

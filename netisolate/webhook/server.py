@@ -34,9 +34,11 @@ class NamespaceUnavailableError(Exception):
 
 
 class NamespaceLabels:
-    """Namespace labels from the API server, cached briefly (labels change rarely; a review must be fast)."""
+    """Namespace labels from the API server, cached briefly (labels change rarely; a review must be
+    fast). A namespace just switched to isolation is judged by its new label within `ttl` seconds;
+    a pod admitted in that window is reported by `netisolate audit` (pod-violates-admission)."""
 
-    def __init__(self, core: object, ttl: float = 30.0) -> None:
+    def __init__(self, core: object, ttl: float = 5.0) -> None:
         self._core, self._ttl = core, ttl
         self._cache: dict[str, tuple[float, Mapping[str, str]]] = {}
 
