@@ -129,7 +129,7 @@ async def test_pod_lifecycle(core: client.CoreV1Api, kmock: Any) -> None:
         await until(lambda: probe(sim, 1002, 8080) == "open", what="the new grant")
         # the app listens on [::]:8080, which a Service hairpin could reach: reported
         await until(lambda: bool(events(kmock, "WildcardListener")), what="the WildcardListener event")
-        assert "proxy:8080" in events(kmock, "WildcardListener")[0]["message"]
+        assert "8080 (granted to proxy, rogue)" in events(kmock, "WildcardListener")[0]["message"]
 
         # bad annotation -> fail closed, reported
         await patch(core, "web", {"allow.netisolate.io/proxy": "http"})

@@ -350,3 +350,22 @@ def test_user_namespaced_pod(backend: Backend) -> None:
     for (client, target), results in after.items():
         expected = "open" if scenario.expected(client, target) == "open" else "refused"
         assert results == [expected] * 2, (client, target, results)
+
+
+def test_ports_meant_for_loopback_that_listen_beyond_it() -> None:
+    """Granted ports, and undeclared ones, bound beyond loopback are reported; a declared,
+    ungranted port is served on purpose and is not."""
+    from netisolate.agent.listeners import exposed
+
+    scenario = scenarios.load("app-proxy-rogue")
+    raw = scenario.parsed_pod().model_dump(by_alias=True, exclude_none=True)
+    for undeclared, expected in (
+        (True, ["15000 (no container declares it)", "15001 (granted to app)", "8080 (granted to proxy)"]),
+        (False, ["15001 (granted to app)", "8080 (granted to proxy)"]),
+    ):
+        if not undeclared:
+            raw["spec"]["containers"][1]["ports"] = [{"containerPort": 15000}]
+        with LocalPod(parse_pod(raw)) as pod:
+            for container, ports in scenario.listeners.items():
+                pod.listen(container, ports)
+            assert exposed(ns_of(pod), pod.pod, ruleset_for(pod.pod)) == expected

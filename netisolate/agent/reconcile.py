@@ -20,7 +20,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from typing import Protocol
 
-from netisolate.agent.listeners import exposed_grants
+from netisolate.agent.listeners import exposed
 from netisolate.backends import Backend, EnforceError
 from netisolate.model import Pod
 from netisolate.netns import NetNS
@@ -274,17 +274,17 @@ class Reconciler:
     def _warn_wildcards(self, tracked: Tracked, desired: RuleSet) -> None:
         assert tracked.ns is not None
         try:
-            exposed = exposed_grants(tracked.ns, desired)
+            found = exposed(tracked.ns, tracked.pod, desired)
         except OSError:
             return
-        if exposed:
+        if found:
             self.reporter.event(
                 tracked.pod,
                 "WildcardListener",
-                "granted ports listen on every address, so they "
-                "are also reachable by hairpin through a Service (not only over loopback): "
-                + ", ".join(exposed)
-                + "; bind them to 127.0.0.1 or ::1",
+                "ports that look meant for loopback listen beyond it, so other containers reach "
+                "them by hairpin through a Service, where loopback rules do not apply: "
+                + ", ".join(found)
+                + "; bind them to 127.0.0.1 or ::1 (or declare a containerPort if they are served)",
                 warning=True,
             )
 
