@@ -43,7 +43,7 @@ def new_agent(verify_interval: float = 3600.0) -> Agent:
         host_netns="/proc/self/ns/net",
         verify_interval=verify_interval,
     )
-    agent.on_namespace_event("ADDED", {"metadata": {"name": "shop", "labels": {}}})
+    agent.on_namespace_list([{"metadata": {"name": "shop", "labels": {}}}])
     return agent
 
 

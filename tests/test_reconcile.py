@@ -4,6 +4,7 @@ recreated is enforced in its new namespace, and the kernel decides whether a pod
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -155,3 +156,80 @@ def test_the_kernel_decides_whether_a_pod_is_user_namespaced(
     monkeypatch.setattr(NetNS, "user_namespaced", lambda self: True)
     rec.upsert_pod(pod())
     assert backend.applied and not backend.applied[0][1].allow_root
+
+
+def test_isolation_off_then_on_again_is_reported_as_enforced(here: NetNS) -> None:
+    rec = reconciler(Backend(), Events(), [here], [False])
+    manifest = pod_manifest("web", "node-a")
+    rec.upsert_pod(parse_pod(manifest))
+    manifest["metadata"]["annotations"]["netisolate.io/isolation"] = "off"
+    rec.upsert_pod(parse_pod(manifest))
+    tracked = next(iter(rec.pods.values()))
+    assert tracked.state == "off"
+    manifest["metadata"]["annotations"]["netisolate.io/isolation"] = "enforce"
+    rec.upsert_pod(parse_pod(manifest))
+    assert tracked.state == "enforce", "the same rules are in place again: say so"
+
+
+def test_a_failed_repair_is_not_reported_as_repaired(here: NetNS) -> None:
+    backend, events = Backend(), Events()
+    rec = reconciler(backend, events, [here], [False])
+    rec.upsert_pod(pod())
+    backend.inspect = lambda ns, rs: Inspection(["missing: a rule"], {})  # type: ignore[method-assign]
+    backend.failure = EnforceError("nft: busy")
+    assert rec.verify_all(fresh=0) == 1
+    assert "DriftRepaired" not in events.reasons() and "EnforceFailed" in events.reasons()
+
+
+def test_one_pods_trouble_does_not_end_the_round(here: NetNS) -> None:
+    backend, checked = Backend(), []
+
+    def moved(pod: Pod, ns: NetNS) -> bool:
+        checked.append(pod.metadata.name)
+        if len(checked) == 1:
+            raise RuntimeError("a bug")
+        return False
+
+    rec = Reconciler(backend, Settings(), Events(), lambda pod: here, moved)
+    for name in ("a", "b"):
+        rec.upsert_pod(parse_pod(pod_manifest(name, "node-a")))
+    checked.clear()
+    rec.verify_all(fresh=0)
+    assert len(checked) == 2, "the second pod is still verified"
+    assert sorted(t.state for t in rec.pods.values()) == ["enforce", "failed"]
+
+
+def test_exposed_ports_are_looked_for_on_verification_and_reported_once(
+    here: NetNS, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    events = Events()
+    rec = reconciler(Backend(), events, [here], [False])
+    listening: list[str] = []
+    monkeypatch.setattr("netisolate.agent.reconcile.exposed", lambda ns, pod, rs: list(listening))
+    rec.upsert_pod(pod())  # applied before any container listens
+    listening.append("15000 (no container declares it)")
+    rec.verify_all(fresh=0)
+    rec.verify_all(fresh=0)
+    assert events.reasons().count("WildcardListener") == 1
+
+
+def test_pods_wait_for_the_namespace_labels(monkeypatch: pytest.MonkeyPatch) -> None:
+    """At start-up, an audit pod in an enforce namespace must never be judged without the label."""
+    from netisolate.agent.node import Agent
+
+    backend = Backend()
+    agent = Agent("node-a", backend, Settings(), None, host_netns="/proc/self/ns/net")
+    here = NetNS.open("/proc/self/ns/net")
+    monkeypatch.setattr(agent, "_discover", lambda pod: here)
+    agent.reconciler.discover = agent._discover
+    manifest = pod_manifest("web", "node-a", {"netisolate.io/isolation": "audit"})
+    waiter = threading.Thread(target=agent.on_pod_list, args=([manifest],))
+    waiter.start()
+    time.sleep(0.3)
+    assert not agent.reconciler.pods, "no pod judged before the namespaces are known"
+    shop = {"metadata": {"name": "shop", "labels": {"netisolate.io/isolation": "enforce"}}}
+    agent.on_namespace_list([shop])
+    waiter.join(timeout=5)
+    assert [rs.mode for _, rs in backend.applied] == ["enforce"]
+    agent.stop.set()
+    here.close()

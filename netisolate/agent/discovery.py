@@ -26,7 +26,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from pyroute2 import IPRoute  # imported up front: its first import costs ~130 ms
+from pyroute2 import IPRoute, NetlinkError  # imported up front: its first import costs ~130 ms
 
 from netisolate.netns import NetNS, NetNSError
 
@@ -121,7 +121,10 @@ def find_netns(
             ns.close()
             continue
         seen.add(ns.inode)
-        if not pod_ips or _has_address(ns, pod_ips):
-            return ns
+        try:
+            if not pod_ips or _has_address(ns, pod_ips):
+                return ns
+        except (OSError, NetNSError, NetlinkError):  # it went away while we looked: not this one
+            pass
         ns.close()
     return None

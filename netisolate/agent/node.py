@@ -44,6 +44,7 @@ class Agent:
         self.heartbeat = time.monotonic()  # the timer loop's last round: /healthz fails when it stalls
         self.stop = threading.Event()
         self.ready = threading.Event()
+        self.namespaces_known = threading.Event()  # the first namespace list has arrived
         self._scan: tuple[float, dict[str, list[discovery.Process]]] = (0.0, {})
 
     # --- discovery: one /proc scan serves every pod looked up within a moment --------------------
@@ -67,8 +68,13 @@ class Agent:
 
     def _moved(self, pod: Pod, ns: NetNS) -> bool:
         """The pod's processes live in other namespaces than ns: its sandbox was recreated."""
-        processes = self._processes(pod, look_again=False)
-        inodes = discovery.netns_inodes(processes, self.proc_root) - {self.host.inode}
+        inodes = set[int]()
+        for look_again in (False, True):  # a scan from before a new sandbox shows only dead processes
+            processes = self._processes(pod, look_again=look_again)
+            inodes = discovery.netns_inodes(processes, self.proc_root) - {self.host.inode}
+            if inodes:
+                break
+            self._scan = (0.0, self._scan[1])  # stale: the second pass scans afresh
         return bool(inodes) and ns.inode not in inodes
 
     # --- watch callbacks ---------------------------------------------------------------------------
@@ -83,20 +89,30 @@ class Agent:
             return None
         return pod if pod.spec.node_name == self.node else None  # the server filters too; trust, but verify
 
+    def _namespaces_first(self) -> bool:
+        """Pods wait for the first namespace list: judged without their namespace's label, an
+        `audit` pod in an `enforce` namespace would be weakened to audit until the labels came."""
+        while not self.namespaces_known.wait(0.5):
+            if self.stop.is_set():
+                return False
+        return True
+
     def on_pod_list(self, items: list[Obj]) -> None:
-        self.reconciler.replace_pods([p for p in map(self._pod, items) if p is not None])
+        if self._namespaces_first():
+            self.reconciler.replace_pods([p for p in map(self._pod, items) if p is not None])
 
     def on_pod_event(self, kind: str, obj: Obj) -> None:
         if kind == "DELETED":
             self.reconciler.forget((obj.get("metadata") or {}).get("uid", ""))
             return
         pod = self._pod(obj)
-        if pod is not None:
+        if pod is not None and self._namespaces_first():
             self.reconciler.upsert_pod(pod)
 
     def on_namespace_list(self, items: list[Obj]) -> None:
         for obj in items:
             self.on_namespace_event("ADDED", obj)
+        self.namespaces_known.set()
 
     def on_namespace_event(self, kind: str, obj: Obj) -> None:
         meta = obj.get("metadata") or {}
@@ -144,7 +160,8 @@ class Agent:
                 # Idle, the loop sleeps until a pod becomes unsettled (or ~2 wake-ups a second to see
                 # `stop`); while one waits for its sandbox or a retry, it polls every pending_interval.
                 if self.reconciler.unsettled.wait(min(0.5, max(0.0, next_verify - time.monotonic()))):
-                    if self.stop.wait(self.pending_interval):
+                    due = self.reconciler.next_retry() - time.monotonic()  # backing-off pods wait
+                    if self.stop.wait(min(max(self.pending_interval, due), 0.5)):
                         break
                     self.reconciler.retry_pending()
                 if time.monotonic() >= next_verify:

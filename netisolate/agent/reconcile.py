@@ -23,7 +23,7 @@ from typing import Protocol
 from netisolate.agent.listeners import exposed
 from netisolate.backends import Backend, EnforceError
 from netisolate.model import Pod
-from netisolate.netns import NetNS
+from netisolate.netns import NetNS, NetNSError
 from netisolate.policy import pod_policy
 from netisolate.rules import RuleSet, Settings, build_ruleset
 
@@ -58,6 +58,7 @@ class Tracked:
     retry_at: float = 0.0  # pending or failed: not retried by the timer before this
     pending_since: float = 0.0
     failures: int = 0  # in a row
+    exposed: tuple[str, ...] = ()  # ports last reported as listening beyond loopback
 
 
 class Reconciler:
@@ -118,6 +119,11 @@ class Reconciler:
 
     # --- timers --------------------------------------------------------------------------------
 
+    def next_retry(self) -> float:
+        """When the earliest waiting pod is due (monotonic clock); infinity when none waits."""
+        with self.lock:
+            return min((t.retry_at for t in self.pods.values() if t.state in WAITING), default=float("inf"))
+
     def retry_pending(self) -> None:
         with self.lock:
             now = time.monotonic()
@@ -128,38 +134,47 @@ class Reconciler:
 
     def verify_all(self, fresh: float = 1.0) -> int:
         """Read and compare every enforced pod's rules (but those checked within `fresh` seconds);
-        repair drift. Returns how many drifted."""
+        repair drift. Returns how many drifted. The lock is taken pod by pod, so pod events and
+        new sandboxes are not held up by a whole round."""
         drifted = 0
-        with self.lock:
-            for tracked in list(self.pods.values()):
-                if (
-                    tracked.ns is None
-                    or tracked.applied is None
-                    or time.monotonic() - tracked.checked_at < fresh
-                ):
-                    continue
-                tracked.checked_at = time.monotonic()
-                if self.moved(tracked.pod, tracked.ns):
-                    self._sync(tracked)  # finds and enforces the pod's new namespace
+        for uid, tracked in list(self.pods.items()):
+            with self.lock:
+                if self.pods.get(uid) is not tracked:  # forgotten or replaced meanwhile
                     continue
                 try:
-                    inspection = self.backend.inspect(tracked.ns, tracked.applied)
-                except Exception as err:  # an unreadable namespace is a failure to retry, not a crash
-                    self._failed(tracked, "VerifyFailed", str(err))
-                    continue
-                tracked.refused, drift = inspection.refused, inspection.drift
-                if drift:
-                    drifted += 1
-                    self._apply(tracked, tracked.applied)
-                    self.reporter.drift_repaired(tracked.pod)
-                    self.reporter.event(
-                        tracked.pod,
-                        "DriftRepaired",
-                        "rules were changed behind the agent's back "
-                        "and have been restored: " + "; ".join(drift[:5]),
-                        warning=True,
-                    )
+                    drifted += self._verify(tracked, fresh)
+                except Exception as err:  # one pod's trouble never ends the round for the others
+                    log.exception("verification failed", extra={"pod": tracked.pod.ref})
+                    self._failed(tracked, "VerifyFailed", f"unexpected error: {err}")
         return drifted
+
+    def _verify(self, tracked: Tracked, fresh: float) -> int:
+        if tracked.ns is None or tracked.applied is None or time.monotonic() - tracked.checked_at < fresh:
+            return 0
+        tracked.checked_at = time.monotonic()
+        if self.moved(tracked.pod, tracked.ns):
+            self._sync(tracked)  # finds and enforces the pod's new namespace
+            return 0
+        try:
+            inspection = self.backend.inspect(tracked.ns, tracked.applied)
+        except EnforceError as err:  # an unreadable namespace is a failure to retry
+            self._failed(tracked, "VerifyFailed", str(err))
+            return 0
+        tracked.refused = inspection.refused
+        self._warn_exposed(tracked, tracked.applied)  # listeners come after the rules: look again
+        if not inspection.drift:
+            return 0
+        self._apply(tracked, tracked.applied)
+        if tracked.state != "failed":
+            self.reporter.drift_repaired(tracked.pod)
+            self.reporter.event(
+                tracked.pod,
+                "DriftRepaired",
+                "rules were changed behind the agent's back and have been restored: "
+                + "; ".join(inspection.drift[:5]),
+                warning=True,
+            )
+        return 1
 
     # --- the decision ----------------------------------------------------------------------------
 
@@ -206,6 +221,7 @@ class Reconciler:
         desired = build_ruleset(policy, self.settings)
         assert desired is not None  # isolated
         if tracked.applied == desired and tracked.state != "failed":
+            tracked.state = desired.mode  # also back from off with the same rules still in place
             return
         if tracked.applied is None and self._intact(tracked, desired):
             tracked.applied, tracked.state, tracked.detail = (
@@ -262,7 +278,7 @@ class Reconciler:
         tracked.applied, tracked.state, tracked.detail = desired, desired.mode, ""
         tracked.failures = 0
         tracked.checked_at = time.monotonic()
-        self._warn_wildcards(tracked, desired)
+        self._warn_exposed(tracked, desired)
         if announce:
             grants = ", ".join(f"{g.containers}→{','.join(str(p) for p in g.ports)}" for g in desired.grants)
             self.reporter.event(
@@ -271,12 +287,17 @@ class Reconciler:
                 f"{desired.mode} with {self.backend.name}; grants: {grants or 'none'}",
             )
 
-    def _warn_wildcards(self, tracked: Tracked, desired: RuleSet) -> None:
+    def _warn_exposed(self, tracked: Tracked, desired: RuleSet) -> None:
+        """WildcardListener, once for each new set of exposed ports (checked on every apply and
+        verification: containers start listening after their rules are in)."""
         assert tracked.ns is not None
         try:
-            found = exposed(tracked.ns, tracked.pod, desired)
-        except OSError:
+            found = tuple(exposed(tracked.ns, tracked.pod, desired))
+        except (OSError, NetNSError):
             return
+        if found == tracked.exposed:
+            return
+        tracked.exposed = found
         if found:
             self.reporter.event(
                 tracked.pod,
