@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import shutil
 import subprocess
+import sys
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -56,8 +57,9 @@ def test_agent_daemonset_holds_only_what_it_needs() -> None:
     sc = agent["securityContext"]
     assert pod["hostPID"] is True and not pod.get("hostNetwork")
     assert sc.get("privileged") is False
-    assert set(sc["capabilities"]["add"]) == {"NET_ADMIN", "SYS_ADMIN", "SYS_PTRACE"}
+    assert set(sc["capabilities"]["add"]) == set(AGENT_CAPABILITIES)
     assert sc["capabilities"]["drop"] == ["ALL"]
+    assert sc["seccompProfile"] == {"type": "RuntimeDefault"}
     assert sc["readOnlyRootFilesystem"] is True
     env = {e["name"]: e for e in agent["env"]}
     assert env["NODE_NAME"]["valueFrom"]["fieldRef"]["fieldPath"] == "spec.nodeName"
@@ -69,6 +71,37 @@ def test_agent_daemonset_holds_only_what_it_needs() -> None:
     assert agent["readinessProbe"]["httpGet"]["path"] == "/readyz"
     host_paths = [v["hostPath"]["path"] for v in pod["volumes"] if "hostPath" in v]
     assert host_paths == ["/run/xtables.lock"]
+
+
+AGENT_CAPABILITIES = ("NET_ADMIN", "NET_RAW", "SYS_ADMIN", "SYS_PTRACE")
+
+
+@pytest.mark.kernel
+@pytest.mark.parametrize("backend", ["nftables", "iptables"])
+def test_the_agents_capabilities_are_enough_and_each_is_needed(backend: str, tmp_path: Path) -> None:
+    """Enforce and verify for real with only the DaemonSet's capabilities (as its UID 0 has them);
+    then without the one the backend cannot do without."""
+    from netisolate import scenarios
+    from netisolate.localpod import LocalPod
+
+    pod = scenarios.load("app-proxy-rogue")
+    manifest = tmp_path / "pod.yaml"
+    manifest.write_text(yaml.safe_dump(pod.pod))
+
+    def run(command: str, capabilities: tuple[str, ...], netns: str) -> subprocess.CompletedProcess[str]:
+        bounding = ",".join(["-all", *(f"+{c.lower()}" for c in capabilities)])
+        argv = [shutil.which("setpriv") or "setpriv", f"--bounding-set={bounding}", "--inh-caps=-all"]
+        argv += [sys.executable, "-m", "netisolate", command, "-f", str(manifest), "--netns", netns]
+        return subprocess.run([*argv, "--backend", backend], capture_output=True, text=True, check=False)
+
+    with LocalPod(pod.parsed_pod()) as local:
+        assert local.ns is not None
+        for command in ("enforce", "verify"):
+            result = run(command, AGENT_CAPABILITIES, local.ns.path)
+            assert result.returncode == 0, result.stderr
+        needed = "NET_RAW" if backend == "iptables" else "NET_ADMIN"
+        fewer = tuple(c for c in AGENT_CAPABILITIES if c != needed)
+        assert run("enforce", fewer, local.ns.path).returncode == 1
 
 
 def test_agent_rbac_reads_pods_and_namespaces_and_writes_events_only() -> None:
@@ -110,9 +143,7 @@ def test_webhook_configuration() -> None:
 
 def test_webhook_rbac_is_restricted_by_resource_names() -> None:
     role = find("Role", "netisolate-webhook-tls")["rules"]
-    assert {"resourceNames": ["netisolate-webhook-tls"], "verbs": ["get", "update"]}.items() <= role[
-        0
-    ].items()
+    assert role[0]["resourceNames"] == ["netisolate-webhook-tls"] and role[0]["verbs"] == ["get"]
     assert role[1]["verbs"] == ["create"] and "resourceNames" not in role[1]
     cluster = find("ClusterRole", "netisolate-webhook")["rules"]
     assert cluster[0]["resourceNames"] == ["netisolate"] and cluster[0]["verbs"] == ["get", "patch"]
@@ -126,6 +157,9 @@ def test_webhook_deployment_is_ha_and_restricted() -> None:
     assert pod["securityContext"]["runAsNonRoot"] is True
     assert pod["securityContext"]["seccompProfile"]["type"] == "RuntimeDefault"
     assert "podAntiAffinity" in pod["affinity"]
+    assert pod["priorityClassName"] == "system-cluster-critical"
+    quota = find("ResourceQuota", "netisolate-critical-pods")["spec"]["scopeSelector"]["matchExpressions"][0]
+    assert set(quota["values"]) == {"system-node-critical", "system-cluster-critical"}
 
 
 def test_cert_manager_overlay() -> None:
@@ -139,6 +173,18 @@ def test_cert_manager_overlay() -> None:
         "args"
     ]
     assert "--no-bootstrap-tls" in args and "--tls-cert-file=/tls/tls.crt" in args
+    # the caBundle is a CA of our own that outlives the serving certificate's renewals
+    serving = find("Certificate", "netisolate-webhook", target)["spec"]
+    issuer = find("Issuer", serving["issuerRef"]["name"], target)["spec"]
+    assert find("Certificate", "netisolate-webhook-ca", target)["spec"]["isCA"] is True
+    assert issuer == {"ca": {"secretName": "netisolate-webhook-ca"}}
+    # cert-manager's pods never wait for this webhook, and nothing bootstraps: no Secret, no patching
+    for hook in vwc["webhooks"]:
+        assert "cert-manager" in hook["namespaceSelector"]["matchExpressions"][0]["values"]
+    kinds = {(o["kind"], o["metadata"]["name"]) for o in rendered(target)}
+    assert ("Role", "netisolate-webhook-tls") not in kinds
+    cluster = find("ClusterRole", "netisolate-webhook", target)["rules"]
+    assert all("validatingwebhookconfigurations" not in rule["resources"] for rule in cluster)
 
 
 def test_configmap_matches_the_config_model(tmp_path: Path) -> None:

@@ -37,7 +37,12 @@ def _host_has_legacy_rules(host: NetNS | None) -> bool:
         if shutil.which(tool) is None:
             continue
         result = run_tool(host, [tool])
-        if result.returncode == 0 and any(line.startswith("-A ") for line in result.stdout.splitlines()):
+        if result.returncode != 0:  # unreadable is not "none": guessing wrong mixes backends
+            raise EnforceError(
+                f"cannot tell the node's backend, {tool} failed: {result.stderr.strip()} "
+                "(the agent needs NET_RAW to read legacy tables), or pass --backend explicitly"
+            )
+        if any(line.startswith("-A ") for line in result.stdout.splitlines()):
             return True
     return False
 
