@@ -288,7 +288,16 @@ async def test_rotated_certificate_is_served_without_restart(served: Served) -> 
     tls.write_files(tls.generate("netisolate-webhook", "netisolate-system"), served.cert_dir)
     assert await serial() == before, "nothing changes until the watcher looks"
     assert served.cert.reload_if_changed() is True  # what the watch loop does every few seconds
-    assert await serial() != before
+    rotated = await serial()
+    assert rotated != before
+
+    # caught mid-rotation: the new certificate is there, its key not yet
+    other = tls.generate("netisolate-webhook", "netisolate-system")
+    time.sleep(0.01)
+    (served.cert_dir / "tls.crt").write_bytes(other.cert_pem)
+    with pytest.raises(ssl.SSLError):
+        served.cert.reload_if_changed()
+    assert await serial() == rotated, "the current certificate keeps being served"
 
 
 def test_reloading_cert_picks_up_new_files(tmp_path: Path) -> None:

@@ -104,3 +104,57 @@ async def test_a_restart_reuses_the_secret_and_patches_nothing(kmock: Any) -> No
     again = await asyncio.to_thread(run_bootstrap, api)
     assert again == first
     assert sum(1 for r in kmock if r.method == "PATCH") == patches
+
+
+def tls_secret(bundle: tls.CertBundle, without: str = "") -> dict[str, Any]:
+    data = {"ca.crt": bundle.ca_pem, "tls.crt": bundle.cert_pem, "tls.key": bundle.key_pem}
+    return {
+        "metadata": {"name": "netisolate-webhook-tls", "namespace": "netisolate-system"},
+        "type": "kubernetes.io/tls",
+        "data": {k: base64.b64encode(v).decode() for k, v in data.items() if k != without},
+    }
+
+
+SERVICE = ("netisolate-webhook", "netisolate-system")
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.asyncio
+@pytest.mark.parametrize(
+    ("secret", "says"),
+    [
+        (tls_secret(tls.generate(*SERVICE), without="ca.crt"), "lacks ca.crt"),
+        (tls_secret(tls.generate(*SERVICE, days=0)), "expired"),  # valid until the moment it was made
+        (tls_secret(tls.generate("other-service", "netisolate-system")), "does not name"),
+    ],
+)
+async def test_an_unusable_secret_is_refused_with_what_to_do(
+    kmock: Any, secret: dict[str, Any], says: str
+) -> None:
+    declare(kmock)
+    put(kmock, VWC, webhook_configuration("netisolate"))
+    put(kmock, "v1/secrets", secret)
+    todo = "delete Secret netisolate-system/netisolate-webhook-tls"
+    with pytest.raises(tls.CertificateError, match=f"{says}.*{todo}"):
+        await asyncio.to_thread(run_bootstrap, api_client(kmock))
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.asyncio
+async def test_a_configuration_recreated_without_our_ca_gets_it_back(kmock: Any) -> None:
+    declare(kmock)
+    put(kmock, VWC, webhook_configuration("netisolate"))
+    api = api_client(kmock)
+    bundle = await asyncio.to_thread(run_bootstrap, api)
+    put(kmock, VWC, webhook_configuration("netisolate"))  # GitOps re-applies the manifest: no caBundle
+    admission = client.AdmissionregistrationV1Api(api)
+    keeper = asyncio.create_task(tls.keep_ca_bundle(admission, "netisolate", bundle.ca_pem, interval=0.05))
+    try:
+        for _ in range(100):
+            ours = await asyncio.to_thread(admission.read_validating_webhook_configuration, "netisolate")
+            if all(h.client_config.ca_bundle for h in ours.webhooks):
+                break
+            await asyncio.sleep(0.05)
+    finally:
+        keeper.cancel()
+    assert {base64.b64decode(h.client_config.ca_bundle) for h in ours.webhooks} == {bundle.ca_pem}

@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import logging
 import os
+import sys
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -56,9 +57,10 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     parser.set_defaults(run=run)
 
 
-def _cert_files(args: argparse.Namespace, clients: tuple[object, object]) -> tuple[str, str]:
+def _cert_files(args: argparse.Namespace, clients: tuple[object, object]) -> tuple[str, str, bytes | None]:
+    """The serving certificate's files, and the CA to keep in our configuration when we made it."""
     if args.tls_cert_file and args.tls_key_file:
-        return args.tls_cert_file, args.tls_key_file
+        return args.tls_cert_file, args.tls_key_file, None
     if args.no_bootstrap_tls:
         raise InputError("--no-bootstrap-tls needs --tls-cert-file and --tls-key-file")
     core, admission = clients
@@ -70,7 +72,8 @@ def _cert_files(args: argparse.Namespace, clients: tuple[object, object]) -> tup
         service=args.service,
         webhook_config=args.webhook_configuration,
     )
-    return tls.write_files(bundle, Path(tempfile.mkdtemp(prefix="netisolate-tls-")))
+    files = tls.write_files(bundle, Path(tempfile.mkdtemp(prefix="netisolate-tls-")))
+    return *files, bundle.ca_pem
 
 
 def _unreadable(reason: str) -> LabelLookup:
@@ -93,16 +96,23 @@ async def serve(args: argparse.Namespace) -> None:
             "no cluster access: pods will be denied until namespaces can be read", extra={"error": str(err)}
         )
         clients, labels = (None, None), _unreadable(str(err))
-    cert = tls.ReloadingCert(*_cert_files(args, clients))
+    cert_file, key_file, ca = _cert_files(args, clients)
+    cert = tls.ReloadingCert(cert_file, key_file)
     app = build_app(load_config(args.config), labels)
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
     await web.TCPSite(runner, host or "0.0.0.0", int(port), ssl_context=cert.context).start()
     log.info("webhook serving", extra={"listen": args.listen, "paths": list(PATHS)})
-    await cert.watch()
+    keep = [] if ca is None else [tls.keep_ca_bundle(clients[1], args.webhook_configuration, ca)]
+    await asyncio.gather(cert.watch(), *keep)
 
 
 def run(args: argparse.Namespace) -> int:
     setup_logging()
-    asyncio.run(serve(args))
+    try:
+        asyncio.run(serve(args))
+    except tls.CertificateError as err:
+        log.error("cannot serve", extra={"error": str(err)})
+        print(f"netisolate webhook: {err}", file=sys.stderr)
+        return 1
     return 0

@@ -9,6 +9,7 @@ import datetime
 import logging
 import os
 import ssl
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,19 +27,31 @@ class ReloadingCert:
 
     def __init__(self, cert_file: str, key_file: str) -> None:
         self.cert_file, self.key_file = cert_file, key_file
-        self.context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        self.context.minimum_version = ssl.TLSVersion.TLSv1_2
+        self.context = _server_context()
         self._stamp = self._mtimes()
-        self.context.load_cert_chain(cert_file, key_file)
+        self._load()
 
     def _mtimes(self) -> tuple[float, float]:
         return os.stat(self.cert_file).st_mtime, os.stat(self.key_file).st_mtime
+
+    def _load(self) -> None:
+        """One read of the pair, checked in a scratch context before the live one takes it: loading
+        the live context straight from files that rotate under it could leave it holding a
+        certificate without its key, and every new handshake would fail."""
+        cert, key = Path(self.cert_file).read_bytes(), Path(self.key_file).read_bytes()
+        with tempfile.TemporaryDirectory(prefix="netisolate-tls-") as scratch:
+            cert_copy, key_copy = Path(scratch, "tls.crt"), Path(scratch, "tls.key")
+            cert_copy.write_bytes(cert)
+            key_copy.touch(mode=0o600)
+            key_copy.write_bytes(key)
+            _server_context().load_cert_chain(cert_copy, key_copy)  # raises unless they match
+            self.context.load_cert_chain(cert_copy, key_copy)
 
     def reload_if_changed(self) -> bool:
         stamp = self._mtimes()
         if stamp == self._stamp:
             return False
-        self.context.load_cert_chain(self.cert_file, self.key_file)  # raises if the pair is half-written
+        self._load()
         self._stamp = stamp
         log.info("serving certificate reloaded", extra={"cert_file": self.cert_file})
         return True
@@ -50,6 +63,12 @@ class ReloadingCert:
                 self.reload_if_changed()
             except (OSError, ssl.SSLError) as err:  # mid-rotation: keep the old one, try again
                 log.warning("certificate reload failed, keeping the current one", extra={"error": str(err)})
+
+
+def _server_context() -> ssl.SSLContext:
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    return context
 
 
 @dataclass(frozen=True)
@@ -115,11 +134,21 @@ def _b64(data: bytes) -> str:
     return base64.b64encode(data).decode()
 
 
+class CertificateError(RuntimeError):
+    """The bootstrap Secret cannot serve: the message says how to get a new one."""
+
+
 def bootstrap(
     core: Any, admission: Any, *, namespace: str, secret: str, service: str, webhook_config: str
 ) -> CertBundle:
     """First writer wins: read the Secret; if absent, create it (a replica that loses the race reads
     the winner's). Then point our own ValidatingWebhookConfiguration — and only it — at the CA."""
+    bundle = _secret_bundle(core, namespace=namespace, secret=secret, service=service)
+    patch_ca_bundle(admission, webhook_config, bundle.ca_pem)
+    return bundle
+
+
+def _secret_bundle(core: Any, *, namespace: str, secret: str, service: str) -> CertBundle:
     from kubernetes.client.exceptions import ApiException
 
     try:
@@ -145,9 +174,35 @@ def bootstrap(
             if race.status != 409:
                 raise
             data = core.read_namespaced_secret(secret, namespace).data
+    renew = f"delete Secret {namespace}/{secret} and restart the webhook to have a new one created"
+    missing = [key for key in ("ca.crt", "tls.crt", "tls.key") if key not in (data or {})]
+    if missing:
+        raise CertificateError(f"Secret {namespace}/{secret} lacks {', '.join(missing)}: {renew}")
     bundle = CertBundle(*(base64.b64decode(data[k]) for k in ("ca.crt", "tls.crt", "tls.key")))
+    _check_serving(bundle.cert_pem, f"{service}.{namespace}.svc", renew)
+    return bundle
+
+
+def _check_serving(cert_pem: bytes, name: str, renew: str) -> None:
+    cert = x509.load_pem_x509_certificate(cert_pem)
+    left = cert.not_valid_after_utc - datetime.datetime.now(datetime.UTC)
+    if left <= datetime.timedelta(0):
+        expired = f"{cert.not_valid_after_utc:%Y-%m-%d}"
+        raise CertificateError(f"the webhook's certificate expired on {expired}: {renew}")
+    try:
+        names = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        names = x509.SubjectAlternativeName([])
+    if name not in names.get_values_for_type(x509.DNSName):
+        raise CertificateError(f"the webhook's certificate does not name {name}: {renew}")
+    if left < datetime.timedelta(days=30):
+        log.warning("the webhook's certificate expires soon", extra={"days_left": left.days, "todo": renew})
+
+
+def patch_ca_bundle(admission: Any, webhook_config: str, ca_pem: bytes) -> int:
+    """Set our CA on every webhook of our own configuration that lacks it; how many were patched."""
     config = admission.read_validating_webhook_configuration(webhook_config)
-    ca = _b64(bundle.ca_pem)
+    ca = _b64(ca_pem)
     patch = [
         {"op": "add", "path": f"/webhooks/{i}/clientConfig/caBundle", "value": ca}
         for i, hook in enumerate(config.webhooks or [])
@@ -156,4 +211,15 @@ def bootstrap(
     if patch:
         admission.patch_validating_webhook_configuration(webhook_config, patch)
         log.info("patched caBundle", extra={"webhook_configuration": webhook_config, "webhooks": len(patch)})
-    return bundle
+    return len(patch)
+
+
+async def keep_ca_bundle(admission: Any, webhook_config: str, ca_pem: bytes, interval: float = 60.0) -> None:
+    """Put our CA back when the configuration is re-created without it (GitOps re-applying the
+    manifests): with failurePolicy Fail, an empty caBundle would deny every pod."""
+    while True:
+        await asyncio.sleep(interval)
+        try:
+            await asyncio.to_thread(patch_ca_bundle, admission, webhook_config, ca_pem)
+        except Exception as err:  # the API server away or RBAC broken: try again next round
+            log.warning("could not check the caBundle", extra={"error": str(err)})
