@@ -10,11 +10,11 @@ import sys
 import urllib.error
 import urllib.request
 
-from netisolate.backends import BACKENDS, select_backend
+from netisolate.backends import BACKENDS, EnforceError, select_backend
 from netisolate.commands.common import add_command
 from netisolate.logs import setup_logging
 from netisolate.model import InputError
-from netisolate.netns import NetNS
+from netisolate.netns import NetNS, NetNSError
 from netisolate.rules import DEFAULT_SENTINEL_PORT, Settings
 
 AGENT_DETAILS = """\
@@ -66,8 +66,12 @@ def run_agent(args: argparse.Namespace) -> int:
             "no node name: pass --node-name or set NODE_NAME (the DaemonSet sets it from spec.nodeName)"
         )
     core, _ = api_clients(args.kubeconfig)
-    with NetNS.open(args.host_netns) as host:
-        backend = select_backend(args.backend, host)
+    try:
+        with NetNS.open(args.host_netns) as host:
+            backend = select_backend(args.backend, host)
+    except (EnforceError, NetNSError) as err:  # nothing to enforce with: say why, and let it restart
+        print(f"netisolate agent: {err}", file=sys.stderr)
+        return 1
     settings = Settings(sentinel_port=args.sentinel_port, allow_root=not args.deny_port_forward)
     agent = Agent(
         args.node_name,
