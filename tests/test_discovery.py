@@ -83,27 +83,25 @@ def test_finds_the_sandbox_namespace_on_a_simulated_node(layout: str) -> None:
         pod.close()
 
 
-def test_sockets_beyond_loopback_from_proc_net() -> None:
+def test_sockets_beyond_loopback() -> None:
     from netisolate.agent.listeners import Socket, beyond_loopback
 
-    header = "  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid\n"
-    tcp = header + (
-        "   0: 00000000:1F90 00000000:0000 0A 0 0 0 0 1000 0 1\n"  # 0.0.0.0:8080
-        "   1: 0100007F:3A99 00000000:0000 0A 0 0 0 0 1001 0 2\n"  # 127.0.0.1
-        "   2: 00000000:0050 0100007F:C350 01 0 0 0 0 1000 0 3\n"  # established
-        "   3: 0A0200C0:1F91 00000000:0000 0A 0 0 0 0 1000 0 4\n"  # 192.0.2.10
-        "   4: 3500007F:0035 00000000:0000 0A 0 0 0 0 0 5\n"  # 127.0.0.53
-    )
-    tcp6 = header + (
-        "   0: 00000000000000000000000000000000:3A98 00000000000000000000000000000000:0000 0A 0 0 0 0 0 6\n"
-        "   1: 00000000000000000000000001000000:3A9A 00000000000000000000000000000000:0000 0A 0 0 0 0 0 7\n"
-        "   2: 0000000000000000FFFF00000A0200C0:1F92 00000000000000000000000000000000:0000 0A 0 0 0 0 0 8\n"
-        "   3: 0000000000000000FFFF00000100007F:1F93 00000000000000000000000000000000:0000 0A 0 0 0 0 0 9\n"
-    )
-    udp = header + (
-        "   0: 00000000:0035 00000000:0000 07 0 0 0 0 0 10\n"  # unconnected, 0.0.0.0:53
-        "   1: 00000000:A000 0100007F:0035 01 0 0 0 0 0 11\n"  # a connected client
-    )
-    assert beyond_loopback(tcp, "tcp") == {Socket("tcp", 8080), Socket("tcp", 8081)}
-    assert beyond_loopback(tcp6, "tcp") == {Socket("tcp", 15000), Socket("tcp", 8082)}
-    assert beyond_loopback(udp, "udp") == {Socket("udp", 53)}
+    bound = [
+        ("tcp", "0.0.0.0", 8080),
+        ("tcp", "127.0.0.1", 15001),
+        ("tcp", "127.0.0.53", 53),
+        ("tcp", "192.0.2.10", 8081),  # the pod's own IP
+        ("tcp", "::", 15000),
+        ("tcp", "::1", 15002),
+        ("tcp", "::ffff:192.0.2.10", 8082),
+        ("tcp", "::ffff:127.0.0.1", 8083),  # loopback, IPv4-mapped
+        ("udp", "0.0.0.0", 53),
+        ("udp", "127.0.0.1", 5353),
+    ]
+    assert beyond_loopback(bound) == {
+        Socket("tcp", 8080),
+        Socket("tcp", 8081),
+        Socket("tcp", 15000),
+        Socket("tcp", 8082),
+        Socket("udp", 53),
+    }

@@ -369,3 +369,14 @@ def test_ports_meant_for_loopback_that_listen_beyond_it() -> None:
             for container, ports in scenario.listeners.items():
                 pod.listen(container, ports)
             assert exposed(ns_of(pod), pod.pod, ruleset_for(pod.pod)) == expected
+
+
+def test_udp_ports_beyond_loopback_are_seen_too() -> None:
+    from netisolate.agent.listeners import exposed
+
+    scenario = scenarios.load("udp-grant")
+    with LocalPod(scenario.parsed_pod()) as pod:
+        for container, ports in scenario.listeners.items():
+            pod.listen(container, ports)
+        found = exposed(ns_of(pod), pod.pod, ruleset_for(pod.pod))
+    assert found == ["53/udp (granted to app)", "8053 (no container declares it)"]

@@ -9,16 +9,25 @@ meant to be served is declared; an admin port bound to 0.0.0.0 by mistake usuall
 
 from __future__ import annotations
 
+import ipaddress
+import socket
+import struct
+from collections.abc import Iterable
 from dataclasses import dataclass
-from pathlib import Path
 
 from netisolate.model import Pod
 from netisolate.netns import NetNS
 from netisolate.rules import RuleSet
 
-_TCP_LISTEN = "0A"
-_IPV6_LOOPBACK = "00000000000000000000000001000000"  # ::1 as /proc prints it (32-bit words, host order)
-_IPV4_MAPPED = "0000000000000000FFFF0000"
+# sock_diag (what `ss` uses), spoken directly: /proc/net/tcp walks the whole socket hash (~5 ms a
+# read), and pyroute2's DiagSocket spends ~2 ms a pod in Python; this dump costs ~0.1 ms.
+_NETLINK_SOCK_DIAG, _SOCK_DIAG_BY_FAMILY, _NLMSG_ERROR, _NLMSG_DONE = 4, 20, 2, 3
+_NLM_F_REQUEST_DUMP = 0x1 | 0x300
+_HEADER = struct.Struct("=IHHII")  # nlmsghdr
+_REQUEST = struct.Struct("=BBBBI4x16s16sI8x")  # inet_diag_req_v2, with an empty inet_diag_sockid
+_MESSAGE = struct.Struct("=BBBB2s2s16s16sI8x20x")  # inet_diag_msg, up to the socket id
+_TCP_LISTEN = 10
+_ALL_STATES = 0xFFFFFFFF
 
 
 @dataclass(frozen=True, order=True)
@@ -28,42 +37,59 @@ class Socket:
 
 
 def _loopback(address: str) -> bool:
-    """An address from /proc/net/{tcp,udp}{,6} in 127.0.0.0/8 or ::1 (also IPv4-mapped)."""
-    if len(address) == 8:
-        return address[6:8] == "7F"  # the first octet is the last byte printed (little-endian)
-    return address == _IPV6_LOOPBACK or (address.startswith(_IPV4_MAPPED) and address[30:32] == "7F")
+    ip = ipaddress.ip_address(address)
+    mapped = getattr(ip, "ipv4_mapped", None)
+    return ip.is_loopback or bool(mapped and mapped.is_loopback)
 
 
-def beyond_loopback(table: str, protocol: str) -> set[Socket]:
-    """Sockets of one /proc/net table that take traffic from beyond loopback: TCP listeners, and
-    unconnected UDP sockets, bound to anything but 127/8 or ::1."""
-    found = set()
-    for line in table.splitlines()[1:]:
-        fields = line.split()
-        if len(fields) < 4:
-            continue
-        address, _, port = fields[1].partition(":")
-        remote = fields[2].partition(":")[0]
-        open_ = fields[3] == _TCP_LISTEN if protocol == "tcp" else not remote.strip("0")
-        if open_ and not _loopback(address):
-            found.add(Socket(protocol, int(port, 16)))
+def beyond_loopback(bound: Iterable[tuple[str, str, int]]) -> set[Socket]:
+    """Of (protocol, local address, port) for sockets that take traffic, those not bound to 127/8
+    or ::1 (in either form)."""
+    return {Socket(protocol, port) for protocol, address, port in bound if not _loopback(address)}
+
+
+def _dump(family: int, protocol: int, states: int) -> list[tuple[str, int, bool]]:
+    """(local address, port, connected) of this thread's namespace's sockets in those states."""
+    body = _REQUEST.pack(family, protocol, 0, 0, states, bytes(16), bytes(16), 0)
+    header = _HEADER.pack(_HEADER.size + len(body), _SOCK_DIAG_BY_FAMILY, _NLM_F_REQUEST_DUMP, 1, 0)
+    found: list[tuple[str, int, bool]] = []
+    with socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM, _NETLINK_SOCK_DIAG) as diag:
+        diag.send(header + body)
+        while not _parse(diag.recv(65536), found):
+            pass
+    return found
+
+
+def _parse(data: bytes, found: list[tuple[str, int, bool]]) -> bool:
+    """Append one datagram's sockets to found; whether the dump is done."""
+    offset = 0
+    while offset < len(data):
+        length, kind, _, _, _ = _HEADER.unpack_from(data, offset)
+        if kind == _NLMSG_DONE:
+            return True
+        if kind == _NLMSG_ERROR:
+            raise OSError("sock_diag refused the dump")
+        family, _, _, _, port, remote, address, _, _ = _MESSAGE.unpack_from(data, offset + _HEADER.size)
+        local = ipaddress.ip_address(address[: 4 if family == socket.AF_INET else 16])
+        found.append((str(local), int.from_bytes(port, "big"), remote != bytes(2)))
+        offset += (length + 3) & ~3  # NLMSG_ALIGN
+    return False
+
+
+def _bound() -> list[tuple[str, str, int]]:
+    """TCP listeners and unconnected UDP sockets of this thread's network namespace."""
+    found = []
+    for family in (socket.AF_INET, socket.AF_INET6):
+        found += [("tcp", a, port) for a, port, _ in _dump(family, socket.IPPROTO_TCP, 1 << _TCP_LISTEN)]
+        udp = _dump(family, socket.IPPROTO_UDP, _ALL_STATES)
+        found += [("udp", a, port) for a, port, connected in udp if not connected]
     return found
 
 
 def exposed(ns: NetNS, pod: Pod, ruleset: RuleSet) -> list[str]:
     """What of the pod listens beyond loopback though it looks meant for loopback only."""
 
-    def read() -> set[Socket]:
-        # thread-self: this thread's namespace, which NetNS.run has made the pod's
-        net = Path("/proc/thread-self/net")
-        return {
-            socket
-            for protocol in ("tcp", "udp")
-            for table in (protocol, f"{protocol}6")
-            for socket in beyond_loopback((net / table).read_text(), protocol)
-        }
-
-    sockets = ns.run(read)
+    sockets = beyond_loopback(ns.run(_bound))  # the diag socket is opened inside the pod's namespace
     granted: dict[Socket, str] = {}
     for grant in ruleset.grants:
         for r in grant.ports:

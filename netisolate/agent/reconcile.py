@@ -43,6 +43,7 @@ WAITING = ("pending", "failed")
 PENDING_FAST_S = 5.0  # a sandbox normally appears within a second or two: look often, then calmly
 PENDING_SLOW_S = 0.5
 FAILED_BACKOFF_S = (0.5, 30.0)  # first retry, longest wait
+EXPOSED_EARLY_ROUNDS, EXPOSED_EVERY_ROUNDS = 3, 10  # listener checks: verification rounds
 
 
 @dataclass
@@ -59,6 +60,7 @@ class Tracked:
     pending_since: float = 0.0
     failures: int = 0  # in a row
     exposed: tuple[str, ...] = ()  # ports last reported as listening beyond loopback
+    rounds: int = 0  # verifications since the rules were applied or adopted
 
 
 class Reconciler:
@@ -161,7 +163,10 @@ class Reconciler:
             self._failed(tracked, "VerifyFailed", str(err))
             return 0
         tracked.refused = inspection.refused
-        self._warn_exposed(tracked, tracked.applied)  # listeners come after the rules: look again
+        tracked.rounds += 1
+        # Containers listen after their rules are in: look at the first rounds, then now and then.
+        if tracked.rounds <= EXPOSED_EARLY_ROUNDS or tracked.rounds % EXPOSED_EVERY_ROUNDS == 0:
+            self._warn_exposed(tracked, tracked.applied)
         if not inspection.drift:
             return 0
         self._apply(tracked, tracked.applied)
@@ -229,7 +234,7 @@ class Reconciler:
                 desired.mode,
                 "adopted: rules verified intact",
             )
-            tracked.failures = 0
+            tracked.failures = tracked.rounds = 0
             return
         self._apply(tracked, desired)
 
@@ -276,7 +281,7 @@ class Reconciler:
         self.reporter.applied(tracked.pod, time.perf_counter() - started)
         announce = tracked.applied is None or tracked.state == "failed"
         tracked.applied, tracked.state, tracked.detail = desired, desired.mode, ""
-        tracked.failures = 0
+        tracked.failures = tracked.rounds = 0
         tracked.checked_at = time.monotonic()
         self._warn_exposed(tracked, desired)
         if announce:
