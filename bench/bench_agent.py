@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from netisolate.agent.node import Agent
 from netisolate.backends import select_backend
 from netisolate.rules import Settings
-from tests.agent_harness import SimulatedPod, pod_manifest
+from tests.agent_harness import SimulatedPod, close_all, pod_manifest
 
 NODE = "bench-node"
 VERIFY_INTERVAL = 30.0  # the agent's default
@@ -135,8 +135,7 @@ def restart(count: int, idle_seconds: float) -> list[dict[str, object]]:
             },
         ]
     finally:
-        for sim in sims:
-            sim.close()
+        close_all(sims)
 
 
 def main() -> None:

@@ -69,9 +69,6 @@ def namespaces(count: int) -> Iterator[list[NetNS]]:
         opened = [NetNS.open(f"/run/netns/{name}") for name in names]
         for ns in opened:
             stack.callback(ns.close)
-            ns.run(
-                lambda: None
-            )  # start each namespace's thread outside the timings, as a long-lived agent has
         yield opened
 
 

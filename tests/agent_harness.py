@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import time
 import uuid
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -105,3 +106,16 @@ class SimulatedPod:
                 os.rmdir(parent)
             except OSError:
                 break
+
+
+def close_all(pods: Iterable[SimulatedPod | LocalPod]) -> None:
+    """Close every pod even when one fails (namespaces and cgroups of the others must not leak);
+    the first failure is raised after."""
+    errors = []
+    for pod in pods:
+        try:
+            pod.close()
+        except Exception as err:
+            errors.append(err)
+    if errors:
+        raise errors[0]

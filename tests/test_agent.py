@@ -27,7 +27,7 @@ from netisolate.backends import run_tool, select_backend
 from netisolate.model import parse_pod
 from netisolate.policy import pod_policy
 from netisolate.rules import Settings, build_ruleset
-from tests.agent_harness import SimulatedPod, pod_manifest
+from tests.agent_harness import SimulatedPod, close_all, pod_manifest
 from tests.kube_standin import api_client, declare, put
 
 pytestmark = [pytest.mark.kernel, pytest.mark.timeout(120)]
@@ -258,8 +258,10 @@ async def test_recreated_sandbox_is_found_and_enforced(core: client.CoreV1Api, k
         assert events(kmock, "SandboxReplaced")
     finally:
         running.stop()
-        second.close()
-        first.close()  # after: both share the pod's cgroup directories
+        try:
+            second.close()
+        finally:
+            first.close()  # after: both share the pod's cgroup directories
 
 
 @pytest.mark.asyncio
@@ -319,8 +321,7 @@ async def test_churn_leaves_nothing_unenforced_and_nothing_stale(core: client.Co
         assert all(running.state(u) == "enforce" for u in uids[1::2])
     finally:
         running.stop()
-        for sim in sims:
-            sim.close()
+        close_all(sims)
 
 
 @pytest.mark.asyncio
@@ -464,5 +465,4 @@ async def test_api_outage_enforcement_continues_and_resumes(core: client.CoreV1A
     finally:
         running.stop()
         outage.server.close()
-        for sim in sims:
-            sim.close()
+        close_all(sims)

@@ -24,6 +24,7 @@ from netisolate.model import Pod, parse_pod
 from netisolate.netns import NetNS, NetNSError
 from netisolate.policy import pod_policy
 from netisolate.rules import RuleSet, Settings, build_ruleset
+from tests.agent_harness import close_all
 
 pytestmark = pytest.mark.kernel
 BACKENDS = ["nftables", "iptables"]
@@ -311,8 +312,7 @@ def test_apply_many(backend: Backend) -> None:
         assert apply_many(backend, items) == [None] * 4
         assert all(backend.verify(ns, rs) == [] for ns, rs in items)
     finally:
-        for p in pods:
-            p.close()
+        close_all(pods)
 
 
 def test_another_tables_accept_cannot_undo_our_reject(local_pod: LocalPod) -> None:
