@@ -77,6 +77,25 @@ class RuleSet:
         return any(grant.protocol == "udp" for grant in self.grants)
 
 
+def _merged(ranges: list[PortRange]) -> tuple[PortRange, ...]:
+    """Sorted ranges of one protocol as nft keeps them, so what we render is what it lists (drift
+    is a text comparison): a run of overlapping or adjacent ports becomes one range, unless the
+    run is only single ports, which stay single (`80, 81` stays; `80, 81-90` is `80-90`)."""
+    runs: list[list[PortRange]] = []
+    for r in ranges:
+        if runs and r.low <= max(x.high for x in runs[-1]) + 1:
+            runs[-1].append(r)
+        else:
+            runs.append([r])
+    merged: list[PortRange] = []
+    for run in runs:
+        if all(r.low == r.high for r in run) and len({r.low for r in run}) == len(run):
+            merged += run
+        else:
+            merged.append(PortRange(run[0].protocol, run[0].low, max(r.high for r in run)))
+    return tuple(merged)
+
+
 def build_ruleset(policy: PodPolicy, settings: Settings) -> RuleSet | None:
     """The ruleset for an isolated pod, or None when its level is off."""
     if policy.level is Level.OFF:
@@ -89,7 +108,7 @@ def build_ruleset(policy: PodPolicy, settings: Settings) -> RuleSet | None:
         identities.append(Identity(uid, names))
         ranges = sorted({r for _, _, container_grants in members for r in container_grants})
         for protocol in ("tcp", "udp"):
-            ports = tuple(r for r in ranges if r.protocol == protocol)
+            ports = _merged([r for r in ranges if r.protocol == protocol])
             if ports:
                 grants.append(Grant(uid, protocol, ports, names))
     mode: Literal["enforce", "audit"] = "enforce" if policy.level is Level.ENFORCE else "audit"
@@ -105,9 +124,10 @@ def build_ruleset(policy: PodPolicy, settings: Settings) -> RuleSet | None:
 
 
 # Which packets are loopback traffic. `oif` is the device the packet was routed to before NAT (the
-# hook's device does not change when a nat OUTPUT redirect re-routes it), so a connection captured
-# by a mesh's REDIRECT (to 127.0.0.1 / ::1) is caught by its new destination instead.
-_NFT_LOOPBACK_MATCHES = ('oif "lo"', "ip daddr 127.0.0.0/8", "ip6 daddr ::1")
+# hook's device does not change when a nat OUTPUT rule re-routes it), so a connection NAT sends to
+# this host is caught by its new destination instead: a mesh's REDIRECT to 127.0.0.1 / ::1 by the
+# address, a DNAT to one of the pod's own addresses by the routing table's word that it is local.
+_NFT_LOOPBACK_MATCHES = ('oif "lo"', "ip daddr 127.0.0.0/8", "ip6 daddr ::1", "fib daddr type local")
 
 
 def _nft_ports(ports: tuple[PortRange, ...]) -> str:
@@ -241,8 +261,8 @@ def iptables_deny_rules(rs: RuleSet, family: Family) -> list[str]:
 
 
 _IPT_LOOPBACK_MATCHES: dict[Family, tuple[str, ...]] = {
-    4: ("-o lo", "-d 127.0.0.0/8"),
-    6: ("-o lo", "-d ::1/128"),
+    4: ("-o lo", "-d 127.0.0.0/8", "-m addrtype --dst-type LOCAL"),
+    6: ("-o lo", "-d ::1/128", "-m addrtype --dst-type LOCAL"),
 }
 
 

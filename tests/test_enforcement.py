@@ -19,7 +19,17 @@ import pytest
 from netisolate import scenarios
 from netisolate.backends import Backend, apply_many, run_tool, select_backend
 from netisolate.cli import main
-from netisolate.localpod import ALL_ADDRESSES, PEER_IPV4, LocalPod, as_uid, matrix, python_argv
+from netisolate.localpod import (
+    ALL_ADDRESSES,
+    PEER_IPV4,
+    PEER_IPV6,
+    POD_IPV4,
+    POD_IPV6,
+    LocalPod,
+    as_uid,
+    matrix,
+    python_argv,
+)
 from netisolate.model import Pod, parse_pod
 from netisolate.netns import NetNS, NetNSError
 from netisolate.policy import pod_policy
@@ -213,6 +223,22 @@ def test_istio_style_redirect_is_judged_after_nat(backend: Backend, local_pod: L
     assert local_pod.probe(ROGUE, [(PEER_IPV4, 80, "tcp")]) == ["refused"]
 
 
+@pytest.mark.parametrize("family", [4, 6])
+def test_nat_to_the_pods_own_address_is_judged(backend: Backend, local_pod: LocalPod, family: int) -> None:
+    """A nat OUTPUT rule that sends a connection to one of the pod's own addresses (not loopback's)
+    delivers it locally all the same: it must be judged like any loopback connection."""
+    peer, pod_ip, ip = (PEER_IPV4, POD_IPV4, "ip") if family == 4 else (PEER_IPV6, POD_IPV6, "ip6")
+    nat = (
+        f"table {ip} mesh {{\n chain out {{\n type nat hook output priority -100; policy accept;\n"
+        f" {ip} daddr {peer} tcp dport 81 dnat to {f'[{pod_ip}]' if family == 6 else pod_ip}:8080\n"
+        " }\n}\n"
+    )
+    assert run_tool(ns_of(local_pod), ["nft", "-f", "-"], nat).returncode == 0, nat
+    backend.apply(ns_of(local_pod), ruleset_for(local_pod.pod))
+    assert local_pod.probe(PROXY, [(peer, 81, "tcp")]) == ["open"]  # granted 8080
+    assert local_pod.probe(ROGUE, [(peer, 81, "tcp")]) == ["refused"]
+
+
 def test_audit_blocks_nothing_but_counts(backend: Backend, local_pod: LocalPod) -> None:
     audit = make_pod({**GRANTS, "netisolate.io/isolation": "audit"})
     backend.apply(ns_of(local_pod), ruleset_for(audit))
@@ -266,6 +292,7 @@ def test_iptables_jump_stays_unique_and_first(local_pod: LocalPod) -> None:
     assert output == [
         "-A OUTPUT -o lo -j NETISOLATE",
         "-A OUTPUT -d 127.0.0.0/8 -j NETISOLATE",
+        "-A OUTPUT -m addrtype --dst-type LOCAL -j NETISOLATE",
         "-A OUTPUT -j ACCEPT",
     ]
 

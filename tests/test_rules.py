@@ -224,10 +224,34 @@ def test_iptables_restore_accepts_the_document(case: str, tool: str) -> None:
     assert result.returncode == 0, result.stderr
 
 
+# what `nft list` shows for each set of ports (observed on the kernel): runs with a range merge
+NFT_KEEPS = {
+    "8080, 8081": "8080, 8081",
+    "80, 81, 82": "80, 81, 82",
+    "80, 82": "80, 82",
+    "8000-9000, 9001": "8000-9001",
+    "80, 81, 82-90": "80-90",
+    "79, 80-81, 83": "79-81, 83",
+    "80, 80-85": "80-85",
+    "1-3, 5-7, 4": "1-7",
+    "8080, 8000-9000, 9001, 7000-7999": "7000-9001",
+}
+
+
+@pytest.mark.parametrize("grant", NFT_KEEPS)
+def test_port_sets_are_rendered_as_nft_keeps_them(grant: str) -> None:
+    (only,) = ruleset({**ENFORCE, "allow.netisolate.io/app": grant}).grants
+    assert ", ".join(str(r) for r in only.ports) == NFT_KEEPS[grant]
+
+
+OVERLAPPING = {**ENFORCE, "allow.netisolate.io/app": "8080, 8000-9000, 9001, 7000-7999"}
+
+
 @pytest.mark.kernel
-def test_nft_lists_exactly_what_we_render() -> None:
+@pytest.mark.parametrize("grants", [TYPICAL, OVERLAPPING])
+def test_nft_lists_exactly_what_we_render(grants: dict[str, str]) -> None:
     """Drift detection compares text, so our table must be nft's own listing (less counter values)."""
-    rs = ruleset(TYPICAL)
+    rs = ruleset(grants)
     result = _in_fresh_netns(["sh", "-c", "nft -f - && nft list table inet netisolate"], render_nftables(rs))
     assert result.returncode == 0, result.stderr
     listed = re.sub(r"counter packets \d+ bytes \d+", "counter", result.stdout)
