@@ -1,8 +1,10 @@
 """Cluster audit: what already runs, judged — pure functions of the listed objects.
 
 Finding IDs (stable):
-  webhook-cluster-wide         a mutating webhook that matches pods with no or an empty namespaceSelector
-  webhook-reaches-kube-system  a mutating webhook on pods whose namespaceSelector admits kube-system (deny)
+  webhook-cluster-wide         a mutating webhook on pods whose namespaceSelector a new, unlabelled
+                               namespace matches: none, empty, or opt-out (NotIn, DoesNotExist)
+  webhook-reaches-kube-system  a mutating webhook on pods whose namespaceSelector admits kube-system
+                               (deny; warn when its objectSelector matches no pod there now)
   webhook-no-cabundle          a mutating webhook with a service clientConfig and no caBundle
   webhook-failure-ignore       a mutating webhook on pods with failurePolicy: Ignore
   pod-opt-out                  a pod carries a sidecar-injection opt-out annotation or label
@@ -55,42 +57,61 @@ def selector_matches(selector: Obj | None, labels: Mapping[str, str]) -> bool:
     return True
 
 
+_POD_RESOURCES = {"pods", "pods/*", "pods/ephemeralcontainers", "*", "*/*"}
+
+
 def _touches_pods(hook: Obj) -> bool:
+    """Whether a webhook can change a pod's containers: pods or their ephemeral containers, created
+    or updated, in the core API group."""
     for rule in hook.get("rules") or []:
-        resources = set(rule.get("resources") or [])
-        if resources & {"pods", "*", "*/*"} and set(rule.get("operations") or []) & {"CREATE", "*"}:
+        if (
+            set(rule.get("apiGroups") or []) & {"", "*"}
+            and rule.get("scope", "*") != "Cluster"
+            and set(rule.get("resources") or []) & _POD_RESOURCES
+            and set(rule.get("operations") or []) & {"CREATE", "UPDATE", "*"}
+        ):
             return True
     return False
 
 
+NEW_NAMESPACE = {"kubernetes.io/metadata.name": "a-namespace-created-tomorrow"}
+
+
 def audit_webhooks(
-    configurations: Sequence[Obj], kube_system_labels: Mapping[str, str]
+    configurations: Sequence[Obj],
+    kube_system_labels: Mapping[str, str],
+    kube_system_pods: Sequence[Mapping[str, str]] = (),
 ) -> list[AuditFinding]:
+    """kube_system_pods: the labels of the pods running in kube-system (an objectSelector that
+    matches none of them, nor a pod without labels, cannot reach kube-system as things stand)."""
     findings = []
     for config in configurations:
         for hook in config.get("webhooks") or []:
             name = f"MutatingWebhookConfiguration {config['metadata']['name']}/{hook.get('name')}"
             on_pods = _touches_pods(hook)
             selector = hook.get("namespaceSelector")
-            if on_pods and not (
-                selector and (selector.get("matchLabels") or selector.get("matchExpressions"))
-            ):
+            if on_pods and selector_matches(selector, NEW_NAMESPACE):  # opt-out selectors too
                 findings.append(
                     AuditFinding(
                         "webhook-cluster-wide",
                         "warn",
                         name,
-                        "matches pods in every namespace: give it a namespaceSelector",
+                        "matches pods in every namespace, new ones included: select the namespaces "
+                        "it serves by a label they must carry (In, Exists), not by one they may lack",
                     )
                 )
             if on_pods and selector_matches(selector, kube_system_labels):
+                objects = hook.get("objectSelector")
+                reaches = any(selector_matches(objects, labels) for labels in [*kube_system_pods, {}])
                 findings.append(
                     AuditFinding(
                         "webhook-reaches-kube-system",
-                        "deny",
+                        "deny" if reaches else "warn",
                         name,
-                        "can mutate pods in kube-system: exclude it with a namespaceSelector "
-                        "(kubernetes.io/metadata.name NotIn [kube-system])",
+                        "can mutate pods in kube-system"
+                        + ("" if reaches else " that match its objectSelector (none running now)")
+                        + ": exclude it with a namespaceSelector (kubernetes.io/metadata.name NotIn "
+                        "[kube-system])",
                     )
                 )
             client = hook.get("clientConfig") or {}
@@ -125,8 +146,19 @@ def audit_pods(
         name = f"Pod {meta.get('namespace')}/{meta.get('name')}"
         try:
             pod = parse_pod(raw, name)
-        except InputError as err:
-            findings.append(AuditFinding("pod-violates-admission", "warn", name, f"unreadable: {err}"))
+        except InputError as err:  # what admission would refuse outright: deny where enforced
+            asked = [
+                namespace_labels.get(meta.get("namespace") or "default", {}).get(ISOLATION_KEY),
+                (meta.get("annotations") or {}).get(ISOLATION_KEY),
+            ]
+            findings.append(
+                AuditFinding(
+                    "pod-violates-admission",
+                    "deny" if "enforce" in asked else "warn",
+                    name,
+                    f"unreadable: {err}",
+                )
+            )
             continue
         labels = namespace_labels.get(pod.metadata.namespace or "default", {})
         reviewed = review_pod(pod, labels, config)
@@ -178,8 +210,13 @@ def audit(
     webhooks: Sequence[Obj], namespaces: Mapping[str, Mapping[str, str]], pods: Sequence[Obj], config: Config
 ) -> list[AuditFinding]:
     kube_system = namespaces.get("kube-system", {"kubernetes.io/metadata.name": "kube-system"})
+    system_pods = [
+        (p.get("metadata") or {}).get("labels") or {}
+        for p in pods
+        if (p.get("metadata") or {}).get("namespace") == "kube-system"
+    ]
     return [
-        *audit_webhooks(webhooks, kube_system),
+        *audit_webhooks(webhooks, kube_system, system_pods),
         *audit_namespaces(namespaces, config),
         *audit_pods(pods, namespaces, config),
     ]

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 import yaml
 
-from netisolate.audit import audit, selector_matches
+from netisolate.audit import audit, audit_webhooks, selector_matches
 from netisolate.commands.audit import fetch
 from netisolate.config import Config
 from tests.kube_standin import api_client, declare, put
@@ -36,8 +36,14 @@ def test_findings_on_realistic_injectors() -> None:
         ("webhook-reaches-kube-system", "deny", dapr),
         ("webhook-no-cabundle", "warn", dapr),
         ("webhook-failure-ignore", "warn", dapr),
+        ("webhook-cluster-wide", "warn", linkerd),  # an opt-out selector: new namespaces match
         ("webhook-reaches-kube-system", "deny", linkerd),  # NotIn [disabled] admits kube-system
         ("webhook-failure-ignore", "warn", linkerd),
+        (
+            "webhook-cluster-wide",
+            "warn",
+            "MutatingWebhookConfiguration vault-agent-injector-cfg/vault.hashicorp.com",
+        ),
         (
             "webhook-failure-ignore",
             "warn",
@@ -47,6 +53,56 @@ def test_findings_on_realistic_injectors() -> None:
         ("pod-violates-admission", "deny", "Pod shop/web-old"),
         ("pod-opt-out", "warn", "Pod batch/job-1"),
     }
+
+
+def hook(rule: dict[str, Any], **fields: Any) -> dict[str, Any]:
+    webhook = {
+        "name": "h.example.com",
+        "clientConfig": {"service": {"name": "s", "namespace": "x"}, "caBundle": "Q0EK"},
+        "rules": [{"apiVersions": ["v1"], **rule}],
+        **fields,
+    }
+    return {"metadata": {"name": "c"}, "webhooks": [webhook]}
+
+
+PODS = {"apiGroups": [""], "operations": ["CREATE"], "resources": ["pods"]}
+KUBE_SYSTEM = {"kubernetes.io/metadata.name": "kube-system"}
+
+
+@pytest.mark.parametrize(
+    ("rule", "touches"),
+    [
+        (PODS, True),
+        ({**PODS, "resources": ["pods/*"]}, True),
+        ({**PODS, "resources": ["pods/ephemeralcontainers"], "operations": ["UPDATE"]}, True),  # debug
+        ({**PODS, "operations": ["UPDATE"]}, True),
+        ({**PODS, "apiGroups": ["*"], "resources": ["*"]}, True),
+        ({**PODS, "apiGroups": ["apps"], "resources": ["*"]}, False),  # Deployments, not pods
+        ({**PODS, "resources": ["*"], "scope": "Cluster"}, False),
+        ({**PODS, "operations": ["DELETE"]}, False),
+    ],
+)
+def test_which_webhooks_can_change_pods(rule: dict[str, Any], touches: bool) -> None:
+    found = {f.rule for f in audit_webhooks([hook(rule)], KUBE_SYSTEM)}
+    assert ("webhook-reaches-kube-system" in found) is touches
+
+
+def test_istio_shaped_selectors() -> None:
+    """Istio's object-level webhook: every namespace without the labels, but only pods that ask."""
+    opt_out = {"matchExpressions": [{"key": "istio-injection", "operator": "DoesNotExist"}]}
+    asks = {"matchExpressions": [{"key": "sidecar.istio.io/inject", "operator": "In", "values": ["true"]}]}
+    istio = hook(PODS, namespaceSelector=opt_out, objectSelector=asks)
+    found = found_in(audit_webhooks([istio], KUBE_SYSTEM))
+    assert {("webhook-cluster-wide", "warn"), ("webhook-reaches-kube-system", "warn")} == found
+    labelled = [{"sidecar.istio.io/inject": "true"}]  # a kube-system pod that does ask
+    found = found_in(audit_webhooks([istio], KUBE_SYSTEM, labelled))
+    assert ("webhook-reaches-kube-system", "deny") in found
+    opt_in = {"matchExpressions": [{"key": "istio-injection", "operator": "In", "values": ["enabled"]}]}
+    assert audit_webhooks([hook(PODS, namespaceSelector=opt_in)], KUBE_SYSTEM) == []
+
+
+def found_in(findings: list[Any]) -> set[tuple[str, str]]:
+    return {(f.rule, f.severity) for f in findings}
 
 
 def test_namespace_labels_that_differ_from_the_expected_values() -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from typing import Any
 
 from netisolate.audit import AuditFinding, audit
@@ -64,7 +65,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         webhooks, namespaces, pods = fetch(core, admission)
     except (ApiException, HTTPError, OSError) as err:
-        print(f"netisolate audit: cannot read the cluster: {err}")
+        print(f"netisolate audit: cannot read the cluster: {err}", file=sys.stderr)
         return 2
     findings = audit(webhooks, namespaces, pods, load_config(args.config))
     denied = any(f.severity == "deny" for f in findings)
