@@ -313,6 +313,9 @@ def test_cli_enforce_and_verify(
     assert "DRIFTED" in capsys.readouterr().out
     assert main(["enforce", "-f", str(manifest), "--netns", "/run/netns/ni-does-not-exist"]) == 1
     assert "cannot open network namespace" in capsys.readouterr().err
+    for command in ("enforce", "verify"):  # DESIGN: 0 ok, 1 failed - unreadable input included
+        assert main([command, "-f", str(tmp_path / "missing.yaml"), "--netns", path]) == 1
+        assert "missing.yaml" in capsys.readouterr().err
 
 
 def test_netns_never_moves_the_caller() -> None:

@@ -9,6 +9,7 @@ from dataclasses import replace
 from netisolate.backends import BACKENDS, Backend, EnforceError, select_backend
 from netisolate.commands.common import add_command, add_rule_settings, rule_settings
 from netisolate.inputs import load_pods, read_text
+from netisolate.model import InputError
 from netisolate.netns import NetNS, NetNSError
 from netisolate.policy import PodPolicy, pod_policy
 from netisolate.rules import RuleSet, build_ruleset
@@ -82,7 +83,7 @@ def run_enforce(args: argparse.Namespace) -> int:
         with NetNS.open(args.netns) as ns:
             ruleset = _ruleset(policy, ns, args)
             backend.apply(ns, ruleset)
-    except (EnforceError, NetNSError) as err:
+    except (EnforceError, NetNSError, InputError) as err:  # DESIGN: exit 1 for any failure
         print(f"netisolate enforce: {err}", file=sys.stderr)
         return 1
     print(f"{name}: enforced ({ruleset.mode}, {backend.name}) in {args.netns}")
@@ -97,7 +98,7 @@ def run_verify(args: argparse.Namespace) -> int:
             return 0
         with NetNS.open(args.netns) as ns:
             drift = backend.verify(ns, _ruleset(policy, ns, args))
-    except (EnforceError, NetNSError) as err:
+    except (EnforceError, NetNSError, InputError) as err:  # DESIGN: exit 1 for any failure
         print(f"netisolate verify: {err}", file=sys.stderr)
         return 1
     if drift:
