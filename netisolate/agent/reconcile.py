@@ -139,7 +139,9 @@ class Reconciler:
         repair drift. Returns how many drifted. The lock is taken pod by pod, so pod events and
         new sandboxes are not held up by a whole round."""
         drifted = 0
-        for uid, tracked in list(self.pods.items()):
+        with self.lock:
+            snapshot = list(self.pods.items())
+        for uid, tracked in snapshot:
             with self.lock:
                 if self.pods.get(uid) is not tracked:  # forgotten or replaced meanwhile
                     continue
