@@ -96,8 +96,9 @@ def _merged(ranges: list[PortRange]) -> tuple[PortRange, ...]:
     return tuple(merged)
 
 
-def build_ruleset(policy: PodPolicy, settings: Settings) -> RuleSet | None:
-    """The ruleset for an isolated pod, or None when its level is off."""
+def build_ruleset(policy: PodPolicy, settings: Settings, user_namespaced: bool = False) -> RuleSet | None:
+    """The ruleset for an isolated pod, or None when its level is off. `user_namespaced`: the kernel
+    says the pod's network namespace belongs to a user namespace of its own, whatever the spec says."""
     if policy.level is Level.OFF:
         return None
     by_uid = sorted((c.uid, c.name, c.grants) for c in policy.containers if c.uid is not None)
@@ -114,7 +115,7 @@ def build_ruleset(policy: PodPolicy, settings: Settings) -> RuleSet | None:
     mode: Literal["enforce", "audit"] = "enforce" if policy.level is Level.ENFORCE else "audit"
     # UID 0 is let through as the node's runtime (port-forward). In a user-namespaced pod, UID 0 is
     # the pod's own root and the runtime shows up as an unmapped UID: no exception there.
-    allow_root = settings.allow_root and not policy.user_namespaced
+    allow_root = settings.allow_root and not (policy.user_namespaced or user_namespaced)
     return RuleSet(policy.pod, mode, settings.sentinel_port, allow_root, tuple(grants), tuple(identities))
 
 

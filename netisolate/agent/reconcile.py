@@ -17,7 +17,7 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Protocol
 
 from netisolate.agent.listeners import exposed
@@ -223,9 +223,7 @@ class Reconciler:
         ns = self._namespace(tracked)
         if ns is None:
             return
-        if not policy.user_namespaced and ns.user_namespaced():  # the kernel's word over the spec's
-            policy = replace(policy, user_namespaced=True)
-        desired = build_ruleset(policy, self.settings)
+        desired = build_ruleset(policy, self.settings, ns.user_namespaced())
         assert desired is not None  # isolated
         if tracked.applied == desired and tracked.state != "failed":
             tracked.state = desired.mode  # also back from off with the same rules still in place

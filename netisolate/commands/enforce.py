@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-from dataclasses import replace
 
 from netisolate.backends import BACKENDS, Backend, EnforceError, select_backend
 from netisolate.commands.common import add_command, add_rule_settings, rule_settings
@@ -67,9 +66,7 @@ def _prepare(args: argparse.Namespace) -> tuple[str, PodPolicy, Backend]:
 
 
 def _ruleset(policy: PodPolicy, ns: NetNS, args: argparse.Namespace) -> RuleSet:
-    if ns.user_namespaced():  # the kernel's word over the manifest's hostUsers
-        policy = replace(policy, user_namespaced=True)
-    ruleset = build_ruleset(policy, rule_settings(args))
+    ruleset = build_ruleset(policy, rule_settings(args), ns.user_namespaced())
     assert ruleset is not None  # isolated
     return ruleset
 
