@@ -163,7 +163,7 @@ async def test_ephemeral_containers_judged_against_the_running_pod(served: Serve
 
 @pytest.mark.asyncio
 async def test_namespace_labels_by_requester(served: Served) -> None:
-    old = {
+    old: dict[str, Any] = {
         "apiVersion": "v1",
         "kind": "Namespace",
         "metadata": {"name": "shop", "labels": {"istio-injection": "enabled"}},
