@@ -116,7 +116,7 @@ def close_all(pods: Iterable[SimulatedPod | LocalPod]) -> None:
     for pod in pods:
         try:
             pod.close()
-        except Exception as err:
+        except Exception as err:  # any failure: the other pods are still closed
             errors.append(err)
     if errors:
         raise errors[0]

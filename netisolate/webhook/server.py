@@ -49,7 +49,7 @@ class NamespaceLabels:
             return hit[1]
         try:
             ns = await asyncio.to_thread(self._core.read_namespace, namespace)
-        except Exception as err:
+        except Exception as err:  # API error, timeout, refused connection alike: the floor is unknown, deny
             raise NamespaceUnavailableError(
                 f"cannot read namespace {namespace} for its isolation label: {err}"
             ) from None
@@ -111,6 +111,6 @@ async def _never_500(
         return web.json_response(
             {"error": f"{err.reason} {request.method} {request.path}; served: {served}"}, status=err.status
         )
-    except Exception:
+    except Exception:  # whatever aiohttp raised on a request it could not take: a 400, never a 500
         log.exception("unexpected error", extra={"path": request.path})
         return web.json_response({"error": "malformed request"}, status=400)
