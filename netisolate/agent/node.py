@@ -8,11 +8,11 @@ import logging
 import threading
 import time
 from http.server import ThreadingHTTPServer
-from typing import Any
 
 from netisolate.agent import discovery, endpoints
 from netisolate.agent.reconcile import Reconciler
 from netisolate.agent.report import Reporter, record_states
+from netisolate.agent.state import NodeStatus
 from netisolate.agent.watch import ListWatch, Obj
 from netisolate.backends import Backend
 from netisolate.kube import CoreApi
@@ -148,7 +148,7 @@ class Agent:
     def is_ready(self) -> bool:
         return self.ready.is_set()
 
-    def status(self) -> dict[str, Any]:
+    def status(self) -> NodeStatus:
         """What /status serves and `netisolate status` prints."""
         return {
             "node": self.node,
