@@ -22,6 +22,7 @@ import pytest
 import pytest_asyncio
 from kubernetes import client
 
+from netisolate.agent import endpoints
 from netisolate.agent.node import Agent
 from netisolate.backends import run_tool, select_backend
 from netisolate.model import parse_pod
@@ -365,7 +366,7 @@ def test_gate_times_out_without_rules() -> None:
 @pytest.mark.asyncio
 async def test_status_endpoint(core: client.CoreV1Api) -> None:
     running = Running(core)
-    server = running.agent.serve_http(0, "127.0.0.1")
+    server = endpoints.serve(running.agent, 0, "127.0.0.1")
     try:
         await until(running.agent.ready.is_set, what="readiness")
         port = server.server_address[1]

@@ -7,7 +7,6 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from http.server import ThreadingHTTPServer
 
 from netisolate.agent import discovery, endpoints
 from netisolate.agent.reconcile import Reconciler
@@ -160,11 +159,8 @@ class Agent:
     def update_gauges(self) -> None:
         record_states(self.reconciler.status())
 
-    def serve_http(self, port: int, host: str = "0.0.0.0") -> ThreadingHTTPServer:
-        return endpoints.serve(self, port, host)
-
     def run(self, metrics_port: int) -> None:
-        server = self.serve_http(metrics_port)
+        server = endpoints.serve(self, metrics_port)
         watches = self.watches()
         for w in watches:
             w.start()
