@@ -23,7 +23,7 @@ from netisolate.localpod import LocalPod, as_uid
 from netisolate.model import Pod, parse_pod
 from netisolate.netns import NetNS
 from netisolate.policy import pod_policy
-from netisolate.rules import NFT_TABLE, RuleSet, Settings, build_ruleset, nft_table, render_iptables
+from netisolate.rules import RuleSet, Settings, build_ruleset, iptables, nft
 
 UIDS = {"app": 1000, "proxy": 1001, "worker": 1002}
 
@@ -73,22 +73,25 @@ def namespaces(count: int) -> Iterator[list[NetNS]]:
 
 
 def raw_loader(backend: Backend, rs: RuleSet, new: bool) -> Callable[[NetNS], object]:
-    """The same text our backend loads, by the raw tool from the same kind of thread."""
+    """The same document our backend loads, by the raw tool from the same kind of thread (for an
+    update, our jumps are in place already: the backend reads OUTPUT to know that, the raw tool not)."""
     if backend.name == "nftables":
-        text = f"create table inet {NFT_TABLE}\n{nft_table(rs)}" if new else None
-        doc = text or f"table inet {NFT_TABLE}\ndelete table inet {NFT_TABLE}\n{nft_table(rs)}"
+        doc = nft.create(rs) if new else nft.replace(rs)
         return lambda ns: run_tool(ns, ["nft", "-f", "-"], doc)
+    families: tuple[tuple[iptables.Family, str], ...] = (
+        (4, "iptables-legacy-restore"),
+        (6, "ip6tables-legacy-restore"),
+    )
+    docs = [
+        (tool, iptables.document(rs, family, () if new else iptables.jumps(family)))
+        for family, tool in families
+    ]
 
-    def iptables(ns: NetNS) -> None:
-        for family, tool in ((4, "iptables-legacy-restore"), (6, "ip6tables-legacy-restore")):
-            text = render_iptables(rs, family)  # type: ignore[arg-type]
-            if not new:
-                text = (
-                    "\n".join(line for line in text.splitlines() if not line.startswith("-I OUTPUT")) + "\n"
-                )
+    def load(ns: NetNS) -> None:
+        for tool, text in docs:
             run_tool(ns, [tool, "--noflush", "--wait"], text)
 
-    return iptables
+    return load
 
 
 def bench_apply(backend: Backend, rounds: int) -> Iterator[dict[str, object]]:
@@ -115,7 +118,7 @@ def bench_many(backend: Backend, count: int) -> dict[str, object]:
     rs, changed = ruleset(), ruleset(extra_port=50)
     with namespaces(count) as opened:
         apply_many(backend, [(ns, rs) for ns in opened])
-        serial = timed(lambda: [backend.apply(ns, changed) for ns in opened])
+        serial = timed(lambda: apply_many(backend, [(ns, changed) for ns in opened], workers=1))
         parallel = timed(lambda: apply_many(backend, [(ns, rs) for ns in opened], workers=8))
     return {
         "scenario": "apply-100",
@@ -172,7 +175,7 @@ def bench_loopback(backend: Backend, rounds: int, seconds: float) -> dict[str, o
         base: list[dict[str, float]] = []
         ruled: list[dict[str, float]] = []
         for _ in range(rounds):
-            run_tool(pod.ns, ["nft", "delete", "table", "inet", NFT_TABLE])
+            run_tool(pod.ns, ["nft", "delete", "table", "inet", nft.TABLE])
             for family in ("iptables-legacy", "ip6tables-legacy"):
                 run_tool(pod.ns, [family, "-F", "OUTPUT"])
             base.append(measure(pod, seconds))
