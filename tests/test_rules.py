@@ -68,36 +68,69 @@ def test_rendering_is_deterministic_whatever_the_annotation_order() -> None:
     assert iptables.document(a, 4) == iptables.document(b, 4)
 
 
+SERVING: list[
+    dict[str, Any]
+] = [  # the typical pod, with the ports its containers declare (one declared twice)
+    {"name": "app", "securityContext": {"runAsUser": 1000}, "ports": [{"containerPort": 15001}]},
+    {
+        "name": "proxy",
+        "securityContext": {"runAsUser": 1001},
+        "ports": [{"containerPort": 8080}, {"containerPort": 53, "protocol": "UDP"}],
+    },
+    {"name": "rogue", "securityContext": {"runAsUser": 1002}},
+    {"name": "proxy2", "securityContext": {"runAsUser": 1003}, "ports": [{"containerPort": 8080}]},
+]
+
+
 def test_nft_order_of_decisions() -> None:
-    lines = [line.strip() for line in nft.table(ruleset(TYPICAL)).splitlines()]
+    """The order of netisolate.rules' docstring, rule by rule."""
+    lines = [line.strip() for line in nft.table(ruleset(TYPICAL, SERVING)).splitlines()]
     order = [
-        "tcp flags != syn / syn,ack accept",
-        "ct state established,related accept",
+        'oif "lo" jump loopback',
+        "ip daddr 127.0.0.0/8 jump loopback",
+        "ip6 daddr ::1 jump loopback",
+        "fib daddr type local jump loopback",  # a DNAT to the pod's own address (see WHICH PACKETS)
+        "meta l4proto { udp, udplite } fib daddr type { broadcast, multicast } jump loopback",
+        "meta l4proto { udp, udplite } ip6 daddr ff00::/8 jump loopback",
+        "chain loopback {",
+        "tcp flags ! syn accept",
+        'tcp flags syn,ack / syn,ack tcp sport 8080 meta skuid { 1001, 1003 } accept comment "proxy,proxy2"',
+        "tcp flags syn,ack / syn,ack tcp sport 8080 goto refuse",
+        'tcp flags syn,ack / syn,ack tcp sport 15001 meta skuid 1000 accept comment "app"',
+        "tcp flags syn,ack / syn,ack tcp sport 15001 goto refuse",
+        "tcp flags syn,ack / syn,ack accept",
+        "icmp type { destination-unreachable, time-exceeded, parameter-problem } accept",
+        'udp sport 53 meta skuid != 1001 goto refuse comment "proxy"',
+        "ct direction reply accept",
         "meta l4proto { tcp, udp } th dport 9 reject with icmpx admin-prohibited",
         "meta skuid 0 accept",
         'meta skuid 1000 tcp dport 15001 accept comment "app"',
         'meta skuid 1001 tcp dport { 8080, 9000-9100 } accept comment "proxy"',
         'meta skuid 1001 udp dport 53 accept comment "proxy"',
+        "goto refuse",
+        "chain refuse {",
         'meta skuid 1002 counter goto deny comment "rogue"',
         "counter goto deny",
+        "chain deny {",
         "meta l4proto tcp reject with tcp reset",
         "meta l4proto udp reject",
         "drop",
     ]
     positions = [lines.index(line) for line in order]
     assert positions == sorted(positions)
-    assert lines[3:7] == [
-        'oif "lo" jump loopback',
-        "ip daddr 127.0.0.0/8 jump loopback",
-        "ip6 daddr ::1 jump loopback",
-        "fib daddr type local jump loopback",  # a DNAT to the pod's own address (see WHICH PACKETS)
-    ]
+    assert lines[3 : 3 + 6] == order[:6], "the output chain jumps on exactly these"
+
+
+def test_undeclared_ports_have_no_owner() -> None:
+    lines = nft.table(ruleset(TYPICAL))
+    assert "sport" not in lines
+    assert "tcp flags ! syn accept\n\t\ttcp flags syn,ack / syn,ack accept\n" in lines
 
 
 def test_conntrack_only_where_udp_is_granted() -> None:
     tcp_only = ruleset({**ENFORCE, "allow.netisolate.io/app": "15001"})
     assert not tcp_only.stateful
-    assert "ct state" not in nft.table(tcp_only)
+    assert "ct direction" not in nft.table(tcp_only)
     assert not any("conntrack" in r for r in iptables.chains(tcp_only, 4)[iptables.CHAIN])
     assert ruleset(TYPICAL).stateful
 
@@ -183,12 +216,12 @@ def _in_fresh_netns(cmd: list[str], text: str) -> subprocess.CompletedProcess[st
 
 
 CASES = {
-    "typical": (TYPICAL, Settings()),
-    "audit": ({"netisolate.io/isolation": "audit"}, Settings()),
-    "no-root": (TYPICAL, Settings(allow_root=False, sentinel_port=65000)),
-    "many-ports": (
-        {**ENFORCE, "allow.netisolate.io/app": ",".join(str(p) for p in range(2000, 2040))},
-        Settings(),
+    "typical": ruleset(TYPICAL),
+    "serving": ruleset(TYPICAL, SERVING),
+    "audit": ruleset({"netisolate.io/isolation": "audit"}, SERVING),
+    "no-root": ruleset(TYPICAL, settings=Settings(allow_root=False, sentinel_port=65000)),
+    "many-ports": ruleset(
+        {**ENFORCE, "allow.netisolate.io/app": ",".join(str(p) for p in range(2000, 2040))}
     ),
 }
 
@@ -196,8 +229,7 @@ CASES = {
 @pytest.mark.kernel
 @pytest.mark.parametrize("case", CASES)
 def test_nft_accepts_the_script(case: str) -> None:
-    annotations, settings = CASES[case]
-    result = _in_fresh_netns(["nft", "-c", "-f", "-"], nft.replace(ruleset(annotations, settings=settings)))
+    result = _in_fresh_netns(["nft", "-c", "-f", "-"], nft.replace(CASES[case]))
     assert result.returncode == 0, result.stderr
 
 
@@ -208,9 +240,8 @@ def test_nft_accepts_the_script(case: str) -> None:
     ["iptables-legacy-restore", "ip6tables-legacy-restore", "iptables-nft-restore", "ip6tables-nft-restore"],
 )
 def test_iptables_restore_accepts_the_document(case: str, tool: str) -> None:
-    annotations, settings = CASES[case]
     family: iptables.Family = 6 if tool.startswith("ip6") else 4
-    document = iptables.document(ruleset(annotations, settings=settings), family)
+    document = iptables.document(CASES[case], family)
     result = _in_fresh_netns([tool, "--test", "--noflush"], document)
     assert result.returncode == 0, result.stderr
 
@@ -239,10 +270,10 @@ OVERLAPPING = {**ENFORCE, "allow.netisolate.io/app": "8080, 8000-9000, 9001, 700
 
 
 @pytest.mark.kernel
-@pytest.mark.parametrize("grants", [TYPICAL, OVERLAPPING])
-def test_nft_lists_exactly_what_we_render(grants: dict[str, str]) -> None:
+@pytest.mark.parametrize("case", ["typical", "serving", "overlapping"])
+def test_nft_lists_exactly_what_we_render(case: str) -> None:
     """Drift detection compares text, so our table must be nft's own listing (less counter values)."""
-    rs = ruleset(grants)
+    rs = CASES.get(case) or ruleset(OVERLAPPING)
     result = _in_fresh_netns(["sh", "-c", "nft -f - && nft list table inet netisolate"], nft.replace(rs))
     assert result.returncode == 0, result.stderr
     listed = re.sub(r"counter packets \d+ bytes \d+", "counter", result.stdout)
@@ -257,15 +288,23 @@ def test_iptables_document_keeps_our_jumps_once_and_first() -> None:
         "-o lo -j NETISOLATE",
         "-d 127.0.0.0/8 -j NETISOLATE",
         "-m addrtype --dst-type LOCAL -j NETISOLATE",  # a DNAT to the pod's own address
+        "-p udp -m addrtype --dst-type BROADCAST,MULTICAST -j NETISOLATE",
+        "-p udplite -m addrtype --dst-type BROADCAST,MULTICAST -j NETISOLATE",
     ]
-    assert iptables.jumps(6)[1] == "-d ::1/128 -j NETISOLATE"
+    assert iptables.jumps(6) == [
+        "-o lo -j NETISOLATE",
+        "-d ::1/128 -j NETISOLATE",
+        "-m addrtype --dst-type LOCAL -j NETISOLATE",
+        "-d ff00::/8 -p udp -j NETISOLATE",
+        "-d ff00::/8 -p udplite -j NETISOLATE",
+    ]
 
     def output_lines(current: list[str]) -> list[str]:
         return [line for line in iptables.document(rs, 4, current).splitlines() if " OUTPUT " in line]
 
     assert output_lines([*jumps, "-j ACCEPT"]) == []
     assert output_lines([]) == [f"-I OUTPUT {i} {jump}" for i, jump in enumerate(jumps, 1)]
-    displaced = ["-j ACCEPT", jumps[0], jumps[2]]
+    displaced = ["-j ACCEPT", jumps[0], jumps[2]]  # e.g. the jumps of an older netisolate
     assert output_lines(displaced) == [
         f"-D OUTPUT {jumps[0]}",
         f"-D OUTPUT {jumps[2]}",

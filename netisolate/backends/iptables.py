@@ -1,8 +1,8 @@
-"""iptables (legacy tables, IPv4 and IPv6): our own chains, jumped to first from OUTPUT for `-o lo`.
+"""iptables (legacy tables, IPv4 and IPv6): our own chains, jumped to first from OUTPUT.
 
-Loaded with `iptables-legacy-restore --noflush`: declaring our two chains flushes only them, the
-whole filter table is committed in one replace (a reader never sees half a chain), and chains and
-policies we do not own are never touched. The jump is kept unique and first in the same commit.
+Loaded with `iptables-legacy-restore --noflush`: declaring our chains flushes only them, the whole
+filter table is committed in one replace (a reader never sees half a chain), and chains and
+policies we do not own are never touched. The jumps are kept unique and first in the same commit.
 
 A user-namespaced pod (`hostUsers: false`) owns its network namespace through its user namespace,
 and the kernel's owner match takes UIDs only from a writer inside that user namespace. There the
@@ -23,10 +23,19 @@ from collections.abc import Sequence
 from netisolate.backends.base import EnforceError, Inspection, checked, run_tool
 from netisolate.netns import NetNS, NetNSError
 from netisolate.rules import RuleSet
-from netisolate.rules.iptables import CHAIN, DENY_CHAIN, Family, chains, document, jumps, jumps_in_place
+from netisolate.rules.iptables import (
+    CHAIN,
+    DENY_CHAIN,
+    REFUSE_CHAIN,
+    Family,
+    chains,
+    document,
+    jumps,
+    jumps_in_place,
+)
 
 _TOOLS: dict[Family, str] = {4: "iptables-legacy", 6: "ip6tables-legacy"}
-_DENY_COUNTER = re.compile(rf"^\[(\d+):\d+\] -A {CHAIN} (.*)-g {DENY_CHAIN}$")
+_DENY_COUNTER = re.compile(rf"^\[(\d+):\d+\] -A {REFUSE_CHAIN} (.*)-g {DENY_CHAIN}$")
 _COMMENT = re.compile(r"-m comment --comment (\S+)")
 _COUNTERS = re.compile(r"^\[\d+:\d+\] ")
 _LOCK_WAIT = "10"  # seconds a write waits for the xtables lock before it fails (and is retried)

@@ -9,9 +9,10 @@ from dataclasses import dataclass
 from typing import Literal
 
 from netisolate.policy import PortRange
-from netisolate.rules import RuleSet
+from netisolate.rules import Owner, RuleSet
 
 CHAIN = "NETISOLATE"
+REFUSE_CHAIN = "NETISOLATE-REFUSE"
 DENY_CHAIN = "NETISOLATE-DENY"
 Family = Literal[4, 6]
 _MULTIPORT_SLOTS = 15  # multiport takes at most 15 ports (a range counts twice)
@@ -33,11 +34,22 @@ _ICMP: dict[Family, _Icmp] = {
         "ipv6-icmp", "icmp6", "--icmpv6-type", (1, 2, 3, 4), "icmp6-port-unreachable", "icmp6-adm-prohibited"
     ),
 }
-# the ways a packet is known to stay in the pod (see "WHICH PACKETS" in netisolate.rules)
-_LOOPBACK_MATCHES: dict[Family, tuple[str, ...]] = {
-    4: ("-o lo", "-d 127.0.0.0/8", "-m addrtype --dst-type LOCAL"),
-    6: ("-o lo", "-d ::1/128", "-m addrtype --dst-type LOCAL"),
+# the packets that stay in the pod, or of which the kernel keeps a copy for it (see WHICH PACKETS)
+_JUDGED: dict[Family, tuple[str, ...]] = {
+    4: (
+        "-o lo",
+        "-d 127.0.0.0/8",
+        "-m addrtype --dst-type LOCAL",
+        *(f"-p {p} -m addrtype --dst-type BROADCAST,MULTICAST" for p in ("udp", "udplite")),
+    ),
+    6: (
+        "-o lo",
+        "-d ::1/128",
+        "-m addrtype --dst-type LOCAL",
+        *(f"-d ff00::/8 -p {p}" for p in ("udp", "udplite")),
+    ),
 }
+_SYN_ACK = "--tcp-flags SYN,ACK SYN,ACK"
 
 
 def _multiport_chunks(ports: tuple[PortRange, ...]) -> list[str]:
@@ -57,12 +69,29 @@ def _comment(containers: str) -> str:
     return f"-m comment --comment {containers}"
 
 
+def _owners(owner: Owner, negated: bool) -> list[str]:
+    """One owner match per UID: negated, all must hold (none of them); else one rule each."""
+    return [f"-m owner {'! ' if negated else ''}--uid-owner {uid}" for uid in owner.uids]
+
+
 def _judging(rs: RuleSet, family: Family) -> list[str]:
     icmp = _ICMP[family]
-    rules = ["-p tcp -m tcp ! --tcp-flags SYN,ACK SYN -j ACCEPT"]
+    rules = ["-p tcp -m tcp ! --tcp-flags SYN SYN -j ACCEPT"]
+    for owner in rs.owned("tcp"):
+        served = f"-p tcp -m tcp --sport {owner.port} {_SYN_ACK}"
+        rules += [
+            f"{served} {match} {_comment(owner.containers)} -j ACCEPT" for match in _owners(owner, False)
+        ]
+        rules.append(f"{served} -g {REFUSE_CHAIN}")
+    rules.append(f"-p tcp -m tcp {_SYN_ACK} -j ACCEPT")
     rules += [f"-p {icmp.proto} -m {icmp.module} {icmp.option} {t} -j ACCEPT" for t in icmp.error_types]
+    rules += [
+        f"-p udp -m udp --sport {owner.port} {' '.join(_owners(owner, True))} {_comment(owner.containers)} "
+        f"-g {REFUSE_CHAIN}"
+        for owner in rs.owned("udp")
+    ]
     if rs.stateful:
-        rules.append("-m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT")
+        rules.append("-m conntrack --ctdir REPLY -j ACCEPT")
     rules += [
         f"-p {proto} -m {proto} --dport {rs.sentinel_port} -j REJECT --reject-with {icmp.prohibited}"
         for proto in ("tcp", "udp")
@@ -75,9 +104,13 @@ def _judging(rs: RuleSet, family: Family) -> list[str]:
         for g in rs.grants
         for chunk in _multiport_chunks(g.ports)
     ]
-    rules += [f"-m owner --uid-owner {i.uid} {_comment(i.containers)} -g {DENY_CHAIN}" for i in rs.identities]
-    rules.append(f"-g {DENY_CHAIN}")
+    rules.append(f"-g {REFUSE_CHAIN}")
     return rules
+
+
+def _refuse(rs: RuleSet) -> list[str]:
+    rules = [f"-m owner --uid-owner {i.uid} {_comment(i.containers)} -g {DENY_CHAIN}" for i in rs.identities]
+    return [*rules, f"-g {DENY_CHAIN}"]
 
 
 def _deny(rs: RuleSet, family: Family) -> list[str]:
@@ -92,12 +125,12 @@ def _deny(rs: RuleSet, family: Family) -> list[str]:
 
 def chains(rs: RuleSet, family: Family) -> dict[str, list[str]]:
     """Our chains' rules as `iptables-save` lists them, less the `-A CHAIN ` prefix."""
-    return {CHAIN: _judging(rs, family), DENY_CHAIN: _deny(rs, family)}
+    return {CHAIN: _judging(rs, family), REFUSE_CHAIN: _refuse(rs), DENY_CHAIN: _deny(rs, family)}
 
 
 def jumps(family: Family) -> list[str]:
     """The rules that must begin OUTPUT, in this order, and be its only jumps to our chain."""
-    return [f"{match} -j {CHAIN}" for match in _LOOPBACK_MATCHES[family]]
+    return [f"{match} -j {CHAIN}" for match in _JUDGED[family]]
 
 
 def jumps_in_place(output: Sequence[str], family: Family) -> bool:
@@ -113,7 +146,7 @@ def document(rs: RuleSet, family: Family, output: Sequence[str] = ()) -> str:
     OUTPUT's current rules (empty for a new namespace). Declaring our chains flushes only them, and
     the whole table is committed at once; when our jumps are not already exactly first, the same
     commit deletes every jump to our chain and inserts them first, so they end up once and first."""
-    lines = ["*filter", *(f":{chain} - [0:0]" for chain in (CHAIN, DENY_CHAIN))]
+    lines = ["*filter", *(f":{chain} - [0:0]" for chain in (CHAIN, REFUSE_CHAIN, DENY_CHAIN))]
     lines += [f"-A {chain} {rule}" for chain, rules in chains(rs, family).items() for rule in rules]
     if not jumps_in_place(output, family):
         lines += [f"-D OUTPUT {rule}" for rule in output if rule.endswith(f"-j {CHAIN}")]

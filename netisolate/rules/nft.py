@@ -5,11 +5,19 @@ What the rules decide, and why, is explained once, in `netisolate.rules`."""
 from __future__ import annotations
 
 from netisolate.policy import PortRange
-from netisolate.rules import RuleSet
+from netisolate.rules import Owner, RuleSet
 
 TABLE = "netisolate"
-# the four ways a packet is known to stay in the pod (see "WHICH PACKETS" in netisolate.rules)
-_LOOPBACK_MATCHES = ('oif "lo"', "ip daddr 127.0.0.0/8", "ip6 daddr ::1", "fib daddr type local")
+# the packets that stay in the pod, or of which the kernel keeps a copy for it (see WHICH PACKETS)
+_JUDGED = (
+    'oif "lo"',
+    "ip daddr 127.0.0.0/8",
+    "ip6 daddr ::1",
+    "fib daddr type local",
+    "meta l4proto { udp, udplite } fib daddr type { broadcast, multicast }",
+    "meta l4proto { udp, udplite } ip6 daddr ff00::/8",
+)
+_SYN_ACK = "tcp flags syn,ack / syn,ack"
 
 
 def _ports(ports: tuple[PortRange, ...]) -> str:
@@ -17,14 +25,30 @@ def _ports(ports: tuple[PortRange, ...]) -> str:
     return items[0] if len(items) == 1 else "{ " + ", ".join(items) + " }"
 
 
+def _uids(owner: Owner) -> str:
+    uids = [str(uid) for uid in owner.uids]
+    return uids[0] if len(uids) == 1 else "{ " + ", ".join(uids) + " }"
+
+
 def _judging(rs: RuleSet) -> list[str]:
-    rules = [
-        "tcp flags != syn / syn,ack accept",
+    rules = ["tcp flags ! syn accept"]
+    for owner in rs.owned("tcp"):
+        served = f"{_SYN_ACK} tcp sport {owner.port}"
+        rules += [
+            f'{served} meta skuid {_uids(owner)} accept comment "{owner.containers}"',
+            f"{served} goto refuse",
+        ]
+    rules += [
+        f"{_SYN_ACK} accept",
         "icmp type { destination-unreachable, time-exceeded, parameter-problem } accept",
         "icmpv6 type { destination-unreachable, packet-too-big, time-exceeded, parameter-problem } accept",
     ]
+    rules += [
+        f'udp sport {owner.port} meta skuid != {_uids(owner)} goto refuse comment "{owner.containers}"'
+        for owner in rs.owned("udp")
+    ]
     if rs.stateful:
-        rules.append("ct state established,related accept")
+        rules.append("ct direction reply accept")
     rules.append(
         f"meta l4proto {{ tcp, udp }} th dport {rs.sentinel_port} reject with icmpx admin-prohibited"
     )
@@ -34,9 +58,13 @@ def _judging(rs: RuleSet) -> list[str]:
         f'meta skuid {g.uid} {g.protocol} dport {_ports(g.ports)} accept comment "{g.containers}"'
         for g in rs.grants
     ]
-    rules += [f'meta skuid {i.uid} counter goto deny comment "{i.containers}"' for i in rs.identities]
-    rules.append("counter goto deny")
+    rules.append("goto refuse")
     return rules
+
+
+def _refuse(rs: RuleSet) -> list[str]:
+    rules = [f'meta skuid {i.uid} counter goto deny comment "{i.containers}"' for i in rs.identities]
+    return [*rules, "counter goto deny"]
 
 
 def _deny(rs: RuleSet) -> list[str]:
@@ -50,9 +78,10 @@ def table(rs: RuleSet) -> str:
     chains = {
         "output": [
             "type filter hook output priority filter; policy accept;",
-            *(f"{match} jump loopback" for match in _LOOPBACK_MATCHES),
+            *(f"{match} jump loopback" for match in _JUDGED),
         ],
         "loopback": _judging(rs),
+        "refuse": _refuse(rs),
         "deny": _deny(rs),
     }
     body = "\n\n".join(
