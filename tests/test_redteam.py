@@ -182,6 +182,25 @@ def test_a_squatter_on_a_declared_udp_port_cannot_answer(pod: LocalPod) -> None:
     assert owner.got() == ["got hello"]
 
 
+def test_the_agent_names_the_squatter(pod: LocalPod) -> None:
+    """The listener check (the `PortSquatted` event) sees what the rules cannot stop on input."""
+    from netisolate.agent.listeners import squatted
+
+    rs = build_ruleset(pod_policy(pod.pod, {}), Settings())
+    assert rs is not None
+    Receiver(pod, PROXY, "udp", 5300)
+    proxy = Receiver(pod, PROXY, "tcp", 15001)
+    assert squatted(_ns(pod), rs) == [], "the owner serving its own ports is no squat"
+    proxy.got()  # the proxy restarts...
+    Receiver(pod, ROGUE, "udp", 5300, "127.0.0.1")
+    Receiver(pod, APP, "tcp", 15001, "127.0.0.2")
+    Receiver(pod, 4242, "tcp", 8080)  # not declared: anyone may serve it
+    assert squatted(_ns(pod), rs) == [
+        "15001 declared by proxy, bound by app (UID 1000)",
+        "5300/udp declared by proxy, bound by rogue (UID 1002)",
+    ]
+
+
 def test_undeclared_ports_are_served_by_anyone(pod: LocalPod) -> None:
     """Ownership is opt-in by declaring the port: 5301/udp and 8080 are served as before."""
     for uid in (PROXY, ROGUE):
