@@ -313,7 +313,7 @@ def _undeclared_grant_rule(pod: Pod) -> Iterator[Finding]:
     declared = [port for c in pod.all_containers() for port in declared_ports(c)]
     for name, ranges in sorted(grants.items()):
         for r in ranges:
-            if not any(r.covers(d.low, d.protocol) for d in declared):
+            if not any(d.protocol == r.protocol and r.low <= d.low <= r.high for d in declared):
                 yield Finding(
                     "grant-port-undeclared",
                     "warn",
