@@ -28,8 +28,8 @@ class Observed:
     def alive(self) -> bool:
         return self.healthy
 
-    def is_ready(self) -> bool:
-        return self.ready
+    def unready(self) -> str:
+        return "" if self.ready else "start-up verification running"
 
     def status(self) -> dict[str, Any]:
         return {

@@ -31,6 +31,8 @@ REFUSED = Gauge(
     ["namespace", "pod", "containers"],
 )
 EVENTS = Counter("netisolate_events_total", "Kubernetes events emitted", ["reason"])
+WATCH_ERRORS = Counter("netisolate_watch_errors_total", "List/watch requests that failed", ["resource"])
+WATCH_UP = Gauge("netisolate_watch_up", "1 while the list/watch works, 0 while it fails", ["resource"])
 
 
 class Reporter:
