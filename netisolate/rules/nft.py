@@ -5,7 +5,7 @@ What the rules decide, and why, is explained once, in `netisolate.rules`."""
 from __future__ import annotations
 
 from netisolate.policy import PortRange
-from netisolate.rules import Owner, RuleSet
+from netisolate.rules import Cgroup, CgroupOwner, CgroupRules, Member, Owner, RuleSet
 
 TABLE = "netisolate"
 # the packets that stay in the pod, or of which the kernel keeps a copy for it (see WHICH PACKETS)
@@ -26,11 +26,16 @@ def _ports(ports: tuple[PortRange, ...]) -> str:
 
 
 def _uids(owner: Owner) -> str:
-    uids = [str(uid) for uid in owner.uids]
-    return uids[0] if len(uids) == 1 else "{ " + ", ".join(uids) + " }"
+    return _listed(owner.uids)
+
+
+def _listed(numbers: tuple[int, ...]) -> str:
+    return str(numbers[0]) if len(numbers) == 1 else "{ " + ", ".join(map(str, numbers)) + " }"
 
 
 def _judging(rs: RuleSet) -> list[str]:
+    if rs.cgroups is not None:
+        return _judging_by_cgroup(rs, rs.cgroups)
     rules = ["tcp flags ! syn accept"]
     for owner in rs.owned("tcp"):
         served = f"{_SYN_ACK} tcp sport {owner.port}"
@@ -63,8 +68,111 @@ def _judging(rs: RuleSet) -> list[str]:
 
 
 def _refuse(rs: RuleSet) -> list[str]:
-    rules = [f'meta skuid {i.uid} counter goto deny comment "{i.containers}"' for i in rs.identities]
+    if rs.cgroups is not None:
+        cg = rs.cgroups
+        rules = [f'{_in(cg, m.set)} counter goto deny comment "{m.name}"' for m in cg.members]
+    else:
+        rules = [f'meta skuid {i.uid} counter goto deny comment "{i.containers}"' for i in rs.identities]
     return [*rules, "counter goto deny"]
+
+
+# --- cgroup identity (see CGROUP IDENTITY) -----------------------------------------------------
+
+
+def _in(cg: CgroupRules, set_name: str, level: int | None = None, negated: bool = False) -> str:
+    depth = cg.level if level is None else level
+    return f"socket cgroupv2 level {depth} {'!= ' if negated else ''}@{set_name}"
+
+
+def _member(cg: CgroupRules, m: Member) -> str:
+    """The match for a member's sockets: its cgroup, and under uid+cgroup its UID as well."""
+    return (f"meta skuid {m.uid} " if cg.by_uid else "") + _in(cg, m.set)
+
+
+def _not_owner(cg: CgroupRules, owner: CgroupOwner) -> str:
+    return " ".join(_in(cg, f"c-{name}", negated=True) for name in owner.members)
+
+
+def _judging_by_cgroup(rs: RuleSet, cg: CgroupRules) -> list[str]:
+    usable = [m for m in cg.members if m.uid is not None or not cg.by_uid]
+    rules = ["tcp flags ! syn accept"]
+    # A SYN-ACK leaves from a request socket, which `socket cgroupv2` cannot see (it breaks): a
+    # declared TCP port is kept to its owners on input instead (`_receiving`), where the SYN meets
+    # the listener. Under uid+cgroup the owners' UIDs are held to it here as well.
+    for owner in cg.owned("tcp") if cg.by_uid else ():
+        served = f"{_SYN_ACK} tcp sport {owner.port}"
+        if uids := cg.uids(owner):
+            rules.append(f'{served} meta skuid {_listed(uids)} accept comment "{",".join(owner.members)}"')
+        rules.append(f"{served} goto refuse")
+    rules += [
+        f"{_SYN_ACK} accept",
+        "icmp type { destination-unreachable, time-exceeded, parameter-problem } accept",
+        "icmpv6 type { destination-unreachable, packet-too-big, time-exceeded, parameter-problem } accept",
+    ]
+    for owner in cg.owned("udp"):
+        comment = f'comment "{",".join(owner.members)}"'
+        rules.append(f"udp sport {owner.port} {_not_owner(cg, owner)} goto refuse {comment}")
+        if cg.by_uid:
+            uids = cg.uids(owner)
+            rules.append(
+                f"udp sport {owner.port} meta skuid != {_listed(uids)} goto refuse {comment}"
+                if uids
+                else f"udp sport {owner.port} goto refuse {comment}"
+            )
+    if rs.stateful:
+        rules.append("ct direction reply accept")
+    rules.append(
+        f"meta l4proto {{ tcp, udp }} th dport {rs.sentinel_port} reject with icmpx admin-prohibited"
+    )
+    rules += [
+        f'{_member(cg, m)} {protocol} dport {_ports(ports)} accept comment "{m.name}"'
+        for m in usable
+        for protocol, ports in m.grants
+    ]
+    rules.append(f"{_in(cg, 'pod', level=cg.level - 1)} goto refuse")
+    if rs.allow_root:
+        rules.append("meta skuid 0 accept")
+    rules.append("goto refuse")
+    return rules
+
+
+def _receiving(cg: CgroupRules) -> list[str]:
+    """The input hook: what opens a flow to a declared port is refused when the socket it would be
+    delivered to is in no owner's cgroup."""
+    opening = {"tcp": "tcp flags syn / syn,ack tcp", "udp": "udp"}
+    return [
+        "type filter hook input priority filter; policy accept;",
+        *(
+            f"{opening[o.protocol]} dport {o.port} {_not_owner(cg, o)} goto refuse "
+            f'comment "{",".join(o.members)}"'
+            for o in cg.owners
+        ),
+    ]
+
+
+def _element(cgroup: Cgroup, loading: bool) -> str:
+    """nft lists an ID back when it finds no path for it (the agent lists from where it cannot)."""
+    return f'"{cgroup.path}"' if loading else str(cgroup.id)
+
+
+def _sets(cg: CgroupRules, loading: bool) -> list[str]:
+    blocks = []
+    for name, cgroup in cg.elements():
+        lines = ["type cgroupsv2", *([f"elements = {{ {_element(cgroup, loading)} }}"] if cgroup else [])]
+        blocks.append(f"\tset {name} {{\n" + "".join(f"\t\t{line}\n" for line in lines) + "\t}")
+    return blocks
+
+
+def elements(rs: RuleSet) -> str:
+    """The `nft -f` document that puts each container's current cgroup into its set, and nothing
+    else: one transaction, so a set is never seen empty in between."""
+    assert rs.cgroups is not None
+    lines = []
+    for name, cgroup in rs.cgroups.elements():
+        lines.append(f"flush set inet {TABLE} {name}")
+        if cgroup:
+            lines.append(f"add element inet {TABLE} {name} {{ {_element(cgroup, True)} }}")
+    return "\n".join(lines) + "\n"
 
 
 def _deny(rs: RuleSet) -> list[str]:
@@ -73,8 +181,9 @@ def _deny(rs: RuleSet) -> list[str]:
     return ["meta l4proto tcp reject with tcp reset", "meta l4proto udp reject", "drop"]
 
 
-def table(rs: RuleSet) -> str:
-    """The table block as `nft list table inet netisolate` prints it; counters print as `counter`."""
+def table(rs: RuleSet, loading: bool = False) -> str:
+    """The table block as `nft list table inet netisolate` prints it; counters print as `counter`.
+    `loading`: cgroups by path, for `nft -f` (it lists them back by ID, see CGROUP IDENTITY)."""
     chains = {
         "output": [
             "type filter hook output priority filter; policy accept;",
@@ -84,21 +193,25 @@ def table(rs: RuleSet) -> str:
         "refuse": _refuse(rs),
         "deny": _deny(rs),
     }
-    body = "\n\n".join(
+    if rs.cgroups is not None and rs.cgroups.owners:
+        chains["input"] = _receiving(rs.cgroups)
+    blocks = _sets(rs.cgroups, loading) if rs.cgroups is not None else []
+    blocks += [
         f"\tchain {name} {{\n" + "".join(f"\t\t{line}\n" for line in lines) + "\t}"
         for name, lines in chains.items()
-    )
+    ]
+    body = "\n\n".join(blocks)
     return f"table inet {TABLE} {{\n{body}\n}}\n"
 
 
 def create(rs: RuleSet) -> str:
     """The `nft -f` document for a namespace that has no table of ours: it fails ("File exists")
     rather than touch one that is there, and costs a third of a replacement (no RCU wait)."""
-    return f"create table inet {TABLE}\n{table(rs)}"
+    return f"create table inet {TABLE}\n{table(rs, loading=True)}"
 
 
 def replace(rs: RuleSet) -> str:
     """The `nft -f` document that replaces our table, whatever is there: declare (so it works on a
     first apply too), delete, re-create. The kernel applies all of it or none, so there is no moment
     with half a table, and loading it twice leaves the same table: atomic and idempotent."""
-    return f"table inet {TABLE}\ndelete table inet {TABLE}\n{table(rs)}"
+    return f"table inet {TABLE}\ndelete table inet {TABLE}\n{table(rs, loading=True)}"
