@@ -29,10 +29,10 @@ from netisolate.rules import RuleSet, Settings, build_ruleset, iptables, nft
 UIDS = {"app": 1000, "proxy": 1001, "worker": 1002}
 
 
-def bench_pod(extra_port: int = 0) -> Pod:
+def bench_pod(extra_port: int = 0, identity: str = "uid") -> Pod:
     """Each container is granted 4 ports, which the next one declares it serves (so the loopback
     connections, app → proxy on 8000, pass the SYN-ACK ownership rules too)."""
-    annotations = {"netisolate.io/isolation": "enforce"}
+    annotations = {"netisolate.io/isolation": "enforce", "netisolate.io/identity": identity}
     names = list(UIDS)
     served: dict[str, list[dict[str, int]]] = {}
     for i, name in enumerate(names):
@@ -163,8 +163,10 @@ print(json.dumps({"conn_per_s": n / seconds, "mib_per_s": sent / (1 << 20) / (ti
 """
 
 
-def measure(pod: LocalPod, seconds: float) -> dict[str, float]:
-    client = pod.spawn(as_uid(UIDS["app"], ["/usr/bin/python3", "-c", CLIENT, "8000", str(seconds)]))
+def measure(pod: LocalPod, seconds: float, container: str | None = None) -> dict[str, float]:
+    """The app's client, in the app container's cgroup when the pod has them."""
+    argv = as_uid(UIDS["app"], ["/usr/bin/python3", "-c", CLIENT, "8000", str(seconds)])
+    client = pod.spawn(argv, container=container)
     out, err = client.communicate(timeout=seconds * 3 + 10)
     pod.processes.remove(client)
     if client.returncode != 0:

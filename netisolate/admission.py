@@ -6,6 +6,7 @@ The webhook and `netisolate check` both call `review_pod`, `review_ephemeral` an
 
 from __future__ import annotations
 
+import posixpath
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from itertools import combinations
@@ -31,6 +32,7 @@ from netisolate.policy import (
     effective_uid,
     parse_level,
     parse_pod_grants,
+    pod_identity,
 )
 
 GATE_LABEL = "netisolate.io/gate"
@@ -186,9 +188,37 @@ def _pod_rules(pod: Pod, severity: Severity) -> Iterator[Finding]:
         )
 
 
+CGROUP_ROOT = "/sys/fs/cgroup"
+
+
+def _cgroupfs_rule(pod: Pod, severity: Severity) -> Iterator[Finding]:
+    """With cgroup identity, a container that can write the node's cgroupfs can move its
+    processes into another container's cgroup, and so take its identity."""
+    volumes = {v.name: v for v in pod.spec.volumes if v.host_path is not None}
+    for container in pod.all_containers():
+        for mount in container.volume_mounts:
+            volume = volumes.get(mount.name)
+            if volume is None or mount.read_only:
+                continue
+            path = posixpath.normpath("/" + str((volume.host_path or {}).get("path", "")).lstrip("/"))
+            # the cgroupfs itself, a directory in it, or one above it (/, /sys, /sys/fs)
+            if path == "/" or f"{CGROUP_ROOT}/".startswith(f"{path}/") or path.startswith(f"{CGROUP_ROOT}/"):
+                yield Finding(
+                    "cgroupfs-mount",
+                    severity,
+                    container.name,
+                    f"volume {mount.name} mounts the node's {path} writable, which holds the cgroups "
+                    "that identify containers: set readOnly: true on the mount or drop the volume",
+                )
+
+
 def _isolation_rules(pod: Pod, level: Level, config: Config) -> Iterator[Finding]:
     severity: Severity = "deny" if level is Level.ENFORCE else "warn"
-    yield from _uid_rules(pod, severity)
+    identity, _ = pod_identity(pod)
+    if identity.by_uid:
+        yield from _uid_rules(pod, severity)
+    if identity.by_cgroup:
+        yield from _cgroupfs_rule(pod, severity)
     yield from _pod_rules(pod, severity)
     for container, kind in containers_with_kind(pod):
         yield from _container_rules(pod, container, kind, config, severity)
@@ -371,9 +401,10 @@ def review_pod(
 ) -> list[Finding]:
     level, level_problems = effective_level(pod, namespace_labels)
     _, grant_problems = parse_pod_grants(pod)
+    _, identity_problems = pod_identity(pod)
 
     def all_findings() -> Iterator[Finding]:
-        for problem in [*level_problems, *grant_problems]:
+        for problem in [*level_problems, *grant_problems, *identity_problems]:
             yield Finding("annotation-invalid", "deny", None, problem)
         if level is not Level.OFF:
             yield from _isolation_rules(pod, level, config)

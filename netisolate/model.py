@@ -56,6 +56,7 @@ class ContainerPort(K8s):
 class VolumeMount(K8s):
     name: str
     mount_path: str
+    read_only: bool | None = None
 
 
 # Kubernetes only admits DNS-1123 labels as container names; holding to that here also means a

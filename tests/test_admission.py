@@ -526,3 +526,68 @@ def test_field_names_the_api_server_ignores_are_ignored_here_too() -> None:
     sc = pod["spec"]["containers"][0]["securityContext"]
     sc["run_as_user"] = sc.pop("runAsUser")
     assert ("uid-missing", "deny", "app") in rules(findings(pod))
+
+
+# --- identity by cgroup (issue 13) ------------------------------------------------------------
+
+
+def cgroup_pod(identity: str) -> Obj:
+    """Two containers sharing UID 1000 and one root container, all otherwise hardened."""
+    pod = good_pod()
+    pod["metadata"]["annotations"]["netisolate.io/identity"] = identity
+    pod["spec"]["containers"] = [hardened("app", 1000), hardened("proxy", 1000), hardened("tool", 0)]
+    return pod
+
+
+def test_under_cgroup_identity_the_uid_rules_do_not_apply() -> None:
+    assert findings(cgroup_pod("cgroup")) == []
+    assert {r for r, _, _ in rules(findings(cgroup_pod("uid+cgroup")))} == {"uid-shared", "uid-root"}
+    assert {r for r, _, _ in rules(findings(cgroup_pod("uid")))} == {"uid-shared", "uid-root"}
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        lambda c: c["securityContext"].update(privileged=True),
+        lambda c: c["securityContext"].update(allowPrivilegeEscalation=True),
+        lambda c: c["securityContext"].update(capabilities={"drop": ["ALL"], "add": ["NET_ADMIN"]}),
+    ],
+)
+def test_under_cgroup_identity_the_hardening_rules_still_deny(change: Callable[[Obj], None]) -> None:
+    pod = cgroup_pod("cgroup")
+    change(container(pod, 2))
+    assert not allowed(findings(pod))
+
+
+CGROUPFS_PATHS = ("/sys/fs/cgroup", "/sys/fs/cgroup/unified", "/sys/fs/", "/sys", "/", "//sys/fs/cgroup/")
+
+
+@pytest.mark.parametrize("path", [*CGROUPFS_PATHS, "/sys/./fs/cgroup"])
+@pytest.mark.parametrize("identity", ["cgroup", "uid+cgroup"])
+def test_a_writable_cgroupfs_mount_is_denied(path: str, identity: str) -> None:
+    pod = (
+        cgroup_pod(identity)
+        if identity == "cgroup"
+        else mutated(lambda p: p["metadata"]["annotations"].update({"netisolate.io/identity": identity}))
+    )
+    pod["spec"]["volumes"] = [{"name": "cg", "hostPath": {"path": path}}]
+    container(pod)["volumeMounts"] = [{"name": "cg", "mountPath": "/host"}]
+    assert ("cgroupfs-mount", "deny", "app") in rules(findings(pod))
+    container(pod)["volumeMounts"][0]["readOnly"] = True
+    assert "cgroupfs-mount" not in {r for r, _, _ in rules(findings(pod))}
+
+
+def test_other_hostpaths_and_uid_identity_raise_no_cgroupfs_finding() -> None:
+    pod = cgroup_pod("cgroup")
+    pod["spec"]["volumes"] = [{"name": "v", "hostPath": {"path": "/sys/fs/cgroupfoo"}}]
+    container(pod)["volumeMounts"] = [{"name": "v", "mountPath": "/host"}]
+    assert "cgroupfs-mount" not in {r for r, _, _ in rules(findings(pod))}
+    uid_pod = good_pod()
+    uid_pod["spec"]["volumes"] = [{"name": "cg", "hostPath": {"path": "/sys/fs/cgroup"}}]
+    container(uid_pod)["volumeMounts"] = [{"name": "cg", "mountPath": "/host"}]
+    assert "cgroupfs-mount" not in {r for r, _, _ in rules(findings(uid_pod))}
+
+
+def test_an_unknown_identity_is_an_invalid_annotation() -> None:
+    pod = cgroup_pod("cgroups")
+    assert ("annotation-invalid", "deny", None) in rules(findings(pod))

@@ -40,17 +40,23 @@ class NftablesBackend:
         checked(result, f"loading {ruleset.pod}'s rules")
         self._installed.add(ns.inode)
 
-    def update_cgroups(self, ns: NetNS, ruleset: RuleSet) -> None:
-        """Put each container's current cgroup into its set (a restarted container's new one): one
-        small transaction, in-process where libnftables is there (~1 ms, no fork)."""
-        document = nft.elements(ruleset)
-        if libnft.available():
-            status, _, err = ns.run(lambda: libnft.run(document))
-        else:
-            result = self._load(ns, document)
-            status, err = result.returncode, result.stderr
-        if status != 0:
-            raise EnforceError(f"updating {ruleset.pod}'s cgroups failed: {err.strip()}")
+    def update_cgroups(self, ns: NetNS, ruleset: RuleSet, installed: RuleSet) -> None:
+        """Turn the sets of `installed` into those of `ruleset` (a restarted container's new cgroup
+        in, its old one out), in-process where libnftables is there (no fork). Should the sets
+        not be what `installed` says (a delete that finds nothing), the table is replaced."""
+        for document in nft.elements(ruleset, installed):
+            if not document:
+                continue
+            if libnft.available():
+                status, _, err = ns.run(lambda doc=document: libnft.run(doc))  # type: ignore[misc]
+            else:
+                result = self._load(ns, document)
+                status, err = result.returncode, result.stderr
+            if status != 0 and "No such file or directory" in err:
+                self.apply(ns, ruleset)
+                return
+            if status != 0:
+                raise EnforceError(f"updating {ruleset.pod}'s cgroups failed: {err.strip()}")
 
     def listing(self, ns: NetNS, by_id: bool = False) -> str | None:
         """The table as nft lists it; `by_id`: cgroups as IDs (listed from the blind namespace)."""
