@@ -595,3 +595,108 @@ async def test_the_command_starts_without_the_kubernetes_client(kmock: Any, tmp_
         check=False,
     )
     assert done.stdout.strip().splitlines()[-1] == "1 []", done.stderr
+
+
+def _certificate(name: str, key: Any, issuer: tuple[Any, Any] | None, *, ca: bool = False) -> Any:
+    """A certificate for name (127.0.0.1 as an IP address), signed by issuer (cert, key) or itself."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.x509.oid import NameOID
+
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+    now = datetime.datetime.now(datetime.UTC)
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(issuer[0].subject if issuer else subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(hours=1))
+        .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
+    )
+    if not ca:
+        builder = builder.add_extension(
+            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False
+        )
+    return builder.sign(issuer[1] if issuer else key, hashes.SHA256())
+
+
+def _pem(cert: Any = None, key: Any = None) -> bytes:
+    from cryptography.hazmat.primitives import serialization
+
+    if cert is not None:
+        return bytes(cert.public_bytes(serialization.Encoding.PEM))
+    return bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+    )
+
+
+def test_the_api_server_is_authenticated_and_authenticates_us_over_tls(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Real TLS both ways: the server's certificate checked against certificate-authority-data,
+    ours (client-certificate-data) required by the server; a wrong CA is exit 2."""
+    import base64
+    import ssl
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    keys = {name: ec.generate_private_key(ec.SECP256R1()) for name in ("ca", "server", "client", "other")}
+    ca = _certificate("test-ca", keys["ca"], None, ca=True)
+    other_ca = _certificate("other-ca", keys["other"], None, ca=True)
+    (tmp_path / "server.pem").write_bytes(_pem(_certificate("127.0.0.1", keys["server"], (ca, keys["ca"]))))
+    (tmp_path / "server.key").write_bytes(_pem(key=keys["server"]))
+    (tmp_path / "ca.pem").write_bytes(_pem(ca))
+    clients: list[str] = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            peer = self.connection.getpeercert()
+            clients.append(str(dict(x[0] for x in peer["subject"])["commonName"]))
+            body = b'{"kind": "List", "metadata": {}, "items": []}'
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, format: str, *args: Any) -> None:
+            pass
+
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(tmp_path / "server.pem", tmp_path / "server.key")
+    context.load_verify_locations(tmp_path / "ca.pem")
+    context.verify_mode = ssl.CERT_REQUIRED
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    server.socket = context.wrap_socket(server.socket, server_side=True)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"https://127.0.0.1:{server.server_address[1]}"
+        client = _certificate("audit-user", keys["client"], (ca, keys["ca"]))
+        user = {
+            "client-certificate-data": base64.b64encode(_pem(client)).decode(),
+            "client-key-data": base64.b64encode(_pem(key=keys["client"])).decode(),
+        }
+        config = kubeconfig(tmp_path, url, user)
+        document = yaml.safe_load(Path(config).read_text())
+        document["clusters"][0]["cluster"]["certificate-authority-data"] = base64.b64encode(_pem(ca)).decode()
+        Path(config).write_text(yaml.safe_dump(document))
+        assert cli(capsys, "--kubeconfig", config)[:2] == (0, "no findings\n")
+        assert clients and set(clients) == {"audit-user"}
+        document["clusters"][0]["cluster"]["certificate-authority-data"] = base64.b64encode(
+            _pem(other_ca)
+        ).decode()
+        Path(config).write_text(yaml.safe_dump(document))
+        code, _, err = cli(capsys, "--kubeconfig", config)
+        assert code == 2 and "CERTIFICATE_VERIFY_FAILED" in err
+    finally:
+        server.shutdown()
+        server.server_close()
