@@ -185,31 +185,33 @@ def _status_message(body: str | bytes) -> str:
 
 
 def via_client(kubeconfig: str | None) -> Get:
-    """The same GETs through the kubernetes client, for the credentials only it reads."""
+    """The same GETs through the kubernetes client's configuration and connection pool, for the
+    credentials only it reads. Its REST layer alone: what it has in common across client versions
+    (29 raises on an error status and preloads the body, 37 does neither)."""
     from kubernetes.client.exceptions import ApiException
     from urllib3.exceptions import HTTPError
 
     from netisolate.kube import api_clients
 
     core, _ = api_clients(kubeconfig)
+    client = core.api_client
+    configuration = client.configuration
+    headers = {"Accept": "application/json", "User-Agent": "netisolate-audit"}
 
     def get(path: str) -> bytes:
-        resource, _, query = path.partition("?")
+        for auth in configuration.auth_settings().values():
+            if auth.get("in") == "header" and auth.get("value"):
+                headers[auth["key"]] = auth["value"]
         try:
-            response = core.api_client.call_api(
-                resource,
-                "GET",
-                query_params=urllib.parse.parse_qsl(query),
-                auth_settings=["BearerToken"],
-                _preload_content=False,
-                _return_http_data_only=True,
-            )
-            body: bytes = response.data
-            return body
+            response = client.rest_client.request("GET", configuration.host + path, headers=headers)
+            body: bytes = response.data if response.data is not None else response.read()
         except ApiException as err:
             raise KubeReadError(f"GET {path}: HTTP {err.status}: {_status_message(err.body or '')}") from None
         except (HTTPError, OSError) as err:
             raise KubeReadError(f"GET {path}: {err}") from None
+        if not 200 <= response.status < 300:
+            raise KubeReadError(f"GET {path}: HTTP {response.status}: {_status_message(body)}")
+        return body
 
     return get
 

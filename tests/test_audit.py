@@ -532,8 +532,9 @@ async def test_an_exec_credential_plugin_supplies_the_token(
 
 @pytest.mark.timeout(60)
 @pytest.mark.asyncio
+@pytest.mark.parametrize("user", [{"token": "t"}, {"username": "u", "password": "p"}], ids=["ours", "client"])
 async def test_a_refused_list_is_exit_2_with_an_error_object(
-    kmock: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    kmock: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str], user: dict[str, str]
 ) -> None:
     serve_cluster(kmock)
     forbidden = {
@@ -542,7 +543,7 @@ async def test_a_refused_list_is_exit_2_with_an_error_object(
         "message": 'pods is forbidden: User "dev" cannot list resource "pods"',
     }
     kmock["get /api/v1/pods"] << 403 << forbidden
-    config = kubeconfig(tmp_path, str(kmock.url).rstrip("/"), {"token": "t"})
+    config = kubeconfig(tmp_path, str(kmock.url).rstrip("/"), user)
     code, out, err = await asyncio.to_thread(cli, capsys, "--kubeconfig", config, "-o", "json")
     assert code == 2
     assert json.loads(out) == {"error": json.loads(out)["error"]}
@@ -700,3 +701,19 @@ def test_the_api_server_is_authenticated_and_authenticates_us_over_tls(
     finally:
         server.shutdown()
         server.server_close()
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.asyncio
+async def test_credentials_only_the_kubernetes_client_reads_go_through_it(
+    kmock: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Basic auth (as auth-provider plugins) is left to the kubernetes client: same lists, same verdict."""
+    serve_cluster(kmock)
+    config = kubeconfig(tmp_path, str(kmock.url).rstrip("/"), {"username": "admin", "password": "s3cret"})
+    code, out, err = await asyncio.to_thread(cli, capsys, "--kubeconfig", config, "-o", "json")
+    assert code == 1, err
+    assert {(f["rule"], f["severity"], f["object"]) for f in json.loads(out)["findings"]} == found(
+        run_audit()
+    )
+    assert tokens_seen(kmock) == {"Basic YWRtaW46czNjcmV0"}
