@@ -31,7 +31,7 @@ from netisolate.config import Config, Severity
 from netisolate.matchconditions import Truth, all_true, pod_request
 from netisolate.model import InputError, Pod, parse_pod
 from netisolate.policy import ISOLATION_KEY, Level, PolicyError, effective_level, parse_level
-from netisolate.webhookconfig import MutatingHook, read_configurations
+from netisolate.webhookconfig import VALIDATING, Hook, read_configurations
 
 DEFAULT_NETISOLATE_NAMESPACE = "netisolate-system"
 NEW_NAMESPACE = "a-namespace-created-tomorrow"
@@ -106,11 +106,11 @@ def _unreadable(what: str, reason: str) -> AuditFinding:
 # --- webhooks ----------------------------------------------------------------------------------
 
 
-def _conditions(hook: MutatingHook, namespace: Namespace, labels: Mapping[str, str] | None) -> Truth:
+def _conditions(hook: Hook, namespace: Namespace, labels: Mapping[str, str] | None) -> Truth:
     return all_true(hook.conditions, pod_request(namespace.name, namespace.labels, labels))
 
 
-def _uncertain_note(truth: Truth, hook: MutatingHook) -> str:
+def _uncertain_note(truth: Truth, hook: Hook) -> str:
     if truth is not None:
         return ""
     names = ", ".join(name for name, _ in hook.conditions)
@@ -118,7 +118,7 @@ def _uncertain_note(truth: Truth, hook: MutatingHook) -> str:
 
 
 def _reach(
-    hook: MutatingHook, namespace: Namespace, running: Sequence[Mapping[str, str]], why: str
+    hook: Hook, namespace: Namespace, running: Sequence[Mapping[str, str]], why: str
 ) -> AuditFinding | None:
     """Whether the webhook can change pods in a namespace that must stay out of every injector's reach."""
     truth = _conditions(hook, namespace, None)
@@ -139,7 +139,7 @@ def _reach(
     )
 
 
-def _cluster_wide(hook: MutatingHook) -> AuditFinding | None:
+def _cluster_wide(hook: Hook) -> AuditFinding | None:
     tomorrow = Namespace.unlisted(NEW_NAMESPACE)
     truth = _conditions(hook, tomorrow, None)
     if not hook.namespace_selector.matches(tomorrow.labels) or truth is False:
@@ -165,7 +165,7 @@ def _cluster_wide(hook: MutatingHook) -> AuditFinding | None:
     )
 
 
-def _no_ca_bundle(hook: MutatingHook) -> AuditFinding:
+def _no_ca_bundle(hook: Hook) -> AuditFinding:
     pending = (
         f"; cert-manager is asked to inject it ({hook.ca_injection}) and has not: check that its "
         "cainjector runs and that the Certificate named there is Ready"
@@ -184,7 +184,7 @@ def _no_ca_bundle(hook: MutatingHook) -> AuditFinding:
 
 
 def audit_webhooks(
-    hooks: Sequence[MutatingHook],
+    hooks: Sequence[Hook],
     protected: Sequence[tuple[Namespace, Sequence[Mapping[str, str]], str]],
 ) -> list[AuditFinding]:
     """protected: namespaces no injector may reach, with the labels of the pods running there and why."""
@@ -243,11 +243,11 @@ INJECTORS = {
 
 
 def _acting(
-    key: str, injector: Injector, hooks: Sequence[MutatingHook], pod: Pod, namespace: Namespace
-) -> tuple[list[MutatingHook], Truth]:
+    key: str, injector: Injector, hooks: Sequence[Hook], pod: Pod, namespace: Namespace
+) -> tuple[list[Hook], Truth]:
     """The injector's webhooks that would act on the pod if it did not opt out."""
     labels = {k: v for k, v in pod.metadata.labels.items() if k != key}
-    acting: list[MutatingHook] = []
+    acting: list[Hook] = []
     truth: Truth = False
     for hook in hooks:
         if not (
@@ -266,7 +266,7 @@ def _acting(
 
 
 def _opt_out(
-    pod: Pod, name: str, namespace: Namespace, hooks: Sequence[MutatingHook], config: Config
+    pod: Pod, name: str, namespace: Namespace, hooks: Sequence[Hook], config: Config
 ) -> AuditFinding | None:
     if any(fnmatchcase(f"{namespace.name}/{pod.metadata.name}", p) for p in config.opt_out_exempt_pods):
         return None
@@ -342,21 +342,21 @@ def _judged(pod: Pod, name: str, namespace: Namespace, config: Config) -> list[A
 def audit_pods(
     pods: Sequence[object],
     namespaces: Mapping[str, Namespace],
-    hooks: Sequence[MutatingHook],
+    hooks: Sequence[Hook],
     config: Config,
-    unwatched: frozenset[str],
+    watched: Watched,
 ) -> list[AuditFinding]:
-    """Every pod in a watched namespace (those the netisolate webhook is not told to skip)."""
+    """Every pod netisolate's webhook reviews."""
     findings: list[AuditFinding | None] = []
     for index, raw in enumerate(pods):
         meta = raw.get("metadata") if isinstance(raw, dict) else None
         meta = meta if isinstance(meta, dict) else {}
         namespace_name = meta.get("namespace")
         namespace_name = namespace_name if isinstance(namespace_name, str) else "default"
-        if namespace_name in unwatched:
+        namespace = namespaces.get(namespace_name) or Namespace.unlisted(namespace_name)
+        if not watched(namespace, _string_map(meta.get("labels")) or {}):
             continue
         name = f"Pod {namespace_name}/{meta.get('name') or f'#{index + 1}'}"
-        namespace = namespaces.get(namespace_name) or Namespace.unlisted(namespace_name)
         try:
             pod = parse_pod(raw, name)
         except InputError as err:  # what admission would refuse outright
@@ -417,15 +417,40 @@ def audit_namespaces(namespaces: Mapping[str, Namespace], config: Config) -> lis
 # --- the whole audit ---------------------------------------------------------------------------
 
 
+Watched = Callable[[Namespace, Mapping[str, str]], bool]  # (pod's namespace, pod's labels)
+POD_WEBHOOK = "pods.netisolate.io"  # daemonset/base/validatingwebhook.yaml
+
+
+def watched_by(validating: Sequence[Hook], netisolate_namespace: str) -> Watched:
+    """Which pods netisolate's admission webhook reviews: its installed namespaceSelector,
+    objectSelector and matchConditions decide (a cluster may leave out its CNI's namespace, say);
+    without it installed, the shipped exclusions (kube-system and netisolate's own namespace)."""
+    ours = [h for h in validating if h.name == POD_WEBHOOK]
+    if not ours:
+        return lambda namespace, labels: namespace.name not in ("kube-system", netisolate_namespace)
+    return lambda namespace, labels: any(
+        h.namespace_selector.matches(namespace.labels)
+        and h.object_selector.matches(labels)
+        and _conditions(h, namespace, labels) is not False
+        for h in ours
+    )
+
+
 def audit(
     webhooks: object,
     namespaces: Sequence[object],
     pods: Sequence[object],
     config: Config,
+    *,
     netisolate_namespace: str = DEFAULT_NETISOLATE_NAMESPACE,
+    validating: object = None,
 ) -> list[AuditFinding]:
-    """webhooks, namespaces and pods: the `items` of the API server's lists, as JSON."""
+    """webhooks (mutating), namespaces, pods and validating (webhook configurations): the `items`
+    of the API server's lists, as JSON."""
     hooks, unreadable = read_configurations(webhooks)
+    reviewers, unreadable_reviewers = read_configurations(
+        [] if validating is None else validating, VALIDATING
+    )
     listed, unreadable_namespaces = read_namespaces(namespaces)
     protected = []
     for name, why in (
@@ -445,9 +470,9 @@ def audit(
         ]
         protected.append((listed.get(name) or Namespace.unlisted(name), running, why))
     return [
-        *[_unreadable(u.object, u.reason) for u in unreadable],
+        *[_unreadable(u.object, u.reason) for u in [*unreadable, *unreadable_reviewers]],
         *unreadable_namespaces,
         *audit_webhooks(hooks, protected),
         *audit_namespaces(listed, config),
-        *audit_pods(pods, listed, hooks, config, frozenset({"kube-system", netisolate_namespace})),
+        *audit_pods(pods, listed, hooks, config, watched_by(reviewers, netisolate_namespace)),
     ]

@@ -54,6 +54,12 @@ class Selector:
         return ",".join(r.describe() for r in self.requirements) or "everything"
 
 
+def absent_as(value: object, default: object) -> object:
+    """An absent (or null) field as its default; anything else as it is, to be checked: an empty
+    mapping where a list belongs is a mistake, not an empty list."""
+    return default if value is None else value
+
+
 def _strings(value: object, where: str) -> tuple[str, ...]:
     if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
         raise SelectorError(f"{where} must be a list of strings, not {value!r}")
@@ -68,7 +74,7 @@ def _requirement(raw: object, where: str) -> Requirement:
         raise SelectorError(f"{where} has no key")
     if operator not in OPERATORS:
         raise SelectorError(f"{where}: operator {operator!r} is not one of {', '.join(OPERATORS)}")
-    values = _strings(raw.get("values") or [], f"{where}.values")
+    values = _strings(absent_as(raw.get("values"), []), f"{where}.values")
     if (operator in ("In", "NotIn")) != bool(values):
         need = "needs values" if operator in ("In", "NotIn") else "takes no values"
         raise SelectorError(f"{where}: {operator} {need}")
@@ -81,12 +87,12 @@ def parse_selector(raw: object, where: str) -> Selector:
         return Selector()
     if not isinstance(raw, dict):
         raise SelectorError(f"{where} must be a mapping (matchLabels, matchExpressions), not {raw!r}")
-    match_labels = raw.get("matchLabels") or {}
+    match_labels = absent_as(raw.get("matchLabels"), {})
     if not isinstance(match_labels, dict) or not all(
         isinstance(k, str) and isinstance(v, str) for k, v in match_labels.items()
     ):
         raise SelectorError(f"{where}.matchLabels must map strings to strings, not {match_labels!r}")
-    expressions = raw.get("matchExpressions") or []
+    expressions = absent_as(raw.get("matchExpressions"), [])
     if not isinstance(expressions, list):
         raise SelectorError(f"{where}.matchExpressions must be a list, not {expressions!r}")
     return Selector(

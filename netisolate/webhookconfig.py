@@ -1,4 +1,4 @@
-"""MutatingWebhookConfigurations as listed by the API server → what the audit judges.
+"""Mutating and validating webhook configurations as listed by the API server → what the audit judges.
 
 Reads each webhook entry on its own: an entry (or a whole configuration) that is not shaped as the
 API server would store it becomes an `Unreadable` naming what is wrong, and the others are still
@@ -11,9 +11,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from netisolate.selector import Selector, SelectorError, parse_selector
+from netisolate.selector import Selector, SelectorError, absent_as, parse_selector
 
-KIND = "MutatingWebhookConfiguration"
+MUTATING, VALIDATING = "MutatingWebhookConfiguration", "ValidatingWebhookConfiguration"
 # cert-manager's cainjector fills caBundle from these annotations on the configuration
 CA_INJECTION_ANNOTATIONS = (
     "cert-manager.io/inject-ca-from",
@@ -29,7 +29,8 @@ class Unreadable:
 
 
 @dataclass(frozen=True)
-class MutatingHook:
+class Hook:
+    kind: str
     configuration: str
     name: str
     on_pods: bool  # it can change a pod's containers (create, update, ephemeral containers)
@@ -43,7 +44,7 @@ class MutatingHook:
 
     @property
     def object(self) -> str:
-        return f"{KIND} {self.configuration}/{self.name}"
+        return f"{self.kind} {self.configuration}/{self.name}"
 
 
 class _ShapeError(ValueError):
@@ -88,16 +89,16 @@ def _conditions(raw: object, where: str) -> tuple[tuple[str, str], ...]:
     return tuple(conditions)
 
 
-def _hook(configuration: str, annotations: Mapping[str, Any], raw: object, where: str) -> MutatingHook:
+def _hook(kind: str, configuration: str, annotations: Mapping[str, Any], raw: object, where: str) -> Hook:
     if not isinstance(raw, dict):
         raise _ShapeError(f"{where} must be a mapping, not {raw!r}")
     name = raw.get("name")
     if not isinstance(name, str) or not name:
         raise _ShapeError(f"{where} has no name")
-    rules = raw.get("rules") or []
+    rules = absent_as(raw.get("rules"), [])
     if not isinstance(rules, list):
         raise _ShapeError(f"{where}.rules must be a list, not {rules!r}")
-    client = raw.get("clientConfig") or {}
+    client = absent_as(raw.get("clientConfig"), {})
     if not isinstance(client, dict):
         raise _ShapeError(f"{where}.clientConfig must be a mapping, not {client!r}")
     service = client.get("service")
@@ -114,7 +115,8 @@ def _hook(configuration: str, annotations: Mapping[str, Any], raw: object, where
     injection = next(
         (f"{key}: {annotations[key]}" for key in CA_INJECTION_ANNOTATIONS if key in annotations), None
     )
-    return MutatingHook(
+    return Hook(
+        kind=kind,
         configuration=configuration,
         name=name,
         on_pods=any([_rule_touches_pods(rule, f"{where}.rules[{i}]") for i, rule in enumerate(rules)]),
@@ -128,28 +130,34 @@ def _hook(configuration: str, annotations: Mapping[str, Any], raw: object, where
     )
 
 
-def read_configurations(items: object) -> tuple[list[MutatingHook], list[Unreadable]]:
+def read_configurations(items: object, kind: str = MUTATING) -> tuple[list[Hook], list[Unreadable]]:
     """Every webhook of every configuration that can be read, and what could not be."""
-    hooks: list[MutatingHook] = []
+    hooks: list[Hook] = []
     unreadable: list[Unreadable] = []
     if not isinstance(items, list):
-        return hooks, [Unreadable(f"{KIND} list", f"the list is not a list of objects: {items!r:.80}")]
+        return hooks, [Unreadable(f"{kind} list", f"the list is not a list of objects: {items!r:.80}")]
     for index, config in enumerate(items):
         meta = config.get("metadata") if isinstance(config, dict) else None
         name = meta.get("name") if isinstance(meta, dict) else None
         if not isinstance(name, str) or not name:
-            unreadable.append(Unreadable(f"{KIND} #{index + 1}", "it has no metadata.name"))
+            unreadable.append(Unreadable(f"{kind} #{index + 1}", "it has no metadata.name"))
             continue
         annotations = meta.get("annotations") if isinstance(meta, dict) else None
-        entries = config.get("webhooks") or [] if isinstance(config, dict) else []
+        entries = absent_as(config.get("webhooks"), []) if isinstance(config, dict) else []
         if not isinstance(entries, list):
-            unreadable.append(Unreadable(f"{KIND} {name}", f"webhooks must be a list, not {entries!r:.80}"))
+            unreadable.append(Unreadable(f"{kind} {name}", f"webhooks must be a list, not {entries!r:.80}"))
             continue
         for i, entry in enumerate(entries):
             try:
                 hooks.append(
-                    _hook(name, annotations if isinstance(annotations, dict) else {}, entry, f"webhooks[{i}]")
+                    _hook(
+                        kind,
+                        name,
+                        annotations if isinstance(annotations, dict) else {},
+                        entry,
+                        f"webhooks[{i}]",
+                    )
                 )
             except _ShapeError as err:
-                unreadable.append(Unreadable(f"{KIND} {name}", str(err)[:300]))
+                unreadable.append(Unreadable(f"{kind} {name}", str(err)[:300]))
     return hooks, unreadable

@@ -174,6 +174,41 @@ def test_an_unreadable_pod_is_what_admission_refuses() -> None:
     }
 
 
+SHIPPED = yaml.safe_load((Path(__file__).parent.parent / "daemonset/base/validatingwebhook.yaml").read_text())
+CALICO = {
+    "metadata": {"name": "calico-node-p9x8z", "namespace": "calico-system", "labels": {"k8s-app": "calico"}},
+    "spec": {
+        "containers": [
+            {"name": "node", "image": "calico/node:v3.28", "securityContext": {"privileged": True}}
+        ]
+    },
+}
+
+
+def test_the_pods_judged_are_the_ones_the_installed_webhook_reviews() -> None:
+    """A cluster that leaves its CNI's namespace out of netisolate's webhook (as the README advises)
+    is not told that admission would refuse the CNI's pods: admission never sees them."""
+    calico_system = {"name": "calico-system", "labels": {"kubernetes.io/metadata.name": "calico-system"}}
+    namespaces = [*CLUSTER["namespaces"], {"metadata": calico_system}]
+    pods = [*CLUSTER["pods"], CALICO]
+    calico = "Pod calico-system/calico-node-p9x8z"
+    shipped = audit([], namespaces, pods, Config(), validating=[SHIPPED])
+    assert ("pod-violates-admission", "deny") in of(shipped, calico)
+    assert found(shipped) == found(audit([], namespaces, pods, Config()))  # the same as without it
+    leaves_out_calico = copy.deepcopy(SHIPPED)
+    leaves_out_calico["webhooks"][0]["namespaceSelector"]["matchExpressions"][0]["values"].append(
+        "calico-system"
+    )
+    assert of(audit([], namespaces, pods, Config(), validating=[leaves_out_calico]), calico) == set()
+    unreadable = {
+        "metadata": {"name": "netisolate"},
+        "webhooks": [{"name": "pods.netisolate.io", "rules": {}}],
+    }
+    assert ("object-unreadable", "deny", "ValidatingWebhookConfiguration netisolate") in found(
+        audit([], namespaces, pods, Config(), validating=[unreadable])
+    )
+
+
 # --- opt-outs: one finding per pod, only where an installed injector would act -------------------
 
 
@@ -366,6 +401,8 @@ GOOD = hook()
     [
         ({"metadata": {"name": "c"}, "webhooks": ["not a mapping"]}, "webhooks[0] must be a mapping"),
         (hook(rule=None, rules={"apiGroups": [""]}), "rules must be a list"),
+        (hook(rules={}), "rules must be a list"),  # empty, yet not a list
+        (hook(namespaceSelector={"matchLabels": []}), "matchLabels must map strings"),
         (hook(namespaceSelector={"matchExpressions": {"key": "a"}}), "matchExpressions must be a list"),
         (hook(objectSelector="app=web"), "objectSelector must be a mapping"),
         (hook(namespaceSelector={"matchExpressions": [None]}), "matchExpressions[0] must be a mapping"),
@@ -458,6 +495,7 @@ def test_lists_are_read_page_by_page() -> None:
 
 def serve_cluster(kmock: Any, webhooks: list[dict[str, Any]] = WEBHOOKS) -> None:
     declare(kmock)
+    put(kmock, "admissionregistration.k8s.io/v1/validatingwebhookconfigurations", SHIPPED)
     for config in webhooks:
         put(kmock, "admissionregistration.k8s.io/v1/mutatingwebhookconfigurations", config)
     for pod in CLUSTER["pods"]:

@@ -13,14 +13,15 @@ from netisolate.kubelist import Get, KubeReadError, getter, list_items
 from netisolate.model import InputError
 
 DETAILS = f"""\
-Lists mutating webhooks, namespaces and pods (read-only: list on those three), and reports:
+Lists mutating and validating webhook configurations, namespaces and pods (read-only: list on
+those four), and reports:
   webhooks   webhook-cluster-wide, webhook-reaches-kube-system (deny), webhook-reaches-netisolate
              (deny), webhook-no-cabundle, webhook-failure-ignore
-  pods       in every namespace netisolate's webhook watches (all but kube-system and netisolate's
-             own): pod-violates-admission (deny: admission would refuse it today),
-             pod-enforce-would-deny (an `audit`-level pod enforce would refuse), pod-admission-warn,
-             pod-opt-out (only where an installed injector would act on it; exempt control-plane
-             pods with the config's optOutExemptPods)
+  pods       every pod netisolate's installed webhook reviews (its namespaceSelector; without it,
+             all but kube-system's and netisolate's own): pod-violates-admission (deny: admission
+             would refuse it today), pod-enforce-would-deny (an `audit`-level pod enforce would
+             refuse), pod-admission-warn, pod-opt-out (only where an installed injector would act
+             on it; exempt control-plane pods with the config's optOutExemptPods)
   namespaces namespace-label-invalid (deny), namespace-label-unexpected (deny; the config's
              expectedNamespaceLabels, Linkerd's linkerd.io/inject read as the annotation it is),
              namespace-missing
@@ -37,6 +38,7 @@ PATHS = (
     "/apis/admissionregistration.k8s.io/v1/mutatingwebhookconfigurations",
     "/api/v1/namespaces",
     "/api/v1/pods",
+    "/apis/admissionregistration.k8s.io/v1/validatingwebhookconfigurations",  # which pods ours reviews
 )
 
 
@@ -57,10 +59,10 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     parser.set_defaults(run=run)
 
 
-def fetch(get: Get) -> tuple[list[object], list[object], list[object]]:
-    """The raw API JSON (camelCase, as admission sees it) of webhooks, namespaces and pods."""
-    webhooks, namespaces, pods = (list_items(get, path) for path in PATHS)
-    return webhooks, namespaces, pods
+def fetch(get: Get) -> tuple[list[object], ...]:
+    """The raw API JSON (camelCase, as admission sees it) of mutating webhook configurations,
+    namespaces, pods and validating webhook configurations."""
+    return tuple(list_items(get, path) for path in PATHS)
 
 
 def _text(findings: list[AuditFinding]) -> str:
@@ -80,8 +82,15 @@ def _failed(args: argparse.Namespace, message: str) -> int:
 def run(args: argparse.Namespace) -> int:
     try:
         config = load_config(args.config)
-        webhooks, namespaces, pods = fetch(getter(args.kubeconfig))
-        findings = audit(webhooks, namespaces, pods, config, args.netisolate_namespace)
+        webhooks, namespaces, pods, validating = fetch(getter(args.kubeconfig))
+        findings = audit(
+            webhooks,
+            namespaces,
+            pods,
+            config,
+            netisolate_namespace=args.netisolate_namespace,
+            validating=validating,
+        )
     except KubeReadError as err:
         return _failed(args, f"cannot read the cluster: {err}")
     except InputError as err:
