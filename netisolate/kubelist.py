@@ -4,7 +4,9 @@ Importing the kubernetes client loads every API model it has (0.3 s on a warm ma
 cold one) before the first request; the audit only lists three kinds of object. So it reads the
 credentials kubectl would (`--kubeconfig`, else the in-cluster service account, else $KUBECONFIG
 or ~/.kube/config) and sends plain GETs. What it does not read itself — legacy `auth-provider`
-plugins, basic auth, a `tls-server-name` — goes through the kubernetes client (`via_client`).
+plugins, basic auth, `tls-server-name`, `proxy-url`, several files in $KUBECONFIG — goes through
+the kubernetes client (`via_client`). Like that client (and unlike kubectl), neither reads
+HTTPS_PROXY from the environment: give the kubeconfig a `proxy-url`.
 """
 
 from __future__ import annotations
@@ -88,7 +90,9 @@ def _from_kubeconfig(path: Path, config: Mapping[str, Any]) -> Endpoint:
     context = _named(config, "context", config.get("current-context"))
     cluster = _named(config, "cluster", context.get("cluster"))
     user = _named(config, "user", context.get("user")) if context.get("user") else {}
-    if user.get("auth-provider") or user.get("username") or cluster.get("tls-server-name"):
+    if any(user.get(k) for k in ("auth-provider", "username")) or any(
+        cluster.get(k) for k in ("tls-server-name", "proxy-url")
+    ):
         raise NeedsClientError
     base, server = path.parent, str(cluster.get("server") or "")
     token = str(user["token"]) if user.get("token") else None
@@ -109,12 +113,14 @@ def _from_kubeconfig(path: Path, config: Mapping[str, Any]) -> Endpoint:
 
 def _kubeconfig_path() -> Path:
     paths = [p for p in os.environ.get("KUBECONFIG", "").split(os.pathsep) if p]
+    if len(paths) > 1:  # kubectl merges them: the kubernetes client does that too
+        raise NeedsClientError
     return Path(paths[0] if paths else "~/.kube/config").expanduser()
 
 
 def load_endpoint(kubeconfig: str | None) -> Endpoint:
-    """The API server and credentials: `kubeconfig`, else in-cluster, else $KUBECONFIG (its first
-    file) or ~/.kube/config. Raises InputError naming what is missing, NeedsClientError."""
+    """The API server and credentials: `kubeconfig`, else in-cluster, else $KUBECONFIG or
+    ~/.kube/config. Raises InputError naming what is missing, NeedsClientError."""
     host, port = os.environ.get("KUBERNETES_SERVICE_HOST"), os.environ.get("KUBERNETES_SERVICE_PORT")
     if not kubeconfig and host and port and (SERVICE_ACCOUNT / "token").exists():
         return Endpoint(

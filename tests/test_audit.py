@@ -755,3 +755,42 @@ async def test_credentials_only_the_kubernetes_client_reads_go_through_it(
         run_audit()
     )
     assert tokens_seen(kmock) == {"Basic YWRtaW46czNjcmV0"}
+
+
+def test_credentials_from_files_the_in_cluster_account_and_what_goes_to_the_kubernetes_client(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from netisolate import kubelist
+
+    (tmp_path / "token").write_text("file-token\n")
+    (tmp_path / "ca.pem").write_bytes(b"CA")
+    (tmp_path / "c.pem").write_bytes(b"CERT")
+    (tmp_path / "c.key").write_bytes(b"KEY")
+    user = {"tokenFile": "token", "client-certificate": "c.pem", "client-key": "c.key"}
+    config = kubeconfig(tmp_path, "https://api.example:6443/", user)
+    document = yaml.safe_load(Path(config).read_text())
+    document["clusters"][0]["cluster"]["certificate-authority"] = "ca.pem"  # relative to the file
+    Path(config).write_text(yaml.safe_dump(document))
+    assert kubelist.load_endpoint(config) == kubelist.Endpoint(
+        server="https://api.example:6443", ca_pem=b"CA", token="file-token", client_pem=(b"CERT", b"KEY")
+    )
+    for cluster in ({"proxy-url": "http://proxy:3128"}, {"tls-server-name": "api"}):
+        document["clusters"][0]["cluster"].update(cluster)
+        Path(config).write_text(yaml.safe_dump(document))
+        with pytest.raises(kubelist.NeedsClientError):
+            kubelist.load_endpoint(config)
+        del document["clusters"][0]["cluster"][next(iter(cluster))]
+    monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
+    monkeypatch.setenv("KUBECONFIG", f"{config}{os.pathsep}{config}")
+    with pytest.raises(kubelist.NeedsClientError):  # several files: kubectl merges them
+        kubelist.load_endpoint(None)
+    account = tmp_path / "serviceaccount"
+    account.mkdir()
+    (account / "token").write_text("sa-token")
+    (account / "ca.crt").write_bytes(b"SA-CA")
+    monkeypatch.setattr(kubelist, "SERVICE_ACCOUNT", account)
+    monkeypatch.setenv("KUBERNETES_SERVICE_HOST", "fd00::1")
+    monkeypatch.setenv("KUBERNETES_SERVICE_PORT", "443")
+    assert kubelist.load_endpoint(None) == kubelist.Endpoint(
+        "https://[fd00::1]:443", b"SA-CA", token="sa-token"
+    )
