@@ -453,11 +453,18 @@ JSON = st.recursive(
 
 
 @settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(st.lists(JSON, max_size=3), st.lists(JSON, max_size=2), st.lists(JSON, max_size=2))
-def test_fuzz_the_audit_never_raises(webhooks: list[Any], namespaces: list[Any], pods: list[Any]) -> None:
+@given(
+    st.lists(JSON, max_size=3),
+    st.lists(JSON, max_size=2),
+    st.lists(JSON, max_size=2),
+    st.lists(JSON, max_size=2),
+)
+def test_fuzz_the_audit_never_raises(
+    webhooks: list[Any], namespaces: list[Any], pods: list[Any], validating: list[Any]
+) -> None:
     hooks, unreadable = read_configurations(webhooks)
     assert len(hooks) + len(unreadable) >= sum(1 for w in webhooks if not isinstance(w, dict))
-    for finding in audit(webhooks, namespaces, pods, Config()):
+    for finding in audit(webhooks, namespaces, pods, Config(), validating=validating):
         assert json.dumps(finding.as_dict())
 
 
