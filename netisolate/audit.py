@@ -84,10 +84,11 @@ def read_namespaces(items: Sequence[object]) -> tuple[dict[str, Namespace], list
         name = meta.get("name") if isinstance(meta, dict) else None
         labels = _string_map(meta.get("labels")) if isinstance(meta, dict) else None
         annotations = _string_map(meta.get("annotations")) if isinstance(meta, dict) else None
-        if not isinstance(name, str) or not name or labels is None or annotations is None:
-            findings.append(
-                _unreadable(f"Namespace {name if isinstance(name, str) else f'#{index + 1}'}", "metadata")
-            )
+        if not isinstance(name, str) or not name:
+            findings.append(_unreadable(f"Namespace #{index + 1}", "its metadata has no name"))
+            continue
+        if labels is None or annotations is None:
+            findings.append(_unreadable(f"Namespace {name}", "labels or annotations that are not strings"))
             continue
         namespaces[name] = Namespace(name, labels, annotations)
     return namespaces, findings
@@ -177,9 +178,9 @@ def _no_ca_bundle(hook: Hook) -> AuditFinding:
         "warn",
         hook.object,
         "has no caBundle, so the API server checks the certificate of Service "
-        f"{hook.service} against its own system trust roots: a cluster's own CA fails that (calls "
-        "fail, or are skipped under failurePolicy Ignore) and a public CA's certificate for the name "
-        f"would pass; set caBundle to the CA that signs the webhook's certificate{pending}",
+        f"{hook.service} against its own system trust roots, which a certificate issued inside the "
+        "cluster does not chain to: calls fail (under failurePolicy Ignore they are skipped, and "
+        f"pods go without what it injects); set caBundle to the CA that signs that certificate{pending}",
     )
 
 
@@ -453,13 +454,12 @@ def audit(
     )
     listed, unreadable_namespaces = read_namespaces(namespaces)
     protected = []
-    for name, why in (
-        ("kube-system", "the cluster's own components"),
-        (
-            netisolate_namespace,
-            "netisolate's agent and webhook: an injector there changes what enforces isolation",
-        ),
-    ):
+    reasons = {"kube-system": "the cluster's own components"}
+    reasons.setdefault(
+        netisolate_namespace,
+        "netisolate's agent and webhook: an injector there changes what enforces isolation",
+    )
+    for name, why in reasons.items():
         running = [
             labels
             for p in pods
