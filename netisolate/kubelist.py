@@ -23,7 +23,7 @@ import urllib.request
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import yaml
 
@@ -200,7 +200,7 @@ def via_client(kubeconfig: str | None) -> Get:
     from netisolate.kube import api_clients
 
     core, _ = api_clients(kubeconfig)
-    client = core.api_client
+    client = cast(Any, core).api_client  # the CoreV1Api's own ApiClient: outside the calls kube.py types
     configuration = client.configuration
     headers = {"Accept": "application/json", "User-Agent": "netisolate-audit"}
 
