@@ -26,6 +26,7 @@ from netisolate.policy import (
     Level,
     PolicyError,
     containers_with_kind,
+    declared_ports,
     effective_level,
     effective_uid,
     parse_level,
@@ -245,17 +246,25 @@ def _guard_rules(pod: Pod, config: Config, requester: Requester | None) -> Itera
                 "use a projected, configMap or emptyDir volume instead",
             )
     if not _exempt(requester, config):
-        for key, off in sorted(config.opt_out_annotations.items()):
-            # labels and annotations apart: injectors read both, and either may win
-            for where, meta in (("label", pod.metadata.labels), ("annotation", pod.metadata.annotations)):
-                if key in meta and _opts_out(meta[key], off):
-                    yield Finding(
-                        "injection-opt-out",
-                        config.severity("injection-opt-out"),
-                        None,
-                        f"{where} {key}: {meta[key]!r} opts the pod out of sidecar injection; only "
-                        f"members of {config.exempt_groups} may set it",
-                    )
+        for where, key, value in opt_outs(pod, config):
+            yield Finding(
+                "injection-opt-out",
+                config.severity("injection-opt-out"),
+                None,
+                f"{where} {key}: {value!r} opts the pod out of sidecar injection; only "
+                f"members of {config.exempt_groups} may set it",
+            )
+
+
+def opt_outs(pod: Pod, config: Config) -> list[tuple[str, str, str]]:
+    """The pod's opt-outs from injection as (label|annotation, key, value), sorted by key. Labels and
+    annotations apart: injectors read both, and either may win. (The audit asks this too.)"""
+    return [
+        (where, key, meta[key])
+        for key, off in sorted(config.opt_out_annotations.items())
+        for where, meta in (("label", pod.metadata.labels), ("annotation", pod.metadata.annotations))
+        if key in meta and _opts_out(meta[key], off)
+    ]
 
 
 _NO = {"false", "no", "n", "off", "0", "disabled"}
@@ -303,6 +312,24 @@ def _hardening_warnings(pod: Pod) -> Iterator[Finding]:
                 f"emptyDir {volume!r} is mounted by {', '.join(names)}: Unix sockets in it "
                 "bypass network isolation; mount it in one container, or accept the channel",
             )
+
+
+def _undeclared_grant_rule(pod: Pod) -> Iterator[Finding]:
+    """Only a declared port (containerPort + protocol) is owned: served by its container's UID
+    alone. A granted port that nobody declares may be served by whoever binds it first."""
+    grants, _ = parse_pod_grants(pod)
+    declared = [port for c in pod.all_containers() for port in declared_ports(c)]
+    for name, ranges in sorted(grants.items()):
+        for r in ranges:
+            if not any(d.protocol == r.protocol and r.low <= d.low <= r.high for d in declared):
+                yield Finding(
+                    "grant-port-undeclared",
+                    "warn",
+                    name,
+                    f"is granted {r}, which no container declares: while its server is down any "
+                    "container can listen there and take the connections; declare it as a "
+                    f"containerPort (protocol {r.protocol.upper()}) of the container that serves it",
+                )
 
 
 def _is_gate(container: Container, config: Config) -> bool:
@@ -359,6 +386,7 @@ def review_pod(
         if level is not Level.OFF:
             yield from _isolation_rules(pod, level, config)
             yield from _hardening_warnings(pod)
+            yield from _undeclared_grant_rule(pod)
             yield from _gate_rule(pod, config, namespace_labels)
         yield from _guard_rules(pod, config, requester)
 

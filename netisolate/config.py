@@ -10,7 +10,6 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from pydantic.alias_generators import to_camel
 
 from netisolate.model import InputError, describe_validation_error
-from netisolate.rules import DEFAULT_SENTINEL_PORT
 
 Severity = Literal["deny", "warn"]
 
@@ -46,6 +45,12 @@ DEFAULT_SEVERITIES: dict[str, Severity] = {
     "namespace-label-protected": "deny",
 }
 DEFAULT_GATE_IMAGES = ["ghcr.io/netisolate/netisolate"]
+# Keys earlier versions shipped: named with where the setting lives now, rather than a bare
+# "extra inputs are not permitted".
+MOVED_SETTINGS = {
+    "sentinelPort": "the sentinel port is the agent's --sentinel-port (the gate's --port must match); "
+    "delete the key",
+}
 
 
 def _image_matches(image: str, prefix: str) -> bool:
@@ -73,9 +78,11 @@ class Config(BaseModel):
     trusted_init_images: list[str] = Field(default_factory=list)
     gate_required: bool = False
     gate_images: list[str] = Field(default_factory=lambda: list(DEFAULT_GATE_IMAGES))
-    sentinel_port: int = Field(default=DEFAULT_SENTINEL_PORT, ge=1, le=65535)
     # for `netisolate audit`: namespace -> the values its protected labels must have
     expected_namespace_labels: dict[str, dict[str, str]] = Field(default_factory=dict)
+    # for `netisolate audit`: `namespace/name` patterns (fnmatch) of control-plane pods whose
+    # injection opt-out is intended (istiod's own chart opts it out, for one)
+    opt_out_exempt_pods: list[str] = Field(default_factory=list)
 
     def severity(self, rule: str) -> Severity:
         return self.severities.get(rule, DEFAULT_SEVERITIES[rule])
@@ -87,14 +94,22 @@ def load_config(path: str | Path | None) -> Config:
         return Config()
     try:
         data = yaml.safe_load(Path(path).read_text()) or {}
-        unknown = set(data.get("severities", {})) - set(DEFAULT_SEVERITIES)
+        if not isinstance(data, dict):
+            raise InputError(f"{path}: the config is a mapping of settings, not a {type(data).__name__}")
+        moved = sorted(set(data) & set(MOVED_SETTINGS))
+        if moved:
+            raise InputError(
+                f"{path}: {moved[0]} is no longer read from the config: {MOVED_SETTINGS[moved[0]]}"
+            )
+        severities = data.get("severities") or {}  # not a mapping: the model says so below
+        unknown = set(severities) - set(DEFAULT_SEVERITIES) if isinstance(severities, dict) else set()
         if unknown:
             raise InputError(
                 f"{path}: severities for unknown rules {sorted(unknown)}; "
                 f"configurable: {sorted(DEFAULT_SEVERITIES)}"
             )
         return Config.model_validate(data)
-    except (OSError, yaml.YAMLError, AttributeError) as err:
+    except (OSError, yaml.YAMLError) as err:
         raise InputError(f"{path}: cannot read the config: {err}") from None
     except ValidationError as err:
         raise InputError(describe_validation_error(err, str(path))) from None

@@ -26,6 +26,7 @@ from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 from prometheus_client import REGISTRY
 
+from netisolate.agent import endpoints
 from netisolate.agent.node import Agent
 from netisolate.backends import run_tool, select_backend
 from netisolate.model import parse_pod
@@ -33,7 +34,7 @@ from netisolate.policy import pod_policy
 from netisolate.rules import Settings, build_ruleset
 from tests.agent_harness import SimulatedPod, close_all, pod_manifest
 from tests.agent_process import AgentProcess, kubeconfig
-from tests.kube_standin import api_client, declare, put
+from tests.kube_standin import api_client, as_body, declare, put
 
 pytestmark = [pytest.mark.kernel, pytest.mark.timeout(120)]
 NODE = "node-a"
@@ -100,7 +101,7 @@ def events(kmock: Any, reason: str) -> list[dict[str, Any]]:
 
 
 async def create(core: client.CoreV1Api, manifest: dict[str, Any]) -> None:
-    await asyncio.to_thread(core.create_namespaced_pod, "shop", manifest)
+    await asyncio.to_thread(core.create_namespaced_pod, "shop", as_body(manifest))
 
 
 async def patch(core: client.CoreV1Api, name: str, annotations: dict[str, str]) -> None:
@@ -344,13 +345,9 @@ async def test_gate_holds_the_pod_until_its_rules_are_live(core: client.CoreV1Ap
         running = Running(core)
         await until(lambda: gate.poll() is not None, timeout=30, what="the gate to open")
         assert gate.returncode == 0
-        assert sim.local.ns is not None
-        assert (
-            select_backend("nftables").verify(
-                sim.local.ns, running.agent.reconciler.pods[manifest["metadata"]["uid"]].applied
-            )
-            == []
-        )  # type: ignore[arg-type]
+        applied = running.agent.reconciler.pods[manifest["metadata"]["uid"]].applied
+        assert sim.local.ns is not None and applied is not None
+        assert select_backend("nftables").verify(sim.local.ns, applied) == []
         await asyncio.to_thread(sim.start_container, "app", ["8080"])  # only now does the app start
         assert await asyncio.to_thread(probe, sim, 1002, 8080) == "refused"
     finally:
@@ -374,7 +371,7 @@ def test_gate_times_out_without_rules() -> None:
 @pytest.mark.asyncio
 async def test_status_endpoint(core: client.CoreV1Api) -> None:
     running = Running(core)
-    server = running.agent.serve_http(0, "127.0.0.1")
+    server = endpoints.serve(running.agent, 0, "127.0.0.1")
     try:
         await until(running.agent.ready.is_set, what="readiness")
         port = server.server_address[1]
@@ -448,15 +445,11 @@ async def test_api_outage_enforcement_continues_and_resumes(core: client.CoreV1A
         ns = sims[0].local.ns
         assert ns is not None
         run_tool(ns, ["nft", "insert", "rule", "inet", "netisolate", "loopback", "accept"])
+        applied = running.agent.reconciler.pods[first["metadata"]["uid"]].applied
+        assert applied is not None
         await until(
-            lambda: (
-                select_backend("nftables").verify(
-                    ns, running.agent.reconciler.pods[first["metadata"]["uid"]].applied
-                )
-                == []
-            ),
-            what="repair without the API",
-        )  # type: ignore[arg-type]
+            lambda: select_backend("nftables").verify(ns, applied) == [], what="repair without the API"
+        )
         assert await asyncio.to_thread(probe, sims[0], 1002, 8080) == "refused"
         await asyncio.to_thread(sims[1].start_sandbox)
         await create(core, second)  # created while the agent cannot see it
@@ -473,7 +466,7 @@ async def test_api_outage_enforcement_continues_and_resumes(core: client.CoreV1A
         close_all(sims)
 
 
-class NamespacesDown(client.CoreV1Api):  # type: ignore[misc]
+class NamespacesDown(client.CoreV1Api):
     """The API server answers everything but the Namespace list/watch, until `down` is cleared."""
 
     down = True
@@ -502,7 +495,7 @@ async def test_pod_annotation_is_a_floor_while_the_namespace_watch_fails(kmock: 
     manifest = pod_manifest("web", NODE)
     sim = SimulatedPod(manifest)
     running = Running(core)
-    server = running.agent.serve_http(0, "127.0.0.1")
+    server = endpoints.serve(running.agent, 0, "127.0.0.1")
     port = server.server_address[1]
     try:
         await asyncio.to_thread(sim.start_sandbox)

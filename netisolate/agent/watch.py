@@ -11,7 +11,6 @@ starts failing and when it recovers.
 
 from __future__ import annotations
 
-import json
 import logging
 import threading
 from collections.abc import Callable
@@ -22,6 +21,7 @@ from kubernetes.client.exceptions import ApiException
 from urllib3.exceptions import ReadTimeoutError
 
 from netisolate.agent.report import WATCH_ERRORS, WATCH_UP
+from netisolate.kube import Lister, decoded
 
 log = logging.getLogger(__name__)
 Obj = dict[str, Any]
@@ -35,16 +35,16 @@ class ListWatch:
     def __init__(
         self,
         name: str,
-        list_fn: Callable[..., Any],
+        list_fn: Lister,
         on_list: Callable[[list[Obj]], None],
         on_event: Callable[[str, Obj], None],
         *,
         stop: threading.Event,
         timeout_seconds: int = 240,
-        **selectors: str,
+        field_selector: str | None = None,
     ) -> None:
         self.name, self.list_fn, self.on_list, self.on_event = name, list_fn, on_list, on_event
-        self.stop, self.selectors, self.timeout_seconds = stop, selectors, timeout_seconds
+        self.stop, self.field_selector, self.timeout_seconds = stop, field_selector, timeout_seconds
         self.resource_version: str | None = None
         self.synced = threading.Event()
         self.failing = ""  # why the last attempt failed; "" once a list or an event gets through
@@ -66,8 +66,7 @@ class ListWatch:
         self.stop.wait(backoff)
 
     def _list(self) -> None:
-        response = self.list_fn(_preload_content=False, **self.selectors)
-        data = json.loads(response.data)
+        data = decoded(self.list_fn(field_selector=self.field_selector, _preload_content=False))
         self.resource_version = data["metadata"].get("resourceVersion")
         self._succeeded()
         self.on_list(data.get("items") or [])
@@ -82,7 +81,7 @@ class ListWatch:
             # the server ends a watch after timeout_seconds; a connection silent for longer is dead
             _request_timeout=(10, self.timeout_seconds + 2),
             deserialize=False,
-            **self.selectors,
+            field_selector=self.field_selector,
         )
         for event in stream:
             if self.stop.is_set():
