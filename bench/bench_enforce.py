@@ -232,6 +232,13 @@ def main() -> None:
     parser.add_argument(
         "--loopback-rounds", type=int, default=0, metavar="N", help="rounds of the loopback scenario"
     )
+    parser.add_argument(
+        "--loopback-seconds",
+        type=float,
+        default=0.0,
+        metavar="S",
+        help="seconds of each loopback measurement (on a busy machine: more, shorter rounds)",
+    )
     args = parser.parse_args()
     rounds, many, loop_rounds, seconds = (5, 10, 2, 0.3) if args.quick else (40, 100, 6, 2.0)
     for name in ("nftables", "iptables"):
@@ -240,7 +247,10 @@ def main() -> None:
             for result in bench_apply(backend, rounds):
                 print(json.dumps(result), flush=True)
             print(json.dumps(bench_many(backend, many)), flush=True)
-        print(json.dumps(bench_loopback(backend, args.loopback_rounds or loop_rounds, seconds)), flush=True)
+        loopback = bench_loopback(
+            backend, args.loopback_rounds or loop_rounds, args.loopback_seconds or seconds
+        )
+        print(json.dumps(loopback), flush=True)
 
 
 if __name__ == "__main__":

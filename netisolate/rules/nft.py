@@ -20,14 +20,16 @@ _JUDGED = (
 _SYN_ACK = "tcp flags syn,ack / syn,ack"
 
 
-def _ports(ports: tuple[PortRange, ...]) -> str:
-    items = [str(p.low) if p.low == p.high else f"{p.low}-{p.high}" for p in ports]
+def _one_or_set(items: list[str]) -> str:
     return items[0] if len(items) == 1 else "{ " + ", ".join(items) + " }"
 
 
+def _ports(ports: tuple[PortRange, ...]) -> str:
+    return _one_or_set([str(p.low) if p.low == p.high else f"{p.low}-{p.high}" for p in ports])
+
+
 def _uids(owner: Owner) -> str:
-    uids = [str(uid) for uid in owner.uids]
-    return uids[0] if len(uids) == 1 else "{ " + ", ".join(uids) + " }"
+    return _one_or_set([str(uid) for uid in owner.uids])
 
 
 def _judging(rs: RuleSet) -> list[str]:
