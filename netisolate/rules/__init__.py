@@ -22,7 +22,8 @@ THE DECISIONS, in the order both dialects evaluate them for every such packet:
 2. A SYN-ACK from a port a container declares (`containerPort` + protocol: an Owner) passes only
    from a UID of a container that declares it; from anyone else it is refused, so a container that
    listens on another's port while that one restarts never completes a connection. Any other SYN-ACK
-   passes. Written as "owner: accept, else refuse", so a SYN-ACK that carries no socket (a SYN
+   passes. SYN-ACKs are judged in a chain of their own (`serve`), so a SYN never walks the declared
+   ports. Written as "owner: accept, else refuse", so a SYN-ACK that carries no socket (a SYN
    cookie, which a squatter could provoke) is refused too; the price is that an owner whose SYN
    queue overflows loses those handshakes to the client's retry.
 3. ICMP errors pass: the kernel sends them (our own rejects included); unprivileged processes cannot.

@@ -33,15 +33,9 @@ def _uids(owner: Owner) -> str:
 
 
 def _judging(rs: RuleSet) -> list[str]:
-    rules = ["tcp flags ! syn accept"]
-    for owner in rs.owned("tcp"):
-        served = f"{_SYN_ACK} tcp sport {owner.port}"
-        rules += [
-            f'{served} meta skuid {_uids(owner)} accept comment "{owner.containers}"',
-            f"{served} goto refuse",
-        ]
-    rules += [
-        f"{_SYN_ACK} accept",
+    rules = [
+        "tcp flags ! syn accept",
+        f"{_SYN_ACK} goto serve",
         "icmp type { destination-unreachable, time-exceeded, parameter-problem } accept",
         "icmpv6 type { destination-unreachable, packet-too-big, time-exceeded, parameter-problem } accept",
     ]
@@ -64,6 +58,18 @@ def _judging(rs: RuleSet) -> list[str]:
     return rules
 
 
+def _serve(rs: RuleSet) -> list[str]:
+    """SYN-ACKs, in a chain of their own so that a SYN never walks the declared ports."""
+    rules = []
+    for owner in rs.owned("tcp"):
+        served = f"tcp sport {owner.port}"
+        rules += [
+            f'{served} meta skuid {_uids(owner)} accept comment "{owner.containers}"',
+            f"{served} goto refuse",
+        ]
+    return [*rules, "accept"]
+
+
 def _refuse(rs: RuleSet) -> list[str]:
     rules = [f'meta skuid {i.uid} counter goto deny comment "{i.containers}"' for i in rs.identities]
     return [*rules, "counter goto deny"]
@@ -83,6 +89,7 @@ def table(rs: RuleSet) -> str:
             *(f"{match} jump loopback" for match in _JUDGED),
         ],
         "loopback": _judging(rs),
+        "serve": _serve(rs),
         "refuse": _refuse(rs),
         "deny": _deny(rs),
     }
