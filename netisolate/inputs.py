@@ -1,14 +1,18 @@
 """Files → the objects we judge. Every input form becomes an admission request, so `netisolate check`
 runs exactly the code path the webhook runs; offline requests carry no requester.
 
-Accepted: Pod; the pod template of Deployment, StatefulSet, DaemonSet, ReplicaSet, Job, CronJob;
-Namespace; AdmissionReview; a `kind: List`; any number of these as multi-document YAML or JSON.
+Judged: Pod; the pod template of Deployment, StatefulSet, DaemonSet, ReplicaSet, ReplicationController,
+Job, CronJob, PodTemplate and OpenShift's DeploymentConfig; any other kind whose `spec.template` holds
+a pod spec (Argo Rollouts, Knative Services, ...); Namespace; AdmissionReview. Read through: `List`
+and every `*List` with `items`. Skipped, and named: every kind that carries no pod (Service,
+ConfigMap, CRDs, ...). Any number of these as multi-document YAML or JSON, in files or directories.
 """
 
 from __future__ import annotations
 
+import os
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -24,15 +28,23 @@ from netisolate.model import (
     parse_pod,
 )
 
+# libyaml's parser where PyYAML was built with it (about 4x faster on a large install file).
+_LOADER: type[yaml.SafeLoader] = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
 _TEMPLATE_PATHS: dict[str, tuple[str, ...]] = {
     "Deployment": ("spec", "template"),
     "StatefulSet": ("spec", "template"),
     "DaemonSet": ("spec", "template"),
     "ReplicaSet": ("spec", "template"),
+    "ReplicationController": ("spec", "template"),
+    "DeploymentConfig": ("spec", "template"),  # OpenShift, apps.openshift.io/v1
     "Job": ("spec", "template"),
     "CronJob": ("spec", "jobTemplate", "spec", "template"),
+    "PodTemplate": ("template",),
 }
+_GENERIC_TEMPLATE = ("spec", "template")
 CHECKABLE = ["Pod", *_TEMPLATE_PATHS, "Namespace", "AdmissionReview", "List"]
+MANIFEST_SUFFIXES = (".yaml", ".yml", ".json")
 
 
 @dataclass(frozen=True)
@@ -43,6 +55,22 @@ class Subject:
     request: AdmissionRequest
 
 
+@dataclass(frozen=True)
+class Skipped:
+    """A document that carries no pod: named in the output, never judged."""
+
+    name: str
+    reason: str
+
+
+@dataclass
+class Objects:
+    documents: int = 0  # non-empty documents read
+    subjects: list[Subject] = field(default_factory=list)
+    skipped: list[Skipped] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)  # documents that cannot be read, and why
+
+
 def read_text(path: str) -> str:
     """`-` is standard input."""
     try:
@@ -51,44 +79,88 @@ def read_text(path: str) -> str:
         raise InputError(f"{path}: cannot read: {err}") from None
 
 
-def _dig(doc: dict[str, Any], path: tuple[str, ...], where: str) -> dict[str, Any]:
+def manifest_files(path: str) -> list[str]:
+    """A file as given; a directory: every .yaml, .yml and .json file below it, in name order."""
+    if path == "-" or not os.path.isdir(path):
+        return [path]
+    found = []
+    for root, dirs, files in os.walk(path):
+        dirs.sort()
+        found += [os.path.join(root, f) for f in sorted(files) if f.endswith(MANIFEST_SUFFIXES)]
+    return found
+
+
+def _string(value: object, where: str, what: str) -> str | None:
+    if value is None or isinstance(value, str):
+        return value
+    raise InputError(f"{where}: {what} must be a string, not {type(value).__name__}")
+
+
+def _mapping(value: object, where: str, what: str) -> dict[str, Any]:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise InputError(f"{where}: {what} must be a mapping, not {type(value).__name__}")
+    return value
+
+
+def _dig(doc: dict[str, Any], path: tuple[str, ...]) -> dict[str, Any] | None:
     node: Any = doc
     for key in path:
         if not isinstance(node, dict) or not isinstance(node.get(key), dict):
-            raise InputError(f"{where}: no pod template at {'.'.join(path)}")
+            return None
         node = node[key]
     return dict(node)
 
 
 def _offline_request(
-    kind: str, obj: dict[str, Any], namespace: str | None, name: str | None
+    kind: str, obj: dict[str, Any], namespace: str | None, name: str | None, where: str
 ) -> AdmissionRequest:
-    return AdmissionRequest.model_validate(
-        {
-            "uid": "offline",
-            "kind": {"version": "v1", "kind": kind},
-            "operation": "CREATE",
-            "namespace": namespace,
-            "name": name,
-            "object": obj,
-        }
-    )
+    try:
+        return AdmissionRequest.model_validate(
+            {
+                "uid": "offline",
+                "kind": {"version": "v1", "kind": kind},
+                "operation": "CREATE",
+                "namespace": namespace,
+                "name": name,
+                "object": obj,
+            }
+        )
+    except ValidationError as err:
+        raise InputError(describe_validation_error(err, where)) from None
 
 
-def _subjects(doc: object, where: str) -> list[Subject]:
+def _template_pod(
+    template: dict[str, Any], namespace: str | None, name: str | None, where: str
+) -> dict[str, Any]:
+    meta = dict(_mapping(template.get("metadata"), where, "the pod template's metadata"))
+    # The controller creates the pods in the workload's namespace, whatever the template says.
+    if namespace is not None:
+        meta["namespace"] = namespace
+    meta.setdefault("name", name)
+    return {"apiVersion": "v1", "kind": "Pod", "metadata": meta, "spec": template.get("spec")}
+
+
+def _collect(doc: object, where: str, out: Objects) -> None:
     if not isinstance(doc, dict):
         raise InputError(f"{where}: expected a Kubernetes object (a mapping), got {type(doc).__name__}")
-    kind = doc.get("kind")
-    metadata = doc.get("metadata")
-    if not isinstance(metadata, dict):
-        metadata = {}
-    name, namespace = metadata.get("name"), metadata.get("namespace")
+    kind = _string(doc.get("kind"), where, "kind")
+    if not kind:
+        raise InputError(
+            f"{where}: the object has no kind; give a Kubernetes object ({', '.join(CHECKABLE)})"
+        )
+    metadata = _mapping(doc.get("metadata"), where, "metadata")
+    name = _string(metadata.get("name"), where, "metadata.name")
+    namespace = _string(metadata.get("namespace"), where, "metadata.namespace")
     label = f"{kind} {namespace + '/' if namespace else ''}{name or '<unnamed>'}"
-    if kind == "List":
-        items = doc.get("items")
+    if kind.endswith("List") and "items" in doc:
+        items = doc["items"] if doc["items"] is not None else []
         if not isinstance(items, list):
-            raise InputError(f"{where}: a List needs items")
-        return [s for i, item in enumerate(items) for s in _subjects(item, f"{where} item {i}")]
+            raise InputError(f"{where}: the items of a {kind} must be a list")
+        for i, item in enumerate(items):
+            _collect(item, f"{where} item {i}", out)
+        return
     if kind == "AdmissionReview":
         try:
             review = AdmissionReview.model_validate(doc)
@@ -96,33 +168,64 @@ def _subjects(doc: object, where: str) -> list[Subject]:
             raise InputError(describe_validation_error(err, where)) from None
         if review.request is None:
             raise InputError(f"{where}: the AdmissionReview has no request")
-        return [Subject(f"AdmissionReview {review.request.uid}", review.request)]
+        out.subjects.append(Subject(f"AdmissionReview {review.request.uid}", review.request))
+        return
     if kind in ("Pod", "Namespace"):
-        return [Subject(label, _offline_request(kind, doc, namespace, name))]
-    if kind in _TEMPLATE_PATHS:
-        template = _dig(doc, _TEMPLATE_PATHS[kind], where)
-        template_meta = dict(template.get("metadata") or {})
-        template_meta.setdefault("namespace", namespace)
-        template_meta.setdefault("name", name)
-        pod = {"apiVersion": "v1", "kind": "Pod", "metadata": template_meta, "spec": template.get("spec")}
-        return [Subject(label, _offline_request("Pod", pod, namespace, name))]
-    raise InputError(f"{where}: cannot check kind {kind!r}; give one of {', '.join(CHECKABLE)}")
+        out.subjects.append(Subject(label, _offline_request(kind, doc, namespace, name, where)))
+        return
+    path = _TEMPLATE_PATHS.get(kind, _GENERIC_TEMPLATE)
+    template = _dig(doc, path)
+    if kind not in _TEMPLATE_PATHS and not (
+        template is not None and isinstance(template.get("spec"), dict) and "containers" in template["spec"]
+    ):
+        out.skipped.append(Skipped(label, "carries no pod"))
+        return
+    if template is None:
+        raise InputError(f"{where}: {kind} has no pod template at {'.'.join(path)}")
+    if kind not in _TEMPLATE_PATHS:
+        label += f" (pod template at {'.'.join(path)})"
+    pod = _template_pod(template, namespace, name, where)
+    out.subjects.append(Subject(label, _offline_request("Pod", pod, namespace, name, where)))
+
+
+def _yaml_error(err: yaml.YAMLError) -> str:
+    """PyYAML's messages span lines; ours are one line, with the place."""
+    if isinstance(err, yaml.MarkedYAMLError) and err.problem_mark is not None:
+        mark = err.problem_mark
+        return f"{err.problem} (line {mark.line + 1}, column {mark.column + 1})"
+    return " ".join(str(err).split())
+
+
+def load_objects(text: str, source: str) -> Objects:
+    """Every object in a (multi-document) YAML or JSON text; empty documents are skipped."""
+    try:
+        docs = [doc for doc in yaml.load_all(text, Loader=_LOADER) if doc is not None]
+    except yaml.YAMLError as err:
+        raise InputError(f"{source}: not valid YAML or JSON: {_yaml_error(err)}") from None
+    except RecursionError:
+        raise InputError(f"{source}: nested too deeply to be a Kubernetes object") from None
+    out = Objects(documents=len(docs))
+    many = len(docs) > 1
+    for i, doc in enumerate(docs, 1):
+        where = f"{source} document {i}" if many else source
+        try:
+            _collect(doc, where, out)
+        except InputError as err:
+            out.errors.append(str(err))
+        except RecursionError:
+            out.errors.append(f"{where}: nested too deeply to be a Kubernetes object")
+    return out
 
 
 def load_subjects(text: str, source: str) -> list[Subject]:
-    """Every object in a (multi-document) YAML or JSON text; empty documents are skipped."""
-    try:
-        docs = [doc for doc in yaml.safe_load_all(text) if doc is not None]
-    except yaml.YAMLError as err:
-        raise InputError(f"{source}: not valid YAML or JSON: {err}") from None
-    if not docs:
+    """The objects of a text that are judged (what carries no pod is left out); raises the first
+    document's error, if one cannot be read."""
+    objects = load_objects(text, source)
+    if objects.errors:
+        raise InputError(objects.errors[0])
+    if not objects.documents:
         raise InputError(f"{source}: no Kubernetes object in it")
-    many = len(docs) > 1
-    return [
-        s
-        for i, doc in enumerate(docs, 1)
-        for s in _subjects(doc, f"{source} document {i}" if many else source)
-    ]
+    return objects.subjects
 
 
 def load_pods(text: str, source: str) -> list[tuple[str, Pod]]:
