@@ -15,14 +15,13 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing
+import os
 import statistics
 import sys
 import threading
 import time
 from multiprocessing.queues import Queue
 from pathlib import Path
-
-import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from netisolate.agent.node import Agent
@@ -89,15 +88,19 @@ def _agent_process(manifests: list[dict[str, object]], idle_seconds: float, out:
     agent.reconciler.verify_all()  # the start-up verification before readiness
     took = time.perf_counter() - started
     adopted = sum(t.detail.startswith("adopted") for t in agent.reconciler.pods.values())
-    me = psutil.Process()
-    cpu_before = me.cpu_times()
+    cpu_before = os.times()
     loop = threading.Thread(target=agent.loop, args=([],), daemon=True)
     loop.start()
     time.sleep(idle_seconds)
-    cpu_after = me.cpu_times()
+    cpu_after = os.times()
     agent.stop.set()
     cpu = sum(cpu_after[:4]) - sum(cpu_before[:4])  # user, system and those of reaped children
-    out.put((took, adopted, me.memory_info().rss, cpu))
+    out.put((took, adopted, _rss_bytes(), cpu))
+
+
+def _rss_bytes() -> int:
+    """Resident set size now (statm's second field is in pages), as `ps` and psutil report it."""
+    return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
 def restart(count: int, idle_seconds: float) -> list[dict[str, object]]:
