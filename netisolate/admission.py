@@ -34,6 +34,7 @@ from netisolate.policy import (
     parse_level,
     parse_pod_grants,
 )
+from netisolate.rules import DEFAULT_SENTINEL_PORT
 
 GATE_LABEL = "netisolate.io/gate"
 
@@ -333,8 +334,9 @@ def _hardening_warnings(pod: Pod) -> Iterator[Finding]:
             )
 
 
-def _sentinel_grants(grants: Mapping[str, tuple[PortRange, ...]], config: Config) -> Iterator[str]:
-    port = config.sentinel_port
+def _sentinel_grants(grants: Mapping[str, tuple[PortRange, ...]]) -> Iterator[str]:
+    # The agent's documented default: admission cannot know a node's --sentinel-port.
+    port = DEFAULT_SENTINEL_PORT
     for name, ranges in sorted(grants.items()):
         if any(r.low <= port <= r.high for r in ranges):
             yield (
@@ -435,7 +437,7 @@ def _pod_findings(
     grants, grant_problems = parse_pod_grants(pod)
 
     def all_findings() -> Iterator[Finding]:
-        for problem in [*level_problems, *grant_problems, *_sentinel_grants(grants, config)]:
+        for problem in [*level_problems, *grant_problems, *_sentinel_grants(grants)]:
             yield Finding("annotation-invalid", "deny", None, problem)
         yield from _duplicate_names(pod)
         if level is not Level.OFF:

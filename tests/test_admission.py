@@ -572,8 +572,6 @@ def test_a_grant_of_the_sentinel_port_is_invalid(grant: str) -> None:
     found = findings(pod)
     assert any(f.rule == "annotation-invalid" and "sentinel" in f.message for f in found)
     assert not allowed(found)
-    moved = Config(sentinel_port=7777)
-    assert "annotation-invalid" not in {f.rule for f in findings(pod, config=moved)}
 
 
 @pytest.mark.parametrize(
