@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import io
 import json
+import subprocess
+import sys
 from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
 from typing import Any
@@ -444,7 +446,7 @@ def test_anything_unexpected_is_exit_2_with_a_reason(
     def broken(*_: Any) -> None:
         raise RuntimeError("boom\nsecond line")
 
-    monkeypatch.setattr("netisolate.commands.check.review_request", broken)
+    monkeypatch.setattr("netisolate.offline.review_request", broken)
     path = write(tmp_path, DEPLOYMENT)
     code, _, err = run(capsys, "check", "-f", path)
     assert (
@@ -529,3 +531,37 @@ def test_check_on_anything_answers_with_an_exit_code(
     result = json.loads(out.getvalue())
     assert (code == 2) == bool(result["errors"])
     assert "internal error" not in out.getvalue()
+
+
+# --- start-up: `check` loads only what it uses (issue 15; bench/bench_check.py measures it) ----
+
+_MODULES_AFTER = """
+import sys
+from netisolate.cli import main
+try:
+    main(sys.argv[1:])
+except SystemExit:
+    pass
+print(" ".join(sorted(sys.modules)))
+"""
+
+
+def _modules_after(*args: str) -> set[str]:
+    out = subprocess.run(
+        [sys.executable, "-c", _MODULES_AFTER, *args], capture_output=True, text=True, check=True
+    ).stdout
+    return set(out.strip().splitlines()[-1].split())
+
+
+HEAVY = {"aiohttp", "kubernetes", "cryptography", "prometheus_client", "pyroute2", "netisolate.backends"}
+
+
+def test_check_imports_no_client_server_or_backend_code() -> None:
+    loaded = _modules_after("check", "-f", str(EXAMPLES / "app-with-proxy.yaml"))
+    assert "netisolate.admission" in loaded
+    assert not HEAVY & loaded
+
+
+def test_check_help_does_not_even_load_pydantic() -> None:
+    loaded = _modules_after("check", "--help")
+    assert not ({"pydantic", "yaml", "netisolate.model"} | HEAVY) & loaded

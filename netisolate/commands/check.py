@@ -5,14 +5,13 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-from netisolate.admission import Finding, allowed, review_request
 from netisolate.commands.common import add_command, add_namespace_labels
-from netisolate.config import Config, load_config
-from netisolate.inputs import Skipped, load_objects, manifest_files, read_text
-from netisolate.model import InputError
+
+if TYPE_CHECKING:
+    from netisolate.admission import Finding
+    from netisolate.offline import Report
 
 DETAILS = """\
 Runs the checks the validating webhook runs on every workload in the files: a Pod, the pod template
@@ -53,62 +52,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     parser.set_defaults(run=run)
 
 
-@dataclass
-class Report:
-    results: list[tuple[str, list[Finding]]] = field(default_factory=list)
-    skipped: list[Skipped] = field(default_factory=list)
-    errors: list[str] = field(default_factory=list)
-
-    @property
-    def allowed(self) -> bool:
-        return not self.errors and all(allowed(findings) for _, findings in self.results)
-
-    @property
-    def exit_code(self) -> int:
-        return 2 if self.errors else 0 if self.allowed else 1
-
-
-def _one_line(text: str) -> str:
-    return " ".join(text.split())
-
-
-def _sources(paths: list[str]) -> Iterator[tuple[str, str, bool]]:
-    """(path, name for messages, found by walking a directory) for every file to read."""
-    for path in paths:
-        files = manifest_files(path)
-        for file in files:
-            yield file, "stdin" if file == "-" else file, file != path
-
-
-def _judge(paths: list[str], config: Config, labels: Mapping[str, str], report: Report) -> None:
-    sources = list(_sources(paths))
-    for path, name, walked in sources:
-        try:
-            objects = load_objects(read_text(path), name)
-        except InputError as err:
-            report.errors.append(_one_line(str(err)))
-            continue
-        if not objects.documents:
-            # An empty file met in a directory is a placeholder; an empty file or stdin named on the
-            # command line is a broken pipeline (`helm template` failed): that is not "allowed".
-            if walked:
-                report.skipped.append(Skipped(name, "no document in it"))
-            else:
-                report.errors.append(f"{name}: no Kubernetes object in it")
-        prefix = f"{name}: " if len(sources) > 1 else ""
-        report.errors += [_one_line(e) for e in objects.errors]
-        report.skipped += [Skipped(prefix + s.name, s.reason) for s in objects.skipped]
-        for subject in objects.subjects:
-            try:
-                report.results.append(
-                    (prefix + subject.name, review_request(subject.request, labels, config))
-                )
-            except InputError as err:
-                report.errors.append(_one_line(f"{prefix}{subject.name}: {err}"))
-
-
 def _text(name: str, findings: list[Finding]) -> str:
-    verdict = "allowed" if allowed(findings) else "DENIED"
+    verdict = "DENIED" if any(f.severity == "deny" for f in findings) else "allowed"
     lines = [f"{name}: {verdict}" + ("" if findings else " (no findings)")]
     for f in sorted(findings, key=lambda f: (f.severity != "deny", f.rule, f.container or "")):
         where = f"container {f.container}" if f.container else "pod"
@@ -143,12 +88,17 @@ def _print_json(report: Report) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    # Imported here, not at the top: `netisolate check --help` then starts without pydantic.
+    from netisolate.config import load_config
+    from netisolate.model import InputError
+    from netisolate.offline import Report, judge
+
     report = Report()
     try:
-        _judge(args.filename, load_config(args.config), args.namespace_labels, report)
+        judge(args.filename, load_config(args.config), args.namespace_labels, report)
     except InputError as err:
-        report.errors.append(_one_line(str(err)))
+        report.error(str(err))
     except Exception as err:  # last resort: a bug of ours is exit 2 with a reason, never a traceback
-        report.errors.append(_one_line(f"internal error: {type(err).__name__}: {err} (please report it)"))
+        report.error(f"internal error: {type(err).__name__}: {err} (please report it)")
     (_print_json if args.output == "json" else _print_text)(report)
     return report.exit_code
