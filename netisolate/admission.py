@@ -507,22 +507,29 @@ def _requester(request: AdmissionRequest) -> Requester | None:
 
 
 def review_request(
-    request: AdmissionRequest, namespace_labels: Mapping[str, str], config: Config
+    request: AdmissionRequest,
+    namespace_labels: Mapping[str, str],
+    config: Config,
+    where: str | None = None,
 ) -> list[Finding]:
     """Dispatch an admission request (or an offline document wrapped as one) to its rules.
 
-    Raises InputError when the objects in it cannot be read.
+    Raises InputError when the objects in it cannot be read, saying where: `where` (offline: the
+    file's object; default: the request's kind, namespace, name, operation), then which object.
     """
-    where = f"{request.kind.kind} {request.namespace or '-'}/{request.name or '-'} ({request.operation})"
+    where = (
+        where or f"{request.kind.kind} {request.namespace or '-'}/{request.name or '-'} ({request.operation})"
+    )
+    new_where, old_where = f"{where} object", f"{where} oldObject"
     requester = _requester(request)
     if request.kind.kind == "Namespace":
-        namespace = parse_namespace(request.object, f"{where} object")
-        old_ns = parse_namespace(request.old_object, f"{where} oldObject") if request.old_object else None
+        namespace = parse_namespace(request.object, new_where)
+        old_ns = parse_namespace(request.old_object, old_where) if request.old_object else None
         return review_namespace(namespace, old_ns, config, requester)
     if request.kind.kind != "Pod":
         raise InputError(f"{where}: netisolate reviews Pods and Namespaces, not {request.kind.kind}")
-    pod = parse_pod(request.object, f"{where} object")
+    pod = parse_pod(request.object, new_where)
     if request.sub_resource == "ephemeralcontainers":
-        old = parse_pod(request.old_object, f"{where} oldObject") if request.old_object else None
+        old = parse_pod(request.old_object, old_where) if request.old_object else None
         return review_ephemeral(pod, old, namespace_labels, config, requester)
     return review_pod(pod, namespace_labels, config, requester)

@@ -159,7 +159,8 @@ def _collect(doc: object, where: str, out: Objects) -> None:
         if not isinstance(items, list):
             raise InputError(f"{where}: the items of a {kind} must be a list")
         for i, item in enumerate(items):
-            _collect(item, f"{where} item {i}", out)
+            if item is not None:  # `- null`, as `linkerd inject` prints for what it dropped
+                _collect(item, f"{where} item {i}", out)
         return
     if kind == "AdmissionReview":
         try:

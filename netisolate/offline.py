@@ -59,9 +59,8 @@ def judge(paths: list[str], config: Config, labels: Mapping[str, str], report: R
             report.error(message)
         report.skipped += [Skipped(prefix + s.name, s.reason) for s in objects.skipped]
         for subject in objects.subjects:
+            where = prefix + subject.name
             try:
-                report.results.append(
-                    (prefix + subject.name, review_request(subject.request, labels, config))
-                )
+                report.results.append((where, review_request(subject.request, labels, config, where)))
             except InputError as err:
-                report.error(f"{prefix}{subject.name}: {err}")
+                report.error(str(err))

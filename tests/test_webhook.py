@@ -425,7 +425,11 @@ def many_containers(n: int) -> dict[str, Any]:
     containers = [{"name": f"c{i}", "image": "app:1", "securityContext": HARDENED} for i in range(n)]
     big = pod(containers)
     big["spec"]["securityContext"] = {"runAsUser": 1000}
-    big["metadata"] = {"name": "big", "namespace": "open", "annotations": {"netisolate.io/isolation": "audit"}}
+    big["metadata"] = {
+        "name": "big",
+        "namespace": "open",
+        "annotations": {"netisolate.io/isolation": "audit"},
+    }
     return review("Pod", big, uid=f"big-{n}")
 
 
