@@ -197,20 +197,103 @@ def _yaml_error(err: yaml.YAMLError) -> str:
     return " ".join(str(err).split())
 
 
+_STR, _NULL, _SEQ, _MAP = (f"tag:yaml.org,2002:{t}" for t in ("str", "null", "seq", "map"))
+_MERGE = "tag:yaml.org,2002:merge"
+_POD_KINDS = {"Pod", "Namespace", "AdmissionReview", *_TEMPLATE_PATHS}
+
+
+def _child(node: yaml.Node | None, key: str) -> yaml.Node | None:
+    if not isinstance(node, yaml.MappingNode):
+        return None
+    for key_node, value in node.value:
+        if isinstance(key_node, yaml.ScalarNode) and key_node.value == key:
+            child: yaml.Node = value
+            return child
+    return None
+
+
+def _text_of(node: yaml.Node | None) -> str | None:
+    return node.value if isinstance(node, yaml.ScalarNode) and node.tag == _STR else None
+
+
+def _skipped_unbuilt(node: yaml.Node) -> Skipped | None:
+    """A document seen to carry no pod before it is built into Python objects: most of a large
+    install file is CRDs and RBAC, and building them is most of the time. None: build and read it."""
+    kind = _text_of(_child(node, "kind"))
+    if kind is None or kind in _POD_KINDS or (kind.endswith("List") and _child(node, "items") is not None):
+        return None
+    if _child(_child(_child(_child(node, "spec"), "template"), "spec"), "containers") is not None:
+        return None
+    metadata = _child(node, "metadata")
+    name, namespace = _text_of(_child(metadata, "name")), _text_of(_child(metadata, "namespace"))
+    if metadata is not None and not isinstance(metadata, yaml.MappingNode):
+        return None  # built, so that the error says what is wrong
+    return Skipped(f"{kind} {namespace + '/' if namespace else ''}{name or '<unnamed>'}", "carries no pod")
+
+
+def _build(loader: yaml.SafeLoader, node: yaml.Node, built: dict[int, Any]) -> Any:
+    """A node's Python value, as SafeLoader's constructor makes it (a node met twice through an
+    alias is the same object), in a plain recursion that takes a third of its time: building is
+    most of a large file's cost. Merge keys and explicit tags go to the constructor itself."""
+    if id(node) in built:
+        return built[id(node)]
+    if isinstance(node, yaml.ScalarNode):
+        return node.value if node.tag == _STR else loader.construct_object(node)
+    if isinstance(node, yaml.SequenceNode) and node.tag == _SEQ:
+        items: list[Any] = []
+        built[id(node)] = items
+        items += [_build(loader, child, built) for child in node.value]
+        return items
+    if (
+        isinstance(node, yaml.MappingNode)
+        and node.tag == _MAP
+        and all(k.tag != _MERGE for k, _ in node.value)
+    ):
+        mapping: dict[Any, Any] = {}
+        built[id(node)] = mapping
+        for key_node, value_node in node.value:
+            key, value = _build(loader, key_node, built), _build(loader, value_node, built)
+            try:
+                mapping[key] = value
+            except TypeError:
+                raise yaml.constructor.ConstructorError(
+                    None, None, "found an unhashable key", key_node.start_mark
+                ) from None
+        return mapping
+    return loader.construct_object(node, deep=True)
+
+
 def load_objects(text: str, source: str) -> Objects:
     """Every object in a (multi-document) YAML or JSON text; empty documents are skipped."""
+    loader = _LOADER(text)
     try:
-        docs = [doc for doc in yaml.load_all(text, Loader=_LOADER) if doc is not None]
+        return _read(loader, source)
+    finally:
+        loader.dispose()
+
+
+def _read(loader: yaml.SafeLoader, source: str) -> Objects:
+    nodes: list[yaml.Node] = []
+    try:
+        while loader.check_node():
+            node: yaml.Node | None = loader.get_node()  # (typed Any in the stubs)
+            if node is not None and node.tag != _NULL:  # empty documents
+                nodes.append(node)
     except yaml.YAMLError as err:
         raise InputError(f"{source}: not valid YAML or JSON: {_yaml_error(err)}") from None
     except RecursionError:
         raise InputError(f"{source}: nested too deeply to be a Kubernetes object") from None
-    out = Objects(documents=len(docs))
-    many = len(docs) > 1
-    for i, doc in enumerate(docs, 1):
-        where = f"{source} document {i}" if many else source
+    out = Objects(documents=len(nodes))
+    for i, node in enumerate(nodes, 1):
+        where = f"{source} document {i}" if len(nodes) > 1 else source
+        skipped = _skipped_unbuilt(node)
+        if skipped is not None:
+            out.skipped.append(skipped)
+            continue
         try:
-            _collect(doc, where, out)
+            _collect(_build(loader, node, {}), where, out)
+        except yaml.YAMLError as err:
+            out.errors.append(f"{where}: not valid YAML or JSON: {_yaml_error(err)}")
         except InputError as err:
             out.errors.append(str(err))
         except RecursionError:

@@ -565,3 +565,45 @@ def test_check_imports_no_client_server_or_backend_code() -> None:
 def test_check_help_does_not_even_load_pydantic() -> None:
     loaded = _modules_after("check", "--help")
     assert not ({"pydantic", "yaml", "netisolate.model"} | HEAVY) & loaded
+
+
+# --- the reader builds exactly what PyYAML's safe loader builds --------------------------------
+
+
+def _built(text: str) -> list[Any]:
+    loader = inputs._LOADER(text)
+    try:
+        nodes: list[yaml.Node] = []
+        while loader.check_node():
+            nodes.append(loader.get_node())
+        return [inputs._build(loader, node, {}) for node in nodes]
+    finally:
+        loader.dispose()
+
+
+def test_the_fast_builder_matches_the_safe_loader_on_every_corpus_file() -> None:
+    corpus = Path(__file__).parent / "corpus"
+    for path in sorted(corpus.rglob("*.y*ml")):
+        text = path.read_text()
+        assert _built(text) == list(yaml.load_all(text, Loader=inputs._LOADER)), path
+
+
+@settings(max_examples=200, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(json_values, max_size=3))
+def test_the_fast_builder_matches_the_safe_loader(docs: list[Any]) -> None:
+    for text in (yaml.safe_dump_all(docs), yaml.safe_dump_all(docs, default_flow_style=True)):
+        assert _built(text) == list(yaml.safe_load_all(text))
+
+
+def test_aliases_merge_keys_and_bombs(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    text = "base: &b {runAsUser: 1000}\nsc: {<<: *b, runAsNonRoot: true}\nsame: *b\n"
+    (built,) = _built(text)
+    assert built == yaml.safe_load(text) and built["base"] is built["same"]
+    laughs = "a: &a [x, x, x, x, x, x, x, x, x, x]\n" + "".join(
+        f"{chr(98 + i)}: &{chr(98 + i)} [{', '.join([f'*{chr(97 + i)}'] * 10)}]\n" for i in range(8)
+    )
+    (bomb,) = _built(laughs)  # 10^9 leaves if expanded: shared, as the safe loader shares them
+    assert bomb["i"][0] is bomb["i"][1]
+    path = tmp_path / "bomb.yaml"
+    path.write_text("kind: ConfigMap\nmetadata: {name: x}\ndata:\n  " + laughs.replace("\n", "\n  "))
+    assert run(capsys, "check", "-f", str(path))[0] == 0
