@@ -575,7 +575,9 @@ def _built(text: str) -> list[Any]:
     try:
         nodes: list[yaml.Node] = []
         while loader.check_node():
-            nodes.append(loader.get_node())
+            node = loader.get_node()
+            assert node is not None
+            nodes.append(node)
         return [inputs._build(loader, node, {}) for node in nodes]
     finally:
         loader.dispose()
