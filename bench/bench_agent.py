@@ -79,7 +79,10 @@ def start_to_enforced(samples: int) -> dict[str, object]:
     }
 
 
-def _agent_process(manifests: list[dict[str, object]], idle_seconds: float, out: Queue) -> None:
+Measured = tuple[float, int, int, float]  # seconds to verify, pods adopted, RSS bytes, CPU seconds
+
+
+def _agent_process(manifests: list[dict[str, object]], idle_seconds: float, out: Queue[Measured]) -> None:
     """The restarted agent, alone in a fresh interpreter: its RSS and CPU are the agent's only, not
     the harness's (the simulated pods and the first agent live in the parent)."""
     agent = new_agent(verify_interval=VERIFY_INTERVAL)
@@ -116,7 +119,7 @@ def restart(count: int, idle_seconds: float) -> list[dict[str, object]]:
         for uid in list(first.reconciler.pods):
             first.reconciler.forget(uid)
         ctx = multiprocessing.get_context("spawn")
-        out: Queue = ctx.Queue()
+        out: Queue[Measured] = ctx.Queue()
         child = ctx.Process(target=_agent_process, args=(manifests, idle_seconds, out))
         child.start()
         took, adopted, rss, cpu = out.get(timeout=idle_seconds + 600)

@@ -16,7 +16,7 @@ from prometheus_client import REGISTRY
 
 from netisolate.agent import endpoints
 from netisolate.agent.report import record_states
-from netisolate.agent.state import PodState, PodStatus
+from netisolate.agent.state import NodeStatus, PodState, PodStatus
 
 
 @dataclass
@@ -31,7 +31,7 @@ class Observed:
     def is_ready(self) -> bool:
         return self.ready
 
-    def status(self) -> dict[str, Any]:
+    def status(self) -> NodeStatus:
         return {
             "node": "node-a",
             "ready": self.ready,

@@ -7,6 +7,7 @@ import copy
 import json
 import multiprocessing
 import ssl
+import statistics
 import time
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
@@ -165,7 +166,7 @@ async def test_ephemeral_containers_judged_against_the_running_pod(served: Serve
 
 @pytest.mark.asyncio
 async def test_namespace_labels_by_requester(served: Served) -> None:
-    old = {
+    old: dict[str, Any] = {
         "apiVersion": "v1",
         "kind": "Namespace",
         "metadata": {"name": "shop", "labels": {"istio-injection": "enabled"}},
@@ -417,6 +418,21 @@ async def test_namespace_labels_are_read_from_the_api_and_a_missing_namespace_fa
     assert answer["allowed"] is False and "cannot read namespace nowhere" in answer["status"]["message"]
 
 
+@pytest.mark.asyncio
+async def test_a_namespace_served_without_metadata_has_no_labels() -> None:
+    """The API's Namespace model makes metadata optional: read as absent, not a crash (which the
+    review would turn into an 'internal error' denial of every pod in it)."""
+
+    class Bare:
+        metadata = None
+
+    class Api:
+        def read_namespace(self, name: str) -> Bare:
+            return Bare()
+
+    assert await NamespaceLabels(Api())("shop") == {}
+
+
 # --- issue 16: every review bounded in time and memory, none on the event loop ----------------
 
 
@@ -466,6 +482,7 @@ async def test_a_2000_container_pod_is_judged_quickly_and_capped() -> None:
 @pytest.mark.asyncio
 async def test_other_reviews_and_healthz_answer_while_a_huge_pod_is_judged() -> None:
     async with http_app(Limits(workers=2, seconds=20)) as http:
+        huge_started = time.monotonic()
         huge = asyncio.create_task(answer_of(http, many_containers(20000)))  # ~2.5 MB: a second or more
         await asyncio.sleep(0.05)
         latencies = []
@@ -476,8 +493,10 @@ async def test_other_reviews_and_healthz_answer_while_a_huge_pod_is_judged() -> 
             assert (await answer_of(http, review("Pod", GOOD)))["allowed"] is True
             latencies.append(time.monotonic() - started)
         assert (await huge)["uid"] == "big-20000"
+        huge_took = time.monotonic() - huge_started
+    # Judged on the event loop, every one of them would wait for the huge review to end.
     assert len(latencies) >= 3, "the huge review finished before the others could be measured"
-    assert max(latencies) < 0.5, latencies
+    assert statistics.median(latencies) < 0.1 and max(latencies) < huge_took / 2, (huge_took, latencies)
 
 
 @pytest.mark.asyncio

@@ -11,13 +11,15 @@ from typing import Any, Protocol
 
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from netisolate.agent.state import NodeStatus
+
 
 class Observed(Protocol):
     """What the endpoints report on (the Agent)."""
 
     def alive(self) -> bool: ...
     def is_ready(self) -> bool: ...
-    def status(self) -> dict[str, Any]: ...
+    def status(self) -> NodeStatus: ...
 
 
 def _text(ok: bool, failing: str) -> tuple[int, bytes, str]:

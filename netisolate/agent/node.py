@@ -7,14 +7,14 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from http.server import ThreadingHTTPServer
-from typing import Any
 
 from netisolate.agent import discovery, endpoints
 from netisolate.agent.reconcile import Reconciler
 from netisolate.agent.report import Reporter, record_states
+from netisolate.agent.state import NodeStatus
 from netisolate.agent.watch import ListWatch, Obj
 from netisolate.backends import Backend
+from netisolate.kube import CoreApi
 from netisolate.model import InputError, Pod, parse_pod
 from netisolate.netns import NetNS
 from netisolate.rules import Settings
@@ -28,7 +28,7 @@ class Agent:
         node: str,
         backend: Backend,
         settings: Settings,
-        core: Any | None,
+        core: CoreApi | None,
         *,
         proc_root: str = "/proc",
         host_netns: str = "/proc/1/ns/net",
@@ -147,7 +147,7 @@ class Agent:
     def is_ready(self) -> bool:
         return self.ready.is_set()
 
-    def status(self) -> dict[str, Any]:
+    def status(self) -> NodeStatus:
         """What /status serves and `netisolate status` prints."""
         return {
             "node": self.node,
@@ -159,11 +159,8 @@ class Agent:
     def update_gauges(self) -> None:
         record_states(self.reconciler.status())
 
-    def serve_http(self, port: int, host: str = "0.0.0.0") -> ThreadingHTTPServer:
-        return endpoints.serve(self, port, host)
-
     def run(self, metrics_port: int) -> None:
-        server = self.serve_http(metrics_port)
+        server = endpoints.serve(self, metrics_port)
         watches = self.watches()
         for w in watches:
             w.start()

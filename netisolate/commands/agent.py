@@ -10,7 +10,7 @@ import sys
 import urllib.error
 import urllib.request
 
-from netisolate.agent.state import PodState
+from netisolate.agent.state import NodeStatus, PodState
 from netisolate.backends import BACKENDS, EnforceError, select_backend
 from netisolate.commands.common import add_command, add_rule_settings, port, rule_settings, seconds
 from netisolate.logs import setup_logging
@@ -93,7 +93,7 @@ def run_agent(args: argparse.Namespace) -> int:
 def run_status(args: argparse.Namespace) -> int:
     try:
         with urllib.request.urlopen(f"http://127.0.0.1:{args.metrics_port}/status", timeout=5) as r:
-            status = json.loads(r.read())
+            status: NodeStatus = json.loads(r.read())
     except (urllib.error.URLError, OSError) as err:
         print(f"netisolate status: no agent answers on 127.0.0.1:{args.metrics_port}: {err}", file=sys.stderr)
         return 1
