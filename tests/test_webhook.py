@@ -6,6 +6,7 @@ import asyncio
 import copy
 import json
 import multiprocessing
+import os
 import ssl
 import statistics
 import time
@@ -540,3 +541,19 @@ async def test_a_worker_killed_mid_review_denies_that_review_only() -> None:
         assert reply.status == 200 and (await reply.json())["response"]["allowed"] is False
         assert "worker ended" in await reply.text()
         assert (await answer_of(http, review("Pod", GOOD)))["allowed"] is True
+
+
+@pytest.mark.asyncio
+async def test_large_bodies_have_a_worker_of_their_own_at_a_lower_priority() -> None:
+    async with http_app(Limits(workers=2, seconds=20)) as http:
+        huge = asyncio.create_task(answer_of(http, many_containers(20000)))
+        await asyncio.sleep(0.3)
+        workers = [c for c in multiprocessing.active_children() if c.name == "netisolate-review"]
+        niceness = sorted(os.getpriority(os.PRIO_PROCESS, w.pid or 0) for w in workers)
+        assert niceness == [os.getpriority(os.PRIO_PROCESS, 0), os.getpriority(os.PRIO_PROCESS, 0) + 10]
+        # a second huge pod queues behind the first; small ones never do
+        second = asyncio.create_task(answer_of(http, many_containers(20001)))
+        started = time.monotonic()
+        assert (await answer_of(http, review("Pod", GOOD)))["allowed"] is True
+        assert time.monotonic() - started < 0.5
+        await asyncio.gather(huge, second)

@@ -43,7 +43,10 @@ _STARTUP_SECONDS = 60.0
 
 @dataclass(frozen=True)
 class Limits:
+    # With two or more, one of them (at a lower CPU priority) takes every review of a body over
+    # `large_body` bytes: a stream of huge pods then delays only other huge pods.
     workers: int = 2
+    large_body: int = 64 * 1024  # a real pod, managedFields and all, is a few KB
     seconds: float = 2.0  # the API server waits timeoutSeconds (5 in daemonset/): answer before it
     # per review, on top of what an idle worker holds: a 20,000-container pod (2.5 MB) needs ~80 MiB
     memory_mib: int = 128
@@ -93,12 +96,14 @@ def _review(conn: Connection, config: Config, path: str, body: bytes) -> tuple[A
     return ("answer", response(request, findings), "allowed" if allowed(findings) else "denied")
 
 
-def _serve(conn: Connection, config: Config, memory_mib: int) -> None:
+def _serve(conn: Connection, config: Config, memory_mib: int, large: bool) -> None:
     """The worker's loop: one review at a time, until the server closes the pipe."""
     import netisolate.admission
     import netisolate.webhook.review  # noqa: F401  (loaded before the memory cap is measured)
 
     _cap_memory(memory_mib)
+    if large:
+        os.nice(10)  # the server and the other reviews come first
     conn.send(("ready",))
     while True:
         try:
@@ -117,10 +122,11 @@ def _serve(conn: Connection, config: Config, memory_mib: int) -> None:
 
 
 class _Worker:
-    def __init__(self, config: Config, memory_mib: int) -> None:
+    def __init__(self, config: Config, memory_mib: int, large: bool) -> None:
+        self.large = large
         self.conn, child = _CONTEXT.Pipe()
         self.process = _CONTEXT.Process(
-            target=_serve, args=(child, config, memory_mib), name="netisolate-review", daemon=True
+            target=_serve, args=(child, config, memory_mib, large), name="netisolate-review", daemon=True
         )
         self.process.start()
         child.close()
@@ -149,16 +155,19 @@ class _Worker:
 
 
 class ReviewPool:
-    """`limits.workers` processes judging reviews; `review` waits for an idle one."""
+    """`limits.workers` processes judging reviews; `review` waits for an idle one of its lane."""
 
     def __init__(self, config: Config, limits: Limits) -> None:
         self._config, self._limits = config, limits
-        self._idle: asyncio.Queue[_Worker] = asyncio.Queue()
+        self._idle = {False: asyncio.Queue[_Worker](), True: asyncio.Queue[_Worker]()}  # by large
         self._all: set[_Worker] = set()
         self._starting: set[asyncio.Task[None]] = set()
 
     async def start(self) -> None:
-        await asyncio.gather(*(self._add() for _ in range(self._limits.workers)))
+        lanes = [False] * self._limits.workers
+        if len(lanes) > 1:
+            lanes[-1] = True
+        await asyncio.gather(*(self._add(large) for large in lanes))
 
     async def close(self) -> None:
         for task in self._starting:
@@ -167,8 +176,8 @@ class ReviewPool:
             worker.kill()
         self._all.clear()
 
-    async def _add(self) -> None:
-        worker = await asyncio.to_thread(_Worker, self._config, self._limits.memory_mib)
+    async def _add(self, large: bool) -> None:
+        worker = await asyncio.to_thread(_Worker, self._config, self._limits.memory_mib, large)
         self._all.add(worker)
         try:
             await worker.recv(_STARTUP_SECONDS)
@@ -176,7 +185,7 @@ class ReviewPool:
             log.error("a review worker did not start", extra={"exitcode": worker.process.exitcode})
             self._discard(worker)
             return
-        self._idle.put_nowait(worker)
+        self._idle[large].put_nowait(worker)
 
     def _discard(self, worker: _Worker) -> None:
         worker.kill()
@@ -184,14 +193,15 @@ class ReviewPool:
 
     def _replace(self, worker: _Worker) -> None:
         self._discard(worker)
-        task = asyncio.get_running_loop().create_task(self._add())
+        task = asyncio.get_running_loop().create_task(self._add(worker.large))
         self._starting.add(task)
         task.add_done_callback(self._starting.discard)
 
     async def review(self, path: str, body: bytes, labels: LabelLookup) -> Answer:
         seconds = self._limits.seconds
+        large = self._limits.workers > 1 and len(body) > self._limits.large_body
         try:
-            worker = await asyncio.wait_for(self._idle.get(), seconds)
+            worker = await asyncio.wait_for(self._idle[large].get(), seconds)
         except TimeoutError:
             return _unjudged(None, f"no review worker was free within {seconds:g} s (overloaded)", 429)
         progress = _Progress()
@@ -207,7 +217,7 @@ class ReviewPool:
         except BaseException:
             self._replace(worker)  # cancelled mid-review: the worker's state is unknown
             raise
-        self._idle.put_nowait(worker)
+        self._idle[large].put_nowait(worker)
         return answer
 
     async def _exchange(
