@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import io
 import json
 import subprocess
@@ -17,7 +18,7 @@ from hypothesis import strategies as st
 
 from netisolate import inputs
 from netisolate.admission import review_request
-from netisolate.cli import main
+from netisolate.cli import COMMANDS, build_parser, main
 from netisolate.config import Config
 from netisolate.inputs import load_subjects
 from netisolate.model import InputError
@@ -609,3 +610,22 @@ def test_aliases_merge_keys_and_bombs(tmp_path: Path, capsys: pytest.CaptureFixt
     path = tmp_path / "bomb.yaml"
     path.write_text("kind: ConfigMap\nmetadata: {name: x}\ndata:\n  " + laughs.replace("\n", "\n  "))
     assert run(capsys, "check", "-f", str(path))[0] == 0
+
+
+def test_the_top_level_help_lists_every_command_as_its_module_registers_it() -> None:
+    def summaries(parser: argparse.ArgumentParser) -> dict[str, str | None]:
+        sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+        return {action.dest: action.help for action in sub._choices_actions}
+
+    registered = summaries(build_parser())
+    assert registered == {name: summary for name, (_, summary) in COMMANDS.items()}
+    assert summaries(build_parser(every=False)) == registered
+    assert list(registered) == list(COMMANDS)  # the same order
+
+
+def test_top_level_help_imports_no_command_module() -> None:
+    loaded = _modules_after("--help")
+    assert not {
+        m for m in loaded if m.startswith("netisolate.commands.") and m != "netisolate.commands.common"
+    }
+    assert not ({"pydantic"} | HEAVY) & loaded
