@@ -177,15 +177,22 @@ class ReviewPool:
         self._all.clear()
 
     async def _add(self, large: bool) -> None:
-        worker = await asyncio.to_thread(_Worker, self._config, self._limits.memory_mib, large)
-        self._all.add(worker)
-        try:
-            await worker.recv(_STARTUP_SECONDS)
-        except (TimeoutError, EOFError, OSError):
-            log.error("a review worker did not start", extra={"exitcode": worker.process.exitcode})
-            self._discard(worker)
+        """Start a worker and make it available; one that does not come up is retried, with backoff,
+        until the pool closes (meanwhile reviews wait, and are denied when none is free)."""
+        delay = 0.5
+        while True:
+            worker = await asyncio.to_thread(_Worker, self._config, self._limits.memory_mib, large)
+            self._all.add(worker)
+            try:
+                await worker.recv(_STARTUP_SECONDS)
+            except (TimeoutError, EOFError, OSError):
+                log.error("a review worker did not start", extra={"exitcode": worker.process.exitcode})
+                self._discard(worker)
+                await asyncio.sleep(delay)
+                delay = min(2 * delay, 30.0)
+                continue
+            self._idle[large].put_nowait(worker)
             return
-        self._idle[large].put_nowait(worker)
 
     def _discard(self, worker: _Worker) -> None:
         worker.kill()
