@@ -1,6 +1,6 @@
 """The agent's HTTP endpoints, for the kubelet's probes, Prometheus and `netisolate status`:
-/metrics, /healthz (the timer loop still turns), /readyz (the start-up verification is done) and
-/status (every tracked pod and its state, JSON)."""
+/metrics, /healthz (the timer loop still turns), /readyz (the start-up verification is done and
+the namespace labels are known; else 503 and why) and /status (every tracked pod and its state, JSON)."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ class Observed(Protocol):
     """What the endpoints report on (the Agent)."""
 
     def alive(self) -> bool: ...
-    def is_ready(self) -> bool: ...
+    def unready(self) -> str: ...  # why not ready; "" when ready
     def status(self) -> NodeStatus: ...
 
 
@@ -33,7 +33,8 @@ def answer(observed: Observed, path: str) -> tuple[int, bytes, str]:
     if path == "/healthz":
         return _text(observed.alive(), "timer loop stalled")
     if path == "/readyz":
-        return _text(observed.is_ready(), "start-up verification running")
+        reason = observed.unready()
+        return _text(not reason, reason)
     if path == "/status":
         return 200, json.dumps(observed.status()).encode(), "application/json"
     return 404, b"not found", "text/plain"

@@ -36,6 +36,8 @@ PORT_SQUATS = Counter(
     "Sockets found bound to a declared port by a UID that does not own it",
     ["namespace", "pod"],
 )
+WATCH_ERRORS = Counter("netisolate_watch_errors_total", "List/watch requests that failed", ["resource"])
+WATCH_UP = Gauge("netisolate_watch_up", "1 while the list/watch works, 0 while it fails", ["resource"])
 
 
 class Reporter:

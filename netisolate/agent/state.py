@@ -72,5 +72,6 @@ class NodeStatus(TypedDict):
 
     node: str
     ready: bool
+    unready: str  # why /readyz fails; "" when ready
     backend: str
     pods: list[PodStatusJSON]
