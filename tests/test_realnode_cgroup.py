@@ -12,7 +12,6 @@ hierarchy too.
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import statistics
 import time
@@ -30,9 +29,9 @@ from netisolate.backends.libnft import run as nft_run
 from netisolate.netns import NetNS
 from netisolate.policy import IdentityMode
 from netisolate.rules import RuleSet, Settings
-from tests.conftest import REAL_NODE_NAME
 from tests.kube_standin import api_client, put
 from tests.realnode.kubelet import Kubelet, RunningPod
+from tests.realnode.pods import NODE_NAME, mismatches, scenario_pod
 from tests.realnode.probe import matrix, probe, wait_listening
 from tests.test_agent import Running
 
@@ -42,18 +41,15 @@ RESTARTS = 20  # container restarts measured per mode
 
 
 def shared_uid_pod(identity: IdentityMode) -> dict[str, Any]:
-    manifest: dict[str, Any] = json.loads(json.dumps(scenarios.load("shared-uid").pod))
-    manifest["metadata"]["uid"] = str(uuid.uuid4())
-    manifest["metadata"]["name"] = f"shared-{uuid.uuid4().hex[:6]}"
+    manifest = scenario_pod("shared-uid", f"shared-{uuid.uuid4().hex[:6]}")
     manifest["metadata"]["annotations"]["netisolate.io/identity"] = str(identity)
-    manifest["spec"]["nodeName"] = REAL_NODE_NAME
     return manifest
 
 
 @pytest_asyncio.fixture
 async def agent(kubelet: Kubelet, kmock: Any) -> AsyncIterator[Running]:
     running = Running(
-        client.CoreV1Api(api_client(kmock)), node=REAL_NODE_NAME, verify_interval=0.5, settings=Settings()
+        client.CoreV1Api(api_client(kmock)), node=NODE_NAME, verify_interval=0.5, settings=Settings()
     )
     try:
         yield running
@@ -93,15 +89,6 @@ async def enforced(agent: Running, pod: RunningPod) -> None:
     await until(lambda: all(holds(agent, pod, c) for c in pod.containers), what="every container's cgroup")
 
 
-def expected_matrix(got: dict[tuple[str, str], list[str]]) -> dict[str, tuple[str, list[str]]]:
-    scenario = scenarios.load("shared-uid")
-    return {
-        f"{client}->{target}": (scenario.expected(client, target), results)
-        for (client, target), results in got.items()
-        if results != [scenario.expected(client, target)] * len(results)
-    }
-
-
 @pytest.mark.asyncio
 @pytest.mark.parametrize("identity", MODES, ids=str)
 async def test_shared_uid_containers_reach_only_their_grants(
@@ -114,7 +101,7 @@ async def test_shared_uid_containers_reach_only_their_grants(
     assert await exec_out(kubelet, pod, "rogue", "id -u") == "0\n"
     assert await exec_out(kubelet, pod, "app", "id -u") == await exec_out(kubelet, pod, "proxy", "id -u")
     got = await asyncio.to_thread(matrix, kubelet, pod, scenario.listeners, list(scenario.expect_open))
-    assert not expected_matrix(got), expected_matrix(got)
+    assert not mismatches(scenario, got), mismatches(scenario, got)
 
 
 async def exec_out(kubelet: Kubelet, pod: RunningPod, container: str, script: str) -> str:

@@ -18,36 +18,30 @@ _JUDGED = (
     "meta l4proto { udp, udplite } ip6 daddr ff00::/8",
 )
 _SYN_ACK = "tcp flags syn,ack / syn,ack"
+_FIRST = (  # decisions 1-3, whatever the identity
+    "tcp flags ! syn accept",
+    f"{_SYN_ACK} goto serve",
+    "icmp type { destination-unreachable, time-exceeded, parameter-problem } accept",
+    "icmpv6 type { destination-unreachable, packet-too-big, time-exceeded, parameter-problem } accept",
+)
 
 
-def _ports(ports: tuple[PortRange, ...]) -> str:
-    items = [str(p.low) if p.low == p.high else f"{p.low}-{p.high}" for p in ports]
+def _one_or_set(items: list[str]) -> str:
     return items[0] if len(items) == 1 else "{ " + ", ".join(items) + " }"
 
 
+def _ports(ports: tuple[PortRange, ...]) -> str:
+    return _one_or_set([str(p.low) if p.low == p.high else f"{p.low}-{p.high}" for p in ports])
+
+
 def _uids(owner: Owner) -> str:
-    return _listed(owner.uids)
-
-
-def _listed(numbers: tuple[int, ...]) -> str:
-    return str(numbers[0]) if len(numbers) == 1 else "{ " + ", ".join(map(str, numbers)) + " }"
+    return _one_or_set([str(uid) for uid in owner.uids])
 
 
 def _judging(rs: RuleSet) -> list[str]:
     if rs.cgroups is not None:
         return _judging_by_cgroup(rs, rs.cgroups)
-    rules = ["tcp flags ! syn accept"]
-    for owner in rs.owned("tcp"):
-        served = f"{_SYN_ACK} tcp sport {owner.port}"
-        rules += [
-            f'{served} meta skuid {_uids(owner)} accept comment "{owner.containers}"',
-            f"{served} goto refuse",
-        ]
-    rules += [
-        f"{_SYN_ACK} accept",
-        "icmp type { destination-unreachable, time-exceeded, parameter-problem } accept",
-        "icmpv6 type { destination-unreachable, packet-too-big, time-exceeded, parameter-problem } accept",
-    ]
+    rules = list(_FIRST)
     rules += [
         f'udp sport {owner.port} meta skuid != {_uids(owner)} goto refuse comment "{owner.containers}"'
         for owner in rs.owned("udp")
@@ -65,6 +59,26 @@ def _judging(rs: RuleSet) -> list[str]:
     ]
     rules.append("goto refuse")
     return rules
+
+
+def _serve(rs: RuleSet) -> list[str]:
+    """SYN-ACKs, in a chain of their own so that a SYN never walks the declared ports. By cgroup,
+    a SYN-ACK's request socket has no cgroup to match (`socket cgroupv2` breaks on it): a declared
+    TCP port is kept to its owners on input instead (`_receiving`), where the SYN meets the
+    listener; under uid+cgroup the owners' UIDs are held to it here as well."""
+    if rs.cgroups is None:
+        owners = [(o.port, o.uids, o.containers) for o in rs.owned("tcp")]
+    else:
+        cg = rs.cgroups
+        owners = [(o.port, cg.uids(o), ",".join(o.members)) for o in cg.owned("tcp")] if cg.by_uid else []
+    rules = []
+    for port, uids, containers in owners:
+        served = f"tcp sport {port}"
+        if uids:
+            owned_by = _one_or_set([str(u) for u in uids])
+            rules.append(f'{served} meta skuid {owned_by} accept comment "{containers}"')
+        rules.append(f"{served} goto refuse")
+    return [*rules, "accept"]
 
 
 def _refuse(rs: RuleSet) -> list[str]:
@@ -95,30 +109,14 @@ def _not_owner(cg: CgroupRules, owner: CgroupOwner) -> str:
 
 def _judging_by_cgroup(rs: RuleSet, cg: CgroupRules) -> list[str]:
     usable = [m for m in cg.members if m.uid is not None or not cg.by_uid]
-    rules = ["tcp flags ! syn accept"]
-    # A SYN-ACK leaves from a request socket, which `socket cgroupv2` cannot see (it breaks): a
-    # declared TCP port is kept to its owners on input instead (`_receiving`), where the SYN meets
-    # the listener. Under uid+cgroup the owners' UIDs are held to it here as well.
-    for owner in cg.owned("tcp") if cg.by_uid else ():
-        served = f"{_SYN_ACK} tcp sport {owner.port}"
-        if uids := cg.uids(owner):
-            rules.append(f'{served} meta skuid {_listed(uids)} accept comment "{",".join(owner.members)}"')
-        rules.append(f"{served} goto refuse")
-    rules += [
-        f"{_SYN_ACK} accept",
-        "icmp type { destination-unreachable, time-exceeded, parameter-problem } accept",
-        "icmpv6 type { destination-unreachable, packet-too-big, time-exceeded, parameter-problem } accept",
-    ]
+    rules = list(_FIRST)
     for owner in cg.owned("udp"):
         comment = f'comment "{",".join(owner.members)}"'
         rules.append(f"udp sport {owner.port} {_not_owner(cg, owner)} goto refuse {comment}")
         if cg.by_uid:
             uids = cg.uids(owner)
-            rules.append(
-                f"udp sport {owner.port} meta skuid != {_listed(uids)} goto refuse {comment}"
-                if uids
-                else f"udp sport {owner.port} goto refuse {comment}"
-            )
+            others = f"meta skuid != {_one_or_set([str(u) for u in uids])} " if uids else ""
+            rules.append(f"udp sport {owner.port} {others}goto refuse {comment}")
     if rs.stateful:
         rules.append("ct direction reply accept")
     rules.append(
@@ -196,6 +194,7 @@ def table(rs: RuleSet, loading: bool = False) -> str:
             *(f"{match} jump loopback" for match in _JUDGED),
         ],
         "loopback": _judging(rs),
+        "serve": _serve(rs),
         "refuse": _refuse(rs),
         "deny": _deny(rs),
     }
