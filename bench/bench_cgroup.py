@@ -19,6 +19,7 @@ import argparse
 import json
 import os
 import statistics
+import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -117,12 +118,16 @@ def bench_restart(root: Path, rounds: int) -> dict[str, object]:
                 installed, target = states[done % 2], states[(done + 1) % 2]
                 done += 1
                 if kind == "element":
-                    add, delete = nft.elements(target, installed)
-                    added.append(timed(lambda: ns.run(lambda: libnft.run(add))))  # noqa: B023
-                    deleted.append(timed(lambda: ns.run(lambda: libnft.run(delete))))  # noqa: B023
+                    documents = nft.elements(target, installed)
+                    for document, samples in zip(documents, (added, deleted), strict=True):
+                        started = time.perf_counter()
+                        status, _, err = ns.run(lambda doc=document: libnft.run(doc))  # type: ignore[misc]
+                        samples.append(time.perf_counter() - started)
+                        assert status == 0, err
                 else:
                     whole.append(timed(lambda: backend.apply(ns, target)))  # noqa: B023
-                assert backend.verify(ns, target) == []
+                drift = backend.verify(ns, target)
+                assert drift == [], drift
     total = [a + d for a, d in zip(added, deleted, strict=True)]
     return {
         "scenario": "restart",

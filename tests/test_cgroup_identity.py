@@ -12,7 +12,7 @@ import pytest
 
 from netisolate.agent.cgroups import NodeCgroups, below, container_ids, named, v2_mounts, v2_path
 from netisolate.agent.reconcile import Reconciler
-from netisolate.backends import libnft, select_backend
+from netisolate.backends import EnforceError, select_backend
 from netisolate.localpod import LocalPod
 from netisolate.model import Pod, parse_pod
 from netisolate.netns import NetNS
@@ -133,14 +133,12 @@ def test_an_id_change_is_an_element_update() -> None:
     )
     assert regranted is not None and not regranted.same_but_cgroups(before)
     # the new cgroup first (the grants hold from then), the old one after; nothing else is touched
-    assert nft.elements(after, before) == (
-        f'add element inet netisolate c-app {{ "{POD_DIR}/a2" }}\n',
-        "delete element inet netisolate c-app { 101 }\n",
-    )
+    add = f'add element inet netisolate c-app {{ "{POD_DIR}/a2" }}\n'
+    assert nft.elements(after, before) == (add, f"flush set inet netisolate c-app\n{add}")
     gone = replace(SEEN, containers=SEEN.containers[1:])  # the app exited: its set is emptied
     assert nft.elements(build_ruleset(policy, Settings(), cgroups=gone), before) == (  # type: ignore[arg-type]
         "",
-        "delete element inet netisolate c-app { 101 }\n",
+        "flush set inet netisolate c-app\n",
     )
 
 
@@ -233,36 +231,42 @@ def local() -> Iterator[LocalPod]:
 
 
 @pytest_kernel
-def test_loaded_by_path_listed_by_id_and_exact(local: LocalPod) -> None:
+def test_loaded_by_path_listed_by_id_and_exact(local: LocalPod, monkeypatch: pytest.MonkeyPatch) -> None:
     assert local.ns is not None and local.cgroup is not None
     backend = select_backend("nftables")
     rs = build_ruleset(pod_policy(local.pod, {}), Settings(), cgroups=local.cgroups())
     assert rs is not None
     backend.apply(local.ns, rs)
     assert backend.verify(local.ns, rs) == []
-    # a restart: the app's container gets a new cgroup; its set is updated, the rest stays
+    # a restart: the app's old cgroup goes, a new one comes; its set is updated, the rest stays
+    seen = local.cgroups()
+    old_app = dict(seen.containers)["app"]
+    (local.cgroup / "app").rmdir()
     fresh = local.cgroup / "app-2"
     fresh.mkdir()
-    try:
-        seen = local.cgroups()
-        new_app = NodeCgroups.cgroup_of(str(fresh))
-        containers = tuple((n, new_app if n == "app" else c) for n, c in seen.containers)
-        restarted = replace(seen, containers=containers)
-        after = build_ruleset(pod_policy(local.pod, {}), Settings(), cgroups=restarted)
-        assert after is not None and after.same_but_cgroups(rs)
-        backend.update_cgroups(local.ns, after, rs)
-        assert backend.verify(local.ns, after) == []
-        old_app = dict(seen.containers)["app"]
-        assert backend.verify(local.ns, rs) == [
-            f"missing: elements = {{ {old_app.id} }}",
-            f"unexpected: elements = {{ {new_app.id} }}",
-        ]
-        # the sets are not what the agent believes (someone emptied one): the update still ends exact
-        assert local.ns.run(lambda: libnft.run("flush set inet netisolate c-app"))[0] == 0
-        backend.update_cgroups(local.ns, rs, after)
-        assert backend.verify(local.ns, rs) == []
-    finally:
-        fresh.rmdir()
+    new_app = NodeCgroups.cgroup_of(str(fresh))
+    restarted = replace(seen, containers=tuple((n, new_app if n == "app" else c) for n, c in seen.containers))
+    after = build_ruleset(pod_policy(local.pod, {}), Settings(), cgroups=restarted)
+    assert after is not None and after.same_but_cgroups(rs)
+
+    def no_new_table(*args: object) -> None:
+        raise AssertionError("an element update must not load a new table")
+
+    monkeypatch.setattr(backend, "apply", no_new_table)
+    backend.update_cgroups(local.ns, after, rs)
+    assert backend.verify(local.ns, after) == []
+    assert backend.verify(local.ns, rs) == [
+        f"missing: elements = {{ {old_app.id} }}",
+        f"unexpected: elements = {{ {new_app.id} }}",
+    ]
+    # a cgroup that vanished before it could be loaded fails the update (the agent retries)
+    fresh.rmdir()
+    gone = build_ruleset(pod_policy(local.pod, {}), Settings(), cgroups=replace(restarted, containers=()))
+    assert gone is not None
+    backend.update_cgroups(local.ns, gone, after)
+    assert backend.verify(local.ns, gone) == []
+    with pytest.raises(EnforceError, match="updating"):
+        backend.update_cgroups(local.ns, after, gone)
 
 
 @pytest_kernel

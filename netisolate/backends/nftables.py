@@ -42,8 +42,8 @@ class NftablesBackend:
 
     def update_cgroups(self, ns: NetNS, ruleset: RuleSet, installed: RuleSet) -> None:
         """Turn the sets of `installed` into those of `ruleset` (a restarted container's new cgroup
-        in, its old one out), in-process where libnftables is there (no fork). Should the sets
-        not be what `installed` says (a delete that finds nothing), the table is replaced."""
+        in, then its old one out), in-process where libnftables is there (no fork). A cgroup that
+        vanished meanwhile (nft resolves paths as it loads) fails the update, which is retried."""
         for document in nft.elements(ruleset, installed):
             if not document:
                 continue
@@ -52,9 +52,6 @@ class NftablesBackend:
             else:
                 result = self._load(ns, document)
                 status, err = result.returncode, result.stderr
-            if status != 0 and "No such file or directory" in err:
-                self.apply(ns, ruleset)
-                return
             if status != 0:
                 raise EnforceError(f"updating {ruleset.pod}'s cgroups failed: {err.strip()}")
 

@@ -163,20 +163,22 @@ def _sets(cg: CgroupRules, loading: bool) -> list[str]:
 
 def elements(rs: RuleSet, installed: RuleSet) -> tuple[str, str]:
     """Two `nft -f` documents that turn the sets of `installed` into those of `rs`: first the new
-    cgroups are added (~1 ms: the grants hold from here), then the old ones deleted (deleting
-    waits ~15 ms in the kernel for RCU). Between the two a set also holds a removed cgroup's ID,
-    which nothing can be in again: IDs are never reused. Either may be empty."""
+    cgroups are added (~1 ms: the grants hold from here), then the old ones cleared out (which
+    waits ~15 ms in the kernel for RCU). nft 1.0 takes a cgroup only by path, so an element whose
+    cgroup is gone cannot be deleted by name: the set is flushed and refilled in one transaction,
+    never empty in between. Until then it also holds the removed cgroup's ID, which nothing can be
+    in again (IDs are not reused). Either document may be empty."""
     assert rs.cgroups is not None and installed.cgroups is not None
     old = dict(installed.cgroups.elements())
-    added, deleted = [], []
+    added, cleared = [], []
     for name, cgroup in rs.cgroups.elements():
         if old.get(name) == cgroup:
             continue
-        if cgroup:
-            added.append(f"add element inet {TABLE} {name} {{ {_element(cgroup, True)} }}")
-        if (gone := old.get(name)) is not None:
-            deleted.append(f"delete element inet {TABLE} {name} {{ {gone.id} }}")
-    return "".join(f"{line}\n" for line in added), "".join(f"{line}\n" for line in deleted)
+        add = f"add element inet {TABLE} {name} {{ {_element(cgroup, True)} }}" if cgroup else ""
+        added += [add] if add else []
+        if old.get(name) is not None:
+            cleared += [f"flush set inet {TABLE} {name}", *([add] if add else [])]
+    return "".join(f"{line}\n" for line in added), "".join(f"{line}\n" for line in cleared)
 
 
 def _deny(rs: RuleSet) -> list[str]:
