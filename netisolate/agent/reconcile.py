@@ -137,12 +137,13 @@ class Reconciler:
                     )
                 tracked.ns.close()
                 tracked.ns, tracked.applied = None, None
-            if tracked.ns is None:
+            fresh = tracked.ns is None
+            if fresh:
                 tracked.ns = ns
             else:
                 ns.close()
             tracked.sandbox = sandbox
-            self._sync(tracked)
+            self._sync(tracked, adopt=not fresh)
             return tracked.state, tracked.detail
 
     def release_sandbox(self, uid: str, sandbox: str, inode: int | None) -> None:
@@ -241,14 +242,16 @@ class Reconciler:
 
     # --- the decision ----------------------------------------------------------------------------
 
-    def _sync(self, tracked: Tracked) -> None:
+    def _sync(self, tracked: Tracked, adopt: bool = True) -> None:
+        """adopt: rules found in the namespace may be kept as they are (after an agent restart);
+        a namespace the runtime has just created holds none, and is not read first."""
         try:
-            self._decide(tracked)
+            self._decide(tracked, adopt)
         except Exception as err:  # whatever it was: reported and retried with backoff, rules untouched
             log.exception("reconciling failed", extra={"pod": tracked.pod.ref})
             self._failed(tracked, "EnforceFailed", f"unexpected error: {err}")
 
-    def _decide(self, tracked: Tracked) -> None:
+    def _decide(self, tracked: Tracked, adopt: bool = True) -> None:
         pod = tracked.pod
         if pod.spec.host_network:
             tracked.state, tracked.detail = (
@@ -284,7 +287,7 @@ class Reconciler:
         if tracked.applied == desired and tracked.state != "failed":
             tracked.state = desired.mode  # also back from off with the same rules still in place
             return
-        if tracked.applied is None and self._intact(tracked, desired):
+        if tracked.applied is None and adopt and self._intact(tracked, desired):
             tracked.applied, tracked.state, tracked.detail = (
                 desired,
                 desired.mode,
