@@ -24,6 +24,7 @@ from netisolate.agent.cni_conf import Chain, install_binary
 from netisolate.agent.cni_server import CniServer
 from netisolate.agent.discovery import MIRROR_ANNOTATION
 from netisolate.agent.reconcile import Reconciler
+from netisolate.agent.state import PodState
 from netisolate.cni import conflist, protocol
 from netisolate.model import InputError, Pod, parse_pod
 from netisolate.netns import NetNS
@@ -89,7 +90,7 @@ class CniHandler:
         pod = self._pod(ref)
         self._namespace_labels(pod.metadata.namespace or "default", ref)
         state, detail = self.reconciler.enforce_sandbox(pod, ns.dup(), request.container_id)
-        if state in ("enforce", "audit", "off", "host-network"):
+        if state is not PodState.PENDING and state is not PodState.FAILED:
             log.info("sandbox admitted", extra={"pod": str(ref), "state": state})
             return protocol.OK
         raise RefusalError(
