@@ -133,7 +133,7 @@ class CniNode:
             "node-a", select_backend(self.backend), Settings(), self.core, host_netns="/proc/self/ns/net"
         )
         self.agent.namespaces_known.set()
-        self.server = start(self.options, self.agent.reconciler, self.core, self.stop)
+        self.server = start(self.options, self.agent.reconciler, self.core, self.stop).server
 
     @property
     def binary(self) -> Path:

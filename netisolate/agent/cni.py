@@ -166,7 +166,18 @@ class CniOptions:
     timeout_seconds: int = 30
 
 
-def start(options: CniOptions, reconciler: Reconciler, core: Any, stop: threading.Event) -> CniServer:
+@dataclass
+class CniService:
+    server: CniServer
+    chain: threading.Thread
+
+    def close(self) -> None:
+        """Stop answering (the chain's thread ends with the agent's stop event)."""
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def start(options: CniOptions, reconciler: Reconciler, core: Any, stop: threading.Event) -> CniService:
     """Serve first, then install the binary, then chain it: the plugin never runs before the
     agent can answer it."""
     server = CniServer(options.socket, CniHandler(reconciler, core))
@@ -175,6 +186,5 @@ def start(options: CniOptions, reconciler: Reconciler, core: Any, stop: threadin
     entry = conflist.plugin_entry(str(options.socket), options.exempt_namespaces, options.timeout_seconds)
     chain = Chain(options.conf_dir, entry)
     chain.ensure()  # at once where the node's CNI is there already; the watch keeps it so
-    chain.start(stop)
     log.info("CNI plugin served", extra={"socket": str(options.socket), "conf_dir": str(options.conf_dir)})
-    return server
+    return CniService(server, chain.start(stop))
