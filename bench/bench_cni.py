@@ -14,9 +14,20 @@ first-attempt  a container starts listening and another container of the pod con
                containers' UIDs in the pod's cgroup (tests/agent_harness.py), so they start as
                fast as real ones do.
 
+With --real-node the same two questions are asked of containerd 1.6 + runc + the CNI bridge
+(tests/realnode/, issue 10's node), per backend:
+
+realnode-sandbox  RunPodSandbox's duration for N isolated pods with the plugin chained, next to
+                  the plain runtime's (no plugin in the chain), alternating pod by pod in the
+                  same run: what the plugin adds to sandbox creation.
+realnode-first    the same race with real containers (busybox, the containers' UIDs): the rogue
+                  container connects the moment the app listens; refused first attempts of N,
+                  with the plugin and without it (the agent finds the sandbox in /proc), for a
+                  new pod and again once its sandbox is recreated (a new network namespace,
+                  the containers started anew in it).
+
 Pods reach the agent's cache as its watch delivers them (before the sandbox); the API server is
-not what is measured here. The real node's numbers (containerd + runc) come from
-tests/realnode (see README).
+not what is measured here.
 """
 
 from __future__ import annotations
@@ -181,18 +192,153 @@ def first_attempts(backend: str, pods: int, tmp: Path, with_plugin: bool) -> dic
     }
 
 
+class _StatusSink:
+    """The API calls the kubelet stand-in makes, answered and forgotten (no API server here)."""
+
+    def patch_namespaced_pod_status(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def delete_namespaced_pod(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+
+def real_node_run(node: Any, backend: str, pods: int, with_plugin: bool) -> list[dict[str, Any]]:
+    from tests.realnode import cni as realcni
+
+    agent = realcni.new_agent(None, backend)
+    agent.on_namespace_list([{"metadata": {"name": "shop", "labels": {}}}])
+    stop = threading.Event()
+    service = realcni.serve(node, agent, None, stop) if with_plugin else None
+    loop = threading.Thread(target=agent.loop, args=([],), daemon=True)
+    loop.start()
+    kubelet = realcni.EagerKubelet(node, _StatusSink(), "real-node")
+    results = {"new": {"refused": 0, "open": 0}, "recreated": {"refused": 0, "open": 0}}
+    try:
+        for i in range(pods):
+            manifest = realcni.race_pod(f"bench-{i}", "real-node")
+            agent.on_pod_event("ADDED", manifest)
+            pod = kubelet.run(manifest)
+            results["new"][realcni.first_attempt(kubelet, pod)] += 1
+            # the sandbox dies: a new one, a new network namespace, the containers started anew
+            kubelet.recreate_sandbox(pod)
+            results["recreated"][realcni.first_attempt(kubelet, pod)] += 1
+            kubelet.delete(pod)
+            agent.on_pod_event("DELETED", manifest)
+    finally:
+        kubelet.close()
+        agent.stop.set()
+        if service is not None:
+            realcni.unchain(node, service, stop)
+        agent.host.close()
+    return [
+        {
+            "scenario": "realnode-first",
+            "backend": backend,
+            "plugin": with_plugin,
+            "sandbox": kind,
+            "pods": pods,
+            "first_attempt_refused": counts["refused"],
+            "first_attempt_open": counts["open"],
+        }
+        for kind, counts in results.items()
+    ]
+
+
+def real_node_latency(node: Any, backend: str, pods: int) -> dict[str, Any]:
+    """RunPodSandbox of an isolated pod's sandbox, the plugin chained or not, alternating pod by
+    pod so that both see the same machine (this VM's load moves by the second)."""
+    from netisolate.agent.cni import CniHandler
+    from netisolate.agent.cni_conf import install_binary, write_atomically
+    from netisolate.agent.cni_server import CniServer
+    from netisolate.cni import conflist
+    from tests.cni_harness import plugin_binary
+    from tests.realnode import cni as realcni
+
+    agent = realcni.new_agent(None, backend)
+    agent.on_namespace_list([{"metadata": {"name": "shop", "labels": {}}}])
+    socket = realcni.options(node).socket
+    handler, answered = CniHandler(agent.reconciler, None), list[float]()
+
+    def timed(request: Any, ns: Any) -> bytes:
+        started = time.perf_counter()
+        reply = handler(request, ns)
+        answered.append(time.perf_counter() - started)
+        return reply
+
+    server = CniServer(socket, timed)
+    server.start()
+    binary = install_binary(plugin_binary(), node.cni_bin)
+    path = node.cni_conf / "10-netisolate.conflist"
+    plain = path.read_text()
+    edit = conflist.chained(path.name, plain, conflist.plugin_entry(str(socket), realcni.EXEMPT))
+    assert edit is not None
+    kubelet = realcni.EagerKubelet(node, _StatusSink(), "real-node")
+    seconds: dict[bool, list[float]] = {True: [], False: []}
+    try:
+        for i in range(pods):
+            for chained in (True, False) if i % 2 else (False, True):
+                write_atomically(path, (edit.text if chained else plain).encode())
+                realcni.until_loaded(node, chained)
+                manifest = realcni.race_pod(f"lat-{i}-{chained}", "real-node")
+                manifest["spec"]["containers"] = []  # the sandbox alone is timed
+                agent.on_pod_event("ADDED", manifest)
+                started = time.perf_counter()
+                pod = kubelet.run(manifest)
+                seconds[chained].append(time.perf_counter() - started)
+                if chained:
+                    assert agent.reconciler.pods[pod.uid].state == "enforce"
+                kubelet.delete(pod)
+                agent.on_pod_event("DELETED", manifest)
+    finally:
+        kubelet.close()
+        write_atomically(path, plain.encode())
+        realcni.until_loaded(node, False)
+        server.shutdown()
+        server.server_close()
+        binary.unlink()
+        socket.unlink(missing_ok=True)
+        agent.host.close()
+    with_plugin, plain_runtime = summary(seconds[True]), summary(seconds[False])
+    return {
+        "scenario": "realnode-sandbox",
+        "backend": backend,
+        "pods": pods,
+        "run_pod_sandbox_with_plugin": with_plugin,
+        "run_pod_sandbox_plain_runtime": plain_runtime,
+        "added_p50_ms": round(with_plugin["p50_ms"] - plain_runtime["p50_ms"], 2),
+        "added_p99_ms": round(with_plugin["p99_ms"] - plain_runtime["p99_ms"], 2),
+        "agent_answer": summary(answered),  # pod looked up, rules installed: inside the plugin's time
+        "target_added_p99_ms": 30,
+    }
+
+
+def real_node(backends: tuple[str, ...], pods: int) -> None:
+    from tests.realnode.node import real_node as started
+
+    with started() as node:
+        for backend in backends:
+            print(json.dumps(real_node_latency(node, backend, pods)), flush=True)
+            for plugin in (True, False):
+                for result in real_node_run(node, backend, pods, plugin):
+                    print(json.dumps(result), flush=True)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--pods", type=int, default=50)
     parser.add_argument("--backend", choices=("nftables", "iptables", "both"), default="both")
+    parser.add_argument("--real-node", action="store_true", help="on containerd + runc (tests/realnode)")
     args = parser.parse_args()
     logging.disable(logging.WARNING)  # the agent's events (WildcardListener for nc's wildcard bind)
     if subprocess.run([BUSYBOX, "true"], check=False).returncode != 0:
         print(f"{BUSYBOX} is missing: apt-get install busybox-static", file=sys.stderr)
         return 2
     backends = ("nftables", "iptables") if args.backend == "both" else (args.backend,)
+    if args.real_node:
+        real_node(backends, args.pods)
+        return 0
     for backend in backends:
         for scenario in ("add-latency", "with-plugin", "without-plugin"):
             with tempfile.TemporaryDirectory(prefix="ni-bench-cni-") as tmp:
