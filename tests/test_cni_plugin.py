@@ -350,3 +350,30 @@ async def test_the_agent_process_chains_serves_keeps_the_chain_on_exit_and_unins
     finally:
         uninstall.send_signal(signal.SIGTERM)
         await asyncio.to_thread(uninstall.wait, 20)
+
+
+@pytest.mark.asyncio
+async def test_sandboxes_created_at_once_are_not_enforced_one_after_the_other(
+    node: CniNode, core: client.CoreV1Api
+) -> None:
+    """The rules go into a new sandbox's namespace before the reconciler's lock is taken: with the
+    lock held elsewhere (another pod's apply, a verification), they are in all the same."""
+    pod = await new_pod(core, "in-parallel")
+    await asyncio.to_thread(node.agent.reconciler.set_namespace, "shop", {})  # known: no API read
+    try:
+        assert pod.ns is not None
+        node.agent.reconciler.lock.acquire()
+        try:
+            pending = asyncio.ensure_future(add(node, pod))
+            deadline = time.monotonic() + 10
+            while not await asyncio.to_thread(node.agent.reconciler.backend.installed, pod.ns):
+                assert time.monotonic() < deadline, "rules waited for the lock"
+                await asyncio.sleep(0.01)
+            assert not pending.done(), "the answer waits for the bookkeeping"
+        finally:
+            node.agent.reconciler.lock.release()
+        result = await pending
+        assert result.code == 0, result.stdout
+        assert node.agent.reconciler.pods[pod.pod.metadata.uid or ""].state == "enforce"
+    finally:
+        pod.close()

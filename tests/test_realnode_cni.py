@@ -168,3 +168,18 @@ async def test_a_rewritten_conflist_is_chained_again_within_two_seconds(chained:
     assert max(delays) < 2.0 and loaded_chain(chained.node)[-1] == conflist.PLUGIN_TYPE
     pod = await asyncio.to_thread(chained.run, race_pod("after-rewrite", REAL_NODE_NAME))
     assert await asyncio.to_thread(first_attempt, chained.kubelet, pod) == "refused"
+
+
+@pytest.mark.asyncio
+async def test_a_recreated_sandbox_is_enforced_before_its_containers_start_again(chained: Chained) -> None:
+    """Without the plugin the agent meets a recreated sandbox only at its next verification round;
+    with it, the runtime hands the new namespace over before the containers start again."""
+    pod = await asyncio.to_thread(chained.run, race_pod("recreated", REAL_NODE_NAME))
+    assert await asyncio.to_thread(first_attempt, chained.kubelet, pod) == "refused"
+    old = os.stat(f"/proc/{pod.pid}/ns/net").st_ino
+    await asyncio.to_thread(chained.kubelet.recreate_sandbox, pod)
+    new = os.stat(f"/proc/{pod.pid}/ns/net").st_ino
+    assert new != old
+    assert await asyncio.to_thread(first_attempt, chained.kubelet, pod) == "refused"
+    tracked = chained.agent.reconciler.pods[pod.uid]
+    assert tracked.ns is not None and tracked.ns.inode == new and tracked.state == "enforce"

@@ -12,6 +12,7 @@ backoff and reported once per distinct failure, so a broken pod cannot flood the
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -71,6 +72,7 @@ class Tracked:
     exposed: tuple[str, ...] = ()  # ports last reported as listening beyond loopback
     rounds: int = 0  # verifications since the rules were applied or adopted
     sandbox: str = ""  # the sandbox ID the CNI plugin handed `ns` over with, if it did
+    preinstalled: tuple[RuleSet, float] | None = None  # loaded into a fresh `ns` outside the lock
 
 
 class Reconciler:
@@ -133,8 +135,21 @@ class Reconciler:
     def enforce_sandbox(self, pod: Pod, ns: NetNS, sandbox: str) -> tuple[PodState, str]:
         """The runtime is creating `sandbox` for the pod, in network namespace `ns` (a handle the
         reconciler now owns), and starts no container before we answer: decide and apply now.
-        Returns the pod's (state, detail) afterwards."""
+        Returns the pod's (state, detail) afterwards.
+
+        The rules are loaded before the lock is taken for the bookkeeping: the namespace is new and
+        no one else knows it yet, and sandboxes created at once (a node starting up) are enforced
+        at once instead of one after the other."""
         uid = pod.metadata.uid or pod.ref
+        # (a dict read: atomic, no lock needed; set_namespace replaces, never mutates, a value)
+        policy = pod_policy(pod, self.namespaces.get(pod.metadata.namespace or "default", {}))
+        desired = build_ruleset(policy, self.settings, ns.user_namespaced()) if policy.isolated else None
+        preinstalled = None
+        if desired is not None and not pod.spec.host_network:
+            started = time.perf_counter()
+            with contextlib.suppress(EnforceError):  # tried again, and reported, under the lock
+                self.backend.apply(ns, desired)
+                preinstalled = (desired, time.perf_counter() - started)
         with self.lock:
             tracked = self.pods.setdefault(uid, Tracked(pod))
             tracked.pod = pod
@@ -147,11 +162,12 @@ class Reconciler:
                 tracked.ns, tracked.applied = None, None
             fresh = tracked.ns is None
             if fresh:
-                tracked.ns = ns
+                tracked.ns, tracked.preinstalled = ns, preinstalled
             else:
                 ns.close()
             tracked.sandbox = sandbox
             self._sync(tracked, adopt=not fresh)
+            tracked.preinstalled = None
             return tracked.state, tracked.detail
 
     def release_sandbox(self, uid: str, sandbox: str, inode: int | None) -> None:
@@ -335,13 +351,18 @@ class Reconciler:
 
     def _apply(self, tracked: Tracked, desired: RuleSet) -> None:
         assert tracked.ns is not None
-        started = time.perf_counter()
-        try:
-            self.backend.apply(tracked.ns, desired)
-        except EnforceError as err:
-            self._failed(tracked, "EnforceFailed", str(err))
-            return
-        self.reporter.applied(tracked.pod, time.perf_counter() - started)
+        pre, tracked.preinstalled = tracked.preinstalled, None
+        if pre is not None and pre[0] == desired:  # what enforce_sandbox loaded is what we want
+            seconds = pre[1]
+        else:
+            started = time.perf_counter()
+            try:
+                self.backend.apply(tracked.ns, desired)
+            except EnforceError as err:
+                self._failed(tracked, "EnforceFailed", str(err))
+                return
+            seconds = time.perf_counter() - started
+        self.reporter.applied(tracked.pod, seconds)
         announce = tracked.applied is None or tracked.state is PodState.FAILED
         tracked.applied, tracked.state, tracked.detail = desired, PodState(desired.mode), ""
         tracked.failures = tracked.rounds = 0
