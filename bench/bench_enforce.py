@@ -115,7 +115,7 @@ def bench_many(backend: Backend, count: int) -> dict[str, object]:
     rs, changed = ruleset(), ruleset(extra_port=50)
     with namespaces(count) as opened:
         apply_many(backend, [(ns, rs) for ns in opened])
-        serial = timed(lambda: [backend.apply(ns, changed) for ns in opened])
+        serial = timed(lambda: apply_many(backend, [(ns, changed) for ns in opened], workers=1))
         parallel = timed(lambda: apply_many(backend, [(ns, rs) for ns in opened], workers=8))
     return {
         "scenario": "apply-100",

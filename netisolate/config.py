@@ -10,7 +10,6 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from pydantic.alias_generators import to_camel
 
 from netisolate.model import InputError, describe_validation_error
-from netisolate.rules import DEFAULT_SENTINEL_PORT
 
 Severity = Literal["deny", "warn"]
 
@@ -46,6 +45,12 @@ DEFAULT_SEVERITIES: dict[str, Severity] = {
     "namespace-label-protected": "deny",
 }
 DEFAULT_GATE_IMAGES = ["ghcr.io/netisolate/netisolate"]
+# Keys earlier versions shipped: named with where the setting lives now, rather than a bare
+# "extra inputs are not permitted".
+MOVED_SETTINGS = {
+    "sentinelPort": "the sentinel port is the agent's --sentinel-port (the gate's --port must match); "
+    "delete the key",
+}
 
 
 def _image_matches(image: str, prefix: str) -> bool:
@@ -73,7 +78,6 @@ class Config(BaseModel):
     trusted_init_images: list[str] = Field(default_factory=list)
     gate_required: bool = False
     gate_images: list[str] = Field(default_factory=lambda: list(DEFAULT_GATE_IMAGES))
-    sentinel_port: int = Field(default=DEFAULT_SENTINEL_PORT, ge=1, le=65535)
     # for `netisolate audit`: namespace -> the values its protected labels must have
     expected_namespace_labels: dict[str, dict[str, str]] = Field(default_factory=dict)
 
@@ -87,6 +91,8 @@ def load_config(path: str | Path | None) -> Config:
         return Config()
     try:
         data = yaml.safe_load(Path(path).read_text()) or {}
+        for key in set(data) & set(MOVED_SETTINGS):
+            raise InputError(f"{path}: {key} is no longer read from the config: {MOVED_SETTINGS[key]}")
         unknown = set(data.get("severities", {})) - set(DEFAULT_SEVERITIES)
         if unknown:
             raise InputError(

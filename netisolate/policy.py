@@ -58,9 +58,6 @@ class PortRange:
         ports = str(self.low) if self.low == self.high else f"{self.low}-{self.high}"
         return ports if self.protocol == "tcp" else f"{ports}/{self.protocol}"
 
-    def covers(self, port: int, protocol: str) -> bool:
-        return self.protocol == protocol and self.low <= port <= self.high
-
 
 _GRANT = re.compile(r"^([0-9]{1,5})(?:\s*-\s*([0-9]{1,5}))?(?:\s*/\s*([A-Za-z]+))?$")
 

@@ -504,4 +504,4 @@ def test_field_names_the_api_server_ignores_are_ignored_here_too() -> None:
     pod = good_pod()
     sc = pod["spec"]["containers"][0]["securityContext"]
     sc["run_as_user"] = sc.pop("runAsUser")
-    assert ("uid-missing", "deny", "app") in rules(findings(parse_pod(pod, "pod")))
+    assert ("uid-missing", "deny", "app") in rules(findings(pod))

@@ -28,7 +28,7 @@ from netisolate.model import parse_pod
 from netisolate.policy import pod_policy
 from netisolate.rules import Settings, build_ruleset
 from tests.agent_harness import SimulatedPod, close_all, pod_manifest
-from tests.kube_standin import api_client, declare, put
+from tests.kube_standin import api_client, as_body, declare, put
 
 pytestmark = [pytest.mark.kernel, pytest.mark.timeout(120)]
 NODE = "node-a"
@@ -95,7 +95,7 @@ def events(kmock: Any, reason: str) -> list[dict[str, Any]]:
 
 
 async def create(core: client.CoreV1Api, manifest: dict[str, Any]) -> None:
-    await asyncio.to_thread(core.create_namespaced_pod, "shop", manifest)
+    await asyncio.to_thread(core.create_namespaced_pod, "shop", as_body(manifest))
 
 
 async def patch(core: client.CoreV1Api, name: str, annotations: dict[str, str]) -> None:
@@ -339,13 +339,9 @@ async def test_gate_holds_the_pod_until_its_rules_are_live(core: client.CoreV1Ap
         running = Running(core)
         await until(lambda: gate.poll() is not None, timeout=30, what="the gate to open")
         assert gate.returncode == 0
-        assert sim.local.ns is not None
-        assert (
-            select_backend("nftables").verify(
-                sim.local.ns, running.agent.reconciler.pods[manifest["metadata"]["uid"]].applied
-            )
-            == []
-        )  # type: ignore[arg-type]
+        applied = running.agent.reconciler.pods[manifest["metadata"]["uid"]].applied
+        assert sim.local.ns is not None and applied is not None
+        assert select_backend("nftables").verify(sim.local.ns, applied) == []
         await asyncio.to_thread(sim.start_container, "app", ["8080"])  # only now does the app start
         assert await asyncio.to_thread(probe, sim, 1002, 8080) == "refused"
     finally:
@@ -443,15 +439,11 @@ async def test_api_outage_enforcement_continues_and_resumes(core: client.CoreV1A
         ns = sims[0].local.ns
         assert ns is not None
         run_tool(ns, ["nft", "insert", "rule", "inet", "netisolate", "loopback", "accept"])
+        applied = running.agent.reconciler.pods[first["metadata"]["uid"]].applied
+        assert applied is not None
         await until(
-            lambda: (
-                select_backend("nftables").verify(
-                    ns, running.agent.reconciler.pods[first["metadata"]["uid"]].applied
-                )
-                == []
-            ),
-            what="repair without the API",
-        )  # type: ignore[arg-type]
+            lambda: select_backend("nftables").verify(ns, applied) == [], what="repair without the API"
+        )
         assert await asyncio.to_thread(probe, sims[0], 1002, 8080) == "refused"
         await asyncio.to_thread(sims[1].start_sandbox)
         await create(core, second)  # created while the agent cannot see it

@@ -77,7 +77,7 @@ def test_multi_document_names_each_object(tmp_path: Path, capsys: pytest.Capture
     assert all(set(f) == {"rule", "severity", "container", "message", "object"} for f in result["findings"])
 
 
-WORKLOADS = {
+WORKLOADS: dict[str, dict[str, Any]] = {
     "Deployment": {"spec": {"template": {"spec": POD_SPEC}}},
     "StatefulSet": {"spec": {"template": {"spec": POD_SPEC}}},
     "DaemonSet": {"spec": {"template": {"spec": POD_SPEC}}},

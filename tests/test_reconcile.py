@@ -189,7 +189,7 @@ def test_a_failed_repair_is_not_reported_as_repaired(here: NetNS) -> None:
     backend, events = Backend(), Events()
     rec = reconciler(backend, events, [here], [False])
     rec.upsert_pod(pod())
-    backend.inspect = lambda ns, rs: Inspection(["missing: a rule"], {})  # type: ignore[method-assign]
+    backend.inspect = lambda ns, ruleset: Inspection(["missing: a rule"], {})  # type: ignore[method-assign]
     backend.failure = EnforceError("nft: busy")
     assert rec.verify_all(fresh=0) == 1
     assert "DriftRepaired" not in events.reasons() and "EnforceFailed" in events.reasons()

@@ -12,6 +12,7 @@ import pytest
 from netisolate.model import parse_pod
 from netisolate.policy import pod_policy
 from netisolate.rules import (
+    Family,
     RuleSet,
     Settings,
     build_ruleset,
@@ -218,7 +219,7 @@ def test_nft_accepts_the_script(case: str) -> None:
 )
 def test_iptables_restore_accepts_the_document(case: str, tool: str) -> None:
     annotations, settings = CASES[case]
-    family = 6 if tool.startswith("ip6") else 4
+    family: Family = 6 if tool.startswith("ip6") else 4
     document = render_iptables(ruleset(annotations, settings=settings), family)
     result = _in_fresh_netns([tool, "--test", "--noflush"], document)
     assert result.returncode == 0, result.stderr

@@ -163,7 +163,7 @@ async def test_ephemeral_containers_judged_against_the_running_pod(served: Serve
 
 @pytest.mark.asyncio
 async def test_namespace_labels_by_requester(served: Served) -> None:
-    old = {
+    old: dict[str, Any] = {
         "apiVersion": "v1",
         "kind": "Namespace",
         "metadata": {"name": "shop", "labels": {"istio-injection": "enabled"}},
@@ -413,3 +413,18 @@ async def test_namespace_labels_are_read_from_the_api_and_a_missing_namespace_fa
         reply = await http.post("/validate/pods", json=request)
         answer = (await reply.json())["response"]
     assert answer["allowed"] is False and "cannot read namespace nowhere" in answer["status"]["message"]
+
+
+@pytest.mark.asyncio
+async def test_a_namespace_served_without_metadata_has_no_labels() -> None:
+    """The API's Namespace model makes metadata optional: read as absent, not a crash (which the
+    review would turn into an 'internal error' denial of every pod in it)."""
+
+    class Bare:
+        metadata = None
+
+    class Api:
+        def read_namespace(self, name: str) -> Bare:
+            return Bare()
+
+    assert await NamespaceLabels(Api())("shop") == {}

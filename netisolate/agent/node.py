@@ -15,6 +15,7 @@ from netisolate.agent.reconcile import Reconciler
 from netisolate.agent.report import Reporter, record_states
 from netisolate.agent.watch import ListWatch, Obj
 from netisolate.backends import Backend
+from netisolate.kube import CoreApi
 from netisolate.model import InputError, Pod, parse_pod
 from netisolate.netns import NetNS
 from netisolate.rules import Settings
@@ -28,7 +29,7 @@ class Agent:
         node: str,
         backend: Backend,
         settings: Settings,
-        core: Any | None,
+        core: CoreApi | None,
         *,
         proc_root: str = "/proc",
         host_netns: str = "/proc/1/ns/net",

@@ -8,7 +8,6 @@ retries — enforcement never waits on the API server, the reconciler keeps what
 
 from __future__ import annotations
 
-import json
 import logging
 import threading
 from collections.abc import Callable
@@ -17,6 +16,8 @@ from typing import Any
 from kubernetes import watch
 from kubernetes.client.exceptions import ApiException
 from urllib3.exceptions import ReadTimeoutError
+
+from netisolate.kube import Lister, decoded
 
 log = logging.getLogger(__name__)
 Obj = dict[str, Any]
@@ -30,22 +31,21 @@ class ListWatch:
     def __init__(
         self,
         name: str,
-        list_fn: Callable[..., Any],
+        list_fn: Lister,
         on_list: Callable[[list[Obj]], None],
         on_event: Callable[[str, Obj], None],
         *,
         stop: threading.Event,
         timeout_seconds: int = 240,
-        **selectors: str,
+        field_selector: str | None = None,
     ) -> None:
         self.name, self.list_fn, self.on_list, self.on_event = name, list_fn, on_list, on_event
-        self.stop, self.selectors, self.timeout_seconds = stop, selectors, timeout_seconds
+        self.stop, self.field_selector, self.timeout_seconds = stop, field_selector, timeout_seconds
         self.resource_version: str | None = None
         self.synced = threading.Event()
 
     def _list(self) -> None:
-        response = self.list_fn(_preload_content=False, **self.selectors)
-        data = json.loads(response.data)
+        data = decoded(self.list_fn(field_selector=self.field_selector, _preload_content=False))
         self.resource_version = data["metadata"].get("resourceVersion")
         self.on_list(data.get("items") or [])
         self.synced.set()
@@ -59,7 +59,7 @@ class ListWatch:
             # the server ends a watch after timeout_seconds; a connection silent for longer is dead
             _request_timeout=(10, self.timeout_seconds + 2),
             deserialize=False,
-            **self.selectors,
+            field_selector=self.field_selector,
         )
         for event in stream:
             if self.stop.is_set():

@@ -14,12 +14,12 @@ from pathlib import Path
 from netisolate.agent.cni import DEFAULT_EXEMPT, CniOptions
 from netisolate.agent.state import PodState
 from netisolate.backends import BACKENDS, EnforceError, select_backend
-from netisolate.commands.common import add_command
+from netisolate.commands.common import add_command, add_rule_settings, port, rule_settings, seconds
 from netisolate.logs import setup_logging
 from netisolate.model import InputError
 from netisolate.netns import NetNS, NetNSError
-from netisolate.rules import DEFAULT_SENTINEL_PORT, Settings
 
+METRICS_PORT = 9808
 AGENT_DETAILS = """\
 Runs on every node (DaemonSet, hostPID, capabilities NET_ADMIN, SYS_ADMIN, SYS_PTRACE). Watches the
 pods of its own node (server-side field selector spec.nodeName) and the namespaces, finds each
@@ -38,14 +38,11 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     agent.add_argument("--node-name", default=os.environ.get("NODE_NAME"), help="default: $NODE_NAME")
     agent.add_argument("--kubeconfig", metavar="FILE", help="default: in-cluster configuration")
     agent.add_argument("--backend", choices=("auto", *BACKENDS), default="auto")
-    agent.add_argument("--metrics-port", type=int, default=9808)
-    agent.add_argument(
-        "--deny-port-forward", action="store_true", help="also refuse UID 0 (kubectl port-forward)"
-    )
-    agent.add_argument("--sentinel-port", type=int, default=DEFAULT_SENTINEL_PORT)
+    agent.add_argument("--metrics-port", type=port, default=METRICS_PORT, help="default %(default)s")
+    add_rule_settings(agent)
     agent.add_argument(
         "--verify-interval",
-        type=float,
+        type=seconds,
         default=30.0,
         metavar="SECONDS",
         help="how often every pod's rules are read back and compared; drift is repaired (default 30)",
@@ -55,7 +52,12 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     agent.add_argument("--host-netns", default="/proc/1/ns/net", help=argparse.SUPPRESS)
     agent.set_defaults(run=run_agent)
     status = add_command(sub, "status", "list this node's pods and their enforcement state", STATUS_DETAILS)
-    status.add_argument("--metrics-port", type=int, default=9808)
+    status.add_argument(
+        "--metrics-port",
+        type=port,
+        default=METRICS_PORT,
+        help="the agent's --metrics-port (default %(default)s)",
+    )
     status.add_argument("-o", "--output", choices=("text", "json"), default="text")
     status.set_defaults(run=run_status)
 
@@ -138,7 +140,7 @@ def run_agent(args: argparse.Namespace) -> int:
     except (EnforceError, NetNSError) as err:  # nothing to enforce with: say why, and let it restart
         print(f"netisolate agent: {err}", file=sys.stderr)
         return 1
-    settings = Settings(sentinel_port=args.sentinel_port, allow_root=not args.deny_port_forward)
+    settings = rule_settings(args)
     agent = Agent(
         args.node_name,
         backend,

@@ -10,7 +10,7 @@ from typing import Any
 from netisolate.audit import AuditFinding, audit
 from netisolate.commands.common import add_command
 from netisolate.config import load_config
-from netisolate.kube import api_clients
+from netisolate.kube import AdmissionApi, Listings, api_clients, decoded
 
 DETAILS = """\
 Lists mutating webhooks, namespaces and pods, and reports (finding IDs are stable):
@@ -32,13 +32,13 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     parser.set_defaults(run=run)
 
 
-def _items(response: Any) -> list[dict[str, Any]]:
-    items: list[dict[str, Any]] = json.loads(response.data)["items"]
+def _items(response: object) -> list[dict[str, Any]]:
+    items: list[dict[str, Any]] = decoded(response)["items"]
     return items
 
 
 def fetch(
-    core: Any, admission: Any
+    core: Listings, admission: AdmissionApi
 ) -> tuple[list[dict[str, Any]], dict[str, dict[str, str]], list[dict[str, Any]]]:
     """Raw API JSON (camelCase, as admission sees it) of webhooks, namespace labels and pods."""
     webhooks = _items(admission.list_mutating_webhook_configuration(_preload_content=False))

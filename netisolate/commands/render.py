@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from netisolate.commands.common import add_command, add_rule_settings, rule_settings
+from netisolate.commands.common import add_command, add_namespace_labels, add_rule_settings, rule_settings
 from netisolate.inputs import load_pods, read_text
 from netisolate.policy import pod_policy
 from netisolate.rules import build_ruleset, render_iptables, render_nftables
@@ -25,6 +25,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "-f", "--filename", required=True, metavar="FILE", help="manifest file, or - for stdin"
     )
     parser.add_argument("--backend", choices=("nftables", "iptables"), default="nftables")
+    add_namespace_labels(parser)
     add_rule_settings(parser)
     parser.set_defaults(run=run)
 

@@ -15,7 +15,7 @@ from aiohttp import web
 
 from netisolate.commands.common import add_command
 from netisolate.config import load_config
-from netisolate.kube import api_clients
+from netisolate.kube import AdmissionApi, CoreApi, api_clients
 from netisolate.logs import setup_logging
 from netisolate.model import InputError
 from netisolate.webhook import tls
@@ -57,12 +57,16 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     parser.set_defaults(run=run)
 
 
-def _cert_files(args: argparse.Namespace, clients: tuple[object, object]) -> tuple[str, str, bytes | None]:
+Clients = tuple[CoreApi, AdmissionApi]
+
+
+def _cert_files(args: argparse.Namespace, clients: Clients | None) -> tuple[str, str, bytes | None]:
     """The serving certificate's files, and the CA to keep in our configuration when we made it."""
     if args.tls_cert_file and args.tls_key_file:
         return args.tls_cert_file, args.tls_key_file, None
     if args.no_bootstrap_tls:
         raise InputError("--no-bootstrap-tls needs --tls-cert-file and --tls-key-file")
+    assert clients is not None  # serve() re-raises missing credentials when no files are given
     core, admission = clients
     bundle = tls.bootstrap(
         core,
@@ -85,6 +89,7 @@ def _unreadable(reason: str) -> LabelLookup:
 
 async def serve(args: argparse.Namespace) -> None:
     host, _, port = args.listen.rpartition(":")
+    clients: Clients | None = None
     try:
         clients = api_clients(args.kubeconfig)
         labels: LabelLookup = NamespaceLabels(clients[0])
@@ -95,7 +100,7 @@ async def serve(args: argparse.Namespace) -> None:
         log.warning(
             "no cluster access: pods will be denied until namespaces can be read", extra={"error": str(err)}
         )
-        clients, labels = (None, None), _unreadable(str(err))
+        labels = _unreadable(str(err))
     cert_file, key_file, ca = _cert_files(args, clients)
     cert = tls.ReloadingCert(cert_file, key_file)
     app = build_app(load_config(args.config), labels)
@@ -103,7 +108,11 @@ async def serve(args: argparse.Namespace) -> None:
     await runner.setup()
     await web.TCPSite(runner, host or "0.0.0.0", int(port), ssl_context=cert.context).start()
     log.info("webhook serving", extra={"listen": args.listen, "paths": list(PATHS)})
-    keep = [] if ca is None else [tls.keep_ca_bundle(clients[1], args.webhook_configuration, ca)]
+    keep = (
+        []
+        if ca is None or clients is None
+        else [tls.keep_ca_bundle(clients[1], args.webhook_configuration, ca)]
+    )
     await asyncio.gather(cert.watch(), *keep)
 
 

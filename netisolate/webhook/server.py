@@ -14,6 +14,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, Counter, Histogram, generate_
 
 from netisolate.admission import allowed, review_request
 from netisolate.config import Config
+from netisolate.kube import Namespaces
 from netisolate.model import InputError
 from netisolate.webhook.review import MAX_BODY, PATHS, BadReviewError, parse_review, refusal, response
 
@@ -38,7 +39,7 @@ class NamespaceLabels:
     fast). A namespace just switched to isolation is judged by its new label within `ttl` seconds;
     a pod admitted in that window is reported by `netisolate audit` (pod-violates-admission)."""
 
-    def __init__(self, core: object, ttl: float = 5.0) -> None:
+    def __init__(self, core: Namespaces, ttl: float = 5.0) -> None:
         self._core, self._ttl = core, ttl
         self._cache: dict[str, tuple[float, Mapping[str, str]]] = {}
 
@@ -47,12 +48,12 @@ class NamespaceLabels:
         if hit and time.monotonic() - hit[0] < self._ttl:
             return hit[1]
         try:
-            ns = await asyncio.to_thread(self._core.read_namespace, namespace)  # type: ignore[attr-defined]
-        except Exception as err:
+            ns = await asyncio.to_thread(self._core.read_namespace, namespace)
+        except Exception as err:  # API error, timeout, refused connection alike: the floor is unknown, deny
             raise NamespaceUnavailableError(
                 f"cannot read namespace {namespace} for its isolation label: {err}"
             ) from None
-        labels = dict(ns.metadata.labels or {})
+        labels = dict((ns.metadata and ns.metadata.labels) or {})
         self._cache[namespace] = (time.monotonic(), labels)
         return labels
 
@@ -110,6 +111,6 @@ async def _never_500(
         return web.json_response(
             {"error": f"{err.reason} {request.method} {request.path}; served: {served}"}, status=err.status
         )
-    except Exception:
+    except Exception:  # whatever aiohttp raised on a request it could not take: a 400, never a 500
         log.exception("unexpected error", extra={"path": request.path})
         return web.json_response({"error": "malformed request"}, status=400)
