@@ -13,10 +13,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from netisolate.agent.cni import CniOptions, start
+from netisolate.agent.cni import start
 from netisolate.agent.node import Agent
 from netisolate.backends import select_backend
 from netisolate.cni import conflist
+from netisolate.cni.options import CniOptions
 from netisolate.rules import Settings
 
 ROOT = Path(__file__).parent.parent

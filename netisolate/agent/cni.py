@@ -15,7 +15,6 @@ import logging
 import threading
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from prometheus_client import Counter, Histogram
@@ -26,6 +25,7 @@ from netisolate.agent.discovery import MIRROR_ANNOTATION
 from netisolate.agent.reconcile import Reconciler
 from netisolate.agent.state import PodState
 from netisolate.cni import conflist, protocol
+from netisolate.cni.options import CniOptions
 from netisolate.model import InputError, Pod, parse_pod
 from netisolate.netns import NetNS
 
@@ -38,7 +38,6 @@ SECONDS = Histogram(
     buckets=(0.002, 0.005, 0.01, 0.02, 0.03, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
 )
 API_TIMEOUT_S = 5.0
-DEFAULT_EXEMPT = ("kube-system", "netisolate-system")
 
 
 class RefusalError(Exception):
@@ -154,16 +153,6 @@ class CniHandler:
                 "sandbox does not start; the runtime retries",
             ) from None
         self.reconciler.set_namespace(name, {str(k): str(v) for k, v in labels.items()})
-
-
-@dataclass(frozen=True)
-class CniOptions:
-    conf_dir: Path
-    bin_dir: Path
-    plugin: Path
-    socket: Path
-    exempt_namespaces: tuple[str, ...] = DEFAULT_EXEMPT
-    timeout_seconds: int = 30
 
 
 @dataclass

@@ -11,9 +11,9 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from netisolate.agent.cni import DEFAULT_EXEMPT, CniOptions
 from netisolate.agent.state import PodState
 from netisolate.backends import BACKENDS, EnforceError, select_backend
+from netisolate.cni.options import DEFAULT_EXEMPT, CniOptions
 from netisolate.commands.common import add_command, add_rule_settings, port, rule_settings, seconds
 from netisolate.logs import setup_logging
 from netisolate.model import InputError

@@ -15,11 +15,12 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from netisolate.agent.cni import CniOptions, CniService, start
+from netisolate.agent.cni import CniService, start
 from netisolate.agent.cni_conf import uninstall
 from netisolate.agent.node import Agent
 from netisolate.backends import select_backend
 from netisolate.cni import conflist
+from netisolate.cni.options import CniOptions
 from netisolate.rules import Settings
 from tests.agent_harness import HARDENED
 from tests.cni_harness import plugin_binary
