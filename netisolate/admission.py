@@ -26,6 +26,7 @@ from netisolate.policy import (
     Level,
     PolicyError,
     containers_with_kind,
+    declared_ports,
     effective_level,
     effective_uid,
     parse_level,
@@ -305,6 +306,24 @@ def _hardening_warnings(pod: Pod) -> Iterator[Finding]:
             )
 
 
+def _undeclared_grant_rule(pod: Pod) -> Iterator[Finding]:
+    """Only a declared port (containerPort + protocol) is owned: served by its container's UID
+    alone. A granted port that nobody declares may be served by whoever binds it first."""
+    grants, _ = parse_pod_grants(pod)
+    declared = [port for c in pod.all_containers() for port in declared_ports(c)]
+    for name, ranges in sorted(grants.items()):
+        for r in ranges:
+            if not any(d.protocol == r.protocol and r.low <= d.low <= r.high for d in declared):
+                yield Finding(
+                    "grant-port-undeclared",
+                    "warn",
+                    name,
+                    f"is granted {r}, which no container declares: while its server is down any "
+                    "container can listen there and take the connections; declare it as a "
+                    f"containerPort (protocol {r.protocol.upper()}) of the container that serves it",
+                )
+
+
 def _is_gate(container: Container, config: Config) -> bool:
     """Exactly the documented form: our image, its own entrypoint running `gate`, as a classic init
     container (a native sidecar, restartPolicy Always, would not hold the others back)."""
@@ -359,6 +378,7 @@ def review_pod(
         if level is not Level.OFF:
             yield from _isolation_rules(pod, level, config)
             yield from _hardening_warnings(pod)
+            yield from _undeclared_grant_rule(pod)
             yield from _gate_rule(pod, config, namespace_labels)
         yield from _guard_rules(pod, config, requester)
 

@@ -91,16 +91,22 @@ def load_config(path: str | Path | None) -> Config:
         return Config()
     try:
         data = yaml.safe_load(Path(path).read_text()) or {}
-        for key in set(data) & set(MOVED_SETTINGS):
-            raise InputError(f"{path}: {key} is no longer read from the config: {MOVED_SETTINGS[key]}")
-        unknown = set(data.get("severities", {})) - set(DEFAULT_SEVERITIES)
+        if not isinstance(data, dict):
+            raise InputError(f"{path}: the config is a mapping of settings, not a {type(data).__name__}")
+        moved = sorted(set(data) & set(MOVED_SETTINGS))
+        if moved:
+            raise InputError(
+                f"{path}: {moved[0]} is no longer read from the config: {MOVED_SETTINGS[moved[0]]}"
+            )
+        severities = data.get("severities") or {}  # not a mapping: the model says so below
+        unknown = set(severities) - set(DEFAULT_SEVERITIES) if isinstance(severities, dict) else set()
         if unknown:
             raise InputError(
                 f"{path}: severities for unknown rules {sorted(unknown)}; "
                 f"configurable: {sorted(DEFAULT_SEVERITIES)}"
             )
         return Config.model_validate(data)
-    except (OSError, yaml.YAMLError, AttributeError) as err:
+    except (OSError, yaml.YAMLError) as err:
         raise InputError(f"{path}: cannot read the config: {err}") from None
     except ValidationError as err:
         raise InputError(describe_validation_error(err, str(path))) from None

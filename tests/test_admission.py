@@ -250,7 +250,28 @@ def test_annotation_invalid_always_denies(annotations: dict[str, str]) -> None:
 def test_valid_grants_raise_nothing() -> None:
     pod = good_pod()
     pod["metadata"]["annotations"]["allow.netisolate.io/app"] = "8080, 9000-9001/udp"
+    container(pod, 1)["ports"] = [{"containerPort": 8080}, {"containerPort": 9001, "protocol": "UDP"}]
     assert findings(pod) == []
+
+
+@pytest.mark.parametrize("level", ["enforce", "audit"])
+def test_a_grant_to_a_port_nobody_declares_warns(level: str) -> None:
+    """Only a declared port is owned (served by its container alone): a grant to an undeclared one,
+    or to one declared for the other protocol, can be taken by whoever listens there first."""
+    pod = good_pod(level)
+    pod["metadata"]["annotations"]["allow.netisolate.io/app"] = "8080, 53/udp, 9000-9100, 7000"
+    container(pod, 1)["ports"] = [{"containerPort": 9050}, {"containerPort": 53}]
+    found = [f for f in findings(pod) if f.rule == "grant-port-undeclared"]
+    assert {(f.severity, f.container) for f in found} == {("warn", "app")}
+    assert [f.message.split(",")[0] for f in found] == [
+        "is granted 7000",
+        "is granted 8080",
+        "is granted 53/udp",
+    ]
+    assert "containerPort (protocol UDP)" in found[2].message
+    off = good_pod("off")
+    off["metadata"]["annotations"]["allow.netisolate.io/app"] = "8080"
+    assert findings(off) == []
 
 
 # --- injection guard --------------------------------------------------------------------------

@@ -10,6 +10,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from netisolate.cli import build_parser, main
 from netisolate.commands import common
@@ -86,6 +89,27 @@ def test_a_moved_config_key_says_where_the_setting_lives(tmp_path: Path) -> None
     path.write_text("gateRequired: true\nsentinelPort: 9\n")
     with pytest.raises(InputError, match=r"sentinelPort .*--sentinel-port"):
         load_config(path)
+
+
+_SCALARS = st.none() | st.booleans() | st.integers() | st.text(max_size=8)
+_KEYS = st.sampled_from([*(f.alias or n for n, f in Config.model_fields.items()), "sentinelPort", "x"])
+_VALUES = st.recursive(
+    _SCALARS,
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner, max_size=3),
+)
+
+
+@settings(max_examples=300, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.dictionaries(_KEYS, _VALUES, max_size=4) | _VALUES)
+def test_a_config_file_is_loaded_or_refused_with_a_reason(tmp_path: Path, data: object) -> None:
+    """Whatever the ConfigMap holds, the webhook and the audit get a Config or an InputError that
+    names the file: never a traceback (a mapping, a list or a scalar where a mapping belongs)."""
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(data))
+    try:
+        load_config(path)
+    except InputError as err:
+        assert str(path) in str(err)
 
 
 def test_agent_flags_reach_the_agent(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -20,7 +20,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from netisolate.agent.listeners import exposed
+from netisolate.agent.listeners import exposed, squatted
 from netisolate.agent.state import WAITING, PodState, PodStatus
 from netisolate.backends import Backend, EnforceError
 from netisolate.model import Pod
@@ -35,6 +35,7 @@ class Reporter(Protocol):
     def event(self, pod: Pod, reason: str, message: str, warning: bool = False) -> None: ...
     def applied(self, pod: Pod, seconds: float) -> None: ...
     def drift_repaired(self, pod: Pod) -> None: ...
+    def port_squatted(self, pod: Pod, found: list[str]) -> None: ...
     def error(self, pod: Pod, kind: str) -> None: ...
 
 
@@ -70,6 +71,7 @@ class Tracked:
     pending_since: float = 0.0
     failures: int = 0  # in a row
     exposed: tuple[str, ...] = ()  # ports last reported as listening beyond loopback
+    squatted: tuple[str, ...] = ()  # declared ports last reported as bound by a non-owner
     rounds: int = 0  # verifications since the rules were applied or adopted
     sandbox: str = ""  # the sandbox ID the CNI plugin handed `ns` over with, if it did
     preinstalled: tuple[RuleSet, float] | None = None  # loaded into a fresh `ns` outside the lock
@@ -249,7 +251,7 @@ class Reconciler:
         tracked.rounds += 1
         # Containers listen after their rules are in: look at the first rounds, then now and then.
         if tracked.rounds <= EXPOSED_EARLY_ROUNDS or tracked.rounds % EXPOSED_EVERY_ROUNDS == 0:
-            self._warn_exposed(tracked, tracked.applied)
+            self._check_listeners(tracked, tracked.applied)
         if not inspection.drift:
             return 0
         self._apply(tracked, tracked.applied)
@@ -367,7 +369,7 @@ class Reconciler:
         tracked.applied, tracked.state, tracked.detail = desired, PodState(desired.mode), ""
         tracked.failures = tracked.rounds = 0
         tracked.checked_at = time.monotonic()
-        self._warn_exposed(tracked, desired)
+        self._check_listeners(tracked, desired)
         if announce:
             grants = ", ".join(f"{g.containers}→{','.join(str(p) for p in g.ports)}" for g in desired.grants)
             self.reporter.event(
@@ -376,14 +378,19 @@ class Reconciler:
                 f"{desired.mode} with {self.backend.name}; grants: {grants or 'none'}",
             )
 
-    def _warn_exposed(self, tracked: Tracked, desired: RuleSet) -> None:
-        """WildcardListener, once for each new set of exposed ports (checked on every apply and
-        verification: containers start listening after their rules are in)."""
+    def _check_listeners(self, tracked: Tracked, desired: RuleSet) -> None:
+        """Checked on every apply and on some verifications (containers start listening after their
+        rules are in); each finding is reported once for each new set of ports."""
         assert tracked.ns is not None
         try:
             found = tuple(exposed(tracked.ns, tracked.pod, desired))
+            squats = tuple(squatted(tracked.ns, desired))
         except (OSError, NetNSError):
             return
+        if squats != tracked.squatted:
+            tracked.squatted = squats
+            if squats:
+                self.reporter.port_squatted(tracked.pod, list(squats))
         if found == tracked.exposed:
             return
         tracked.exposed = found

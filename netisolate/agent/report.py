@@ -31,6 +31,13 @@ REFUSED = Gauge(
     ["namespace", "pod", "containers"],
 )
 EVENTS = Counter("netisolate_events_total", "Kubernetes events emitted", ["reason"])
+PORT_SQUATS = Counter(
+    "netisolate_port_squats_total",
+    "Sockets found bound to a declared port by a UID that does not own it",
+    ["namespace", "pod"],
+)
+WATCH_ERRORS = Counter("netisolate_watch_errors_total", "List/watch requests that failed", ["resource"])
+WATCH_UP = Gauge("netisolate_watch_up", "1 while the list/watch works, 0 while it fails", ["resource"])
 
 
 class Reporter:
@@ -78,6 +85,19 @@ class Reporter:
     def applied(self, pod: Pod, seconds: float) -> None:
         APPLY_SECONDS.observe(seconds)
         log.info("rules applied", extra={"pod": pod.ref, "ms": round(seconds * 1000, 2)})
+
+    def port_squatted(self, pod: Pod, found: list[str]) -> None:
+        PORT_SQUATS.labels(pod.metadata.namespace, pod.metadata.name).inc(len(found))
+        self.event(
+            pod,
+            "PortSquatted",
+            "a container listens on a port another declares; the rules refuse its answers from "
+            "there, but what is sent to it still arrives: "
+            + "; ".join(found)
+            + ". Find out why that container binds the port, and remove it from the pod if it "
+            "should not",
+            warning=True,
+        )
 
     def drift_repaired(self, pod: Pod) -> None:
         DRIFT_REPAIRS.inc()
