@@ -377,3 +377,22 @@ async def test_sandboxes_created_at_once_are_not_enforced_one_after_the_other(
         assert node.agent.reconciler.pods[pod.pod.metadata.uid or ""].state == "enforce"
     finally:
         pod.close()
+
+
+@pytest.mark.asyncio
+async def test_an_unreadable_namespace_holds_back_only_pods_whose_label_could_matter(
+    node: CniNode, core: client.CoreV1Api
+) -> None:
+    """The namespace's label can only raise a pod's level: a pod that asks for enforce itself is
+    enforced without it; any other pod waits until the namespace can be read."""
+    enforced = await new_pod(core, "asks-itself", namespace="unlisted")
+    plain = await new_pod(core, "asks-nothing", namespace="unlisted", annotations={})
+    try:
+        result = await add(node, enforced)
+        assert result.code == 0, result.stdout
+        assert await asyncio.to_thread(first_attempt, enforced) == "refused"
+        waiting = await add(node, plain)
+        assert waiting.error["code"] == 11
+        assert "namespace unlisted is unreadable" in waiting.error["msg"], waiting.error
+    finally:
+        close_all([enforced, plain])

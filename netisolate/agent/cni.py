@@ -28,6 +28,7 @@ from netisolate.cni import conflist, protocol
 from netisolate.cni.options import CniOptions
 from netisolate.model import InputError, Pod, parse_pod
 from netisolate.netns import NetNS
+from netisolate.policy import Level, pod_policy
 
 log = logging.getLogger(__name__)
 REQUESTS = Counter("netisolate_cni_requests_total", "CNI calls answered", ["command", "outcome"])
@@ -87,7 +88,7 @@ class CniHandler:
                 raise RefusalError(protocol.E_TRY_AGAIN, f"netisolate: pod {ref}: " + "; ".join(problems[:5]))
             return protocol.OK
         pod = self._pod(ref)
-        self._namespace_labels(pod.metadata.namespace or "default", ref)
+        self._namespace_labels(pod, ref)
         state, detail = self.reconciler.enforce_sandbox(pod, ns.dup(), request.container_id)
         if state is not PodState.PENDING and state is not PodState.FAILED:
             log.info("sandbox admitted", extra={"pod": str(ref), "state": state})
@@ -136,9 +137,11 @@ class CniHandler:
             )
         return pod
 
-    def _namespace_labels(self, name: str, ref: protocol.PodRef) -> None:
-        """The namespace's labels may raise the pod's isolation: known before deciding."""
-        if name in self.reconciler.namespaces:
+    def _namespace_labels(self, pod: Pod, ref: protocol.PodRef) -> None:
+        """The namespace's labels may raise the pod's isolation: known before deciding, unless the
+        pod's own annotation already asks for the most (no label can lower it)."""
+        name = pod.metadata.namespace or "default"
+        if name in self.reconciler.namespaces or pod_policy(pod, {}).level is Level.ENFORCE:
             return
         try:
             response = self.core.read_namespace(
