@@ -246,17 +246,25 @@ def _guard_rules(pod: Pod, config: Config, requester: Requester | None) -> Itera
                 "use a projected, configMap or emptyDir volume instead",
             )
     if not _exempt(requester, config):
-        for key, off in sorted(config.opt_out_annotations.items()):
-            # labels and annotations apart: injectors read both, and either may win
-            for where, meta in (("label", pod.metadata.labels), ("annotation", pod.metadata.annotations)):
-                if key in meta and _opts_out(meta[key], off):
-                    yield Finding(
-                        "injection-opt-out",
-                        config.severity("injection-opt-out"),
-                        None,
-                        f"{where} {key}: {meta[key]!r} opts the pod out of sidecar injection; only "
-                        f"members of {config.exempt_groups} may set it",
-                    )
+        for where, key, value in opt_outs(pod, config):
+            yield Finding(
+                "injection-opt-out",
+                config.severity("injection-opt-out"),
+                None,
+                f"{where} {key}: {value!r} opts the pod out of sidecar injection; only "
+                f"members of {config.exempt_groups} may set it",
+            )
+
+
+def opt_outs(pod: Pod, config: Config) -> list[tuple[str, str, str]]:
+    """The pod's opt-outs from injection as (label|annotation, key, value), sorted by key. Labels and
+    annotations apart: injectors read both, and either may win. (The audit asks this too.)"""
+    return [
+        (where, key, meta[key])
+        for key, off in sorted(config.opt_out_annotations.items())
+        for where, meta in (("label", pod.metadata.labels), ("annotation", pod.metadata.annotations))
+        if key in meta and _opts_out(meta[key], off)
+    ]
 
 
 _NO = {"false", "no", "n", "off", "0", "disabled"}

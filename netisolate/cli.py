@@ -15,7 +15,8 @@ from netisolate.model import InputError
 COMMANDS = ("check", "render", "enforce", "demo", "agent", "gate", "webhook", "audit")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """only: the one command module to load (its imports are the start-up time of that command)."""
     parser = argparse.ArgumentParser(
         prog="netisolate",
         description="Container-level network isolation for Kubernetes pods: each container reaches only "
@@ -25,13 +26,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"netisolate {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for name in COMMANDS:
+    for name in COMMANDS if only is None else (only,):
         importlib.import_module(f"netisolate.commands.{name}").register(sub)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    first = argv[0] if argv else None
+    args = build_parser(first if first in COMMANDS else None).parse_args(argv)
     try:
         code: int = args.run(args)
     except InputError as err:

@@ -80,6 +80,9 @@ class Config(BaseModel):
     gate_images: list[str] = Field(default_factory=lambda: list(DEFAULT_GATE_IMAGES))
     # for `netisolate audit`: namespace -> the values its protected labels must have
     expected_namespace_labels: dict[str, dict[str, str]] = Field(default_factory=dict)
+    # for `netisolate audit`: `namespace/name` patterns (fnmatch) of control-plane pods whose
+    # injection opt-out is intended (istiod's own chart opts it out, for one)
+    opt_out_exempt_pods: list[str] = Field(default_factory=list)
 
     def severity(self, rule: str) -> Severity:
         return self.severities.get(rule, DEFAULT_SEVERITIES[rule])

@@ -55,7 +55,7 @@ class Lister(Protocol):
 
 
 class Listings(Protocol):
-    """What the agent's watches and the audit list."""
+    """What the agent's watches list (the audit lists with netisolate.kubelist)."""
 
     def list_namespace(self, *, field_selector: str | None = ..., _preload_content: bool = ...) -> object: ...
     def list_pod_for_all_namespaces(
@@ -89,7 +89,6 @@ class CoreApi(Listings, Namespaces, Secrets, Events, Protocol):
 class AdmissionApi(Protocol):
     """Every call netisolate makes of kubernetes.client.AdmissionregistrationV1Api."""
 
-    def list_mutating_webhook_configuration(self, *, _preload_content: bool = ...) -> object: ...
     def read_validating_webhook_configuration(self, name: str) -> ValidatingWebhookConfiguration: ...
     def patch_validating_webhook_configuration(self, name: str, body: list[dict[str, Any]]) -> object: ...
 
