@@ -17,7 +17,6 @@ import pytest_asyncio
 from kubernetes import client
 
 from netisolate.cni import conflist
-from tests.conftest import REAL_NODE_NAME
 from tests.kube_standin import api_client, declare, put
 from tests.realnode.cni import (
     EagerKubelet,
@@ -31,6 +30,7 @@ from tests.realnode.cni import (
 )
 from tests.realnode.kubelet import RunningPod
 from tests.realnode.node import RealNode
+from tests.realnode.pods import NODE_NAME
 
 pytestmark = [pytest.mark.realnode, pytest.mark.timeout(300)]
 
@@ -43,7 +43,7 @@ class Chained:
         self.stop = threading.Event()
         self.agent = new_agent(core, backend)
         self.service = serve(node, self.agent, core, self.stop)
-        self.kubelet = EagerKubelet(node, core, REAL_NODE_NAME)
+        self.kubelet = EagerKubelet(node, core, NODE_NAME)
 
     def run(self, manifest: dict[str, Any]) -> RunningPod:
         meta = manifest["metadata"]
@@ -112,7 +112,7 @@ async def test_every_first_attempt_is_refused(chained: Chained) -> None:
     rules were in before the sandbox's first container started (the plugin answered first)."""
     results = []
     for i in range(8):
-        pod = await asyncio.to_thread(chained.run, race_pod(f"race-{i}", REAL_NODE_NAME))
+        pod = await asyncio.to_thread(chained.run, race_pod(f"race-{i}", NODE_NAME))
         results.append(await asyncio.to_thread(first_attempt, chained.kubelet, pod))
         tracked = chained.agent.reconciler.pods[pod.uid]
         assert tracked.ns is not None and tracked.ns.inode == os.stat(f"/proc/{pod.pid}/ns/net").st_ino
@@ -121,15 +121,13 @@ async def test_every_first_attempt_is_refused(chained: Chained) -> None:
 
 @pytest.mark.asyncio
 async def test_agent_down_holds_isolated_pods_back_and_lets_exempt_ones_start(chained: Chained) -> None:
-    running = await asyncio.to_thread(chained.run, race_pod("before", REAL_NODE_NAME))
+    running = await asyncio.to_thread(chained.run, race_pod("before", NODE_NAME))
     await asyncio.to_thread(chained.agent_down)
-    waiting = race_pod("while-down", REAL_NODE_NAME)
+    waiting = race_pod("while-down", NODE_NAME)
     error = await asyncio.to_thread(chained.refused_sandbox, waiting)
     assert "shop/while-down may be isolated and cannot be checked" in error, error
     assert "Start the netisolate agent" in error
-    exempt = await asyncio.to_thread(
-        chained.run, race_pod("dns", REAL_NODE_NAME, "kube-system", isolated=False)
-    )
+    exempt = await asyncio.to_thread(chained.run, race_pod("dns", NODE_NAME, "kube-system", isolated=False))
     assert await asyncio.to_thread(first_attempt, chained.kubelet, exempt) == "open", (
         "exempt: no rules at all"
     )
@@ -143,7 +141,7 @@ async def test_agent_down_holds_isolated_pods_back_and_lets_exempt_ones_start(ch
 
 @pytest.mark.asyncio
 async def test_del_for_a_pod_the_agent_never_saw_succeeds(chained: Chained) -> None:
-    pod = await asyncio.to_thread(chained.run, race_pod("forgotten", REAL_NODE_NAME))
+    pod = await asyncio.to_thread(chained.run, race_pod("forgotten", NODE_NAME))
     chained.agent.reconciler.forget(pod.uid)  # as a restarted agent that has not met it yet
     await asyncio.to_thread(chained.kubelet.delete, pod)
     assert pod.sandbox_id not in {s.id for s in chained.kubelet.cri.sandboxes()}
@@ -166,7 +164,7 @@ async def test_a_rewritten_conflist_is_chained_again_within_two_seconds(chained:
         delays.append(time.monotonic() - started)
         await asyncio.to_thread(until_loaded, chained.node, True, 2.0)
     assert max(delays) < 2.0 and loaded_chain(chained.node)[-1] == conflist.PLUGIN_TYPE
-    pod = await asyncio.to_thread(chained.run, race_pod("after-rewrite", REAL_NODE_NAME))
+    pod = await asyncio.to_thread(chained.run, race_pod("after-rewrite", NODE_NAME))
     assert await asyncio.to_thread(first_attempt, chained.kubelet, pod) == "refused"
 
 
@@ -174,7 +172,7 @@ async def test_a_rewritten_conflist_is_chained_again_within_two_seconds(chained:
 async def test_a_recreated_sandbox_is_enforced_before_its_containers_start_again(chained: Chained) -> None:
     """Without the plugin the agent meets a recreated sandbox only at its next verification round;
     with it, the runtime hands the new namespace over before the containers start again."""
-    pod = await asyncio.to_thread(chained.run, race_pod("recreated", REAL_NODE_NAME))
+    pod = await asyncio.to_thread(chained.run, race_pod("recreated", NODE_NAME))
     assert await asyncio.to_thread(first_attempt, chained.kubelet, pod) == "refused"
     old = os.stat(f"/proc/{pod.pid}/ns/net").st_ino
     await asyncio.to_thread(chained.kubelet.recreate_sandbox, pod)
