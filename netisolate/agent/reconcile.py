@@ -62,6 +62,10 @@ class Cgroups(Protocol):
         """The pod's cgroups as they are now, or None when its sandbox's cgroup is not found."""
         ...
 
+    def unnamed(self, pod: Pod) -> bool:
+        """Whether the last `seen` found a cgroup in use that it could not name yet."""
+        ...
+
     def forget(self, uid: str) -> None: ...
 
 
@@ -378,7 +382,11 @@ class Reconciler:
         else:
             seen = self.cgroups.seen(pod)
             if seen is not None:
-                tracked.cgroup_problem, tracked.cgroup_wait_since = "", 0.0
+                tracked.cgroup_problem = ""
+                if self.cgroups.unnamed(pod):  # its runtime's record shows up a moment later
+                    self._cgroup_soon(tracked)
+                else:
+                    tracked.cgroup_wait_since = 0.0
                 return policy, self.settings, seen
             reason = "the pod's cgroup is not in the cgroup v2 hierarchy the agent sees"
             if self._cgroup_soon(tracked):  # a sandbox joins its cgroups a moment after it starts
