@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+from typing import TYPE_CHECKING
 
-from netisolate.rules import DEFAULT_SENTINEL_PORT, Settings
+if TYPE_CHECKING:  # the rules (and pydantic under them) load only for the commands that build rules
+    from netisolate.rules import Settings
 
 ANNOTATION_HELP = """\
 Annotations (on the pod; the isolation level may also be a namespace label):
@@ -84,6 +86,8 @@ def seconds(text: str) -> float:
 
 def add_rule_settings(parser: argparse.ArgumentParser) -> None:
     """The settings a ruleset is built with, named as the agent names them (`rule_settings`)."""
+    from netisolate.rules import DEFAULT_SENTINEL_PORT
+
     parser.add_argument(
         "--sentinel-port",
         type=port,
@@ -100,4 +104,6 @@ def add_rule_settings(parser: argparse.ArgumentParser) -> None:
 
 
 def rule_settings(args: argparse.Namespace) -> Settings:
+    from netisolate.rules import Settings
+
     return Settings(sentinel_port=args.sentinel_port, allow_root=not args.deny_port_forward)

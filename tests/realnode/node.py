@@ -285,7 +285,7 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
             try:
                 self.cri.version()
                 return
-            except Exception:
+            except Exception:  # grpc raises several kinds until containerd's socket answers: keep asking
                 if time.monotonic() > deadline:
                     raise NodeError(
                         f"containerd's CRI did not answer within 30 s: {self._log_tail()}"
@@ -346,7 +346,7 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
         ):
             try:
                 step()
-            except Exception as err:
+            except Exception as err:  # every teardown step runs, whatever an earlier one raised
                 errors.append(f"{step.__name__}: {err}")
         if self.cri is not None:
             self.cri.close()
