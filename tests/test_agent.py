@@ -406,6 +406,10 @@ class Outage:
             writer.close()
             return
         up_reader, up_writer = await asyncio.open_connection(*self.target)
+        if not self.up:  # cut while this connection was being opened: it must not outlive the cut
+            up_writer.close()
+            writer.close()
+            return
         self.open += [writer, up_writer]
 
         async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:

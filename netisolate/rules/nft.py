@@ -20,26 +20,22 @@ _JUDGED = (
 _SYN_ACK = "tcp flags syn,ack / syn,ack"
 
 
-def _ports(ports: tuple[PortRange, ...]) -> str:
-    items = [str(p.low) if p.low == p.high else f"{p.low}-{p.high}" for p in ports]
+def _one_or_set(items: list[str]) -> str:
     return items[0] if len(items) == 1 else "{ " + ", ".join(items) + " }"
 
 
+def _ports(ports: tuple[PortRange, ...]) -> str:
+    return _one_or_set([str(p.low) if p.low == p.high else f"{p.low}-{p.high}" for p in ports])
+
+
 def _uids(owner: Owner) -> str:
-    uids = [str(uid) for uid in owner.uids]
-    return uids[0] if len(uids) == 1 else "{ " + ", ".join(uids) + " }"
+    return _one_or_set([str(uid) for uid in owner.uids])
 
 
 def _judging(rs: RuleSet) -> list[str]:
-    rules = ["tcp flags ! syn accept"]
-    for owner in rs.owned("tcp"):
-        served = f"{_SYN_ACK} tcp sport {owner.port}"
-        rules += [
-            f'{served} meta skuid {_uids(owner)} accept comment "{owner.containers}"',
-            f"{served} goto refuse",
-        ]
-    rules += [
-        f"{_SYN_ACK} accept",
+    rules = [
+        "tcp flags ! syn accept",
+        f"{_SYN_ACK} goto serve",
         "icmp type { destination-unreachable, time-exceeded, parameter-problem } accept",
         "icmpv6 type { destination-unreachable, packet-too-big, time-exceeded, parameter-problem } accept",
     ]
@@ -62,6 +58,18 @@ def _judging(rs: RuleSet) -> list[str]:
     return rules
 
 
+def _serve(rs: RuleSet) -> list[str]:
+    """SYN-ACKs, in a chain of their own so that a SYN never walks the declared ports."""
+    rules = []
+    for owner in rs.owned("tcp"):
+        served = f"tcp sport {owner.port}"
+        rules += [
+            f'{served} meta skuid {_uids(owner)} accept comment "{owner.containers}"',
+            f"{served} goto refuse",
+        ]
+    return [*rules, "accept"]
+
+
 def _refuse(rs: RuleSet) -> list[str]:
     rules = [f'meta skuid {i.uid} counter goto deny comment "{i.containers}"' for i in rs.identities]
     return [*rules, "counter goto deny"]
@@ -81,6 +89,7 @@ def table(rs: RuleSet) -> str:
             *(f"{match} jump loopback" for match in _JUDGED),
         ],
         "loopback": _judging(rs),
+        "serve": _serve(rs),
         "refuse": _refuse(rs),
         "deny": _deny(rs),
     }
