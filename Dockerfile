@@ -6,6 +6,7 @@
 # same system the official image is.
 #
 # build:   the project and its dependencies into a venv (pip, build isolation, sources stay here)
+# cni:     the chained CNI plugin, one static C binary (the host that runs it may have no Python)
 # runtime: the base + nft/iptables + that venv, minus what only installs software (pip, setuptools,
 #          apt lists)
 # final:   the runtime's files as one layer: what is deleted above is gone, not hidden by whiteouts
@@ -15,10 +16,21 @@ COPY pyproject.toml README.md ./
 COPY netisolate ./netisolate
 # --without-pip: the image runs netisolate, it never installs anything.
 # kubernetes/aio is the client's asyncio twin (65 MB); netisolate imports only the sync client.
+# The client's generated API and model modules (57 MB) ship as bytecode only: what runs is the
+# same, 32 MB of source text is not (a traceback through them shows no source line).
+ARG SITE=/opt/netisolate/lib/python3.11/site-packages
 RUN python3 -m venv --without-pip /opt/netisolate \
  && pip --python /opt/netisolate/bin/python install --no-cache-dir --no-compile . \
- && rm -rf /opt/netisolate/lib/python3.11/site-packages/kubernetes/aio \
+ && rm -rf $SITE/kubernetes/aio \
+ && /opt/netisolate/bin/python -m compileall -q -j 0 -b $SITE/kubernetes/client/api $SITE/kubernetes/client/models \
+ && find $SITE/kubernetes/client/api $SITE/kubernetes/client/models -name '*.py' -delete \
  && /opt/netisolate/bin/python -m compileall -q -j 0 /opt/netisolate/lib
+
+# On the same base as the others, so there is one base image to fetch (or stand in for).
+FROM python:3.11-slim-bookworm AS cni
+RUN apt-get update && apt-get install -y --no-install-recommends gcc libc6-dev
+COPY cni/netisolate-cni.c /src/
+RUN cc -O2 -static -o /netisolate-cni /src/netisolate-cni.c
 
 FROM python:3.11-slim-bookworm AS runtime
 # nft and iptables-legacy-restore/-save are what the two backends run inside pod namespaces.
@@ -28,6 +40,8 @@ RUN apt-get update \
  && pip uninstall -q -y --root-user-action=ignore pip setuptools wheel \
  && rm -rf /root/.cache
 COPY --from=build /opt/netisolate /opt/netisolate
+# the agent copies it into the node's CNI bin dir (daemonset/base/agent.yaml)
+COPY --from=cni /netisolate-cni /usr/local/lib/netisolate/netisolate-cni
 
 FROM scratch
 COPY --from=runtime / /

@@ -8,8 +8,9 @@ cd "$(dirname "$0")/.."
 
 # nftables/iptables: both backends; socat: listeners/clients under other UIDs in tests and the demo;
 # iproute2: netns/veth; conntrack: inspecting state in tests; util-linux: setpriv/nsenter;
-# python3: the system interpreter runs the stand-in container processes under other UIDs.
-APT_PACKAGES=(nftables iptables socat iproute2 conntrack util-linux procps python3 python3-venv)
+# python3: the system interpreter runs the stand-in container processes under other UIDs;
+# gcc + libc6-dev: the static CNI plugin (cni/netisolate-cni.c).
+APT_PACKAGES=(nftables iptables socat iproute2 conntrack util-linux procps python3 python3-venv gcc libc6-dev)
 mode=${1:-test}
 
 if [[ $(id -u) -ne 0 ]]; then
@@ -36,6 +37,9 @@ fi
 quiet_pip() { .venv/bin/pip "$@" 2> >(grep -v "is ignored: it is neither a file nor a directory" >&2); }
 quiet_pip install -q --upgrade pip >/dev/null
 quiet_pip install -q -e '.[test]'
+# The chained CNI plugin: one static C file, libc only (the tests exec this build).
+mkdir -p build
+cc -O2 -static -o build/netisolate-cni cni/netisolate-cni.c
 
 case "$mode" in
   demo)

@@ -61,6 +61,7 @@ class Tracked:
     failures: int = 0  # in a row
     exposed: tuple[str, ...] = ()  # ports last reported as listening beyond loopback
     rounds: int = 0  # verifications since the rules were applied or adopted
+    sandbox: str = ""  # the sandbox ID the CNI plugin handed `ns` over with, if it did
 
 
 class Reconciler:
@@ -119,6 +120,60 @@ class Reconciler:
                 if (tracked.pod.metadata.namespace or "default") == name:
                     self._sync(tracked)
 
+    # --- inputs from the CNI plugin: a sandbox before its first container ----------------------
+
+    def enforce_sandbox(self, pod: Pod, ns: NetNS, sandbox: str) -> tuple[str, str]:
+        """The runtime is creating `sandbox` for the pod, in network namespace `ns` (a handle the
+        reconciler now owns), and starts no container before we answer: decide and apply now.
+        Returns the pod's (state, detail) afterwards."""
+        uid = pod.metadata.uid or pod.ref
+        with self.lock:
+            tracked = self.pods.setdefault(uid, Tracked(pod))
+            tracked.pod = pod
+            if tracked.ns is not None and tracked.ns.inode != ns.inode:  # a new sandbox
+                if tracked.applied is not None:
+                    self.reporter.event(
+                        pod, "SandboxReplaced", "the pod's sandbox was recreated; enforcing the new one", True
+                    )
+                tracked.ns.close()
+                tracked.ns, tracked.applied = None, None
+            if tracked.ns is None:
+                tracked.ns = ns
+            else:
+                ns.close()
+            tracked.sandbox = sandbox
+            self._sync(tracked)
+            return tracked.state, tracked.detail
+
+    def release_sandbox(self, uid: str, sandbox: str, inode: int | None) -> None:
+        """The runtime tore the sandbox down (CNI DEL): let its namespace go. Nothing happens for
+        a sandbox we do not hold (another one of the pod, or a pod we never saw)."""
+        with self.lock:
+            tracked = self.pods.get(uid)
+            if tracked is None or tracked.ns is None:
+                return
+            if tracked.ns.inode != inode and not (inode is None and sandbox and tracked.sandbox == sandbox):
+                return
+            tracked.ns.close()
+            tracked.ns, tracked.applied, tracked.sandbox = None, None, ""
+            self._sync(tracked)  # pending until a new sandbox appears, or the pod goes
+
+    def check_sandbox(self, uid: str, inode: int) -> list[str]:
+        """CNI CHECK: what is wrong with the sandbox's rules ([] when they hold, or the pod is
+        not isolated)."""
+        with self.lock:
+            tracked = self.pods.get(uid)
+            if tracked is None or tracked.ns is None or tracked.ns.inode != inode:
+                return ["the agent does not hold this sandbox's network namespace"]
+            if tracked.state in ("off", "host-network"):
+                return []
+            if tracked.applied is None:
+                return [f"rules not installed: {tracked.detail or tracked.state}"]
+            try:
+                return self.backend.verify(tracked.ns, tracked.applied)
+            except EnforceError as err:
+                return [str(err)]
+
     # --- timers --------------------------------------------------------------------------------
 
     def next_retry(self) -> float:
@@ -157,6 +212,7 @@ class Reconciler:
             return 0
         tracked.checked_at = time.monotonic()
         if self.moved(tracked.pod, tracked.ns):
+            tracked.sandbox = ""  # recreated without a word from the runtime: found in /proc
             self._sync(tracked)  # finds and enforces the pod's new namespace
             return 0
         try:
@@ -241,7 +297,9 @@ class Reconciler:
     def _namespace(self, tracked: Tracked) -> NetNS | None:
         """The pod's current network namespace (found again if its sandbox was recreated), or None
         while it has none yet."""
-        if tracked.ns is not None and self.moved(tracked.pod, tracked.ns):
+        # A namespace the runtime handed over (CNI) is the sandbox's by its word; the next
+        # sandbox will be handed over too. Only namespaces found in /proc are looked after.
+        if tracked.ns is not None and not tracked.sandbox and self.moved(tracked.pod, tracked.ns):
             self.reporter.event(
                 tracked.pod,
                 "SandboxReplaced",
