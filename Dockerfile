@@ -53,7 +53,8 @@ LABEL org.opencontainers.image.title="netisolate" \
 ENV PATH=/opt/netisolate/bin:/usr/local/bin:/usr/local/sbin:/usr/sbin:/usr/bin:/sbin:/bin \
     LANG=C.UTF-8 \
     PYTHONDONTWRITEBYTECODE=1
-RUN netisolate --help > /dev/null && nft --version > /dev/null && iptables-legacy-restore --version > /dev/null
+RUN netisolate --help > /dev/null && nft --version > /dev/null && iptables-legacy-restore --version > /dev/null \
+ && echo '{"cniVersion": "1.0.0"}' | CNI_COMMAND=VERSION /usr/local/lib/netisolate/netisolate-cni > /dev/null
 # The webhook runs as this user; the agent's DaemonSet runs as 0 with its named capabilities.
 USER 65532:65532
 ENTRYPOINT ["netisolate"]
