@@ -2,6 +2,7 @@
 # One command from a bare Debian/Ubuntu machine (as root) to a running netisolate:
 #   bash scripts/bootstrap.sh demo   install, then run `netisolate demo` (the main job)
 #   bash scripts/bootstrap.sh test   install, then ruff + mypy --strict + the whole test suite
+#   bash scripts/bootstrap.sh test -m realnode   ... only the tests on the real containerd node
 # It installs the system packages the kernel-facing parts use, a venv in .venv and the project.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -9,8 +10,11 @@ cd "$(dirname "$0")/.."
 # nftables/iptables: both backends; socat: listeners/clients under other UIDs in tests and the demo;
 # iproute2: netns/veth; conntrack: inspecting state in tests; util-linux: setpriv/nsenter;
 # python3: the system interpreter runs the stand-in container processes under other UIDs;
-# gcc + libc6-dev: the static CNI plugin (cni/netisolate-cni.c).
-APT_PACKAGES=(nftables iptables socat iproute2 conntrack util-linux procps python3 python3-venv gcc libc6-dev)
+# gcc + libc6-dev: the static CNI plugin (cni/netisolate-cni.c);
+# containerd runc containernetworking-plugins busybox-static gcc: the real node the tests run pods
+# on (tests/realnode/: CRI, runc, CNI bridge; its pause and toolbox images are built locally).
+APT_PACKAGES=(nftables iptables socat iproute2 conntrack util-linux procps python3 python3-venv
+              containerd runc containernetworking-plugins busybox-static gcc libc6-dev)
 mode=${1:-test}
 
 if [[ $(id -u) -ne 0 ]]; then
@@ -46,6 +50,9 @@ case "$mode" in
     exec .venv/bin/netisolate demo
     ;;
   test)
+    # the real node's CRI client: messages and stubs from our runtime.v1 subset (not committed)
+    .venv/bin/python -m grpc_tools.protoc -I. --python_out=. --pyi_out=. --grpc_python_out=. \
+      tests/realnode/cri.proto
     .venv/bin/ruff check netisolate tests bench e2e
     .venv/bin/ruff format --check netisolate tests bench e2e
     .venv/bin/mypy

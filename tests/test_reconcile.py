@@ -74,9 +74,23 @@ def here() -> Iterator[NetNS]:
     ns.close()
 
 
+@dataclass
+class Sandboxes:
+    """found[0] is what discovery returns; moved_away[0] whether the pod's processes have left its
+    namespace."""
+
+    found: list[NetNS | None]
+    moved_away: list[bool]
+
+    def find(self, pod: Pod) -> NetNS | None:
+        return self.found[0]
+
+    def moved(self, pod: Pod, ns: NetNS) -> bool:
+        return self.moved_away[0]
+
+
 def reconciler(backend: Backend, events: Events, find: list[NetNS | None], moved: list[bool]) -> Reconciler:
-    """find[0] is what discovery returns; moved[0] whether the pod's processes have left its namespace."""
-    return Reconciler(backend, Settings(), events, lambda pod: find[0], lambda pod, ns: moved[0])
+    return Reconciler(backend, Settings(), events, Sandboxes(find, moved))
 
 
 def pod() -> Pod:
@@ -184,13 +198,14 @@ def test_a_failed_repair_is_not_reported_as_repaired(here: NetNS) -> None:
 def test_one_pods_trouble_does_not_end_the_round(here: NetNS) -> None:
     backend, checked = Backend(), []
 
-    def moved(pod: Pod, ns: NetNS) -> bool:
-        checked.append(pod.metadata.name)
-        if len(checked) == 1:
-            raise RuntimeError("a bug")
-        return False
+    class Buggy(Sandboxes):
+        def moved(self, pod: Pod, ns: NetNS) -> bool:
+            checked.append(pod.metadata.name)
+            if len(checked) == 1:
+                raise RuntimeError("a bug")
+            return False
 
-    rec = Reconciler(backend, Settings(), Events(), lambda pod: here, moved)
+    rec = Reconciler(backend, Settings(), Events(), Buggy([here], [False]))
     for name in ("a", "b"):
         rec.upsert_pod(parse_pod(pod_manifest(name, "node-a")))
     checked.clear()
@@ -213,15 +228,14 @@ def test_exposed_ports_are_looked_for_on_verification_and_reported_once(
     assert events.reasons().count("WildcardListener") == 1
 
 
-def test_pods_wait_for_the_namespace_labels(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_pods_wait_for_the_namespace_labels() -> None:
     """At start-up, an audit pod in an enforce namespace must never be judged without the label."""
     from netisolate.agent.node import Agent
 
     backend = Backend()
     agent = Agent("node-a", backend, Settings(), None, host_netns="/proc/self/ns/net")
     here = NetNS.open("/proc/self/ns/net")
-    monkeypatch.setattr(agent, "_discover", lambda pod: here)
-    agent.reconciler.discover = agent._discover
+    agent.reconciler.sandboxes = Sandboxes([here], [False])
     manifest = pod_manifest("web", "node-a", {"netisolate.io/isolation": "audit"})
     waiter = threading.Thread(target=agent.on_pod_list, args=([manifest],))
     waiter.start()

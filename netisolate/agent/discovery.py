@@ -12,7 +12,8 @@ layout: cgroup v1 or v2, systemd or cgroupfs driver, containerd or CRI-O:
 A static pod's cgroup names its config hash (32 hex digits) rather than the UID of its mirror pod
 in the API; the agent looks those up by the mirror pod's `kubernetes.io/config.mirror` annotation.
 
-The parsing is pure; `scan` reads /proc. The namespace is taken from the oldest process (the
+The parsing is pure; `scan` reads /proc; `Sandboxes` keeps one scan for a whole round of lookups
+and is what the reconciler is handed. The namespace is taken from the oldest process (the
 sandbox), never the host's own (CRI-O's conmon lives in the pod's cgroup but the host's netns),
 and confirmed by the pod's IP where the pod has one.
 """
@@ -22,12 +23,14 @@ from __future__ import annotations
 import os
 import re
 import socket
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
 from pyroute2 import IPRoute, NetlinkError  # imported up front: its first import costs ~130 ms
 
+from netisolate.model import Pod
 from netisolate.netns import NetNS, NetNSError
 
 # A whole path part: `pod<uid>`, or a systemd slice `…-pod<uid_with_underscores>.slice`.
@@ -128,3 +131,46 @@ def find_netns(
             pass
         ns.close()
     return None
+
+
+RESCAN_MISSING_S = 0.002  # a pod the scan lacks is looked for in a fresh one, at most this often
+SCAN_MAX_AGE_S = 1.0  # no lookup is answered from an older scan
+
+
+class Sandboxes:
+    """Each pod's sandbox on this node, from /proc: its network namespace, and whether the pod's
+    processes have left it (the sandbox was recreated). One /proc scan serves every lookup within a
+    moment, so a round over hundreds of pods reads /proc once, not once per pod."""
+
+    def __init__(self, host_inode: int, proc_root: str = "/proc") -> None:
+        self.host_inode, self.proc_root = host_inode, proc_root
+        # (when, what): one tuple, replaced whole, because the reconciler looks up pods from
+        # several threads at once while it adopts a full pod list
+        self._scan: tuple[float, dict[str, list[Process]]] = (0.0, {})
+
+    def find(self, pod: Pod) -> NetNS | None:
+        """The pod's network namespace (kept open by fd), or None while its sandbox does not exist."""
+        ips = {ip.ip for ip in pod.status.pod_ips} if pod.status else set()
+        return find_netns(self._processes(pod, look_again=True), self.host_inode, ips, self.proc_root)
+
+    def moved(self, pod: Pod, ns: NetNS) -> bool:
+        """The pod's processes live in other namespaces than ns: its sandbox was recreated."""
+        inodes = set[int]()
+        for look_again in (False, True):  # a scan from before a new sandbox shows only dead processes
+            processes = self._processes(pod, look_again=look_again)
+            inodes = netns_inodes(processes, self.proc_root) - {self.host_inode}
+            if inodes:
+                break
+            self._scan = (0.0, self._scan[1])  # stale: the second pass scans afresh
+        return bool(inodes) and ns.inode not in inodes
+
+    def _processes(self, pod: Pod, look_again: bool) -> list[Process]:
+        # With look_again, a pod the scan does not show is looked for in a fresh one, so a sandbox
+        # that just appeared is never hidden by the cache.
+        uid = pod.metadata.annotations.get(MIRROR_ANNOTATION) or pod.metadata.uid or ""
+        stamp, found = self._scan
+        age = time.monotonic() - stamp
+        if (look_again and uid not in found and age > RESCAN_MISSING_S) or age > SCAN_MAX_AGE_S:
+            found = scan(self.proc_root)
+            self._scan = (time.monotonic(), found)
+        return found.get(uid, [])

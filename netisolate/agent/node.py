@@ -1,20 +1,18 @@
-"""The agent on one node: watches → reconciler, timers for new sandboxes and drift, and the HTTP
-endpoints (/metrics, /healthz, /readyz, /status)."""
+"""The agent on one node: watches → reconciler, and timers for new sandboxes and drift. It hands
+the reconciler the node's sandboxes (netisolate.agent.discovery) and serves what it is doing
+through netisolate.agent.endpoints."""
 
 from __future__ import annotations
 
-import json
 import logging
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import ThreadingHTTPServer
 from typing import Any
 
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-
-from netisolate.agent import discovery
+from netisolate.agent import discovery, endpoints
 from netisolate.agent.reconcile import Reconciler
-from netisolate.agent.report import PODS, REFUSED, Reporter
+from netisolate.agent.report import Reporter, record_states
 from netisolate.agent.watch import ListWatch, Obj
 from netisolate.backends import Backend
 from netisolate.model import InputError, Pod, parse_pod
@@ -37,45 +35,15 @@ class Agent:
         verify_interval: float = 30.0,
         pending_interval: float = 0.02,
     ) -> None:
-        self.node, self.core, self.proc_root = node, core, proc_root
+        self.node, self.core = node, core
         self.verify_interval, self.pending_interval = verify_interval, pending_interval
         self.host = NetNS.open(host_netns)  # the node's own namespace (PID 1's): never a pod's
-        self.reconciler = Reconciler(backend, settings, Reporter(core, node), self._discover, self._moved)
+        self.sandboxes = discovery.Sandboxes(self.host.inode, proc_root)
+        self.reconciler = Reconciler(backend, settings, Reporter(core, node), self.sandboxes)
         self.heartbeat = time.monotonic()  # the timer loop's last round: /healthz fails when it stalls
         self.stop = threading.Event()
         self.ready = threading.Event()
         self.namespaces_known = threading.Event()  # the first namespace list has arrived
-        self._scan: tuple[float, dict[str, list[discovery.Process]]] = (0.0, {})
-
-    # --- discovery: one /proc scan serves every pod looked up within a moment --------------------
-
-    def _processes(self, pod: Pod, look_again: bool) -> list[discovery.Process]:
-        # One /proc scan serves a whole round of lookups. With look_again, a pod the scan does not
-        # show is looked for in a fresh one, so a sandbox that just appeared is never hidden.
-        stamp, found = self._scan
-        uid = pod.metadata.annotations.get(discovery.MIRROR_ANNOTATION) or pod.metadata.uid or ""
-        age = time.monotonic() - stamp
-        if (look_again and uid not in found and age > 0.002) or age > 1.0:
-            found = discovery.scan(self.proc_root)
-            self._scan = (time.monotonic(), found)
-        return found.get(uid, [])
-
-    def _discover(self, pod: Pod) -> NetNS | None:
-        ips = {ip.ip for ip in pod.status.pod_ips} if pod.status else set()
-        return discovery.find_netns(
-            self._processes(pod, look_again=True), self.host.inode, ips, self.proc_root
-        )
-
-    def _moved(self, pod: Pod, ns: NetNS) -> bool:
-        """The pod's processes live in other namespaces than ns: its sandbox was recreated."""
-        inodes = set[int]()
-        for look_again in (False, True):  # a scan from before a new sandbox shows only dead processes
-            processes = self._processes(pod, look_again=look_again)
-            inodes = discovery.netns_inodes(processes, self.proc_root) - {self.host.inode}
-            if inodes:
-                break
-            self._scan = (0.0, self._scan[1])  # stale: the second pass scans afresh
-        return bool(inodes) and ns.inode not in inodes
 
     # --- watch callbacks ---------------------------------------------------------------------------
 
@@ -176,58 +144,23 @@ class Agent:
         """The timer loop still turns (a verification round included); /healthz says so."""
         return time.monotonic() - self.heartbeat < max(60.0, 3 * self.verify_interval)
 
+    def is_ready(self) -> bool:
+        return self.ready.is_set()
+
+    def status(self) -> dict[str, Any]:
+        """What /status serves and `netisolate status` prints."""
+        return {
+            "node": self.node,
+            "ready": self.ready.is_set(),
+            "backend": self.reconciler.backend.name,
+            "pods": [pod.to_json() for pod in self.reconciler.status()],
+        }
+
     def update_gauges(self) -> None:
-        states: dict[str, int] = {}
-        for tracked in list(self.reconciler.pods.values()):
-            states[tracked.state] = states.get(tracked.state, 0) + 1
-            for containers, packets in tracked.refused.items():  # read by the last verification
-                REFUSED.labels(
-                    tracked.pod.metadata.namespace, tracked.pod.metadata.name, containers or "unknown-uid"
-                ).set(packets)
-        for state in ("pending", "enforce", "audit", "failed", "off", "host-network"):
-            PODS.labels(state).set(states.get(state, 0))
+        record_states(self.reconciler.status())
 
     def serve_http(self, port: int, host: str = "0.0.0.0") -> ThreadingHTTPServer:
-        agent = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_GET(self) -> None:
-                if self.path == "/metrics":
-                    self._send(200, generate_latest(), CONTENT_TYPE_LATEST)
-                elif self.path == "/healthz":
-                    ok = agent.alive()
-                    self._send(200 if ok else 503, b"ok" if ok else b"timer loop stalled", "text/plain")
-                elif self.path == "/readyz":
-                    ok = agent.ready.is_set()
-                    self._send(
-                        200 if ok else 503, b"ok" if ok else b"start-up verification running", "text/plain"
-                    )
-                elif self.path == "/status":
-                    body = json.dumps(
-                        {
-                            "node": agent.node,
-                            "ready": agent.ready.is_set(),
-                            "backend": agent.reconciler.backend.name,
-                            "pods": agent.reconciler.status(),
-                        }
-                    )
-                    self._send(200, body.encode(), "application/json")
-                else:
-                    self._send(404, b"not found", "text/plain")
-
-            def _send(self, code: int, body: bytes, kind: str) -> None:
-                self.send_response(code)
-                self.send_header("Content-Type", kind)
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def log_message(self, *_: Any) -> None:
-                pass
-
-        server = ThreadingHTTPServer((host, port), Handler)
-        threading.Thread(target=server.serve_forever, name="http", daemon=True).start()
-        return server
+        return endpoints.serve(self, port, host)
 
     def run(self, metrics_port: int) -> None:
         server = self.serve_http(metrics_port)

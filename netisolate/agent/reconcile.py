@@ -15,12 +15,12 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Protocol
 
 from netisolate.agent.listeners import exposed
+from netisolate.agent.state import WAITING, PodState, PodStatus
 from netisolate.backends import Backend, EnforceError
 from netisolate.model import Pod
 from netisolate.netns import NetNS, NetNSError
@@ -37,9 +37,18 @@ class Reporter(Protocol):
     def error(self, pod: Pod, kind: str) -> None: ...
 
 
-Discover = Callable[[Pod], NetNS | None]  # the pod's network namespace, once its sandbox exists
-Moved = Callable[[Pod, NetNS], bool]  # the pod's processes now live in another network namespace
-WAITING = ("pending", "failed")
+class Sandboxes(Protocol):
+    """Where pods' sandboxes are (netisolate.agent.discovery.Sandboxes on a node)."""
+
+    def find(self, pod: Pod) -> NetNS | None:
+        """The pod's network namespace, once its sandbox exists."""
+        ...
+
+    def moved(self, pod: Pod, ns: NetNS) -> bool:
+        """The pod's processes now live in another network namespace than ns."""
+        ...
+
+
 PENDING_FAST_S = 5.0  # a sandbox normally appears within a second or two: look often, then calmly
 PENDING_SLOW_S = 0.5
 FAILED_BACKOFF_S = (0.5, 30.0)  # first retry, longest wait
@@ -51,7 +60,7 @@ class Tracked:
     pod: Pod
     ns: NetNS | None = None
     applied: RuleSet | None = None
-    state: str = "pending"  # pending | enforce | audit | failed | off | host-network
+    state: PodState = PodState.PENDING
     detail: str = ""
     problems: tuple[str, ...] = field(default_factory=tuple)
     checked_at: float = 0.0  # when the installed rules were last applied or verified
@@ -66,10 +75,9 @@ class Tracked:
 
 class Reconciler:
     def __init__(
-        self, backend: Backend, settings: Settings, reporter: Reporter, discover: Discover, moved: Moved
+        self, backend: Backend, settings: Settings, reporter: Reporter, sandboxes: Sandboxes
     ) -> None:
-        self.backend, self.settings, self.reporter = backend, settings, reporter
-        self.discover, self.moved = discover, moved
+        self.backend, self.settings, self.reporter, self.sandboxes = backend, settings, reporter, sandboxes
         self.pods: dict[str, Tracked] = {}
         self.namespaces: dict[str, dict[str, str]] = {}
         self.lock = threading.RLock()
@@ -211,7 +219,7 @@ class Reconciler:
         if tracked.ns is None or tracked.applied is None or time.monotonic() - tracked.checked_at < fresh:
             return 0
         tracked.checked_at = time.monotonic()
-        if self.moved(tracked.pod, tracked.ns):
+        if self.sandboxes.moved(tracked.pod, tracked.ns):
             tracked.sandbox = ""  # recreated without a word from the runtime: found in /proc
             self._sync(tracked)  # finds and enforces the pod's new namespace
             return 0
@@ -228,7 +236,7 @@ class Reconciler:
         if not inspection.drift:
             return 0
         self._apply(tracked, tracked.applied)
-        if tracked.state != "failed":
+        if tracked.state is not PodState.FAILED:
             self.reporter.drift_repaired(tracked.pod)
             self.reporter.event(
                 tracked.pod,
@@ -251,10 +259,7 @@ class Reconciler:
     def _decide(self, tracked: Tracked) -> None:
         pod = tracked.pod
         if pod.spec.host_network:
-            tracked.state, tracked.detail = (
-                "host-network",
-                "shares the node's network namespace: not isolated",
-            )
+            tracked.state, tracked.detail = PodState.HOST_NETWORK, PodState.HOST_NETWORK.meaning
             return
         policy = pod_policy(pod, self.namespaces.get(pod.metadata.namespace or "default", {}))
         if policy.problems != tracked.problems:
@@ -267,29 +272,26 @@ class Reconciler:
                     warning=True,
                 )
         if not policy.isolated:
-            if tracked.applied is not None and tracked.state != "off":
+            if tracked.applied is not None and tracked.state is not PodState.OFF:
                 self.reporter.event(
                     pod,
                     "IsolationOff",
                     "isolation was turned off; the current rules stay until "
                     "the pod restarts (the agent never opens a running pod)",
                 )
-            tracked.state = "off"
+            tracked.state = PodState.OFF
             return
         ns = self._namespace(tracked)
         if ns is None:
             return
         desired = build_ruleset(policy, self.settings, ns.user_namespaced())
         assert desired is not None  # isolated
-        if tracked.applied == desired and tracked.state != "failed":
-            tracked.state = desired.mode  # also back from off with the same rules still in place
+        if tracked.applied == desired and tracked.state is not PodState.FAILED:
+            tracked.state = PodState(desired.mode)  # also back from off with the same rules still in place
             return
         if tracked.applied is None and self._intact(tracked, desired):
-            tracked.applied, tracked.state, tracked.detail = (
-                desired,
-                desired.mode,
-                "adopted: rules verified intact",
-            )
+            tracked.applied, tracked.state = desired, PodState(desired.mode)
+            tracked.detail = "adopted: rules verified intact"
             tracked.failures = tracked.rounds = 0
             return
         self._apply(tracked, desired)
@@ -299,7 +301,7 @@ class Reconciler:
         while it has none yet."""
         # A namespace the runtime handed over (CNI) is the sandbox's by its word; the next
         # sandbox will be handed over too. Only namespaces found in /proc are looked after.
-        if tracked.ns is not None and not tracked.sandbox and self.moved(tracked.pod, tracked.ns):
+        if tracked.ns is not None and not tracked.sandbox and self.sandboxes.moved(tracked.pod, tracked.ns):
             self.reporter.event(
                 tracked.pod,
                 "SandboxReplaced",
@@ -309,12 +311,12 @@ class Reconciler:
             tracked.ns.close()
             tracked.ns, tracked.applied = None, None
         if tracked.ns is None:
-            tracked.ns = self.discover(tracked.pod)
+            tracked.ns = self.sandboxes.find(tracked.pod)
         if tracked.ns is None:
             now = time.monotonic()
-            if tracked.state != "pending" or not tracked.pending_since:
+            if tracked.state is not PodState.PENDING or not tracked.pending_since:
                 tracked.pending_since = now
-            tracked.state, tracked.detail = "pending", "network namespace not found yet"
+            tracked.state, tracked.detail = PodState.PENDING, "network namespace not found yet"
             calm = now - tracked.pending_since > PENDING_FAST_S
             tracked.retry_at = now + (PENDING_SLOW_S if calm else 0.0)
             self.unsettled.set()
@@ -337,8 +339,8 @@ class Reconciler:
             self._failed(tracked, "EnforceFailed", str(err))
             return
         self.reporter.applied(tracked.pod, time.perf_counter() - started)
-        announce = tracked.applied is None or tracked.state == "failed"
-        tracked.applied, tracked.state, tracked.detail = desired, desired.mode, ""
+        announce = tracked.applied is None or tracked.state is PodState.FAILED
+        tracked.applied, tracked.state, tracked.detail = desired, PodState(desired.mode), ""
         tracked.failures = tracked.rounds = 0
         tracked.checked_at = time.monotonic()
         self._warn_exposed(tracked, desired)
@@ -374,7 +376,7 @@ class Reconciler:
 
     def _failed(self, tracked: Tracked, reason: str, message: str) -> None:
         self.reporter.error(tracked.pod, reason)
-        if tracked.state != "failed" or tracked.detail != message:  # once per distinct failure
+        if tracked.state is not PodState.FAILED or tracked.detail != message:  # once per distinct failure
             self.reporter.event(tracked.pod, reason, message, warning=True)
             log.error(
                 "enforcement failed", extra={"pod": tracked.pod.ref, "reason": reason, "error": message}
@@ -382,18 +384,22 @@ class Reconciler:
         first, longest = FAILED_BACKOFF_S
         tracked.failures += 1
         tracked.retry_at = time.monotonic() + min(first * 2 ** (tracked.failures - 1), longest)
-        tracked.state, tracked.detail = "failed", message
+        tracked.state, tracked.detail = PodState.FAILED, message
         self.unsettled.set()
 
-    def status(self) -> list[dict[str, str]]:
+    def status(self) -> list[PodStatus]:
+        """Every tracked pod, by UID: what /status shows and the gauges count."""
         with self.lock:
             return [
-                {
-                    "pod": t.pod.ref,
-                    "uid": uid,
-                    "state": t.state,
-                    "detail": t.detail,
-                    "netns": str(t.ns.inode) if t.ns else "",
-                }
+                PodStatus(
+                    pod=t.pod.ref,
+                    namespace=t.pod.metadata.namespace or "default",
+                    name=t.pod.metadata.name or "",
+                    uid=uid,
+                    state=t.state,
+                    detail=t.detail,
+                    netns=t.ns.inode if t.ns else None,
+                    refused=dict(t.refused),
+                )
                 for uid, t in sorted(self.pods.items())
             ]

@@ -5,11 +5,14 @@ from __future__ import annotations
 import datetime
 import logging
 import time
+from collections import Counter as Tally
+from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from prometheus_client import Counter, Gauge, Histogram
 
+from netisolate.agent.state import PodState, PodStatus
 from netisolate.model import Pod
 
 log = logging.getLogger("netisolate.agent")
@@ -81,3 +84,15 @@ class Reporter:
 
     def error(self, pod: Pod, kind: str) -> None:
         ERRORS.labels(kind).inc()
+
+
+def record_states(pods: Iterable[PodStatus]) -> None:
+    """The gauges from one look at every pod: how many are in each state (every state is set, zero
+    included, so a state that empties drops to 0) and each pod's refused packets."""
+    states = Tally[PodState]()
+    for pod in pods:
+        states[pod.state] += 1
+        for containers, packets in pod.refused.items():
+            REFUSED.labels(pod.namespace, pod.name, containers or "unknown-uid").set(packets)
+    for state in PodState:
+        PODS.labels(state.value).set(states[state])

@@ -12,6 +12,7 @@ import urllib.request
 from pathlib import Path
 
 from netisolate.agent.cni import DEFAULT_EXEMPT, CniOptions
+from netisolate.agent.state import PodState
 from netisolate.backends import BACKENDS, EnforceError, select_backend
 from netisolate.commands.common import add_command
 from netisolate.logs import setup_logging
@@ -26,10 +27,10 @@ isolated pod's network namespace from /proc, installs its rules, verifies them a
 --verify-interval seconds and repairs drift. Rules are never removed by the agent: they go away with
 the pod. Serves /metrics, /healthz, /readyz (ready after the start-up verification) and /status.
 """
-STATUS_DETAILS = """\
-Asks the agent on this node (its --metrics-port on localhost) for the pods it tracks and their
-state: enforce, audit, pending (namespace not found yet), failed, off, host-network.
-"""
+STATUS_DETAILS = (
+    "Asks the agent on this node (its --metrics-port on localhost) for the pods it tracks and "
+    "their state:\n" + "".join(f"  {state:<13} {state.meaning}\n" for state in PodState)
+)
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -144,6 +145,7 @@ def run_agent(args: argparse.Namespace) -> int:
         settings,
         core,
         proc_root=args.proc_root,
+        host_netns=args.host_netns,
         verify_interval=args.verify_interval,
     )
     signal.signal(signal.SIGTERM, lambda *_: agent.stop.set())
