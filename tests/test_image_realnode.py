@@ -11,8 +11,10 @@ namespace cannot be opened: the test process's is the node's), and for the agent
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import os
+import socket
 import ssl
 import subprocess
 import time
@@ -35,7 +37,9 @@ from tests.realnode.kubelet import Kubelet, RunningPod
 from tests.realnode.node import BRIDGE, RealNode
 from tests.realnode.probe import addresses, matrix, wait_listening
 from tests.test_manifests import find
-from tests.test_realnode import scenario_pod, start
+from tests.test_realnode import exec_out, scenario_pod, start
+from tests.test_webhook import GOOD, review
+from tests.test_webhook import ROOT as ROOT_POD
 
 GATEWAY = "198.18.0.1"  # the bridge's address: pods reach the API stand-in there
 IMAGE = "ghcr.io/netisolate/netisolate:0.1.0"
@@ -57,9 +61,8 @@ def image(node: RealNode) -> Iterator[str]:
     archive = Path(built.stdout.split()[-1])
     node.import_image(archive)
     assert IMAGE in node.images, node.images
-    print(
-        f"\nimage: built and imported in {time.monotonic() - started:.1f} s, {archive.stat().st_size >> 20} MiB"
-    )
+    took, size = time.monotonic() - started, archive.stat().st_size >> 20
+    print(f"\nimage: built and imported in {took:.1f} s, {size} MiB compressed")
     yield IMAGE
 
 
@@ -266,3 +269,76 @@ async def test_each_privilege_the_manifest_grants_the_agent_is_needed(
 async def test_the_agent_with_what_the_manifest_grants_enforces(cluster: Kubelet, kmock: Any) -> None:
     """The control for the test above: the same check passes with nothing taken away."""
     assert await what_the_agent_does(cluster, kmock, agent_pod("iptables")) == "enforced"
+
+
+def post_over_tls(address: str, port: int, ca: bytes, path: str, body: dict[str, Any]) -> dict[str, Any]:
+    """A POST as the API server makes it: TLS verified against the caBundle, for the Service's
+    name (connected to the pod's address: there is no Service here)."""
+    context = ssl.create_default_context(cadata=ca.decode())
+    data = json.dumps(body).encode()
+    with socket.create_connection((address, port), timeout=5) as raw:
+        host = f"netisolate-webhook.{NAMESPACE}.svc"
+        with context.wrap_socket(raw, server_hostname=host) as tls:
+            head = f"POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
+            tls.sendall(f"{head}Content-Length: {len(data)}\r\nConnection: close\r\n\r\n".encode() + data)
+            reply = b""
+            while chunk := tls.recv(65536):
+                reply += chunk
+    status, _, payload = reply.partition(b"\r\n\r\n")
+    assert status.startswith(b"HTTP/1.1 200"), status
+    return dict(json.loads(payload))
+
+
+@pytest.mark.asyncio
+async def test_the_webhook_from_the_image_serves_over_tls(cluster: Kubelet, kmock: Any) -> None:
+    put(
+        kmock,
+        "v1/namespaces",
+        {"metadata": {"name": "shop", "labels": {"netisolate.io/isolation": "enforce"}}},
+    )
+    pod = from_manifest("Deployment", "netisolate-webhook")
+    (container,) = pod["spec"]["containers"]
+    webhook = await start(cluster, kmock, pod)
+    # the kubelet's probes: HTTPS to the named port, the certificate not checked
+    (port,) = (p["containerPort"] for p in container["ports"] if p["name"] == "https")
+    probe = container["readinessProbe"]["httpGet"]
+    insecure = ssl.create_default_context()
+    insecure.check_hostname, insecure.verify_mode = False, ssl.CERT_NONE
+    ready = await wait_ready(cluster, webhook, f"https://{webhook.ips[0]}:{port}{probe['path']}", insecure)
+    print(f"\nwebhook start-to-ready from the image: {ready:.2f} s")
+
+    # who it runs as, seen from inside: the manifest's UID, no capabilities, a read-only root
+    seen = await exec_out(
+        cluster, webhook, "webhook", "id -u; grep CapEff /proc/self/status; touch /x 2>&1 || echo read-only"
+    )
+    uid, caps, *rest = seen.splitlines()
+    assert uid == str(container["securityContext"]["runAsUser"]) == "65532"
+    assert caps.split()[1] == "0000000000000000"
+    assert rest[-1] == "read-only", rest
+
+    # the CA it put into our ValidatingWebhookConfiguration verifies it; it judges for real
+    stored = dict(kmock.objects[VWC, None, "netisolate"].raw)
+    (hook, *_) = stored["webhooks"]
+    ca = base64.b64decode(hook["clientConfig"]["caBundle"])
+    path = hook["clientConfig"]["service"]["path"]
+    for obj, allowed in ((GOOD, True), (ROOT_POD, False)):
+        answer = await asyncio.to_thread(post_over_tls, webhook.ips[0], port, ca, path, review("Pod", obj))
+        assert answer["response"]["allowed"] is allowed, answer
+
+
+def test_check_from_the_image_reads_a_manifest_piped_in(image: str) -> None:
+    """`cat pod.yaml | docker run -i IMAGE check -f -`, here by buildah (the image's user, its
+    entrypoint): the example a compromised injector made is denied, with the reasons. (containerd
+    1.6's `ctr run` is not used: it lost the end of the piped input here and waited forever.)"""
+    container = subprocess.run(
+        ["buildah", "from", image], capture_output=True, text=True, check=True
+    ).stdout.strip()
+    try:
+        argv = ["buildah", "run", "--isolation", "chroot", container, "--", "netisolate", "check", "-f", "-"]
+        manifest = (ROOT / "examples" / "rogue-injected.yaml").read_text()
+        result = subprocess.run(argv, input=manifest, capture_output=True, text=True, check=False, timeout=60)
+    finally:
+        subprocess.run(["buildah", "rm", container], capture_output=True, check=False)
+    assert "Pod demo/shop: DENIED" in result.stdout, result.stderr
+    assert "deny  privileged                 container telemetry" in result.stdout
+    assert "exited with status 1" in result.stderr  # check's exit code for a denial

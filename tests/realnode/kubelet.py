@@ -267,7 +267,7 @@ class Kubelet:
                     path.mkdir(parents=True)
                 self._created.append(path)
             return path
-        path = self.node.dir / "pods" / pod.uid / "volumes" / volume["name"]
+        path = self.node.dir / "pods" / pod.uid / "volumes" / str(volume["name"])
         path.mkdir(parents=True, exist_ok=True)
         if "emptyDir" in volume:
             path.chmod(0o777)  # as the kubelet makes it: any UID in the pod may write
