@@ -148,8 +148,13 @@ mkdir -p "$cache"
 start=$SECONDS
 ensure_base
 log "building $image from Dockerfile"
+previous=$(buildah images -q --filter reference="$image" 2>/dev/null || true)
 buildah bud --pull=never --network host --isolation chroot --layers \
   -v /etc/ssl/certs:/etc/ssl/certs:ro -f Dockerfile -t "$image" . >&2
+# the image this build replaced, untagged now: nothing needs it (the layer cache keeps its own)
+if [[ -n $previous && $previous != "$(buildah images -q --filter reference="$image")" ]]; then
+  buildah rmi "$previous" >/dev/null 2>&1 || true
+fi
 rm -f "$archive"
 buildah push -q "$image" "oci-archive:$archive:$image" >&2
 size=$(buildah images --format "{{.Size}}" "$image" | head -1)
