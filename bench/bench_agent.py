@@ -15,14 +15,13 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing
+import os
 import statistics
 import sys
 import threading
 import time
 from multiprocessing.queues import Queue
 from pathlib import Path
-
-import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from netisolate.agent.node import Agent
@@ -47,9 +46,16 @@ def new_agent(verify_interval: float = 3600.0) -> Agent:
     return agent
 
 
+def listed() -> threading.Event:
+    """The pod list the timer loop waits for: here pods come through the callbacks directly."""
+    done = threading.Event()
+    done.set()
+    return done
+
+
 def start_to_enforced(samples: int) -> dict[str, object]:
     agent = new_agent()
-    loop = threading.Thread(target=agent.loop, args=([],), daemon=True)
+    loop = threading.Thread(target=agent.loop, args=(listed(),), daemon=True)
     loop.start()
     latencies = []
     try:
@@ -80,7 +86,10 @@ def start_to_enforced(samples: int) -> dict[str, object]:
     }
 
 
-def _agent_process(manifests: list[dict[str, object]], idle_seconds: float, out: Queue) -> None:
+Measured = tuple[float, int, int, float]  # seconds to verify, pods adopted, RSS bytes, CPU seconds
+
+
+def _agent_process(manifests: list[dict[str, object]], idle_seconds: float, out: Queue[Measured]) -> None:
     """The restarted agent, alone in a fresh interpreter: its RSS and CPU are the agent's only, not
     the harness's (the simulated pods and the first agent live in the parent)."""
     agent = new_agent(verify_interval=VERIFY_INTERVAL)
@@ -89,15 +98,19 @@ def _agent_process(manifests: list[dict[str, object]], idle_seconds: float, out:
     agent.reconciler.verify_all()  # the start-up verification before readiness
     took = time.perf_counter() - started
     adopted = sum(t.detail.startswith("adopted") for t in agent.reconciler.pods.values())
-    me = psutil.Process()
-    cpu_before = me.cpu_times()
-    loop = threading.Thread(target=agent.loop, args=([],), daemon=True)
+    cpu_before = os.times()
+    loop = threading.Thread(target=agent.loop, args=(listed(),), daemon=True)
     loop.start()
     time.sleep(idle_seconds)
-    cpu_after = me.cpu_times()
+    cpu_after = os.times()
     agent.stop.set()
     cpu = sum(cpu_after[:4]) - sum(cpu_before[:4])  # user, system and those of reaped children
-    out.put((took, adopted, me.memory_info().rss, cpu))
+    out.put((took, adopted, _rss_bytes(), cpu))
+
+
+def _rss_bytes() -> int:
+    """Resident set size now (statm's second field is in pages), as `ps` and psutil report it."""
+    return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
 def restart(count: int, idle_seconds: float) -> list[dict[str, object]]:
@@ -113,7 +126,7 @@ def restart(count: int, idle_seconds: float) -> list[dict[str, object]]:
         for uid in list(first.reconciler.pods):
             first.reconciler.forget(uid)
         ctx = multiprocessing.get_context("spawn")
-        out: Queue = ctx.Queue()
+        out: Queue[Measured] = ctx.Queue()
         child = ctx.Process(target=_agent_process, args=(manifests, idle_seconds, out))
         child.start()
         took, adopted, rss, cpu = out.get(timeout=idle_seconds + 600)

@@ -5,7 +5,9 @@
 apply-new / apply-update  per-namespace apply of a 3-container x 4-port policy, per backend, median
                           and p95, next to the same text loaded by the raw tool from the same thread
 apply-100                 updating 100 pod namespaces (serial and with apply_many's 8 workers)
-loopback                  connection rate and throughput between two UIDs, without and with rules
+loopback                  connection rate and throughput between two UIDs, without and with rules,
+                          in interleaved rounds: medians, and the spread of the per-round ratios,
+                          next to a control (without rules twice: the machine's own noise)
 """
 
 from __future__ import annotations
@@ -23,17 +25,24 @@ from netisolate.localpod import LocalPod, as_uid
 from netisolate.model import Pod, parse_pod
 from netisolate.netns import NetNS
 from netisolate.policy import pod_policy
-from netisolate.rules import NFT_TABLE, RuleSet, Settings, build_ruleset, nft_table, render_iptables
+from netisolate.rules import RuleSet, Settings, build_ruleset, iptables, nft
 
 UIDS = {"app": 1000, "proxy": 1001, "worker": 1002}
 
 
 def bench_pod(extra_port: int = 0) -> Pod:
+    """Each container is granted 4 ports, which the next one declares it serves (so the loopback
+    connections, app → proxy on 8000, pass the SYN-ACK ownership rules too)."""
     annotations = {"netisolate.io/isolation": "enforce"}
-    for i, name in enumerate(UIDS):
-        base = 8000 + 100 * i + extra_port
-        annotations[f"allow.netisolate.io/{name}"] = ", ".join(str(base + p) for p in range(4))
-    containers = [{"name": n, "securityContext": {"runAsUser": u}} for n, u in UIDS.items()]
+    names = list(UIDS)
+    served: dict[str, list[dict[str, int]]] = {}
+    for i, name in enumerate(names):
+        ports = [8000 + 100 * i + extra_port + p for p in range(4)]
+        annotations[f"allow.netisolate.io/{name}"] = ", ".join(map(str, ports))
+        served[names[(i + 1) % len(names)]] = [{"containerPort": port} for port in ports]
+    containers = [
+        {"name": n, "securityContext": {"runAsUser": u}, "ports": served[n]} for n, u in UIDS.items()
+    ]
     return parse_pod(
         {"metadata": {"name": "bench", "annotations": annotations}, "spec": {"containers": containers}}
     )
@@ -73,22 +82,25 @@ def namespaces(count: int) -> Iterator[list[NetNS]]:
 
 
 def raw_loader(backend: Backend, rs: RuleSet, new: bool) -> Callable[[NetNS], object]:
-    """The same text our backend loads, by the raw tool from the same kind of thread."""
+    """The same document our backend loads, by the raw tool from the same kind of thread (for an
+    update, our jumps are in place already: the backend reads OUTPUT to know that, the raw tool not)."""
     if backend.name == "nftables":
-        text = f"create table inet {NFT_TABLE}\n{nft_table(rs)}" if new else None
-        doc = text or f"table inet {NFT_TABLE}\ndelete table inet {NFT_TABLE}\n{nft_table(rs)}"
+        doc = nft.create(rs) if new else nft.replace(rs)
         return lambda ns: run_tool(ns, ["nft", "-f", "-"], doc)
+    families: tuple[tuple[iptables.Family, str], ...] = (
+        (4, "iptables-legacy-restore"),
+        (6, "ip6tables-legacy-restore"),
+    )
+    docs = [
+        (tool, iptables.document(rs, family, () if new else iptables.jumps(family)))
+        for family, tool in families
+    ]
 
-    def iptables(ns: NetNS) -> None:
-        for family, tool in ((4, "iptables-legacy-restore"), (6, "ip6tables-legacy-restore")):
-            text = render_iptables(rs, family)  # type: ignore[arg-type]
-            if not new:
-                text = (
-                    "\n".join(line for line in text.splitlines() if not line.startswith("-I OUTPUT")) + "\n"
-                )
+    def load(ns: NetNS) -> None:
+        for tool, text in docs:
             run_tool(ns, [tool, "--noflush", "--wait"], text)
 
-    return iptables
+    return load
 
 
 def bench_apply(backend: Backend, rounds: int) -> Iterator[dict[str, object]]:
@@ -115,7 +127,7 @@ def bench_many(backend: Backend, count: int) -> dict[str, object]:
     rs, changed = ruleset(), ruleset(extra_port=50)
     with namespaces(count) as opened:
         apply_many(backend, [(ns, rs) for ns in opened])
-        serial = timed(lambda: [backend.apply(ns, changed) for ns in opened])
+        serial = timed(lambda: apply_many(backend, [(ns, changed) for ns in opened], workers=1))
         parallel = timed(lambda: apply_many(backend, [(ns, rs) for ns in opened], workers=8))
     return {
         "scenario": "apply-100",
@@ -162,38 +174,58 @@ def measure(pod: LocalPod, seconds: float) -> dict[str, float]:
     return result
 
 
+def _without_rules(ns: NetNS) -> None:
+    run_tool(ns, ["nft", "delete", "table", "inet", nft.TABLE])
+    for family in ("iptables-legacy", "ip6tables-legacy"):
+        run_tool(ns, [family, "-F", "OUTPUT"])
+
+
+def _ratios(ours: list[dict[str, float]], base: list[dict[str, float]], key: str) -> dict[str, object]:
+    """The ratio of the medians, and min/median/max of the rounds' own ratios."""
+    paired = sorted(o[key] / b[key] for o, b in zip(ours, base, strict=True))
+    return {
+        "ratio": round(statistics.median(o[key] for o in ours) / statistics.median(b[key] for b in base), 3),
+        "per_round_min_median_max": [
+            round(paired[0], 3),
+            round(statistics.median(paired), 3),
+            round(paired[-1], 3),
+        ],
+    }
+
+
 def bench_loopback(backend: Backend, rounds: int, seconds: float) -> dict[str, object]:
-    """app (UID 1000, granted 8000) → proxy (UID 1001) on 127.0.0.1:8000; TCP-only grants, so no
-    conntrack. Rounds alternate without/with rules so drift of the machine hits both alike."""
+    """app (UID 1000, granted 8000) → proxy (UID 1001, which declares 8000) on 127.0.0.1:8000;
+    TCP-only grants, so no conntrack. Each round measures without rules, with rules, and without
+    rules again (a control: what the machine's own noise makes of two identical runs), in an order
+    that rotates from round to round, so drift of a shared machine hits all three alike."""
+    arms: dict[str, list[dict[str, float]]] = {"without": [], "with": [], "control": []}
     with LocalPod(bench_pod()) as pod:
-        assert pod.ns is not None
+        ns = pod.ns
+        assert ns is not None
         server = pod.spawn(as_uid(UIDS["proxy"], ["/usr/bin/python3", "-c", SERVER, "8000"]))
         assert server.stdout is not None and server.stdout.readline().strip() == "ready"
-        base: list[dict[str, float]] = []
-        ruled: list[dict[str, float]] = []
-        for _ in range(rounds):
-            run_tool(pod.ns, ["nft", "delete", "table", "inet", NFT_TABLE])
-            for family in ("iptables-legacy", "ip6tables-legacy"):
-                run_tool(pod.ns, [family, "-F", "OUTPUT"])
-            base.append(measure(pod, seconds))
-            backend.apply(pod.ns, ruleset())
-            ruled.append(measure(pod, seconds))
-    med = {
-        key: (statistics.median(r[key] for r in base), statistics.median(r[key] for r in ruled))
-        for key in ("conn_per_s", "mib_per_s")
-    }
-    return {
+        names = list(arms)
+        for i in range(rounds):
+            for arm in names[i % 3 :] + names[: i % 3]:
+                if arm == "with":
+                    backend.apply(ns, ruleset())
+                else:
+                    _without_rules(ns)
+                arms[arm].append(measure(pod, seconds))
+    result: dict[str, object] = {
         "scenario": "loopback",
         "backend": backend.name,
         "rounds": rounds,
         "seconds_each": seconds,
-        "conn_per_s_without": round(med["conn_per_s"][0]),
-        "conn_per_s_with": round(med["conn_per_s"][1]),
-        "conn_rate_ratio": round(med["conn_per_s"][1] / med["conn_per_s"][0], 3),
-        "mib_per_s_without": round(med["mib_per_s"][0]),
-        "mib_per_s_with": round(med["mib_per_s"][1]),
-        "throughput_ratio": round(med["mib_per_s"][1] / med["mib_per_s"][0], 3),
     }
+    for key, name in (("conn_per_s", "conn_rate"), ("mib_per_s", "throughput")):
+        result |= {
+            f"{key}_without": round(statistics.median(r[key] for r in arms["without"])),
+            f"{key}_with": round(statistics.median(r[key] for r in arms["with"])),
+            f"{name}": _ratios(arms["with"], arms["without"], key),
+            f"{name}_control": _ratios(arms["control"], arms["without"], key),
+        }
+    return result
 
 
 def main() -> None:
@@ -201,14 +233,31 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--quick", action="store_true", help="few samples: a smoke run, not numbers to quote")
+    parser.add_argument(
+        "--loopback-only", action="store_true", help="only the loopback connection rate and throughput"
+    )
+    parser.add_argument(
+        "--loopback-rounds", type=int, default=0, metavar="N", help="rounds of the loopback scenario"
+    )
+    parser.add_argument(
+        "--loopback-seconds",
+        type=float,
+        default=0.0,
+        metavar="S",
+        help="seconds of each loopback measurement (on a busy machine: more, shorter rounds)",
+    )
     args = parser.parse_args()
-    rounds, many, loop_rounds, seconds = (5, 10, 1, 0.3) if args.quick else (40, 100, 5, 2.0)
+    rounds, many, loop_rounds, seconds = (5, 10, 2, 0.3) if args.quick else (40, 100, 6, 2.0)
     for name in ("nftables", "iptables"):
         backend = select_backend(name)
-        for result in bench_apply(backend, rounds):
-            print(json.dumps(result), flush=True)
-        print(json.dumps(bench_many(backend, many)), flush=True)
-        print(json.dumps(bench_loopback(backend, loop_rounds, seconds)), flush=True)
+        if not args.loopback_only:
+            for result in bench_apply(backend, rounds):
+                print(json.dumps(result), flush=True)
+            print(json.dumps(bench_many(backend, many)), flush=True)
+        loopback = bench_loopback(
+            backend, args.loopback_rounds or loop_rounds, args.loopback_seconds or seconds
+        )
+        print(json.dumps(loopback), flush=True)
 
 
 if __name__ == "__main__":

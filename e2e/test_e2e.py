@@ -343,7 +343,14 @@ def test_agent_restart_keeps_enforcement() -> None:
     assert reach(ns, pod, "app", "127.0.0.1", 15001) == "open"
     assert scenario.expected("app", "proxy:15001") == "open"
     # the kubelet's retry goes through once the agent is back, and the pod is enforced
-    kubectl("wait", "-n", ns, "pod/while-away", "--for=condition=Ready", "--timeout=180s")
+    # (the kubelet retries a failed sandbox with a backoff that grows to a few minutes)
+    for attempt in range(6):
+        ready = kubectl(
+            "wait", "-n", ns, "pod/while-away", "--for=condition=Ready", "--timeout=60s", check=False
+        )
+        if ready.returncode == 0:
+            break
+        assert attempt < 5, f"the waiting pod never started: {ready.stderr}"
     assert reach(ns, "while-away", "c", "127.0.0.1", SENTINEL_PORT) == "unreachable"
 
 

@@ -186,7 +186,7 @@ class LocalPod:
     def __enter__(self) -> LocalPod:
         try:
             return self.create()
-        except BaseException:
+        except BaseException:  # Ctrl-C mid-creation too: never leave half a pod behind
             self.close()
             raise
 

@@ -58,9 +58,6 @@ class PortRange:
         ports = str(self.low) if self.low == self.high else f"{self.low}-{self.high}"
         return ports if self.protocol == "tcp" else f"{ports}/{self.protocol}"
 
-    def covers(self, port: int, protocol: str) -> bool:
-        return self.protocol == protocol and self.low <= port <= self.high
-
 
 _GRANT = re.compile(r"^([0-9]{1,5})(?:\s*-\s*([0-9]{1,5}))?(?:\s*/\s*([A-Za-z]+))?$")
 
@@ -115,6 +112,7 @@ class ContainerPolicy:
     kind: ContainerKind
     uid: int | None
     grants: tuple[PortRange, ...]
+    declared: tuple[PortRange, ...] = ()  # its containerPorts (TCP and UDP): the ports it serves
 
 
 @dataclass(frozen=True)
@@ -191,6 +189,16 @@ def parse_pod_grants(pod: Pod) -> tuple[dict[str, tuple[PortRange, ...]], list[s
     return grants, problems
 
 
+def declared_ports(container: Container) -> tuple[PortRange, ...]:
+    """The TCP and UDP ports a container declares it serves (its containerPorts), sorted."""
+    declared = set()
+    for p in container.ports:
+        protocol = p.protocol.lower()
+        if protocol in ("tcp", "udp") and 1 <= p.container_port <= 65535:
+            declared.add(PortRange("tcp" if protocol == "tcp" else "udp", p.container_port, p.container_port))
+    return tuple(sorted(declared))
+
+
 def pod_policy(pod: Pod, namespace_labels: Mapping[str, str]) -> PodPolicy:
     level, problems = effective_level(pod, namespace_labels)
     grants, grant_problems = parse_pod_grants(pod)
@@ -198,7 +206,7 @@ def pod_policy(pod: Pod, namespace_labels: Mapping[str, str]) -> PodPolicy:
     if problems:  # fail closed: isolated, and nobody is granted anything
         level, grants = Level.ENFORCE, {}
     containers = tuple(
-        ContainerPolicy(c.name, kind, effective_uid(pod, c), grants.get(c.name, ()))
+        ContainerPolicy(c.name, kind, effective_uid(pod, c), grants.get(c.name, ()), declared_ports(c))
         for c, kind in containers_with_kind(pod)
     )
     return PodPolicy(pod.ref, level, containers, tuple(problems), pod.spec.host_users is False)

@@ -10,7 +10,7 @@ cd "$(dirname "$0")/.."
 # nftables/iptables: both backends; socat: listeners/clients under other UIDs in tests and the demo;
 # iproute2: netns/veth; conntrack: inspecting state in tests; util-linux: setpriv/nsenter;
 # python3: the system interpreter runs the stand-in container processes under other UIDs;
-# gcc + libc6-dev: the static CNI plugin (cni/netisolate-cni.c);
+# gcc + libc6-dev: also the static CNI plugin (cni/netisolate-cni.c).
 # containerd runc containernetworking-plugins busybox-static gcc: the real node the tests run pods
 # on (tests/realnode/: CRI, runc, CNI bridge; its pause and toolbox images are built locally);
 # buildah debootstrap: the project's image, built without Docker (scripts/build-image.sh) for it.

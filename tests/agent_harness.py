@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import time
 import uuid
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -57,6 +57,7 @@ class SimulatedPod:
     ) -> None:
         self.manifest = manifest
         uid = manifest["metadata"]["uid"]
+        self.scope: Callable[[str], Path]  # a container's cgroup directory, by container ID
         if layout == "systemd":
             slice_ = f"kubepods-besteffort-pod{uid.replace('-', '_')}.slice"
             self.pod_dir = V2_ROOT / "kubepods.slice" / "kubepods-besteffort.slice" / slice_
@@ -115,7 +116,7 @@ def close_all(pods: Iterable[SimulatedPod | LocalPod]) -> None:
     for pod in pods:
         try:
             pod.close()
-        except Exception as err:
+        except Exception as err:  # any failure: the other pods are still closed
             errors.append(err)
     if errors:
         raise errors[0]

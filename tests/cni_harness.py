@@ -13,10 +13,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from netisolate.agent.cni import CniOptions, start
+from netisolate.agent.cni import start
 from netisolate.agent.node import Agent
 from netisolate.backends import select_backend
 from netisolate.cni import conflist
+from netisolate.cni.options import CniOptions
 from netisolate.rules import Settings
 
 ROOT = Path(__file__).parent.parent
@@ -133,7 +134,7 @@ class CniNode:
             "node-a", select_backend(self.backend), Settings(), self.core, host_netns="/proc/self/ns/net"
         )
         self.agent.namespaces_known.set()
-        self.server = start(self.options, self.agent.reconciler, self.core, self.stop)
+        self.server = start(self.options, self.agent.reconciler, self.core, self.stop).server
 
     @property
     def binary(self) -> Path:

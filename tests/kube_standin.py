@@ -65,6 +65,12 @@ def api_client(kmock: Any) -> client.ApiClient:
     return client.ApiClient(config)
 
 
+def as_body(manifest: dict[str, Any]) -> Any:
+    """A manifest as a request body: the client validates a plain dict into the model its
+    annotation names (V1Pod, ...), so the dict is what the tests send."""
+    return manifest
+
+
 def put(kmock: Any, resource: str, obj: dict[str, Any]) -> None:
     meta = obj["metadata"]
     kmock.objects[resource, meta.get("namespace"), meta["name"]] = obj

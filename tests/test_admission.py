@@ -3,16 +3,28 @@
 from __future__ import annotations
 
 import copy
+import time
 from collections.abc import Callable
 from typing import Any
 
 import pytest
 
-from netisolate.admission import Finding, Requester, allowed, review_namespace, review_pod, review_request
+from netisolate.admission import (
+    MAX_FINDINGS_PER_RULE,
+    Finding,
+    Requester,
+    allowed,
+    review_namespace,
+    review_pod,
+    review_request,
+)
 from netisolate.config import Config, image_matches
 from netisolate.model import AdmissionRequest, InputError, parse_namespace, parse_pod
 
 Obj = dict[str, Any]
+
+
+HARDENED = {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}}
 
 
 def hardened(name: str, uid: int, image: str = "registry.example.com/team/app:1.0", **extra: Any) -> Obj:
@@ -250,7 +262,28 @@ def test_annotation_invalid_always_denies(annotations: dict[str, str]) -> None:
 def test_valid_grants_raise_nothing() -> None:
     pod = good_pod()
     pod["metadata"]["annotations"]["allow.netisolate.io/app"] = "8080, 9000-9001/udp"
+    container(pod, 1)["ports"] = [{"containerPort": 8080}, {"containerPort": 9001, "protocol": "UDP"}]
     assert findings(pod) == []
+
+
+@pytest.mark.parametrize("level", ["enforce", "audit"])
+def test_a_grant_to_a_port_nobody_declares_warns(level: str) -> None:
+    """Only a declared port is owned (served by its container alone): a grant to an undeclared one,
+    or to one declared for the other protocol, can be taken by whoever listens there first."""
+    pod = good_pod(level)
+    pod["metadata"]["annotations"]["allow.netisolate.io/app"] = "8080, 53/udp, 9000-9100, 7000"
+    container(pod, 1)["ports"] = [{"containerPort": 9050}, {"containerPort": 53}]
+    found = [f for f in findings(pod) if f.rule == "grant-port-undeclared"]
+    assert {(f.severity, f.container) for f in found} == {("warn", "app")}
+    assert [f.message.split(",")[0] for f in found] == [
+        "is granted 7000",
+        "is granted 8080",
+        "is granted 53/udp",
+    ]
+    assert "containerPort (protocol UDP)" in found[2].message
+    off = good_pod("off")
+    off["metadata"]["annotations"]["allow.netisolate.io/app"] = "8080"
+    assert findings(off) == []
 
 
 # --- injection guard --------------------------------------------------------------------------
@@ -504,4 +537,208 @@ def test_field_names_the_api_server_ignores_are_ignored_here_too() -> None:
     pod = good_pod()
     sc = pod["spec"]["containers"][0]["securityContext"]
     sc["run_as_user"] = sc.pop("runAsUser")
-    assert ("uid-missing", "deny", "app") in rules(findings(parse_pod(pod, "pod")))
+    assert ("uid-missing", "deny", "app") in rules(findings(pod))
+
+
+# --- issue 16: real manifests -----------------------------------------------------------------
+
+
+def test_uid_shared_is_linear_one_finding_per_container_and_capped() -> None:
+    """2,000 containers on one pod-level UID: one finding per container, never one per pair, and
+    the answer holds MAX_FINDINGS_PER_RULE of them plus one that counts the rest."""
+    pod = good_pod()
+    pod["spec"] = {
+        "securityContext": {"runAsUser": 4000},
+        "containers": [
+            {"name": f"c{i}", "image": "app:1", "securityContext": dict(HARDENED)} for i in range(2000)
+        ],
+    }
+    parsed = parse_pod(pod)
+    started = time.perf_counter()
+    found = [f for f in review_pod(parsed, {}, Config()) if f.rule == "uid-shared"]
+    elapsed = time.perf_counter() - started
+    assert len(found) == MAX_FINDINGS_PER_RULE + 1
+    assert found[0].container == "c1" and "'c0'" in found[0].message
+    assert found[1].container == "c2" and "'c0' and 1 more" in found[1].message
+    rest = found[-1]
+    assert rest.container is None and rest.severity == "deny"
+    assert rest.message.startswith(f"{1999 - MAX_FINDINGS_PER_RULE} more findings of this rule")
+    assert elapsed < 2.0  # quadratic took 26 s here
+
+
+def test_the_cap_never_hides_the_container_an_ephemeral_update_adds() -> None:
+    old = good_pod()
+    old["spec"]["containers"] = [hardened(f"c{i}", 5000 + i) for i in range(30)]
+    for c in old["spec"]["containers"]:
+        c["securityContext"].pop("allowPrivilegeEscalation")
+    new = copy.deepcopy(old)
+    new["spec"]["ephemeralContainers"] = [{"name": "debugger", "image": "busybox"}]
+    req = request(kind={"kind": "Pod"}, subResource="ephemeralcontainers", object=new, oldObject=old)
+    found = review_request(req, {}, Config())
+    assert ("privilege-escalation", "deny", "debugger") in rules(found)
+
+
+def test_capabilities_message_when_drop_already_holds_all() -> None:
+    pod = mutated(lambda p: container(p)["securityContext"]["capabilities"].update(add=["NET_ADMIN"]))
+    (cap,) = [f for f in findings(pod) if f.rule == "capabilities"]
+    assert "drop: [ALL]" not in cap.message and "remove ['NET_ADMIN']" in cap.message
+    pod = mutated(lambda p: container(p)["securityContext"]["capabilities"].update(drop=[]))
+    (cap,) = [f for f in findings(pod) if f.rule == "capabilities"]
+    assert "set securityContext.capabilities.drop: [ALL]" in cap.message and "remove" not in cap.message
+
+
+@pytest.mark.parametrize("grant", ["9", "1-100", "9/udp", "8080, 5-10/tcp"])
+def test_a_grant_of_the_sentinel_port_is_invalid(grant: str) -> None:
+    pod = mutated(lambda p: p["metadata"]["annotations"].update({"allow.netisolate.io/app": grant}))
+    found = findings(pod)
+    assert any(f.rule == "annotation-invalid" and "sentinel" in f.message for f in found)
+    assert not allowed(found)
+
+
+@pytest.mark.parametrize(
+    "spec_change",
+    [
+        {"nodeSelector": {"beta.kubernetes.io/os": "windows"}},
+        {
+            "affinity": {
+                "nodeAffinity": {
+                    "requiredDuringSchedulingIgnoredDuringExecution": {
+                        "nodeSelectorTerms": [
+                            {"matchExpressions": [{"key": "zone", "operator": "In", "values": ["a"]}]},
+                            {
+                                "matchExpressions": [
+                                    {"key": "kubernetes.io/os", "operator": "In", "values": ["windows"]}
+                                ]
+                            },
+                        ]
+                    }
+                }
+            }
+        },
+        {
+            "affinity": {
+                "nodeAffinity": {
+                    "requiredDuringSchedulingIgnoredDuringExecution": {
+                        "nodeSelectorTerms": [
+                            {
+                                "matchExpressions": [
+                                    {"key": "beta.kubernetes.io/os", "operator": "NotIn", "values": ["linux"]}
+                                ]
+                            }
+                        ]
+                    }
+                }
+            }
+        },
+    ],
+)
+def test_windows_by_beta_label_or_required_node_affinity(spec_change: Obj) -> None:
+    found = findings(mutated(lambda p: p["spec"].update(spec_change)))
+    assert ("platform", "deny", None) in rules(found)
+
+
+def test_linux_node_affinity_is_not_windows() -> None:
+    linux = {
+        "affinity": {
+            "nodeAffinity": {
+                "requiredDuringSchedulingIgnoredDuringExecution": {
+                    "nodeSelectorTerms": [
+                        {
+                            "matchExpressions": [
+                                {"key": "kubernetes.io/os", "operator": "In", "values": ["linux"]}
+                            ]
+                        }
+                    ]
+                }
+            }
+        },
+        "nodeSelector": {"kubernetes.io/os": "linux"},
+    }
+    assert findings(mutated(lambda p: p["spec"].update(linux))) == []
+
+
+def test_duplicate_container_names_are_denied_at_any_level() -> None:
+    pod = mutated(lambda p: p["spec"].update(initContainers=[hardened("app", 3000)]), "off")
+    assert rules(findings(pod)) == {("container-name-duplicate", "deny", "app")}
+
+
+@pytest.mark.parametrize(
+    ("name", "image"),
+    [
+        ("istio-proxy", "registry.istio.io/release/proxyv2:1.26.0"),
+        ("istio-validation", "registry.istio.io/release/proxyv2:1.26.0"),
+        ("daprd", "daprio/dapr:1.14.4"),
+        ("daprd", "docker.io/daprio/dapr:1.14.4"),
+        ("linkerd-init", "cr.l5d.io/linkerd/proxy-init:v2.4.1"),
+        ("linkerd-debug", "cr.l5d.io/linkerd/debug:edge-24.1.1"),
+        ("vault-agent-init", "hashicorp/vault:1.17.2"),
+    ],
+)
+def test_current_injector_images_are_known(name: str, image: str) -> None:
+    pod = mutated(lambda p: p["spec"]["containers"].append(hardened(name, 1337, image=image)))
+    assert {f.rule for f in findings(pod)} == {"sidecar-digest"}
+
+
+@pytest.mark.parametrize("name", ["istio-validation", "linkerd-init", "vault-agent-init", "linkerd-debug"])
+def test_injected_init_containers_get_image_checks(name: str) -> None:
+    pod = mutated(lambda p: p["spec"].update(initContainers=[hardened(name, 1337, image="evil.example/x:1")]))
+    assert {"sidecar-image", "sidecar-digest"} <= {f.rule for f in findings(pod)}
+
+
+def test_shared_emptydir_ignores_classic_init_containers() -> None:
+    def change(p: Obj, restart: str | None) -> None:
+        p["spec"]["volumes"] = [{"name": "work", "emptyDir": {}}]
+        init = hardened("setup", 3000, volumeMounts=[{"name": "work", "mountPath": "/w"}])
+        if restart:
+            init["restartPolicy"] = restart
+        p["spec"]["initContainers"] = [init]
+        container(p)["volumeMounts"] = [{"name": "work", "mountPath": "/w"}]
+
+    assert findings(mutated(lambda p: change(p, None))) == []
+    native = findings(mutated(lambda p: change(p, "Always")))
+    assert ("shared-emptydir", "warn", None) in rules(native)
+
+
+def test_a_volume_with_no_source_is_an_emptydir() -> None:
+    def change(p: Obj) -> None:
+        p["spec"]["volumes"] = [{"name": "work"}, {"name": "cfg", "configMap": None}]
+        for c in p["spec"]["containers"]:
+            c["volumeMounts"] = [{"name": "work", "mountPath": "/w"}, {"name": "cfg", "mountPath": "/c"}]
+
+    found = [f for f in findings(mutated(change)) if f.rule == "shared-emptydir"]
+    assert len(found) == 2
+
+
+@pytest.mark.parametrize(
+    "where",
+    [
+        ("metadata", "annotations"),
+        ("metadata", "labels"),
+        ("spec", "volumes"),
+        ("spec", "initContainers"),
+        ("spec", "nodeSelector"),
+        ("spec", "securityContext"),
+        ("spec", "containers", 0, "ports"),
+        ("spec", "containers", 0, "command"),
+        ("spec", "containers", 0, "volumeMounts"),
+        ("spec", "containers", 0, "securityContext", "capabilities", "add"),
+    ],
+)
+def test_null_is_absent(where: tuple[str | int, ...]) -> None:
+    pod = good_pod()
+    pod["metadata"]["labels"] = {"app": "web"}
+    pod["spec"]["securityContext"] = {"runAsNonRoot": True}
+    node: Any = pod
+    for key in where[:-1]:
+        node = node[key]
+    node[where[-1]] = None
+    assert findings(pod) == []  # (with no annotations the pod is not isolated: nothing to find either)
+
+
+def test_null_values_in_string_maps_are_empty_strings() -> None:
+    pod = good_pod()
+    pod["metadata"]["annotations"]["sidecar.istio.io/inject"] = None
+    pod["metadata"]["labels"] = {"tier": None}
+    parsed = parse_pod(pod)
+    assert parsed.metadata.annotations["sidecar.istio.io/inject"] == ""
+    assert parsed.metadata.labels == {"tier": ""}

@@ -15,20 +15,26 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.error
+import urllib.request
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import pytest
 import pytest_asyncio
 from kubernetes import client
+from kubernetes.client.exceptions import ApiException
+from prometheus_client import REGISTRY
 
+from netisolate.agent import endpoints
 from netisolate.agent.node import Agent
 from netisolate.backends import run_tool, select_backend
 from netisolate.model import parse_pod
 from netisolate.policy import pod_policy
 from netisolate.rules import Settings, build_ruleset
 from tests.agent_harness import SimulatedPod, close_all, pod_manifest
-from tests.kube_standin import api_client, declare, put
+from tests.agent_process import AgentProcess, kubeconfig
+from tests.kube_standin import api_client, as_body, declare, put
 
 pytestmark = [pytest.mark.kernel, pytest.mark.timeout(120)]
 NODE = "node-a"
@@ -56,7 +62,7 @@ class Running:
             self.pod_watch.start(),
             threading.Thread(
                 target=self.agent.loop,
-                args=([self.namespace_watch.synced, self.pod_watch.synced],),
+                args=(self.pod_watch.synced,),
                 daemon=True,
             ),
         ]
@@ -95,7 +101,7 @@ def events(kmock: Any, reason: str) -> list[dict[str, Any]]:
 
 
 async def create(core: client.CoreV1Api, manifest: dict[str, Any]) -> None:
-    await asyncio.to_thread(core.create_namespaced_pod, "shop", manifest)
+    await asyncio.to_thread(core.create_namespaced_pod, "shop", as_body(manifest))
 
 
 async def patch(core: client.CoreV1Api, name: str, annotations: dict[str, str]) -> None:
@@ -339,13 +345,9 @@ async def test_gate_holds_the_pod_until_its_rules_are_live(core: client.CoreV1Ap
         running = Running(core)
         await until(lambda: gate.poll() is not None, timeout=30, what="the gate to open")
         assert gate.returncode == 0
-        assert sim.local.ns is not None
-        assert (
-            select_backend("nftables").verify(
-                sim.local.ns, running.agent.reconciler.pods[manifest["metadata"]["uid"]].applied
-            )
-            == []
-        )  # type: ignore[arg-type]
+        applied = running.agent.reconciler.pods[manifest["metadata"]["uid"]].applied
+        assert sim.local.ns is not None and applied is not None
+        assert select_backend("nftables").verify(sim.local.ns, applied) == []
         await asyncio.to_thread(sim.start_container, "app", ["8080"])  # only now does the app start
         assert await asyncio.to_thread(probe, sim, 1002, 8080) == "refused"
     finally:
@@ -369,7 +371,7 @@ def test_gate_times_out_without_rules() -> None:
 @pytest.mark.asyncio
 async def test_status_endpoint(core: client.CoreV1Api) -> None:
     running = Running(core)
-    server = running.agent.serve_http(0, "127.0.0.1")
+    server = endpoints.serve(running.agent, 0, "127.0.0.1")
     try:
         await until(running.agent.ready.is_set, what="readiness")
         port = server.server_address[1]
@@ -404,6 +406,10 @@ class Outage:
             writer.close()
             return
         up_reader, up_writer = await asyncio.open_connection(*self.target)
+        if not self.up:  # cut while this connection was being opened: it must not outlive the cut
+            up_writer.close()
+            writer.close()
+            return
         self.open += [writer, up_writer]
 
         async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
@@ -443,15 +449,11 @@ async def test_api_outage_enforcement_continues_and_resumes(core: client.CoreV1A
         ns = sims[0].local.ns
         assert ns is not None
         run_tool(ns, ["nft", "insert", "rule", "inet", "netisolate", "loopback", "accept"])
+        applied = running.agent.reconciler.pods[first["metadata"]["uid"]].applied
+        assert applied is not None
         await until(
-            lambda: (
-                select_backend("nftables").verify(
-                    ns, running.agent.reconciler.pods[first["metadata"]["uid"]].applied
-                )
-                == []
-            ),
-            what="repair without the API",
-        )  # type: ignore[arg-type]
+            lambda: select_backend("nftables").verify(ns, applied) == [], what="repair without the API"
+        )
         assert await asyncio.to_thread(probe, sims[0], 1002, 8080) == "refused"
         await asyncio.to_thread(sims[1].start_sandbox)
         await create(core, second)  # created while the agent cannot see it
@@ -466,3 +468,94 @@ async def test_api_outage_enforcement_continues_and_resumes(core: client.CoreV1A
         running.stop()
         outage.server.close()
         close_all(sims)
+
+
+class NamespacesDown(client.CoreV1Api):
+    """The API server answers everything but the Namespace list/watch, until `down` is cleared."""
+
+    down = True
+
+    def list_namespace(self, *args: Any, **kwargs: Any) -> Any:
+        if self.down:
+            raise ApiException(status=500, reason="namespaces unavailable")
+        return super().list_namespace(*args, **kwargs)
+
+
+def readyz(port: int) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=5) as answer:
+            return answer.status, answer.read().decode()
+    except urllib.error.HTTPError as err:
+        return err.code, err.read().decode()
+
+
+@pytest.mark.asyncio
+async def test_pod_annotation_is_a_floor_while_the_namespace_watch_fails(kmock: Any) -> None:
+    """A pod's own `enforce` is acted on at once although the namespace labels never arrive; the
+    failing watch shows in /readyz and the metrics, and once it recovers the agent is ready."""
+    declare(kmock)
+    put(kmock, "v1/namespaces", {"metadata": {"name": "shop", "labels": {}}})
+    core = NamespacesDown(api_client(kmock))
+    manifest = pod_manifest("web", NODE)
+    sim = SimulatedPod(manifest)
+    running = Running(core)
+    server = endpoints.serve(running.agent, 0, "127.0.0.1")
+    port = server.server_address[1]
+    try:
+        await asyncio.to_thread(sim.start_sandbox)
+        await asyncio.to_thread(sim.start_container, "app", ["8080"])
+        await create(core, manifest)
+        await until(
+            lambda: running.state(manifest["metadata"]["uid"]) == "enforce", timeout=5, what="enforce"
+        )
+        assert await asyncio.to_thread(probe, sim, 1002, 8080) == "refused"
+        await until(running.agent.ready.is_set, timeout=5, what="the start-up verification")
+        code, body = await asyncio.to_thread(readyz, port)
+        assert code == 503 and "namespace list/watch failing: API error 500" in body, body
+        assert REGISTRY.get_sample_value("netisolate_watch_up", {"resource": "namespaces"}) == 0
+        assert (
+            REGISTRY.get_sample_value("netisolate_watch_errors_total", {"resource": "namespaces"}) or 0
+        ) > 0
+
+        core.down = False  # the namespace list works again (after the watch's backoff)
+        await until(lambda: readyz(port)[0] == 200, timeout=20, what="readiness after recovery")
+        assert REGISTRY.get_sample_value("netisolate_watch_up", {"resource": "namespaces"}) == 1
+    finally:
+        server.shutdown()
+        running.stop()
+        sim.close()
+
+
+@pytest.mark.asyncio
+async def test_agent_process_takes_the_host_namespace_it_is_given(core: client.CoreV1Api, kmock: Any) -> None:
+    """`netisolate agent --host-netns`: here PID 1's namespace cannot be opened, so the agent
+    starts at all only when every part of it (backend choice and Agent) uses the one it is given."""
+    agent = AgentProcess(str(kmock.url), NODE, "nftables").start()
+    try:
+        await asyncio.to_thread(agent.wait, lambda: agent.status().get("ready") is True, 20, "readiness")
+    finally:
+        agent.close()
+
+
+def test_agent_ends_with_the_reason_when_the_host_namespace_cannot_be_opened(tmp_path: Any) -> None:
+    config = kubeconfig("http://127.0.0.1:9", tmp_path)
+    argv = [
+        "agent",
+        "--node-name",
+        NODE,
+        "--kubeconfig",
+        str(config),
+        "--host-netns",
+        str(tmp_path / "no-such-netns"),
+    ]
+    result = subprocess.run(
+        [sys.executable, "-m", "netisolate", *argv],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    assert f"cannot open network namespace {tmp_path / 'no-such-netns'}" in result.stderr
+    assert "--host-netns" in result.stderr, "says what to do"

@@ -16,7 +16,7 @@ from prometheus_client import REGISTRY
 
 from netisolate.agent import endpoints
 from netisolate.agent.report import record_states
-from netisolate.agent.state import PodState, PodStatus
+from netisolate.agent.state import NodeStatus, PodState, PodStatus
 
 
 @dataclass
@@ -28,13 +28,14 @@ class Observed:
     def alive(self) -> bool:
         return self.healthy
 
-    def is_ready(self) -> bool:
-        return self.ready
+    def unready(self) -> str:
+        return "" if self.ready else "start-up verification running"
 
-    def status(self) -> dict[str, Any]:
+    def status(self) -> NodeStatus:
         return {
             "node": "node-a",
             "ready": self.ready,
+            "unready": self.unready(),
             "backend": "fake",
             "pods": [p.to_json() for p in self.pods],
         }

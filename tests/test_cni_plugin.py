@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import time
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -265,3 +267,132 @@ def test_version_needs_no_agent(tmp_path: Path) -> None:
         "cniVersion": "1.0.0",
         "supportedVersions": ["0.3.0", "0.3.1", "0.4.0", "1.0.0"],
     }
+
+
+@pytest.mark.asyncio
+async def test_the_agent_process_chains_serves_keeps_the_chain_on_exit_and_uninstalls(
+    core: client.CoreV1Api, kmock: Any, tmp_path: Path
+) -> None:
+    """`netisolate agent --cni-*` as the DaemonSet runs it, against the API stand-in."""
+    import signal
+    import socket
+    import subprocess
+    import sys
+
+    from netisolate.cni import conflist
+    from tests.cni_harness import PRIMARY, plugin_binary
+
+    conf, bin_dir = tmp_path / "net.d", tmp_path / "bin"
+    conf.mkdir()
+    bin_dir.mkdir()
+    (conf / "10-bridge.conflist").write_text(json.dumps(PRIMARY))
+    kubeconfig = tmp_path / "kubeconfig"
+    kubeconfig.write_text(
+        json.dumps(
+            {
+                "apiVersion": "v1",
+                "kind": "Config",
+                "clusters": [{"name": "k", "cluster": {"server": str(kmock.url).rstrip("/")}}],
+                "contexts": [{"name": "k", "context": {"cluster": "k", "user": "u"}}],
+                "current-context": "k",
+                "users": [{"name": "u", "user": {}}],
+            }
+        )
+    )
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    argv = [
+        sys.executable, "-m", "netisolate", "agent", "--node-name", "node-a", "--kubeconfig", str(kubeconfig),
+        "--host-netns", "/proc/self/ns/net", "--metrics-port", str(port),
+        "--cni-conf-dir", str(conf), "--cni-bin-dir", str(bin_dir), "--cni-plugin", str(plugin_binary()),
+        "--cni-socket", str(tmp_path / "run" / "cni.sock"),
+    ]  # fmt: skip
+    agent = subprocess.Popen(
+        argv, stderr=subprocess.PIPE, text=True, env={**os.environ, "POD_NAMESPACE": "ops"}
+    )
+    pod = await new_pod(core, "via-process")
+    try:
+        deadline = time.monotonic() + 20
+        while (
+            not (tmp_path / "run" / "cni.sock").exists()
+            or "netisolate-cni" not in (conf / "10-bridge.conflist").read_text()
+        ):
+            assert agent.poll() is None and time.monotonic() < deadline, (
+                agent.stderr.read() if agent.stderr else ""
+            )
+            await asyncio.sleep(0.05)
+        entry = json.loads((conf / "10-bridge.conflist").read_text())["plugins"][-1]
+        assert entry["exemptNamespaces"] == ["kube-system", "netisolate-system", "ops"], (
+            "its own namespace too"
+        )
+        assert pod.ns is not None
+        meta = pod.pod.metadata
+        plugin, config = bin_dir / "netisolate-cni", runtime_config(entry)
+        result = await asyncio.to_thread(
+            call, plugin, "ADD", name="via-process", uid=meta.uid or "", netns=pod.ns.path, config=config
+        )
+        assert result.code == 0, result.stdout
+        assert await asyncio.to_thread(first_attempt, pod) == "refused"
+    finally:
+        agent.send_signal(signal.SIGTERM)
+        await asyncio.to_thread(agent.wait, 20)
+        pod.close()
+    chain = json.loads((conf / "10-bridge.conflist").read_text())["plugins"]
+    assert chain[-1]["type"] == conflist.PLUGIN_TYPE, "an agent going down keeps pods waiting"
+    uninstall = subprocess.Popen([*argv, "--cni-uninstall"], stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 20
+        while (bin_dir / "netisolate-cni").exists():
+            assert uninstall.poll() is None and time.monotonic() < deadline
+            await asyncio.sleep(0.05)
+        assert json.loads((conf / "10-bridge.conflist").read_text()) == PRIMARY
+    finally:
+        uninstall.send_signal(signal.SIGTERM)
+        await asyncio.to_thread(uninstall.wait, 20)
+
+
+@pytest.mark.asyncio
+async def test_sandboxes_created_at_once_are_not_enforced_one_after_the_other(
+    node: CniNode, core: client.CoreV1Api
+) -> None:
+    """The rules go into a new sandbox's namespace before the reconciler's lock is taken: with the
+    lock held elsewhere (another pod's apply, a verification), they are in all the same."""
+    pod = await new_pod(core, "in-parallel")
+    await asyncio.to_thread(node.agent.reconciler.set_namespace, "shop", {})  # known: no API read
+    try:
+        assert pod.ns is not None
+        node.agent.reconciler.lock.acquire()
+        try:
+            pending = asyncio.ensure_future(add(node, pod))
+            deadline = time.monotonic() + 10
+            while not await asyncio.to_thread(node.agent.reconciler.backend.installed, pod.ns):
+                assert time.monotonic() < deadline, "rules waited for the lock"
+                await asyncio.sleep(0.01)
+            assert not pending.done(), "the answer waits for the bookkeeping"
+        finally:
+            node.agent.reconciler.lock.release()
+        result = await pending
+        assert result.code == 0, result.stdout
+        assert node.agent.reconciler.pods[pod.pod.metadata.uid or ""].state == "enforce"
+    finally:
+        pod.close()
+
+
+@pytest.mark.asyncio
+async def test_an_unreadable_namespace_holds_back_only_pods_whose_label_could_matter(
+    node: CniNode, core: client.CoreV1Api
+) -> None:
+    """The namespace's label can only raise a pod's level: a pod that asks for enforce itself is
+    enforced without it; any other pod waits until the namespace can be read."""
+    enforced = await new_pod(core, "asks-itself", namespace="unlisted")
+    plain = await new_pod(core, "asks-nothing", namespace="unlisted", annotations={})
+    try:
+        result = await add(node, enforced)
+        assert result.code == 0, result.stdout
+        assert await asyncio.to_thread(first_attempt, enforced) == "refused"
+        waiting = await add(node, plain)
+        assert waiting.error["code"] == 11
+        assert "namespace unlisted is unreadable" in waiting.error["msg"], waiting.error
+    finally:
+        close_all([enforced, plain])

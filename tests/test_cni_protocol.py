@@ -129,3 +129,14 @@ def test_any_sequence_of_well_framed_fields_is_a_request_or_a_protocol_error(
 def test_cni_args_round_trip(args: dict[str, str]) -> None:
     text = ";".join(f"{k}={v}" for k, v in args.items())
     assert protocol.parse_cni_args(text) == args
+
+
+def test_the_command_line_loads_without_the_cni_machinery() -> None:
+    """`netisolate check` & co. must start fast: the agent's CNI flags come from a light module."""
+    import subprocess
+    import sys
+
+    code = "import sys, netisolate.cli as c; c.build_parser(); "
+    code += "print(sorted(m for m in sys.modules if 'cni' in m))"
+    loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert loaded.strip() == "['netisolate.cni', 'netisolate.cni.options']"

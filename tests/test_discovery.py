@@ -90,20 +90,24 @@ def test_finds_the_sandbox_namespace_on_a_simulated_node(layout: str) -> None:
 
 
 def test_sockets_beyond_loopback() -> None:
-    from netisolate.agent.listeners import Socket, beyond_loopback
+    from netisolate.agent.listeners import Bound, Socket, beyond_loopback
 
     bound = [
-        ("tcp", "0.0.0.0", 8080),
-        ("tcp", "127.0.0.1", 15001),
-        ("tcp", "127.0.0.53", 53),
-        ("tcp", "192.0.2.10", 8081),  # the pod's own IP
-        ("tcp", "::", 15000),
-        ("tcp", "::1", 15002),
-        ("tcp", "::ffff:192.0.2.10", 8082),
-        ("tcp", "::ffff:127.0.0.1", 8083),  # loopback, IPv4-mapped
-        ("udp", "0.0.0.0", 53),
-        ("udp", "127.0.0.1", 5353),
+        Bound(protocol, address, port, 1000)
+        for protocol, address, port in [
+            ("tcp", "0.0.0.0", 8080),
+            ("tcp", "127.0.0.1", 15001),
+            ("tcp", "127.0.0.53", 53),
+            ("tcp", "192.0.2.10", 8081),  # the pod's own IP
+            ("tcp", "::", 15000),
+            ("tcp", "::1", 15002),
+            ("tcp", "::ffff:192.0.2.10", 8082),
+            ("tcp", "::ffff:127.0.0.1", 8083),  # loopback, IPv4-mapped
+            ("udp", "0.0.0.0", 53),
+            ("udp", "127.0.0.1", 5353),
+        ]
     ]
+    bound.append(Bound("udp", "0.0.0.0", 5300, 1000, connected=True))  # takes only its peer's datagrams
     assert beyond_loopback(bound) == {
         Socket("tcp", 8080),
         Socket("tcp", 8081),

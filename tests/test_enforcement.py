@@ -293,6 +293,8 @@ def test_iptables_jump_stays_unique_and_first(local_pod: LocalPod) -> None:
         "-A OUTPUT -o lo -j NETISOLATE",
         "-A OUTPUT -d 127.0.0.0/8 -j NETISOLATE",
         "-A OUTPUT -m addrtype --dst-type LOCAL -j NETISOLATE",
+        "-A OUTPUT -p udp -m addrtype --dst-type BROADCAST,MULTICAST -j NETISOLATE",
+        "-A OUTPUT -p udplite -m addrtype --dst-type BROADCAST,MULTICAST -j NETISOLATE",
         "-A OUTPUT -j ACCEPT",
     ]
 

@@ -34,6 +34,9 @@ class Events:
     def drift_repaired(self, pod: Pod) -> None:
         pass
 
+    def port_squatted(self, pod: Pod, found: list[str]) -> None:
+        self.event(pod, "PortSquatted", "; ".join(found), warning=True)
+
     def error(self, pod: Pod, kind: str) -> None:
         self.errors += 1
 
@@ -189,7 +192,7 @@ def test_a_failed_repair_is_not_reported_as_repaired(here: NetNS) -> None:
     backend, events = Backend(), Events()
     rec = reconciler(backend, events, [here], [False])
     rec.upsert_pod(pod())
-    backend.inspect = lambda ns, rs: Inspection(["missing: a rule"], {})  # type: ignore[method-assign]
+    backend.inspect = lambda ns, ruleset: Inspection(["missing: a rule"], {})  # type: ignore[method-assign]
     backend.failure = EnforceError("nft: busy")
     assert rec.verify_all(fresh=0) == 1
     assert "DriftRepaired" not in events.reasons() and "EnforceFailed" in events.reasons()
@@ -226,6 +229,39 @@ def test_exposed_ports_are_looked_for_on_verification_and_reported_once(
     rec.verify_all(fresh=0)
     rec.verify_all(fresh=0)
     assert events.reasons().count("WildcardListener") == 1
+
+
+def test_squatted_ports_are_reported_once_for_each_new_set(
+    here: NetNS, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    events = Events()
+    rec = reconciler(Backend(), events, [here], [False])
+    squats: list[str] = []
+    monkeypatch.setattr("netisolate.agent.reconcile.squatted", lambda ns, rs: list(squats))
+    rec.upsert_pod(pod())
+    squats.append("15001 declared by proxy, bound by rogue (UID 1002)")
+    for _ in range(3):
+        rec.verify_all(fresh=0)
+    squats.append("5300/udp declared by proxy, bound by rogue (UID 1002)")
+    for _ in range(7):  # after the first rounds, every tenth looks again
+        rec.verify_all(fresh=0)
+    assert [m for r, m in events.seen if r == "PortSquatted"] == [
+        squats[0],
+        "; ".join(squats),
+    ]
+
+
+def test_a_squat_is_an_event_and_a_metric() -> None:
+    from prometheus_client import REGISTRY
+
+    from netisolate.agent.report import Reporter
+
+    web = pod()
+    labels = {"namespace": web.metadata.namespace or "", "pod": web.metadata.name or ""}
+    before = REGISTRY.get_sample_value("netisolate_port_squats_total", labels) or 0.0
+    Reporter(None, "node-a").port_squatted(web, ["15001 declared by proxy, bound by rogue (UID 1002)"])
+    assert REGISTRY.get_sample_value("netisolate_port_squats_total", labels) == before + 1
+    assert REGISTRY.get_sample_value("netisolate_events_total", {"reason": "PortSquatted"})
 
 
 def test_pods_wait_for_the_namespace_labels() -> None:

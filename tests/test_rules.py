@@ -11,15 +11,7 @@ import pytest
 
 from netisolate.model import parse_pod
 from netisolate.policy import pod_policy
-from netisolate.rules import (
-    RuleSet,
-    Settings,
-    build_ruleset,
-    iptables_rules,
-    nft_table,
-    render_iptables,
-    render_nftables,
-)
+from netisolate.rules import RuleSet, Settings, build_ruleset, iptables, nft
 
 
 def ruleset(
@@ -72,47 +64,83 @@ def test_rendering_is_deterministic_whatever_the_annotation_order() -> None:
             "allow.netisolate.io/app": "15001,15001",
         }
     )
-    assert render_nftables(a) == render_nftables(b)
-    assert render_iptables(a, 4) == render_iptables(b, 4)
+    assert nft.replace(a) == nft.replace(b)
+    assert iptables.document(a, 4) == iptables.document(b, 4)
+
+
+SERVING: list[
+    dict[str, Any]
+] = [  # the typical pod, with the ports its containers declare (one declared twice)
+    {"name": "app", "securityContext": {"runAsUser": 1000}, "ports": [{"containerPort": 15001}]},
+    {
+        "name": "proxy",
+        "securityContext": {"runAsUser": 1001},
+        "ports": [{"containerPort": 8080}, {"containerPort": 53, "protocol": "UDP"}],
+    },
+    {"name": "rogue", "securityContext": {"runAsUser": 1002}},
+    {"name": "proxy2", "securityContext": {"runAsUser": 1003}, "ports": [{"containerPort": 8080}]},
+]
 
 
 def test_nft_order_of_decisions() -> None:
-    lines = [line.strip() for line in nft_table(ruleset(TYPICAL)).splitlines()]
+    """The order of netisolate.rules' docstring, rule by rule."""
+    lines = [line.strip() for line in nft.table(ruleset(TYPICAL, SERVING)).splitlines()]
     order = [
-        "tcp flags != syn / syn,ack accept",
-        "ct state established,related accept",
+        'oif "lo" jump loopback',
+        "ip daddr 127.0.0.0/8 jump loopback",
+        "ip6 daddr ::1 jump loopback",
+        "fib daddr type local jump loopback",  # a DNAT to the pod's own address (see WHICH PACKETS)
+        "meta l4proto { udp, udplite } fib daddr type { broadcast, multicast } jump loopback",
+        "meta l4proto { udp, udplite } ip6 daddr ff00::/8 jump loopback",
+        "chain loopback {",
+        "tcp flags ! syn accept",
+        "tcp flags syn,ack / syn,ack goto serve",
+        "icmp type { destination-unreachable, time-exceeded, parameter-problem } accept",
+        'udp sport 53 meta skuid != 1001 goto refuse comment "proxy"',
+        "ct direction reply accept",
         "meta l4proto { tcp, udp } th dport 9 reject with icmpx admin-prohibited",
         "meta skuid 0 accept",
         'meta skuid 1000 tcp dport 15001 accept comment "app"',
         'meta skuid 1001 tcp dport { 8080, 9000-9100 } accept comment "proxy"',
         'meta skuid 1001 udp dport 53 accept comment "proxy"',
+        "goto refuse",
+        "chain serve {",
+        'tcp sport 8080 meta skuid { 1001, 1003 } accept comment "proxy,proxy2"',
+        "tcp sport 8080 goto refuse",
+        'tcp sport 15001 meta skuid 1000 accept comment "app"',
+        "tcp sport 15001 goto refuse",
+        "accept",
+        "chain refuse {",
         'meta skuid 1002 counter goto deny comment "rogue"',
         "counter goto deny",
+        "chain deny {",
         "meta l4proto tcp reject with tcp reset",
         "meta l4proto udp reject",
         "drop",
     ]
     positions = [lines.index(line) for line in order]
     assert positions == sorted(positions)
-    assert lines[3:6] == [
-        'oif "lo" jump loopback',
-        "ip daddr 127.0.0.0/8 jump loopback",
-        "ip6 daddr ::1 jump loopback",
-    ]
+    assert lines[3 : 3 + 6] == order[:6], "the output chain jumps on exactly these"
+
+
+def test_undeclared_ports_have_no_owner() -> None:
+    lines = nft.table(ruleset(TYPICAL))
+    assert "sport" not in lines
+    assert "\tchain serve {\n\t\taccept\n\t}" in lines
 
 
 def test_conntrack_only_where_udp_is_granted() -> None:
     tcp_only = ruleset({**ENFORCE, "allow.netisolate.io/app": "15001"})
     assert not tcp_only.stateful
-    assert "ct state" not in nft_table(tcp_only)
-    assert not any("conntrack" in r for r in iptables_rules(tcp_only, 4))
+    assert "ct direction" not in nft.table(tcp_only)
+    assert not any("conntrack" in r for r in iptables.chains(tcp_only, 4)[iptables.CHAIN])
     assert ruleset(TYPICAL).stateful
 
 
 def test_deny_port_forward_drops_the_root_allowance() -> None:
     rs = ruleset(TYPICAL, settings=Settings(allow_root=False))
-    assert "skuid 0 " not in nft_table(rs)
-    assert not any("--uid-owner 0 " in r for r in iptables_rules(rs, 4))
+    assert "skuid 0 " not in nft.table(rs)
+    assert not any("--uid-owner 0 " in r for r in iptables.chains(rs, 4)[iptables.CHAIN])
 
 
 def test_user_namespaced_pods_get_no_root_allowance() -> None:
@@ -128,13 +156,13 @@ def test_user_namespaced_pods_get_no_root_allowance() -> None:
     )
     rs = build_ruleset(pod_policy(pod, {}), Settings())
     assert rs is not None and not rs.allow_root
-    assert "meta skuid 0 accept" not in nft_table(rs)
-    assert "meta skuid 0 accept" in nft_table(ruleset(TYPICAL))
+    assert "meta skuid 0 accept" not in nft.table(rs)
+    assert "meta skuid 0 accept" in nft.table(ruleset(TYPICAL))
 
 
 def test_sentinel_port_is_configurable_and_never_grantable() -> None:
     rs = ruleset({**ENFORCE, "allow.netisolate.io/app": "9, 7000"}, settings=Settings(sentinel_port=7000))
-    lines = [line.strip() for line in nft_table(rs).splitlines()]
+    lines = [line.strip() for line in nft.table(rs).splitlines()]
     sentinel = lines.index("meta l4proto { tcp, udp } th dport 7000 reject with icmpx admin-prohibited")
     grant = next(i for i, line in enumerate(lines) if "skuid 1000 tcp dport" in line)
     assert sentinel < grant, "the sentinel must answer before any grant can accept"
@@ -142,11 +170,11 @@ def test_sentinel_port_is_configurable_and_never_grantable() -> None:
 
 def test_audit_counts_but_accepts() -> None:
     rs = ruleset({"netisolate.io/isolation": "audit"})
-    table = nft_table(rs)
+    table = nft.table(rs)
     assert "chain deny {\n\t\taccept\n\t}" in table
     assert "reject with tcp reset" not in table
-    assert render_iptables(rs, 4).count("-A NETISOLATE-DENY") == 1
-    assert "-A NETISOLATE-DENY -j ACCEPT" in render_iptables(rs, 6)
+    assert iptables.document(rs, 4).count("-A NETISOLATE-DENY") == 1
+    assert "-A NETISOLATE-DENY -j ACCEPT" in iptables.document(rs, 6)
 
 
 def test_shared_uid_and_missing_uid() -> None:
@@ -166,14 +194,14 @@ def test_shared_uid_and_missing_uid() -> None:
     assert [(g.uid, g.containers, [str(p) for p in g.ports]) for g in rs.grants] == [
         (1000, "a,b", ["80", "81"])
     ]
-    assert "82" not in nft_table(rs)
+    assert "82" not in nft.table(rs)
 
 
 def test_multiport_is_split_at_fifteen_slots() -> None:
     ports = ",".join(str(p) for p in range(1000, 1020))
     rules = [
         r
-        for r in iptables_rules(ruleset({**ENFORCE, "allow.netisolate.io/app": ports}), 4)
+        for r in iptables.chains(ruleset({**ENFORCE, "allow.netisolate.io/app": ports}), 4)[iptables.CHAIN]
         if "multiport" in r
     ]
     assert len(rules) == 2
@@ -190,12 +218,12 @@ def _in_fresh_netns(cmd: list[str], text: str) -> subprocess.CompletedProcess[st
 
 
 CASES = {
-    "typical": (TYPICAL, Settings()),
-    "audit": ({"netisolate.io/isolation": "audit"}, Settings()),
-    "no-root": (TYPICAL, Settings(allow_root=False, sentinel_port=65000)),
-    "many-ports": (
-        {**ENFORCE, "allow.netisolate.io/app": ",".join(str(p) for p in range(2000, 2040))},
-        Settings(),
+    "typical": ruleset(TYPICAL),
+    "serving": ruleset(TYPICAL, SERVING),
+    "audit": ruleset({"netisolate.io/isolation": "audit"}, SERVING),
+    "no-root": ruleset(TYPICAL, settings=Settings(allow_root=False, sentinel_port=65000)),
+    "many-ports": ruleset(
+        {**ENFORCE, "allow.netisolate.io/app": ",".join(str(p) for p in range(2000, 2040))}
     ),
 }
 
@@ -203,10 +231,7 @@ CASES = {
 @pytest.mark.kernel
 @pytest.mark.parametrize("case", CASES)
 def test_nft_accepts_the_script(case: str) -> None:
-    annotations, settings = CASES[case]
-    result = _in_fresh_netns(
-        ["nft", "-c", "-f", "-"], render_nftables(ruleset(annotations, settings=settings))
-    )
+    result = _in_fresh_netns(["nft", "-c", "-f", "-"], nft.replace(CASES[case]))
     assert result.returncode == 0, result.stderr
 
 
@@ -217,9 +242,8 @@ def test_nft_accepts_the_script(case: str) -> None:
     ["iptables-legacy-restore", "ip6tables-legacy-restore", "iptables-nft-restore", "ip6tables-nft-restore"],
 )
 def test_iptables_restore_accepts_the_document(case: str, tool: str) -> None:
-    annotations, settings = CASES[case]
-    family = 6 if tool.startswith("ip6") else 4
-    document = render_iptables(ruleset(annotations, settings=settings), family)
+    family: iptables.Family = 6 if tool.startswith("ip6") else 4
+    document = iptables.document(CASES[case], family)
     result = _in_fresh_netns([tool, "--test", "--noflush"], document)
     assert result.returncode == 0, result.stderr
 
@@ -248,11 +272,44 @@ OVERLAPPING = {**ENFORCE, "allow.netisolate.io/app": "8080, 8000-9000, 9001, 700
 
 
 @pytest.mark.kernel
-@pytest.mark.parametrize("grants", [TYPICAL, OVERLAPPING])
-def test_nft_lists_exactly_what_we_render(grants: dict[str, str]) -> None:
+@pytest.mark.parametrize("case", ["typical", "serving", "overlapping"])
+def test_nft_lists_exactly_what_we_render(case: str) -> None:
     """Drift detection compares text, so our table must be nft's own listing (less counter values)."""
-    rs = ruleset(grants)
-    result = _in_fresh_netns(["sh", "-c", "nft -f - && nft list table inet netisolate"], render_nftables(rs))
+    rs = CASES.get(case) or ruleset(OVERLAPPING)
+    result = _in_fresh_netns(["sh", "-c", "nft -f - && nft list table inet netisolate"], nft.replace(rs))
     assert result.returncode == 0, result.stderr
     listed = re.sub(r"counter packets \d+ bytes \d+", "counter", result.stdout)
-    assert listed == nft_table(rs)
+    assert listed == nft.table(rs)
+
+
+def test_iptables_document_keeps_our_jumps_once_and_first() -> None:
+    """The document is written for what OUTPUT holds now: nothing to do when our jumps begin it,
+    else every jump of ours is deleted and all are inserted first, in the same commit."""
+    rs, jumps = ruleset(TYPICAL), iptables.jumps(4)
+    assert jumps == [
+        "-o lo -j NETISOLATE",
+        "-d 127.0.0.0/8 -j NETISOLATE",
+        "-m addrtype --dst-type LOCAL -j NETISOLATE",  # a DNAT to the pod's own address
+        "-p udp -m addrtype --dst-type BROADCAST,MULTICAST -j NETISOLATE",
+        "-p udplite -m addrtype --dst-type BROADCAST,MULTICAST -j NETISOLATE",
+    ]
+    assert iptables.jumps(6) == [
+        "-o lo -j NETISOLATE",
+        "-d ::1/128 -j NETISOLATE",
+        "-m addrtype --dst-type LOCAL -j NETISOLATE",
+        "-d ff00::/8 -p udp -j NETISOLATE",
+        "-d ff00::/8 -p udplite -j NETISOLATE",
+    ]
+
+    def output_lines(current: list[str]) -> list[str]:
+        return [line for line in iptables.document(rs, 4, current).splitlines() if " OUTPUT " in line]
+
+    assert output_lines([*jumps, "-j ACCEPT"]) == []
+    assert output_lines([]) == [f"-I OUTPUT {i} {jump}" for i, jump in enumerate(jumps, 1)]
+    displaced = ["-j ACCEPT", jumps[0], jumps[2]]  # e.g. the jumps of an older netisolate
+    assert output_lines(displaced) == [
+        f"-D OUTPUT {jumps[0]}",
+        f"-D OUTPUT {jumps[2]}",
+        *(f"-I OUTPUT {i} {jump}" for i, jump in enumerate(jumps, 1)),
+    ]
+    assert not iptables.jumps_in_place([*jumps, jumps[0]], 4), "a second jump of ours is drift"

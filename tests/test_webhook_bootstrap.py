@@ -11,6 +11,7 @@ from cryptography import x509
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
+from netisolate.kube import ValidatingWebhookConfiguration
 from netisolate.webhook import tls
 from tests.kube_standin import api_client, declare, put
 
@@ -29,6 +30,11 @@ def webhook_configuration(name: str) -> dict[str, Any]:
         "metadata": {"name": name},
         "webhooks": [{"name": f"pods.{name}.io", **hook}, {"name": f"ns.{name}.io", **hook}],
     }
+
+
+def _ca_bundles(config: ValidatingWebhookConfiguration) -> list[bytes]:
+    """Each webhook's caBundle, decoded (b"" where it has none)."""
+    return [base64.b64decode(h.client_config.ca_bundle or "") for h in config.webhooks or []]
 
 
 def run_bootstrap(api: client.ApiClient) -> tls.CertBundle:
@@ -86,9 +92,9 @@ async def test_first_writer_wins_and_only_our_configuration_is_patched(kmock: An
     # (sync client calls go to a thread: kmock serves from this test's event loop)
     read = client.AdmissionregistrationV1Api(api).read_validating_webhook_configuration
     ours = await asyncio.to_thread(read, "netisolate")
-    assert {base64.b64decode(h.client_config.ca_bundle) for h in ours.webhooks} == {first.ca_pem}
+    assert _ca_bundles(ours) == [first.ca_pem] * 2
     theirs = await asyncio.to_thread(read, "someone-else")
-    assert all(h.client_config.ca_bundle is None for h in theirs.webhooks)
+    assert all(h.client_config.ca_bundle is None for h in theirs.webhooks or [])
     patched = {str(r.url.path) for r in kmock if r.method == "PATCH"}
     assert patched == {"/apis/admissionregistration.k8s.io/v1/validatingwebhookconfigurations/netisolate"}
 
@@ -152,9 +158,9 @@ async def test_a_configuration_recreated_without_our_ca_gets_it_back(kmock: Any)
     try:
         for _ in range(100):
             ours = await asyncio.to_thread(admission.read_validating_webhook_configuration, "netisolate")
-            if all(h.client_config.ca_bundle for h in ours.webhooks):
+            if all(h.client_config.ca_bundle for h in ours.webhooks or []):
                 break
             await asyncio.sleep(0.05)
     finally:
         keeper.cancel()
-    assert {base64.b64decode(h.client_config.ca_bundle) for h in ours.webhooks} == {bundle.ca_pem}
+    assert set(_ca_bundles(ours)) == {bundle.ca_pem}

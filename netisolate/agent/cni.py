@@ -15,7 +15,6 @@ import logging
 import threading
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from prometheus_client import Counter, Histogram
@@ -24,9 +23,12 @@ from netisolate.agent.cni_conf import Chain, install_binary
 from netisolate.agent.cni_server import CniServer
 from netisolate.agent.discovery import MIRROR_ANNOTATION
 from netisolate.agent.reconcile import Reconciler
+from netisolate.agent.state import PodState
 from netisolate.cni import conflist, protocol
+from netisolate.cni.options import CniOptions
 from netisolate.model import InputError, Pod, parse_pod
 from netisolate.netns import NetNS
+from netisolate.policy import Level, pod_policy
 
 log = logging.getLogger(__name__)
 REQUESTS = Counter("netisolate_cni_requests_total", "CNI calls answered", ["command", "outcome"])
@@ -37,7 +39,6 @@ SECONDS = Histogram(
     buckets=(0.002, 0.005, 0.01, 0.02, 0.03, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
 )
 API_TIMEOUT_S = 5.0
-DEFAULT_EXEMPT = ("kube-system", "netisolate-system")
 
 
 class RefusalError(Exception):
@@ -87,9 +88,9 @@ class CniHandler:
                 raise RefusalError(protocol.E_TRY_AGAIN, f"netisolate: pod {ref}: " + "; ".join(problems[:5]))
             return protocol.OK
         pod = self._pod(ref)
-        self._namespace_labels(pod.metadata.namespace or "default", ref)
+        self._namespace_labels(pod, ref)
         state, detail = self.reconciler.enforce_sandbox(pod, ns.dup(), request.container_id)
-        if state in ("enforce", "audit", "off", "host-network"):
+        if state is not PodState.PENDING and state is not PodState.FAILED:
             log.info("sandbox admitted", extra={"pod": str(ref), "state": state})
             return protocol.OK
         raise RefusalError(
@@ -136,9 +137,11 @@ class CniHandler:
             )
         return pod
 
-    def _namespace_labels(self, name: str, ref: protocol.PodRef) -> None:
-        """The namespace's labels may raise the pod's isolation: known before deciding."""
-        if name in self.reconciler.namespaces:
+    def _namespace_labels(self, pod: Pod, ref: protocol.PodRef) -> None:
+        """The namespace's labels may raise the pod's isolation: known before deciding, unless the
+        pod's own annotation already asks for the most (no label can lower it)."""
+        name = pod.metadata.namespace or "default"
+        if name in self.reconciler.namespaces or pod_policy(pod, {}).level is Level.ENFORCE:
             return
         try:
             response = self.core.read_namespace(
@@ -155,17 +158,18 @@ class CniHandler:
         self.reconciler.set_namespace(name, {str(k): str(v) for k, v in labels.items()})
 
 
-@dataclass(frozen=True)
-class CniOptions:
-    conf_dir: Path
-    bin_dir: Path
-    plugin: Path
-    socket: Path
-    exempt_namespaces: tuple[str, ...] = DEFAULT_EXEMPT
-    timeout_seconds: int = 30
+@dataclass
+class CniService:
+    server: CniServer
+    chain: threading.Thread
+
+    def close(self) -> None:
+        """Stop answering (the chain's thread ends with the agent's stop event)."""
+        self.server.shutdown()
+        self.server.server_close()
 
 
-def start(options: CniOptions, reconciler: Reconciler, core: Any, stop: threading.Event) -> CniServer:
+def start(options: CniOptions, reconciler: Reconciler, core: Any, stop: threading.Event) -> CniService:
     """Serve first, then install the binary, then chain it: the plugin never runs before the
     agent can answer it."""
     server = CniServer(options.socket, CniHandler(reconciler, core))
@@ -174,6 +178,5 @@ def start(options: CniOptions, reconciler: Reconciler, core: Any, stop: threadin
     entry = conflist.plugin_entry(str(options.socket), options.exempt_namespaces, options.timeout_seconds)
     chain = Chain(options.conf_dir, entry)
     chain.ensure()  # at once where the node's CNI is there already; the watch keeps it so
-    chain.start(stop)
     log.info("CNI plugin served", extra={"socket": str(options.socket), "conf_dir": str(options.conf_dir)})
-    return server
+    return CniService(server, chain.start(stop))

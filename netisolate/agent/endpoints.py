@@ -1,6 +1,6 @@
 """The agent's HTTP endpoints, for the kubelet's probes, Prometheus and `netisolate status`:
-/metrics, /healthz (the timer loop still turns), /readyz (the start-up verification is done) and
-/status (every tracked pod and its state, JSON)."""
+/metrics, /healthz (the timer loop still turns), /readyz (the start-up verification is done and
+the namespace labels are known; else 503 and why) and /status (every tracked pod and its state, JSON)."""
 
 from __future__ import annotations
 
@@ -11,13 +11,15 @@ from typing import Any, Protocol
 
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from netisolate.agent.state import NodeStatus
+
 
 class Observed(Protocol):
     """What the endpoints report on (the Agent)."""
 
     def alive(self) -> bool: ...
-    def is_ready(self) -> bool: ...
-    def status(self) -> dict[str, Any]: ...
+    def unready(self) -> str: ...  # why not ready; "" when ready
+    def status(self) -> NodeStatus: ...
 
 
 def _text(ok: bool, failing: str) -> tuple[int, bytes, str]:
@@ -31,7 +33,8 @@ def answer(observed: Observed, path: str) -> tuple[int, bytes, str]:
     if path == "/healthz":
         return _text(observed.alive(), "timer loop stalled")
     if path == "/readyz":
-        return _text(observed.is_ready(), "start-up verification running")
+        reason = observed.unready()
+        return _text(not reason, reason)
     if path == "/status":
         return 200, json.dumps(observed.status()).encode(), "application/json"
     return 404, b"not found", "text/plain"

@@ -1,15 +1,21 @@
-"""Ports that accept connections from beyond loopback: reachable by hairpin through a Service or
-NodePort (leaving by eth0 and coming back in), where loopback rules do not apply.
+"""What the pod's sockets are bound to, for two checks the rules cannot make themselves.
 
-Not only wildcard binds count: an address of the pod's own (its IP, or the IPv4-mapped form of it)
-is as reachable. Reported are the ports the pod means to keep on loopback: those granted to a
-container (TCP or UDP), and TCP listeners that no container declares as a containerPort (a port
-meant to be served is declared; an admin port bound to 0.0.0.0 by mistake usually is not).
+`exposed`: ports that accept connections from beyond loopback, reachable by hairpin through a
+Service or NodePort (leaving by eth0 and coming back in), where loopback rules do not apply. Not
+only wildcard binds count: an address of the pod's own (its IP, or the IPv4-mapped form of it) is as
+reachable. Reported are the ports the pod means to keep on loopback: those granted to a container
+(TCP or UDP), and TCP listeners that no container declares as a containerPort (a port meant to be
+served is declared; an admin port bound to 0.0.0.0 by mistake usually is not).
+
+`squatted`: declared ports bound by a UID that does not own them. The rules refuse the squatter's
+SYN-ACKs and datagrams from the port, but what is sent to it still arrives (the input path has no
+owner match), so the agent reports it.
 """
 
 from __future__ import annotations
 
 import ipaddress
+import os
 import socket
 import struct
 from collections.abc import Iterable
@@ -17,7 +23,7 @@ from dataclasses import dataclass
 
 from netisolate.model import Pod
 from netisolate.netns import NetNS
-from netisolate.rules import RuleSet
+from netisolate.rules import Owner, RuleSet
 
 # sock_diag (what `ss` uses), spoken directly: /proc/net/tcp walks the whole socket hash (~5 ms a
 # read), and pyroute2's DiagSocket spends ~2 ms a pod in Python; this dump costs ~0.1 ms.
@@ -25,7 +31,7 @@ _NETLINK_SOCK_DIAG, _SOCK_DIAG_BY_FAMILY, _NLMSG_ERROR, _NLMSG_DONE = 4, 20, 2, 
 _NLM_F_REQUEST_DUMP = 0x1 | 0x300
 _HEADER = struct.Struct("=IHHII")  # nlmsghdr
 _REQUEST = struct.Struct("=BBBBI4x16s16sI8x")  # inet_diag_req_v2, with an empty inet_diag_sockid
-_MESSAGE = struct.Struct("=BBBB2s2s16s16sI8x20x")  # inet_diag_msg, up to the socket id
+_MESSAGE = struct.Struct("=BBBB2s2s16s16sI8x12xI4x")  # inet_diag_msg, with idiag_uid
 _TCP_LISTEN = 10
 _ALL_STATES = 0xFFFFFFFF
 
@@ -36,23 +42,34 @@ class Socket:
     port: int
 
 
+@dataclass(frozen=True)
+class Bound:
+    """A TCP listener or a UDP socket; `uid` as the node sees it (the agent's user namespace)."""
+
+    protocol: str
+    address: str
+    port: int
+    uid: int
+    connected: bool = False
+
+
 def _loopback(address: str) -> bool:
     ip = ipaddress.ip_address(address)
     mapped = getattr(ip, "ipv4_mapped", None)
     return ip.is_loopback or bool(mapped and mapped.is_loopback)
 
 
-def beyond_loopback(bound: Iterable[tuple[str, str, int]]) -> set[Socket]:
-    """Of (protocol, local address, port) for sockets that take traffic, those not bound to 127/8
-    or ::1 (in either form)."""
-    return {Socket(protocol, port) for protocol, address, port in bound if not _loopback(address)}
+def beyond_loopback(bound: Iterable[Bound]) -> set[Socket]:
+    """Of the sockets that take traffic from anyone (listeners, unconnected UDP), those not bound
+    to 127/8 or ::1 (in either form)."""
+    return {Socket(b.protocol, b.port) for b in bound if not b.connected and not _loopback(b.address)}
 
 
-def _dump(family: int, protocol: int, states: int) -> list[tuple[str, int, bool]]:
-    """(local address, port, connected) of this thread's namespace's sockets in those states."""
+def _dump(family: int, protocol: int, states: int) -> list[tuple[str, int, bool, int]]:
+    """(local address, port, connected, uid) of this thread's namespace's sockets in those states."""
     body = _REQUEST.pack(family, protocol, 0, 0, states, bytes(16), bytes(16), 0)
     header = _HEADER.pack(_HEADER.size + len(body), _SOCK_DIAG_BY_FAMILY, _NLM_F_REQUEST_DUMP, 1, 0)
-    found: list[tuple[str, int, bool]] = []
+    found: list[tuple[str, int, bool, int]] = []
     with socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM, _NETLINK_SOCK_DIAG) as diag:
         diag.send(header + body)
         while not _parse(diag.recv(65536), found):
@@ -60,7 +77,7 @@ def _dump(family: int, protocol: int, states: int) -> list[tuple[str, int, bool]
     return found
 
 
-def _parse(data: bytes, found: list[tuple[str, int, bool]]) -> bool:
+def _parse(data: bytes, found: list[tuple[str, int, bool, int]]) -> bool:
     """Append one datagram's sockets to found; whether the dump is done."""
     offset = 0
     while offset < len(data):
@@ -69,20 +86,21 @@ def _parse(data: bytes, found: list[tuple[str, int, bool]]) -> bool:
             return True
         if kind == _NLMSG_ERROR:
             raise OSError("sock_diag refused the dump")
-        family, _, _, _, port, remote, address, _, _ = _MESSAGE.unpack_from(data, offset + _HEADER.size)
+        family, _, _, _, port, remote, address, _, _, uid = _MESSAGE.unpack_from(data, offset + _HEADER.size)
         local = ipaddress.ip_address(address[: 4 if family == socket.AF_INET else 16])
-        found.append((str(local), int.from_bytes(port, "big"), remote != bytes(2)))
+        found.append((str(local), int.from_bytes(port, "big"), remote != bytes(2), uid))
         offset += (length + 3) & ~3  # NLMSG_ALIGN
     return False
 
 
-def _bound() -> list[tuple[str, str, int]]:
-    """TCP listeners and unconnected UDP sockets of this thread's network namespace."""
+def _bound() -> list[Bound]:
+    """TCP listeners and UDP sockets of this thread's network namespace."""
     found = []
     for family in (socket.AF_INET, socket.AF_INET6):
-        found += [("tcp", a, port) for a, port, _ in _dump(family, socket.IPPROTO_TCP, 1 << _TCP_LISTEN)]
+        tcp = _dump(family, socket.IPPROTO_TCP, 1 << _TCP_LISTEN)
+        found += [Bound("tcp", address, port, uid) for address, port, _, uid in tcp]
         udp = _dump(family, socket.IPPROTO_UDP, _ALL_STATES)
-        found += [("udp", a, port) for a, port, connected in udp if not connected]
+        found += [Bound("udp", address, port, uid, connected) for address, port, connected, uid in udp]
     return found
 
 
@@ -107,4 +125,26 @@ def exposed(ns: NetNS, pod: Pod, ruleset: RuleSet) -> list[str]:
         for s in sockets
         if s not in granted and s.protocol == "tcp" and s.port not in declared
     ]
+    return sorted(found)
+
+
+def squatted(ns: NetNS, ruleset: RuleSet) -> list[str]:
+    """Declared ports bound by a UID that owns none of them, naming the squatter. Not for pods
+    whose network namespace has a user namespace of its own: the kernel reports node UIDs, the
+    rules name the pod's, and the map between them is not ours to read here."""
+    if not ruleset.owners:
+        return []
+    owner = ns.foreign_owner()
+    if owner is not None:
+        os.close(owner)
+        return []
+    owners: dict[tuple[str, int], Owner] = {(o.protocol, o.port): o for o in ruleset.owners}
+    names = {i.uid: i.containers for i in ruleset.identities}
+    found = set()
+    for b in ns.run(_bound):
+        declared = owners.get((b.protocol, b.port))
+        if declared is not None and b.uid not in declared.uids:
+            who = f"{names[b.uid]} (UID {b.uid})" if b.uid in names else f"UID {b.uid}, no container's"
+            port = f"{b.port}{'/udp' if b.protocol == 'udp' else ''}"
+            found.add(f"{port} declared by {declared.containers}, bound by {who}")
     return sorted(found)

@@ -7,19 +7,20 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from http.server import ThreadingHTTPServer
-from typing import Any
 
 from netisolate.agent import discovery, endpoints
 from netisolate.agent.reconcile import Reconciler
 from netisolate.agent.report import Reporter, record_states
+from netisolate.agent.state import NodeStatus
 from netisolate.agent.watch import ListWatch, Obj
 from netisolate.backends import Backend
+from netisolate.kube import CoreApi
 from netisolate.model import InputError, Pod, parse_pod
 from netisolate.netns import NetNS
 from netisolate.rules import Settings
 
 log = logging.getLogger("netisolate.agent")
+NAMESPACE_GRACE_S = 2.0  # how long pods wait for a namespace list that is in flight, not failing
 
 
 class Agent:
@@ -28,7 +29,7 @@ class Agent:
         node: str,
         backend: Backend,
         settings: Settings,
-        core: Any | None,
+        core: CoreApi | None,
         *,
         proc_root: str = "/proc",
         host_netns: str = "/proc/1/ns/net",
@@ -44,6 +45,7 @@ class Agent:
         self.stop = threading.Event()
         self.ready = threading.Event()
         self.namespaces_known = threading.Event()  # the first namespace list has arrived
+        self.namespace_watch: ListWatch | None = None  # once watches() made it
 
     # --- watch callbacks ---------------------------------------------------------------------------
 
@@ -57,16 +59,20 @@ class Agent:
             return None
         return pod if pod.spec.node_name == self.node else None  # the server filters too; trust, but verify
 
-    def _namespaces_first(self) -> bool:
-        """Pods wait for the first namespace list: judged without their namespace's label, an
-        `audit` pod in an `enforce` namespace would be weakened to audit until the labels came."""
-        while not self.namespaces_known.wait(0.5):
-            if self.stop.is_set():
-                return False
+    def _namespace_labels_or_failure(self) -> bool:
+        """Pods wait for the first namespace list while it is merely in flight (a few ms), so that
+        a restarted agent does not weaken an `audit` pod in an `enforce` namespace to audit for a
+        moment. They never wait on a failing one: a pod's own annotation is a floor, enforced at
+        once; the namespace's label can only raise it once it is known."""
+        deadline = time.monotonic() + NAMESPACE_GRACE_S
+        while not self.namespaces_known.wait(0.05):
+            failing = self.namespace_watch is not None and self.namespace_watch.failing
+            if failing or self.stop.is_set() or time.monotonic() > deadline:
+                return not self.stop.is_set()
         return True
 
     def on_pod_list(self, items: list[Obj]) -> None:
-        if self._namespaces_first():
+        if self._namespace_labels_or_failure():
             self.reconciler.replace_pods([p for p in map(self._pod, items) if p is not None])
 
     def on_pod_event(self, kind: str, obj: Obj) -> None:
@@ -74,7 +80,7 @@ class Agent:
             self.reconciler.forget((obj.get("metadata") or {}).get("uid", ""))
             return
         pod = self._pod(obj)
-        if pod is not None and self._namespaces_first():
+        if pod is not None and self._namespace_labels_or_failure():
             self.reconciler.upsert_pod(pod)
 
     def on_namespace_list(self, items: list[Obj]) -> None:
@@ -90,34 +96,33 @@ class Agent:
 
     # --- running -----------------------------------------------------------------------------------
 
-    def watches(self, timeout_seconds: int = 240) -> list[ListWatch]:
-        """Namespaces (labels set the isolation floor) and this node's pods."""
+    def watches(self, timeout_seconds: int = 240) -> tuple[ListWatch, ListWatch]:
+        """Namespaces (labels can raise a pod's level) and this node's pods."""
         assert self.core is not None
-        return [
-            ListWatch(
-                "namespaces",
-                self.core.list_namespace,
-                self.on_namespace_list,
-                self.on_namespace_event,
-                stop=self.stop,
-                timeout_seconds=timeout_seconds,
-            ),
-            ListWatch(
-                "pods",
-                self.core.list_pod_for_all_namespaces,
-                self.on_pod_list,
-                self.on_pod_event,
-                stop=self.stop,
-                timeout_seconds=timeout_seconds,
-                field_selector=f"spec.nodeName={self.node}",
-            ),
-        ]
+        self.namespace_watch = ListWatch(
+            "namespaces",
+            self.core.list_namespace,
+            self.on_namespace_list,
+            self.on_namespace_event,
+            stop=self.stop,
+            timeout_seconds=timeout_seconds,
+        )
+        pods = ListWatch(
+            "pods",
+            self.core.list_pod_for_all_namespaces,
+            self.on_pod_list,
+            self.on_pod_event,
+            stop=self.stop,
+            timeout_seconds=timeout_seconds,
+            field_selector=f"spec.nodeName={self.node}",
+        )
+        return self.namespace_watch, pods
 
-    def loop(self, synced: list[threading.Event]) -> None:
-        """Timers: new sandboxes are looked for every pending_interval, drift every verify_interval."""
-        for event in synced:
-            while not event.wait(0.5) and not self.stop.is_set():
-                self.heartbeat = time.monotonic()  # alive, waiting for the API server
+    def loop(self, pods_synced: threading.Event) -> None:
+        """Timers: new sandboxes are looked for every pending_interval, drift every verify_interval.
+        They start with the first pod list, whatever the namespace watch does."""
+        while not pods_synced.wait(0.5) and not self.stop.is_set():
+            self.heartbeat = time.monotonic()  # alive, waiting for the API server
         self.reconciler.verify_all()  # start-up: everything re-verified before we call ourselves ready
         self.ready.set()
         log.info("agent ready", extra={"node": self.node, "pods": len(self.reconciler.pods)})
@@ -144,14 +149,25 @@ class Agent:
         """The timer loop still turns (a verification round included); /healthz says so."""
         return time.monotonic() - self.heartbeat < max(60.0, 3 * self.verify_interval)
 
-    def is_ready(self) -> bool:
-        return self.ready.is_set()
+    def unready(self) -> str:
+        """Why /readyz fails ("" when ready): the start-up verification has not finished, or the
+        namespace labels are not known (pods are enforced at their own level meanwhile)."""
+        if not self.ready.is_set():
+            return "start-up verification running"
+        failing = self.namespace_watch.failing if self.namespace_watch else ""
+        if failing or not self.namespaces_known.is_set():
+            return (
+                f"namespace list/watch {'failing: ' + failing if failing else 'not listed yet'}; pods "
+                "are enforced at their own annotation's level, namespace labels cannot raise it meanwhile"
+            )
+        return ""
 
-    def status(self) -> dict[str, Any]:
+    def status(self) -> NodeStatus:
         """What /status serves and `netisolate status` prints."""
         return {
             "node": self.node,
             "ready": self.ready.is_set(),
+            "unready": self.unready(),
             "backend": self.reconciler.backend.name,
             "pods": [pod.to_json() for pod in self.reconciler.status()],
         }
@@ -159,16 +175,13 @@ class Agent:
     def update_gauges(self) -> None:
         record_states(self.reconciler.status())
 
-    def serve_http(self, port: int, host: str = "0.0.0.0") -> ThreadingHTTPServer:
-        return endpoints.serve(self, port, host)
-
     def run(self, metrics_port: int) -> None:
-        server = self.serve_http(metrics_port)
-        watches = self.watches()
-        for w in watches:
-            w.start()
+        server = endpoints.serve(self, metrics_port)
+        namespaces, pods = self.watches()
+        namespaces.start()
+        pods.start()
         try:
-            self.loop([w.synced for w in watches])
+            self.loop(pods.synced)
         finally:
             self.stop.set()
             server.shutdown()  # rules stay: the agent never removes them on its way out

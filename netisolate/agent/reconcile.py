@@ -12,6 +12,7 @@ backoff and reported once per distinct failure, so a broken pod cannot flood the
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -19,7 +20,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from netisolate.agent.listeners import exposed
+from netisolate.agent.listeners import exposed, squatted
 from netisolate.agent.state import WAITING, PodState, PodStatus
 from netisolate.backends import Backend, EnforceError
 from netisolate.model import Pod
@@ -34,6 +35,7 @@ class Reporter(Protocol):
     def event(self, pod: Pod, reason: str, message: str, warning: bool = False) -> None: ...
     def applied(self, pod: Pod, seconds: float) -> None: ...
     def drift_repaired(self, pod: Pod) -> None: ...
+    def port_squatted(self, pod: Pod, found: list[str]) -> None: ...
     def error(self, pod: Pod, kind: str) -> None: ...
 
 
@@ -69,8 +71,10 @@ class Tracked:
     pending_since: float = 0.0
     failures: int = 0  # in a row
     exposed: tuple[str, ...] = ()  # ports last reported as listening beyond loopback
+    squatted: tuple[str, ...] = ()  # declared ports last reported as bound by a non-owner
     rounds: int = 0  # verifications since the rules were applied or adopted
     sandbox: str = ""  # the sandbox ID the CNI plugin handed `ns` over with, if it did
+    preinstalled: tuple[RuleSet, float] | None = None  # loaded into a fresh `ns` outside the lock
 
 
 class Reconciler:
@@ -130,11 +134,24 @@ class Reconciler:
 
     # --- inputs from the CNI plugin: a sandbox before its first container ----------------------
 
-    def enforce_sandbox(self, pod: Pod, ns: NetNS, sandbox: str) -> tuple[str, str]:
+    def enforce_sandbox(self, pod: Pod, ns: NetNS, sandbox: str) -> tuple[PodState, str]:
         """The runtime is creating `sandbox` for the pod, in network namespace `ns` (a handle the
         reconciler now owns), and starts no container before we answer: decide and apply now.
-        Returns the pod's (state, detail) afterwards."""
+        Returns the pod's (state, detail) afterwards.
+
+        The rules are loaded before the lock is taken for the bookkeeping: the namespace is new and
+        no one else knows it yet, and sandboxes created at once (a node starting up) are enforced
+        at once instead of one after the other."""
         uid = pod.metadata.uid or pod.ref
+        # (a dict read: atomic, no lock needed; set_namespace replaces, never mutates, a value)
+        policy = pod_policy(pod, self.namespaces.get(pod.metadata.namespace or "default", {}))
+        desired = build_ruleset(policy, self.settings, ns.user_namespaced()) if policy.isolated else None
+        preinstalled = None
+        if desired is not None and not pod.spec.host_network:
+            started = time.perf_counter()
+            with contextlib.suppress(EnforceError):  # tried again, and reported, under the lock
+                self.backend.apply(ns, desired)
+                preinstalled = (desired, time.perf_counter() - started)
         with self.lock:
             tracked = self.pods.setdefault(uid, Tracked(pod))
             tracked.pod = pod
@@ -145,12 +162,14 @@ class Reconciler:
                     )
                 tracked.ns.close()
                 tracked.ns, tracked.applied = None, None
-            if tracked.ns is None:
-                tracked.ns = ns
+            fresh = tracked.ns is None
+            if fresh:
+                tracked.ns, tracked.preinstalled = ns, preinstalled
             else:
                 ns.close()
             tracked.sandbox = sandbox
-            self._sync(tracked)
+            self._sync(tracked, adopt=not fresh)
+            tracked.preinstalled = None
             return tracked.state, tracked.detail
 
     def release_sandbox(self, uid: str, sandbox: str, inode: int | None) -> None:
@@ -173,7 +192,7 @@ class Reconciler:
             tracked = self.pods.get(uid)
             if tracked is None or tracked.ns is None or tracked.ns.inode != inode:
                 return ["the agent does not hold this sandbox's network namespace"]
-            if tracked.state in ("off", "host-network"):
+            if tracked.state in (PodState.OFF, PodState.HOST_NETWORK):
                 return []
             if tracked.applied is None:
                 return [f"rules not installed: {tracked.detail or tracked.state}"]
@@ -232,7 +251,7 @@ class Reconciler:
         tracked.rounds += 1
         # Containers listen after their rules are in: look at the first rounds, then now and then.
         if tracked.rounds <= EXPOSED_EARLY_ROUNDS or tracked.rounds % EXPOSED_EVERY_ROUNDS == 0:
-            self._warn_exposed(tracked, tracked.applied)
+            self._check_listeners(tracked, tracked.applied)
         if not inspection.drift:
             return 0
         self._apply(tracked, tracked.applied)
@@ -249,14 +268,16 @@ class Reconciler:
 
     # --- the decision ----------------------------------------------------------------------------
 
-    def _sync(self, tracked: Tracked) -> None:
+    def _sync(self, tracked: Tracked, adopt: bool = True) -> None:
+        """adopt: rules found in the namespace may be kept as they are (after an agent restart);
+        a namespace the runtime has just created holds none, and is not read first."""
         try:
-            self._decide(tracked)
+            self._decide(tracked, adopt)
         except Exception as err:  # whatever it was: reported and retried with backoff, rules untouched
             log.exception("reconciling failed", extra={"pod": tracked.pod.ref})
             self._failed(tracked, "EnforceFailed", f"unexpected error: {err}")
 
-    def _decide(self, tracked: Tracked) -> None:
+    def _decide(self, tracked: Tracked, adopt: bool = True) -> None:
         pod = tracked.pod
         if pod.spec.host_network:
             tracked.state, tracked.detail = PodState.HOST_NETWORK, PodState.HOST_NETWORK.meaning
@@ -289,7 +310,7 @@ class Reconciler:
         if tracked.applied == desired and tracked.state is not PodState.FAILED:
             tracked.state = PodState(desired.mode)  # also back from off with the same rules still in place
             return
-        if tracked.applied is None and self._intact(tracked, desired):
+        if tracked.applied is None and adopt and self._intact(tracked, desired):
             tracked.applied, tracked.state = desired, PodState(desired.mode)
             tracked.detail = "adopted: rules verified intact"
             tracked.failures = tracked.rounds = 0
@@ -332,18 +353,23 @@ class Reconciler:
 
     def _apply(self, tracked: Tracked, desired: RuleSet) -> None:
         assert tracked.ns is not None
-        started = time.perf_counter()
-        try:
-            self.backend.apply(tracked.ns, desired)
-        except EnforceError as err:
-            self._failed(tracked, "EnforceFailed", str(err))
-            return
-        self.reporter.applied(tracked.pod, time.perf_counter() - started)
+        pre, tracked.preinstalled = tracked.preinstalled, None
+        if pre is not None and pre[0] == desired:  # what enforce_sandbox loaded is what we want
+            seconds = pre[1]
+        else:
+            started = time.perf_counter()
+            try:
+                self.backend.apply(tracked.ns, desired)
+            except EnforceError as err:
+                self._failed(tracked, "EnforceFailed", str(err))
+                return
+            seconds = time.perf_counter() - started
+        self.reporter.applied(tracked.pod, seconds)
         announce = tracked.applied is None or tracked.state is PodState.FAILED
         tracked.applied, tracked.state, tracked.detail = desired, PodState(desired.mode), ""
         tracked.failures = tracked.rounds = 0
         tracked.checked_at = time.monotonic()
-        self._warn_exposed(tracked, desired)
+        self._check_listeners(tracked, desired)
         if announce:
             grants = ", ".join(f"{g.containers}→{','.join(str(p) for p in g.ports)}" for g in desired.grants)
             self.reporter.event(
@@ -352,14 +378,19 @@ class Reconciler:
                 f"{desired.mode} with {self.backend.name}; grants: {grants or 'none'}",
             )
 
-    def _warn_exposed(self, tracked: Tracked, desired: RuleSet) -> None:
-        """WildcardListener, once for each new set of exposed ports (checked on every apply and
-        verification: containers start listening after their rules are in)."""
+    def _check_listeners(self, tracked: Tracked, desired: RuleSet) -> None:
+        """Checked on every apply and on some verifications (containers start listening after their
+        rules are in); each finding is reported once for each new set of ports."""
         assert tracked.ns is not None
         try:
             found = tuple(exposed(tracked.ns, tracked.pod, desired))
+            squats = tuple(squatted(tracked.ns, desired))
         except (OSError, NetNSError):
             return
+        if squats != tracked.squatted:
+            tracked.squatted = squats
+            if squats:
+                self.reporter.port_squatted(tracked.pod, list(squats))
         if found == tracked.exposed:
             return
         tracked.exposed = found

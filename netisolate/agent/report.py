@@ -8,11 +8,11 @@ import time
 from collections import Counter as Tally
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
 
 from prometheus_client import Counter, Gauge, Histogram
 
 from netisolate.agent.state import PodState, PodStatus
+from netisolate.kube import Events
 from netisolate.model import Pod
 
 log = logging.getLogger("netisolate.agent")
@@ -31,12 +31,19 @@ REFUSED = Gauge(
     ["namespace", "pod", "containers"],
 )
 EVENTS = Counter("netisolate_events_total", "Kubernetes events emitted", ["reason"])
+PORT_SQUATS = Counter(
+    "netisolate_port_squats_total",
+    "Sockets found bound to a declared port by a UID that does not own it",
+    ["namespace", "pod"],
+)
+WATCH_ERRORS = Counter("netisolate_watch_errors_total", "List/watch requests that failed", ["resource"])
+WATCH_UP = Gauge("netisolate_watch_up", "1 while the list/watch works, 0 while it fails", ["resource"])
 
 
 class Reporter:
     """Events go out on a small thread pool: the API server being slow or down never stalls enforcement."""
 
-    def __init__(self, core: Any | None, node: str) -> None:
+    def __init__(self, core: Events | None, node: str) -> None:
         self.core, self.node = core, node
         self.pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="events")
 
@@ -46,9 +53,9 @@ class Reporter:
             logging.WARNING if warning else logging.INFO, message, extra={"pod": pod.ref, "reason": reason}
         )
         if self.core is not None:
-            self.pool.submit(self._post, pod, reason, message, warning)
+            self.pool.submit(self._post, self.core, pod, reason, message, warning)
 
-    def _post(self, pod: Pod, reason: str, message: str, warning: bool) -> None:
+    def _post(self, core: Events, pod: Pod, reason: str, message: str, warning: bool) -> None:
         now = datetime.datetime.now(datetime.UTC).isoformat()
         body = {
             "metadata": {  # named as client-go's event recorder names them: object.<time in hex>
@@ -71,13 +78,26 @@ class Reporter:
             "count": 1,
         }
         try:
-            self.core.create_namespaced_event(pod.metadata.namespace or "default", body)  # type: ignore[union-attr]
+            core.create_namespaced_event(pod.metadata.namespace or "default", body)
         except Exception as err:  # best effort: an event lost is logged, never fatal
             log.warning("could not post event", extra={"pod": pod.ref, "reason": reason, "error": str(err)})
 
     def applied(self, pod: Pod, seconds: float) -> None:
         APPLY_SECONDS.observe(seconds)
         log.info("rules applied", extra={"pod": pod.ref, "ms": round(seconds * 1000, 2)})
+
+    def port_squatted(self, pod: Pod, found: list[str]) -> None:
+        PORT_SQUATS.labels(pod.metadata.namespace, pod.metadata.name).inc(len(found))
+        self.event(
+            pod,
+            "PortSquatted",
+            "a container listens on a port another declares; the rules refuse its answers from "
+            "there, but what is sent to it still arrives: "
+            + "; ".join(found)
+            + ". Find out why that container binds the port, and remove it from the pod if it "
+            "should not",
+            warning=True,
+        )
 
     def drift_repaired(self, pod: Pod) -> None:
         DRIFT_REPAIRS.inc()

@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
+from typing import TypedDict
 
 
 class PodState(StrEnum):
@@ -48,7 +49,7 @@ class PodStatus:
     netns: int | None = None  # the inode of the namespace its rules are in
     refused: Mapping[str, int] = field(default_factory=dict)  # containers → packets, last verification
 
-    def to_json(self) -> dict[str, str]:
+    def to_json(self) -> PodStatusJSON:
         return {
             "pod": self.pod,
             "uid": self.uid,
@@ -56,3 +57,21 @@ class PodStatus:
             "detail": self.detail,
             "netns": "" if self.netns is None else str(self.netns),
         }
+
+
+class PodStatusJSON(TypedDict):
+    pod: str
+    uid: str
+    state: str  # a PodState value
+    detail: str
+    netns: str  # the inode, or "" while the pod has no namespace
+
+
+class NodeStatus(TypedDict):
+    """The body of `/status`, which `netisolate status` prints."""
+
+    node: str
+    ready: bool
+    unready: str  # why /readyz fails; "" when ready
+    backend: str
+    pods: list[PodStatusJSON]

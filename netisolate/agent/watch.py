@@ -3,12 +3,14 @@
 Pods are listed and watched with the server-side field selector `spec.nodeName=<node>`, so the
 agent's API load grows with its node, not the cluster (and they are filtered by node here too).
 Bookmarks keep the resourceVersion fresh; 410 Gone means relist; any other failure backs off and
-retries — enforcement never waits on the API server, the reconciler keeps what it has.
+retries — enforcement never waits on the API server, the reconciler keeps what it has. A failing
+list/watch is reported: `failing` says why (until a list or an event gets through again), the
+`netisolate_watch_up` gauge and `netisolate_watch_errors_total` count it, and the log says when it
+starts failing and when it recovers.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import threading
 from collections.abc import Callable
@@ -17,6 +19,9 @@ from typing import Any
 from kubernetes import watch
 from kubernetes.client.exceptions import ApiException
 from urllib3.exceptions import ReadTimeoutError
+
+from netisolate.agent.report import WATCH_ERRORS, WATCH_UP
+from netisolate.kube import Lister, decoded
 
 log = logging.getLogger(__name__)
 Obj = dict[str, Any]
@@ -30,23 +35,40 @@ class ListWatch:
     def __init__(
         self,
         name: str,
-        list_fn: Callable[..., Any],
+        list_fn: Lister,
         on_list: Callable[[list[Obj]], None],
         on_event: Callable[[str, Obj], None],
         *,
         stop: threading.Event,
         timeout_seconds: int = 240,
-        **selectors: str,
+        field_selector: str | None = None,
     ) -> None:
         self.name, self.list_fn, self.on_list, self.on_event = name, list_fn, on_list, on_event
-        self.stop, self.selectors, self.timeout_seconds = stop, selectors, timeout_seconds
+        self.stop, self.field_selector, self.timeout_seconds = stop, field_selector, timeout_seconds
         self.resource_version: str | None = None
         self.synced = threading.Event()
+        self.failing = ""  # why the last attempt failed; "" once a list or an event gets through
+        WATCH_UP.labels(name).set(0)
+
+    def _succeeded(self) -> None:
+        if self.failing:
+            log.info("list/watch recovered", extra={"resource": self.name})
+        self.failing = ""
+        WATCH_UP.labels(self.name).set(1)
+
+    def _failed(self, reason: str, backoff: float) -> None:
+        if not self.failing:
+            log.error("list/watch failing", extra={"resource": self.name, "error": reason})
+        self.failing = reason
+        WATCH_ERRORS.labels(self.name).inc()
+        WATCH_UP.labels(self.name).set(0)
+        log.warning("retrying", extra={"resource": self.name, "error": reason, "retry_in_s": backoff})
+        self.stop.wait(backoff)
 
     def _list(self) -> None:
-        response = self.list_fn(_preload_content=False, **self.selectors)
-        data = json.loads(response.data)
+        data = decoded(self.list_fn(field_selector=self.field_selector, _preload_content=False))
         self.resource_version = data["metadata"].get("resourceVersion")
+        self._succeeded()
         self.on_list(data.get("items") or [])
         self.synced.set()
 
@@ -59,7 +81,7 @@ class ListWatch:
             # the server ends a watch after timeout_seconds; a connection silent for longer is dead
             _request_timeout=(10, self.timeout_seconds + 2),
             deserialize=False,
-            **self.selectors,
+            field_selector=self.field_selector,
         )
         for event in stream:
             if self.stop.is_set():
@@ -70,6 +92,7 @@ class ListWatch:
                     raise Gone()
                 raise ApiException(status=obj.get("code"), reason=obj.get("message"))
             self.resource_version = (obj.get("metadata") or {}).get("resourceVersion", self.resource_version)
+            self._succeeded()
             if kind != "BOOKMARK":
                 self.on_event(kind, obj)
 
@@ -90,19 +113,10 @@ class ListWatch:
                 if err.status == 410:
                     self.resource_version = None
                     continue
-                log.warning(
-                    "API error, retrying",
-                    extra={"resource": self.name, "status": err.status, "retry_in_s": backoff},
-                )
-                self.stop.wait(backoff)
+                self._failed(f"API error {err.status}: {err.reason}", backoff)
                 backoff = min(backoff * 2, max_backoff)
             except Exception as err:  # connection refused, reset, timeouts: the API server is away
-                log.warning(
-                    "API unreachable, retrying: %r",
-                    err,
-                    extra={"resource": self.name, "retry_in_s": backoff},
-                )
-                self.stop.wait(backoff)
+                self._failed(f"API unreachable: {err!r}", backoff)
                 backoff = min(backoff * 2, max_backoff)
 
     def start(self) -> threading.Thread:

@@ -1,8 +1,8 @@
 """Netfilter backends: install, verify and read the counters of a pod's ruleset in its namespace.
 
-Both backends take the text `netisolate.rules` renders and load it with the kernel's own tools from
-a thread inside the pod's namespace (`NetNS.run`), in one transaction per table, so a reader never
-sees half a ruleset and a second apply changes nothing.
+Both backends load the documents `netisolate.rules.nft` and `netisolate.rules.iptables` render,
+with the kernel's own tools, from a thread inside the pod's namespace (`NetNS.run`), in one
+transaction per table, so a reader never sees half a ruleset and a second apply changes nothing.
 """
 
 from __future__ import annotations

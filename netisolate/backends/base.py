@@ -1,9 +1,4 @@
-"""What every backend is, and how it runs the kernel's tools inside a pod's namespace.
-
-Both backends take the text `netisolate.rules` renders and load it with the kernel's own tools from
-a thread inside the pod's namespace (`NetNS.run`), in one transaction per table, so a reader never
-sees half a ruleset and a second apply changes nothing.
-"""
+"""What every backend is, and how it runs the kernel's tools inside a pod's namespace."""
 
 from __future__ import annotations
 

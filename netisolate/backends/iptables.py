@@ -1,8 +1,8 @@
-"""iptables (legacy tables, IPv4 and IPv6): our own chains, jumped to first from OUTPUT for `-o lo`.
+"""iptables (legacy tables, IPv4 and IPv6): our own chains, jumped to first from OUTPUT.
 
-Loaded with `iptables-legacy-restore --noflush`: declaring our two chains flushes only them, the
-whole filter table is committed in one replace (a reader never sees half a chain), and chains and
-policies we do not own are never touched. The jump is kept unique and first in the same commit.
+Loaded with `iptables-legacy-restore --noflush`: declaring our chains flushes only them, the whole
+filter table is committed in one replace (a reader never sees half a chain), and chains and
+policies we do not own are never touched. The jumps are kept unique and first in the same commit.
 
 A user-namespaced pod (`hostUsers: false`) owns its network namespace through its user namespace,
 and the kernel's owner match takes UIDs only from a writer inside that user namespace. There the
@@ -22,19 +22,20 @@ from collections.abc import Sequence
 
 from netisolate.backends.base import EnforceError, Inspection, checked, run_tool
 from netisolate.netns import NetNS, NetNSError
-from netisolate.rules import (
-    IPT_CHAIN,
-    IPT_DENY_CHAIN,
+from netisolate.rules import RuleSet
+from netisolate.rules.iptables import (
+    CHAIN,
+    DENY_CHAIN,
+    REFUSE_CHAIN,
     Family,
-    RuleSet,
-    iptables_deny_rules,
-    iptables_jumps,
-    iptables_rules,
-    render_iptables,
+    chains,
+    document,
+    jumps,
+    jumps_in_place,
 )
 
 _TOOLS: dict[Family, str] = {4: "iptables-legacy", 6: "ip6tables-legacy"}
-_DENY_COUNTER = re.compile(rf"^\[(\d+):\d+\] -A {IPT_CHAIN} (.*)-g {IPT_DENY_CHAIN}$")
+_DENY_COUNTER = re.compile(rf"^\[(\d+):\d+\] -A {REFUSE_CHAIN} (.*)-g {DENY_CHAIN}$")
 _COMMENT = re.compile(r"-m comment --comment (\S+)")
 _COUNTERS = re.compile(r"^\[\d+:\d+\] ")
 _LOCK_WAIT = "10"  # seconds a write waits for the xtables lock before it fails (and is retried)
@@ -81,24 +82,12 @@ class IptablesBackend:
         argv = [f"{_TOOLS[family]}-save", "-t", "filter", *(["-c"] if counters else [])]
         return checked(_tool(ns, argv), "reading the filter table").splitlines()
 
-    def _document(self, ruleset: RuleSet, family: Family, current: list[str]) -> str:
-        """The rendered document, with the jumps fixed up so they end up exactly once and first."""
-        output = _output_rules(current)
-        ours = [rule for rule in output if rule.endswith(f"-j {IPT_CHAIN}")]
-        lines = render_iptables(ruleset, family).splitlines()
-        commit = lines.pop()  # COMMIT
-        inserts = [line for line in lines if line.startswith("-I OUTPUT ")]
-        lines = [line for line in lines if not line.startswith("-I OUTPUT ")]
-        if not _jumps_in_place(output, family):
-            lines += [f"-D OUTPUT {rule}" for rule in ours] + inserts
-        return "\n".join([*lines, commit]) + "\n"
-
     def apply(self, ns: NetNS, ruleset: RuleSet) -> None:
         # IPv6 first: the gate probes the IPv4 sentinel, so once it answers, ::1 is guarded too.
         for family in (6, 4):
-            document = self._document(ruleset, family, self._save(ns, family))
+            text = document(ruleset, family, _output_rules(self._save(ns, family)))
             argv = [f"{_TOOLS[family]}-restore", "--noflush", f"--wait={_LOCK_WAIT}"]
-            checked(_tool(ns, argv, document), f"loading {ruleset.pod}'s IPv{family} rules")
+            checked(_tool(ns, argv, text), f"loading {ruleset.pod}'s IPv{family} rules")
 
     def verify(self, ns: NetNS, ruleset: RuleSet) -> list[str]:
         return self.inspect(ns, ruleset).drift
@@ -110,17 +99,17 @@ class IptablesBackend:
             counted = self._save(ns, family, counters=True)
             _count(counted, refused)
             current = [_COUNTERS.sub("", line) for line in counted]
-            if not _jumps_in_place(_output_rules(current), family):
-                jumps = ", ".join(f"`{jump}`" for jump in iptables_jumps(family))
+            if not jumps_in_place(_output_rules(current), family):
+                expected = ", ".join(f"`{jump}`" for jump in jumps(family))
                 drift.append(
-                    f"IPv{family}: OUTPUT must start with {jumps}, and jump to {IPT_CHAIN} nowhere else"
+                    f"IPv{family}: OUTPUT must start with {expected}, and jump to {CHAIN} nowhere else"
                 )
-            drift += _chain_drift(current, IPT_CHAIN, iptables_rules(ruleset, family), family)
-            drift += _chain_drift(current, IPT_DENY_CHAIN, iptables_deny_rules(ruleset, family), family)
+            for chain, rules in chains(ruleset, family).items():
+                drift += _chain_drift(current, chain, rules, family)
         return Inspection(drift, refused)
 
     def installed(self, ns: NetNS) -> bool:
-        return any(line.startswith(f":{IPT_CHAIN} ") for family in (4, 6) for line in self._save(ns, family))
+        return any(line.startswith(f":{CHAIN} ") for family in (4, 6) for line in self._save(ns, family))
 
     def deny_counters(self, ns: NetNS) -> dict[str, int]:
         refused: dict[str, int] = {}
@@ -152,9 +141,3 @@ def _chain_drift(saved: list[str], chain: str, expected: list[str], family: Fami
 
 def _output_rules(saved: list[str]) -> list[str]:
     return [line.removeprefix("-A OUTPUT ") for line in saved if line.startswith("-A OUTPUT ")]
-
-
-def _jumps_in_place(output: list[str], family: Family) -> bool:
-    jumps = iptables_jumps(family)
-    ours = [rule for rule in output if rule.endswith(f"-j {IPT_CHAIN}")]
-    return output[: len(jumps)] == jumps and ours == jumps

@@ -13,7 +13,7 @@ import subprocess
 from netisolate.backends import libnft
 from netisolate.backends.base import EnforceError, Inspection, checked, run_tool
 from netisolate.netns import NetNS
-from netisolate.rules import NFT_TABLE, RuleSet, nft_table, render_nftables
+from netisolate.rules import RuleSet, nft
 
 _COUNTER = re.compile(r"counter packets (\d+) bytes \d+")
 _DENY_RULE = re.compile(r'counter packets (\d+) bytes \d+ goto deny(?: comment "([^"]*)")?')
@@ -33,14 +33,14 @@ class NftablesBackend:
         by the delete-and-recreate transaction, which waits ~15 ms in the kernel for RCU."""
         result = None
         if ns.inode not in self._installed:
-            result = self._load(ns, f"create table inet {NFT_TABLE}\n{nft_table(ruleset)}")
+            result = self._load(ns, nft.create(ruleset))
         if result is None or (result.returncode != 0 and "File exists" in result.stderr):
-            result = self._load(ns, render_nftables(ruleset))
+            result = self._load(ns, nft.replace(ruleset))
         checked(result, f"loading {ruleset.pod}'s rules")
         self._installed.add(ns.inode)
 
     def listing(self, ns: NetNS) -> str | None:
-        command = f"list table inet {NFT_TABLE}"
+        command = f"list table inet {nft.TABLE}"
         if libnft.available():
             status, out, err = ns.run(lambda: libnft.run(command))
         else:
@@ -49,7 +49,7 @@ class NftablesBackend:
         if status != 0:
             if "No such file or directory" in err:
                 return None
-            raise EnforceError(f"cannot list table inet {NFT_TABLE}: {err.strip()}")
+            raise EnforceError(f"cannot list table inet {nft.TABLE}: {err.strip()}")
         return out
 
     def verify(self, ns: NetNS, ruleset: RuleSet) -> list[str]:
@@ -58,8 +58,8 @@ class NftablesBackend:
     def inspect(self, ns: NetNS, ruleset: RuleSet) -> Inspection:
         listed = self.listing(ns)
         if listed is None:
-            return Inspection([f"table inet {NFT_TABLE} is missing"], {})
-        return Inspection(_drift(_COUNTER.sub("counter", listed), nft_table(ruleset)), _refused(listed))
+            return Inspection([f"table inet {nft.TABLE} is missing"], {})
+        return Inspection(_drift(_COUNTER.sub("counter", listed), nft.table(ruleset)), _refused(listed))
 
     def installed(self, ns: NetNS) -> bool:
         return self.listing(ns) is not None

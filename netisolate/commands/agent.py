@@ -11,21 +11,23 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from netisolate.agent.cni import DEFAULT_EXEMPT, CniOptions
-from netisolate.agent.state import PodState
+from netisolate.agent.state import NodeStatus, PodState
 from netisolate.backends import BACKENDS, EnforceError, select_backend
-from netisolate.commands.common import add_command
+from netisolate.cni.options import DEFAULT_EXEMPT, CniOptions
+from netisolate.commands.common import add_command, add_rule_settings, port, rule_settings, seconds
 from netisolate.logs import setup_logging
 from netisolate.model import InputError
 from netisolate.netns import NetNS, NetNSError
-from netisolate.rules import DEFAULT_SENTINEL_PORT, Settings
 
+METRICS_PORT = 9808
 AGENT_DETAILS = """\
 Runs on every node (DaemonSet, hostPID, capabilities NET_ADMIN, SYS_ADMIN, SYS_PTRACE). Watches the
 pods of its own node (server-side field selector spec.nodeName) and the namespaces, finds each
 isolated pod's network namespace from /proc, installs its rules, verifies them at start-up and every
 --verify-interval seconds and repairs drift. Rules are never removed by the agent: they go away with
-the pod. Serves /metrics, /healthz, /readyz (ready after the start-up verification) and /status.
+the pod. A pod's own `netisolate.io/isolation` annotation is enforced at once, even while the
+namespace list/watch fails; a namespace label can only raise its level. Serves /metrics, /healthz,
+/readyz (ready after the start-up verification, with the namespace labels known) and /status.
 """
 STATUS_DETAILS = (
     "Asks the agent on this node (its --metrics-port on localhost) for the pods it tracks and "
@@ -38,24 +40,32 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     agent.add_argument("--node-name", default=os.environ.get("NODE_NAME"), help="default: $NODE_NAME")
     agent.add_argument("--kubeconfig", metavar="FILE", help="default: in-cluster configuration")
     agent.add_argument("--backend", choices=("auto", *BACKENDS), default="auto")
-    agent.add_argument("--metrics-port", type=int, default=9808)
-    agent.add_argument(
-        "--deny-port-forward", action="store_true", help="also refuse UID 0 (kubectl port-forward)"
-    )
-    agent.add_argument("--sentinel-port", type=int, default=DEFAULT_SENTINEL_PORT)
+    agent.add_argument("--metrics-port", type=port, default=METRICS_PORT, help="default %(default)s")
+    add_rule_settings(agent)
     agent.add_argument(
         "--verify-interval",
-        type=float,
+        type=seconds,
         default=30.0,
         metavar="SECONDS",
         help="how often every pod's rules are read back and compared; drift is repaired (default 30)",
     )
     add_cni_arguments(agent)
     agent.add_argument("--proc-root", default="/proc", help=argparse.SUPPRESS)
-    agent.add_argument("--host-netns", default="/proc/1/ns/net", help=argparse.SUPPRESS)
+    agent.add_argument(
+        "--host-netns",
+        default="/proc/1/ns/net",
+        metavar="PATH",
+        help="the node's own network namespace, never taken for a pod's (default: PID 1's, which "
+        "needs hostPID; name another where PID 1 is not the node's init)",
+    )
     agent.set_defaults(run=run_agent)
     status = add_command(sub, "status", "list this node's pods and their enforcement state", STATUS_DETAILS)
-    status.add_argument("--metrics-port", type=int, default=9808)
+    status.add_argument(
+        "--metrics-port",
+        type=port,
+        default=METRICS_PORT,
+        help="the agent's --metrics-port (default %(default)s)",
+    )
     status.add_argument("-o", "--output", choices=("text", "json"), default="text")
     status.set_defaults(run=run_status)
 
@@ -132,22 +142,29 @@ def run_agent(args: argparse.Namespace) -> int:
         )
     cni = cni_options(args)
     core, _ = api_clients(args.kubeconfig)
+    settings = rule_settings(args)
     try:
         with NetNS.open(args.host_netns) as host:
             backend = select_backend(args.backend, host)
-    except (EnforceError, NetNSError) as err:  # nothing to enforce with: say why, and let it restart
+        agent = Agent(
+            args.node_name,
+            backend,
+            settings,
+            core,
+            proc_root=args.proc_root,
+            host_netns=args.host_netns,
+            verify_interval=args.verify_interval,
+        )
+    except NetNSError as err:  # nothing to tell pods from the node with: say why, and let it restart
+        print(
+            f"netisolate agent: {err}: the agent needs the node's own network namespace; run it with "
+            "hostPID (and SYS_PTRACE), or name that namespace with --host-netns",
+            file=sys.stderr,
+        )
+        return 1
+    except EnforceError as err:  # nothing to enforce with
         print(f"netisolate agent: {err}", file=sys.stderr)
         return 1
-    settings = Settings(sentinel_port=args.sentinel_port, allow_root=not args.deny_port_forward)
-    agent = Agent(
-        args.node_name,
-        backend,
-        settings,
-        core,
-        proc_root=args.proc_root,
-        host_netns=args.host_netns,
-        verify_interval=args.verify_interval,
-    )
     signal.signal(signal.SIGTERM, lambda *_: agent.stop.set())
     if cni is not None and args.cni_uninstall:
         uninstall(cni.conf_dir, cni.bin_dir)
@@ -164,7 +181,7 @@ def run_agent(args: argparse.Namespace) -> int:
 def run_status(args: argparse.Namespace) -> int:
     try:
         with urllib.request.urlopen(f"http://127.0.0.1:{args.metrics_port}/status", timeout=5) as r:
-            status = json.loads(r.read())
+            status: NodeStatus = json.loads(r.read())
     except (urllib.error.URLError, OSError) as err:
         print(f"netisolate status: no agent answers on 127.0.0.1:{args.metrics_port}: {err}", file=sys.stderr)
         return 1
@@ -172,6 +189,8 @@ def run_status(args: argparse.Namespace) -> int:
         print(json.dumps(status, indent=2))
         return 0
     print(f"node {status['node']} ({status['backend']}, {'ready' if status['ready'] else 'starting'})")
+    if status.get("unready"):
+        print(f"  not ready: {status['unready']}")
     for pod in status["pods"]:
         print(f"  {pod['state']:<12} {pod['pod']:<40} {pod['detail']}")
     return 0

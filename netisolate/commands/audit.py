@@ -5,49 +5,64 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from typing import Any
 
-from netisolate.audit import AuditFinding, audit
+from netisolate.audit import DEFAULT_NETISOLATE_NAMESPACE, AuditFinding, audit
 from netisolate.commands.common import add_command
 from netisolate.config import load_config
-from netisolate.kube import api_clients
+from netisolate.kubelist import Get, KubeReadError, getter, list_items
+from netisolate.model import InputError
 
-DETAILS = """\
-Lists mutating webhooks, namespaces and pods, and reports (finding IDs are stable):
-  webhook-cluster-wide, webhook-reaches-kube-system (deny), webhook-no-cabundle, webhook-failure-ignore,
-  pod-opt-out, pod-violates-admission (deny for enforced pods), namespace-label-invalid (deny),
-  namespace-label-unexpected (deny; the config's expectedNamespaceLabels says what to expect).
-Exit status: 0 nothing at deny severity, 1 something at deny severity (gate a pipeline on it),
-2 the cluster could not be read.
+DETAILS = f"""\
+Lists mutating and validating webhook configurations, namespaces and pods (read-only: list on
+those four), and reports:
+  webhooks   webhook-cluster-wide, webhook-reaches-kube-system (deny), webhook-reaches-netisolate
+             (deny), webhook-no-cabundle, webhook-failure-ignore
+  pods       every pod netisolate's installed webhook reviews (its namespaceSelector; without it,
+             all but kube-system's and netisolate's own): pod-violates-admission (deny: admission
+             would refuse it today), pod-enforce-would-deny (an `audit`-level pod enforce would
+             refuse), pod-admission-warn, pod-opt-out (only where an installed injector would act
+             on it; exempt control-plane pods with the config's optOutExemptPods)
+  namespaces namespace-label-invalid (deny), namespace-label-unexpected (deny; the config's
+             expectedNamespaceLabels, Linkerd's linkerd.io/inject read as the annotation it is),
+             namespace-missing
+  anything   object-unreadable (deny): an object the audit cannot read is reported, not skipped
+A finding that hangs on a webhook's matchConditions the audit cannot decide says so ("uncertain").
+Exit status: 0 nothing at deny, 1 something at deny (gate a pipeline on it), 2 the audit could not
+run (cluster unreachable, list refused, bad config); with -o json exit 2 prints {{"error": "..."}}.
 
   netisolate audit --kubeconfig ~/.kube/config -o json
+  netisolate audit --config netisolate-config.yaml --netisolate-namespace {DEFAULT_NETISOLATE_NAMESPACE}
 """
+
+PATHS = (
+    "/apis/admissionregistration.k8s.io/v1/mutatingwebhookconfigurations",
+    "/api/v1/namespaces",
+    "/api/v1/pods",
+    "/apis/admissionregistration.k8s.io/v1/validatingwebhookconfigurations",  # which pods ours reviews
+)
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     parser = add_command(sub, "audit", "report cluster-wide isolation and injection risks", DETAILS)
     parser.add_argument("-o", "--output", choices=("text", "json"), default="text")
-    parser.add_argument("--kubeconfig", metavar="FILE", help="default: in-cluster configuration")
+    parser.add_argument(
+        "--kubeconfig", metavar="FILE", help="default: in-cluster, $KUBECONFIG, ~/.kube/config"
+    )
     parser.add_argument("--config", metavar="FILE", help="admission config (default: built-in defaults)")
+    parser.add_argument(
+        "--netisolate-namespace",
+        default=DEFAULT_NETISOLATE_NAMESPACE,
+        metavar="NS",
+        help=f"where netisolate's agent and webhook run (default {DEFAULT_NETISOLATE_NAMESPACE}): "
+        "no injector may reach it, and its pods are not judged",
+    )
     parser.set_defaults(run=run)
 
 
-def _items(response: Any) -> list[dict[str, Any]]:
-    items: list[dict[str, Any]] = json.loads(response.data)["items"]
-    return items
-
-
-def fetch(
-    core: Any, admission: Any
-) -> tuple[list[dict[str, Any]], dict[str, dict[str, str]], list[dict[str, Any]]]:
-    """Raw API JSON (camelCase, as admission sees it) of webhooks, namespace labels and pods."""
-    webhooks = _items(admission.list_mutating_webhook_configuration(_preload_content=False))
-    namespaces = {
-        n["metadata"]["name"]: n["metadata"].get("labels") or {}
-        for n in _items(core.list_namespace(_preload_content=False))
-    }
-    pods = _items(core.list_pod_for_all_namespaces(_preload_content=False))
-    return webhooks, namespaces, pods
+def fetch(get: Get) -> tuple[list[object], ...]:
+    """The raw API JSON (camelCase, as admission sees it) of mutating webhook configurations,
+    namespaces, pods and validating webhook configurations."""
+    return tuple(list_items(get, path) for path in PATHS)
 
 
 def _text(findings: list[AuditFinding]) -> str:
@@ -57,17 +72,31 @@ def _text(findings: list[AuditFinding]) -> str:
     return "\n".join(f"{f.severity:<4}  {f.rule:<28} {f.object}: {f.message}" for f in ordered)
 
 
-def run(args: argparse.Namespace) -> int:
-    from kubernetes.client.exceptions import ApiException
-    from urllib3.exceptions import HTTPError
+def _failed(args: argparse.Namespace, message: str) -> int:
+    print(f"netisolate audit: {message}", file=sys.stderr)
+    if args.output == "json":
+        print(json.dumps({"error": message}))
+    return 2
 
-    core, admission = api_clients(args.kubeconfig)
+
+def run(args: argparse.Namespace) -> int:
     try:
-        webhooks, namespaces, pods = fetch(core, admission)
-    except (ApiException, HTTPError, OSError) as err:
-        print(f"netisolate audit: cannot read the cluster: {err}", file=sys.stderr)
-        return 2
-    findings = audit(webhooks, namespaces, pods, load_config(args.config))
+        config = load_config(args.config)
+        webhooks, namespaces, pods, validating = fetch(getter(args.kubeconfig))
+        findings = audit(
+            webhooks,
+            namespaces,
+            pods,
+            config,
+            netisolate_namespace=args.netisolate_namespace,
+            validating=validating,
+        )
+    except KubeReadError as err:
+        return _failed(args, f"cannot read the cluster: {err}")
+    except InputError as err:
+        return _failed(args, str(err))
+    except Exception as err:  # a traceback's exit 1 would read as "deny": this is "could not judge"
+        return _failed(args, f"internal error, please report it: {type(err).__name__}: {err}")
     denied = any(f.severity == "deny" for f in findings)
     if args.output == "json":
         print(json.dumps({"denied": denied, "findings": [f.as_dict() for f in findings]}, indent=2))

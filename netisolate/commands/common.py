@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import argparse
+from typing import TYPE_CHECKING
 
-from netisolate.model import InputError
-from netisolate.rules import DEFAULT_SENTINEL_PORT, Settings
+if TYPE_CHECKING:  # the rules (and pydantic under them) load only for the commands that build rules
+    from netisolate.rules import Settings
 
 ANNOTATION_HELP = """\
 Annotations (on the pod; the isolation level may also be a namespace label):
@@ -61,14 +62,39 @@ def add_namespace_labels(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def port(text: str) -> int:
+    """An argparse type: a TCP/UDP port, 1-65535. The one check every port flag goes through."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if not 1 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port: give a number from 1 to 65535")
+    return value
+
+
+def seconds(text: str) -> float:
+    """An argparse type: a duration in seconds, above 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0
+    if not value > 0:  # also refuses nan
+        raise argparse.ArgumentTypeError(f"{text!r}: give a number of seconds above 0")
+    return value
+
+
 def add_rule_settings(parser: argparse.ArgumentParser) -> None:
-    add_namespace_labels(parser)
+    """The settings a ruleset is built with, named as the agent names them (`rule_settings`)."""
+    from netisolate.rules import DEFAULT_SENTINEL_PORT
+
     parser.add_argument(
         "--sentinel-port",
-        type=int,
+        type=port,
         default=DEFAULT_SENTINEL_PORT,
         metavar="PORT",
-        help=f"the gate's sentinel loopback port (default {DEFAULT_SENTINEL_PORT})",
+        help="the loopback port every pod's rules answer with ICMP admin-prohibited, which is how "
+        f"`netisolate gate` (its --port) knows they are live (default {DEFAULT_SENTINEL_PORT})",
     )
     parser.add_argument(
         "--deny-port-forward",
@@ -78,6 +104,6 @@ def add_rule_settings(parser: argparse.ArgumentParser) -> None:
 
 
 def rule_settings(args: argparse.Namespace) -> Settings:
-    if not 1 <= args.sentinel_port <= 65535:
-        raise InputError(f"--sentinel-port {args.sentinel_port} is outside 1-65535")
+    from netisolate.rules import Settings
+
     return Settings(sentinel_port=args.sentinel_port, allow_root=not args.deny_port_forward)

@@ -19,7 +19,7 @@ from netisolate.backends import BACKENDS, select_backend
 from netisolate.commands.common import add_command
 from netisolate.localpod import ALL_ADDRESSES, LocalPod, matrix
 from netisolate.policy import pod_policy
-from netisolate.rules import Settings, build_ruleset, nft_table, render_iptables
+from netisolate.rules import Settings, build_ruleset, iptables, nft
 
 DETAILS = """\
 Needs root on Linux (network namespaces, netfilter, processes under other UIDs) and no cluster.
@@ -89,7 +89,7 @@ def run(args: argparse.Namespace) -> int:
         backend.apply(pod.ns, ruleset)
         took = (time.perf_counter() - started) * 1000
         print(f"\nEnforced with {backend.name} in {took:.1f} ms (`netisolate render` prints these rules):\n")
-        print(nft_table(ruleset) if backend.name == "nftables" else render_iptables(ruleset, 4))
+        print(nft.table(ruleset) if backend.name == "nftables" else iptables.document(ruleset, 4))
         after = matrix(pod, scenario.listeners)
         print(_table("After: only granted connections open", after))
         wrong = [(c, t) for (c, t), results in after.items() if _cell(results) != scenario.expected(c, t)]

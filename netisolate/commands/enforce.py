@@ -6,7 +6,7 @@ import argparse
 import sys
 
 from netisolate.backends import BACKENDS, Backend, EnforceError, select_backend
-from netisolate.commands.common import add_command, add_rule_settings, rule_settings
+from netisolate.commands.common import add_command, add_namespace_labels, add_rule_settings, rule_settings
 from netisolate.inputs import load_pods, read_text
 from netisolate.model import InputError
 from netisolate.netns import NetNS, NetNSError
@@ -40,6 +40,7 @@ def _common(parser: argparse.ArgumentParser) -> None:
         default="auto",
         help="auto: iptables where the node has legacy iptables rules, else nftables",
     )
+    add_namespace_labels(parser)
     add_rule_settings(parser)
 
 

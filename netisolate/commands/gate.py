@@ -8,7 +8,7 @@ import socket
 import sys
 import time
 
-from netisolate.commands.common import add_command
+from netisolate.commands.common import add_command, port, seconds
 from netisolate.rules import DEFAULT_SENTINEL_PORT
 
 DETAILS = f"""\
@@ -27,24 +27,15 @@ Exit 0 then; exit 1 at the timeout, so the kubelet retries the pod (fail closed)
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     parser = add_command(sub, "gate", "wait until this pod's isolation rules are live", DETAILS)
-    parser.add_argument("--timeout", type=_positive, default=120.0, metavar="SECONDS")
-    parser.add_argument("--port", type=_port, default=DEFAULT_SENTINEL_PORT, help="the agent's sentinel port")
-    parser.add_argument("--interval", type=float, default=0.05, metavar="SECONDS", help=argparse.SUPPRESS)
+    parser.add_argument("--timeout", type=seconds, default=120.0, metavar="SECONDS")
+    parser.add_argument(
+        "--port",
+        type=port,
+        default=DEFAULT_SENTINEL_PORT,
+        help="the agent's --sentinel-port (default %(default)s)",
+    )
+    parser.add_argument("--interval", type=seconds, default=0.05, metavar="SECONDS", help=argparse.SUPPRESS)
     parser.set_defaults(run=run)
-
-
-def _positive(text: str) -> float:
-    value = float(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"{text}: give a number of seconds above 0")
-    return value
-
-
-def _port(text: str) -> int:
-    value = int(text)
-    if not 1 <= value <= 65535:
-        raise argparse.ArgumentTypeError(f"{text}: a port is 1-65535 (the agent's --sentinel-port)")
-    return value
 
 
 def sentinel_answers(port: int) -> bool:

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import argparse
 
-from netisolate.commands.common import add_command, add_rule_settings, rule_settings
+from netisolate.commands.common import add_command, add_namespace_labels, add_rule_settings, rule_settings
 from netisolate.inputs import load_pods, read_text
 from netisolate.policy import pod_policy
-from netisolate.rules import build_ruleset, render_iptables, render_nftables
+from netisolate.rules import build_ruleset, iptables, nft
 
 DETAILS = """\
 Prints, per pod, the nftables script (`nft -f`) or the iptables-restore documents (IPv4 and IPv6,
@@ -25,6 +25,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "-f", "--filename", required=True, metavar="FILE", help="manifest file, or - for stdin"
     )
     parser.add_argument("--backend", choices=("nftables", "iptables"), default="nftables")
+    add_namespace_labels(parser)
     add_rule_settings(parser)
     parser.set_defaults(run=run)
 
@@ -40,9 +41,9 @@ def run(args: argparse.Namespace) -> int:
         if ruleset is None:
             continue
         if args.backend == "nftables":
-            print(render_nftables(ruleset), end="")
+            print(nft.replace(ruleset), end="")
         else:
             for family in (4, 6):
                 print(f"# {'ip6tables' if family == 6 else 'iptables'}-restore --noflush")
-                print(render_iptables(ruleset, family), end="")
+                print(iptables.document(ruleset, family), end="")
     return 0

@@ -12,12 +12,13 @@ import ssl
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
+
+from netisolate.kube import AdmissionApi, Secrets
 
 log = logging.getLogger(__name__)
 
@@ -139,7 +140,7 @@ class CertificateError(RuntimeError):
 
 
 def bootstrap(
-    core: Any, admission: Any, *, namespace: str, secret: str, service: str, webhook_config: str
+    core: Secrets, admission: AdmissionApi, *, namespace: str, secret: str, service: str, webhook_config: str
 ) -> CertBundle:
     """First writer wins: read the Secret; if absent, create it (a replica that loses the race reads
     the winner's). Then point our own ValidatingWebhookConfiguration — and only it — at the CA."""
@@ -148,7 +149,7 @@ def bootstrap(
     return bundle
 
 
-def _secret_bundle(core: Any, *, namespace: str, secret: str, service: str) -> CertBundle:
+def _secret_bundle(core: Secrets, *, namespace: str, secret: str, service: str) -> CertBundle:
     from kubernetes.client.exceptions import ApiException
 
     try:
@@ -157,25 +158,23 @@ def _secret_bundle(core: Any, *, namespace: str, secret: str, service: str) -> C
         if err.status != 404:
             raise
         bundle = generate(service, namespace)
-        body = {
-            "metadata": {"name": secret},
-            "type": "kubernetes.io/tls",
-            "data": {
-                "tls.crt": _b64(bundle.cert_pem),
-                "tls.key": _b64(bundle.key_pem),
-                "ca.crt": _b64(bundle.ca_pem),
-            },
+        created = {
+            "tls.crt": _b64(bundle.cert_pem),
+            "tls.key": _b64(bundle.key_pem),
+            "ca.crt": _b64(bundle.ca_pem),
         }
+        body = {"metadata": {"name": secret}, "type": "kubernetes.io/tls", "data": created}
         try:
             core.create_namespaced_secret(namespace, body)
             log.info("created the webhook's TLS secret", extra={"secret": f"{namespace}/{secret}"})
-            data = body["data"]
+            data = created
         except ApiException as race:
             if race.status != 409:
                 raise
             data = core.read_namespaced_secret(secret, namespace).data
     renew = f"delete Secret {namespace}/{secret} and restart the webhook to have a new one created"
-    missing = [key for key in ("ca.crt", "tls.crt", "tls.key") if key not in (data or {})]
+    data = data or {}
+    missing = [key for key in ("ca.crt", "tls.crt", "tls.key") if key not in data]
     if missing:
         raise CertificateError(f"Secret {namespace}/{secret} lacks {', '.join(missing)}: {renew}")
     bundle = CertBundle(*(base64.b64decode(data[k]) for k in ("ca.crt", "tls.crt", "tls.key")))
@@ -199,7 +198,7 @@ def _check_serving(cert_pem: bytes, name: str, renew: str) -> None:
         log.warning("the webhook's certificate expires soon", extra={"days_left": left.days, "todo": renew})
 
 
-def patch_ca_bundle(admission: Any, webhook_config: str, ca_pem: bytes) -> int:
+def patch_ca_bundle(admission: AdmissionApi, webhook_config: str, ca_pem: bytes) -> int:
     """Set our CA on every webhook of our own configuration that lacks it; how many were patched."""
     config = admission.read_validating_webhook_configuration(webhook_config)
     ca = _b64(ca_pem)
@@ -214,7 +213,9 @@ def patch_ca_bundle(admission: Any, webhook_config: str, ca_pem: bytes) -> int:
     return len(patch)
 
 
-async def keep_ca_bundle(admission: Any, webhook_config: str, ca_pem: bytes, interval: float = 60.0) -> None:
+async def keep_ca_bundle(
+    admission: AdmissionApi, webhook_config: str, ca_pem: bytes, interval: float = 60.0
+) -> None:
     """Put our CA back when the configuration is re-created without it (GitOps re-applying the
     manifests): with failurePolicy Fail, an empty caBundle would deny every pod."""
     while True:

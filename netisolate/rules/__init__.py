@@ -1,0 +1,186 @@
+"""The rules: pod policy → one backend-neutral ruleset, which `rules.nft` and `rules.iptables` render
+as the exact documents their backends load. Pure. This docstring is the one place that explains what
+the rules decide; the dialects only spell it.
+
+WHICH PACKETS. Every packet the pod's namespace sends that will be delivered inside it: routed to
+`lo`, or addressed to 127.0.0.0/8 or ::1, or to one of the pod's own addresses as the routing table
+says (`local`). The device is the one chosen before NAT (the output hook's device does not change
+when a nat OUTPUT rule re-routes a packet), so a connection NAT sends to this host is caught by its
+new destination: a mesh's REDIRECT to 127.0.0.1 / ::1 by the address, a DNAT to the pod's own
+address by the routing table's word that it is local. Hence four matches that jump to the judging
+chain. Besides, every UDP and UDP-Lite datagram to a broadcast or multicast address (IPv4: what the
+routing table calls broadcast or multicast, the pod subnet's broadcast included; IPv6: ff00::/8),
+whatever its device: the kernel delivers a copy of it to the pod's own sockets, so it is judged like
+loopback — a container that multicasts needs a grant for the port. Only datagrams: the kernel's own
+IGMP, MLD and neighbour discovery carry no container's UID and must still flow. Ports are the ones a
+packet is finally delivered to, after NAT. Traffic through other interfaces is not judged.
+
+THE DECISIONS, in the order both dialects evaluate them for every such packet:
+
+1. TCP packets without SYN pass — see CONNECTION STATE below. First, because every packet of an
+   open connection takes this path.
+2. A SYN-ACK from a port a container declares (`containerPort` + protocol: an Owner) passes only
+   from a UID of a container that declares it; from anyone else it is refused, so a container that
+   listens on another's port while that one restarts never completes a connection. Any other SYN-ACK
+   passes. SYN-ACKs are judged in a chain of their own (`serve`), so a SYN never walks the declared
+   ports. Written as "owner: accept, else refuse", so a SYN-ACK that carries no socket (a SYN
+   cookie, which a squatter could provoke) is refused too; the price is that an owner whose SYN
+   queue overflows loses those handshakes to the client's retry.
+3. ICMP errors pass: the kernel sends them (our own rejects included); unprivileged processes cannot.
+4. A UDP datagram from a declared port is refused unless its UID is one of the port's owners.
+5. Where the policy grants UDP, conntrack lets replies of accepted flows pass: the reply direction
+   only. A datagram in the original direction is judged again, so a UID that binds the source port
+   of a closed, granted flow does not inherit its conntrack entry.
+6. The sentinel port is answered with ICMP admin-prohibited, whoever asks: only our rules do that,
+   which is how `netisolate gate` knows they are live.
+7. UID 0 (the runtime: `kubectl port-forward`) passes unless the agent denies port-forward, and never
+   in a user-namespaced pod, where UID 0 is the pod's own root.
+8. A container's UID passes to the ports granted to it.
+9. Everything else is refused: counted per container UID (the `refuse` chain, so metrics can name
+   the offender, the refusals of 2 and 4 included), then denied: TCP reset, ICMP port-unreachable for
+   UDP, drop for other protocols. In audit mode the deny chain accepts instead, so the counters still
+   show what enforcement would have stopped.
+
+CONNECTION STATE: TCP is judged on its opening SYN (and, for declared ports, the SYN-ACK) alone and
+everything else of TCP is accepted. That is sound because admission forbids NET_RAW/NET_ADMIN (no
+unprivileged process can emit a bare ACK or RST) and it keeps conntrack out of namespaces that do
+not otherwise use it (conntrack costs ~14 % of the loopback connection rate). UDP has no opening
+packet, so pods that grant UDP get conntrack to let replies back. This is the only place that
+choice is made.
+
+WHAT UID IDENTITY CANNOT DO: the input path has no owner match, so a datagram (or the data of a Fast
+Open SYN, where the namespace enables server-side Fast Open) sent to a declared port reaches a
+squatter bound to it more specifically; rule 4 keeps the squatter from answering, and the agent's
+listener check reports the squatter (`PortSquatted`). Ownership, like everything here, is judged on
+the packets above only: a squatter's answers to clients beyond the pod (a Service's traffic on
+eth0) are not refused — refusing socketless SYN cookies there would let any outside SYN flood cut
+the owner off — and are left to the listener check too.
+
+PORT SETS are kept as nft lists them back (see `_merged`), so drift detection is a text comparison.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from itertools import groupby
+from typing import Literal
+
+from netisolate.policy import Level, PodPolicy, PortRange, Protocol
+
+DEFAULT_SENTINEL_PORT = 9
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Agent settings that shape every pod's rules."""
+
+    sentinel_port: int = DEFAULT_SENTINEL_PORT
+    allow_root: bool = True  # False with --deny-port-forward
+
+
+@dataclass(frozen=True)
+class Grant:
+    uid: int
+    protocol: Protocol
+    ports: tuple[PortRange, ...]
+    containers: str  # comma-joined names of the containers running as this UID
+
+
+@dataclass(frozen=True)
+class Identity:
+    uid: int
+    containers: str
+
+
+@dataclass(frozen=True)
+class Owner:
+    """A declared port and the UIDs of the containers that declare it: only they may serve it."""
+
+    protocol: Protocol
+    port: int
+    uids: tuple[int, ...]
+    containers: str
+
+
+@dataclass(frozen=True)
+class RuleSet:
+    pod: str
+    mode: Literal["enforce", "audit"]
+    sentinel_port: int
+    allow_root: bool
+    grants: tuple[Grant, ...]
+    identities: tuple[Identity, ...]
+    owners: tuple[Owner, ...] = ()
+
+    @property
+    def stateful(self) -> bool:
+        """Conntrack is needed only for UDP replies (see CONNECTION STATE)."""
+        return any(grant.protocol == "udp" for grant in self.grants)
+
+    def owned(self, protocol: Protocol) -> tuple[Owner, ...]:
+        return tuple(owner for owner in self.owners if owner.protocol == protocol)
+
+
+def _merged(ranges: list[PortRange]) -> tuple[PortRange, ...]:
+    """Sorted ranges of one protocol as nft keeps them, so what we render is what it lists (drift
+    is a text comparison): a run of overlapping or adjacent ports becomes one range, unless the
+    run is only single ports, which stay single (`80, 81` stays; `80, 81-90` is `80-90`)."""
+    runs: list[list[PortRange]] = []
+    for r in ranges:
+        if runs and r.low <= max(x.high for x in runs[-1]) + 1:
+            runs[-1].append(r)
+        else:
+            runs.append([r])
+    merged: list[PortRange] = []
+    for run in runs:
+        if all(r.low == r.high for r in run) and len({r.low for r in run}) == len(run):
+            merged += run
+        else:
+            merged.append(PortRange(run[0].protocol, run[0].low, max(r.high for r in run)))
+    return tuple(merged)
+
+
+def build_ruleset(policy: PodPolicy, settings: Settings, user_namespaced: bool = False) -> RuleSet | None:
+    """The ruleset for an isolated pod, or None when its level is off. `user_namespaced`: the kernel
+    says the pod's network namespace belongs to a user namespace of its own, whatever the spec says."""
+    if policy.level is Level.OFF:
+        return None
+    by_uid = sorted((c.uid, c.name, c.grants) for c in policy.containers if c.uid is not None)
+    identities, grants = [], []
+    for uid, group in groupby(by_uid, key=lambda item: item[0]):
+        members = list(group)
+        names = ",".join(sorted({name for _, name, _ in members}))
+        identities.append(Identity(uid, names))
+        ranges = sorted({r for _, _, container_grants in members for r in container_grants})
+        for protocol in ("tcp", "udp"):
+            ports = _merged([r for r in ranges if r.protocol == protocol])
+            if ports:
+                grants.append(Grant(uid, protocol, ports, names))
+    mode: Literal["enforce", "audit"] = "enforce" if policy.level is Level.ENFORCE else "audit"
+    # UID 0 is let through as the node's runtime (port-forward). In a user-namespaced pod, UID 0 is
+    # the pod's own root and the runtime shows up as an unmapped UID: no exception there.
+    allow_root = settings.allow_root and not (policy.user_namespaced or user_namespaced)
+    return RuleSet(
+        policy.pod,
+        mode,
+        settings.sentinel_port,
+        allow_root,
+        tuple(grants),
+        tuple(identities),
+        _owners(policy),
+    )
+
+
+def _owners(policy: PodPolicy) -> tuple[Owner, ...]:
+    """Every declared port of a container with a UID; a port that containers of different UIDs
+    declare is served by any of them. A container without a UID owns nothing: it has no identity
+    the rules can name (admission reports it, `uid-missing`)."""
+    declared = sorted(
+        (p.protocol, p.low, c.uid, c.name) for c in policy.containers if c.uid is not None for p in c.declared
+    )
+    owners = []
+    for (protocol, port), group in groupby(declared, key=lambda item: item[:2]):
+        members = list(group)
+        uids = tuple(sorted({uid for _, _, uid, _ in members}))
+        owners.append(Owner(protocol, port, uids, ",".join(sorted({name for *_, name in members}))))
+    return tuple(owners)
