@@ -46,7 +46,12 @@ IMAGE = "ghcr.io/netisolate/netisolate:0.1.0"
 ROOT = Path(__file__).parent.parent
 VWC = "admissionregistration.k8s.io/v1/validatingwebhookconfigurations"
 
-pytestmark = [pytest.mark.realnode, pytest.mark.timeout(900), pytest.mark.kmock(host=GATEWAY)]
+pytestmark = [
+    pytest.mark.realnode,
+    pytest.mark.image,
+    pytest.mark.timeout(900),
+    pytest.mark.kmock(host=GATEWAY),
+]
 
 
 @pytest.fixture(scope="module")
