@@ -24,13 +24,14 @@ def scenario_pod(name: str, pod_name: str | None = None, namespace: str | None =
 
 
 def mismatches(
-    scenario: scenarios.Scenario, got: dict[tuple[str, str], list[str]]
+    scenario: scenarios.Scenario, got: dict[tuple[str, str], list[str]], fail_closed: bool = False
 ) -> dict[str, tuple[str, list[str]]]:
     """{"client->target": (expected, results per address)} for every cell that is not as expected
-    at every address."""
+    at every address; `fail_closed`: the pod got no grants (cgroup identity where the backend has
+    none), so every cell is expected blocked."""
     wrong = {}
     for (client, target), results in got.items():
-        expected = scenario.expected(client, target)
+        expected = "blocked" if fail_closed else scenario.expected(client, target)
         if results != [expected] * len(results):
             wrong[f"{client}->{target}"] = (expected, results)
     return wrong
