@@ -25,12 +25,12 @@ from netisolate.policy import (
     ContainerKind,
     Level,
     PolicyError,
+    all_grants,
     containers_with_kind,
     declared_ports,
     effective_level,
     effective_uid,
     parse_level,
-    parse_pod_grants,
 )
 
 GATE_LABEL = "netisolate.io/gate"
@@ -317,7 +317,7 @@ def _hardening_warnings(pod: Pod) -> Iterator[Finding]:
 def _undeclared_grant_rule(pod: Pod) -> Iterator[Finding]:
     """Only a declared port (containerPort + protocol) is owned: served by its container's UID
     alone. A granted port that nobody declares may be served by whoever binds it first."""
-    grants, _ = parse_pod_grants(pod)
+    grants, _ = all_grants(pod)  # preset grants are checked like hand-written ones
     declared = [port for c in pod.all_containers() for port in declared_ports(c)]
     for name, ranges in sorted(grants.items()):
         for r in ranges:
@@ -378,7 +378,7 @@ def review_pod(
     pod: Pod, namespace_labels: Mapping[str, str], config: Config, requester: Requester | None = None
 ) -> list[Finding]:
     level, level_problems = effective_level(pod, namespace_labels)
-    _, grant_problems = parse_pod_grants(pod)
+    _, grant_problems = all_grants(pod)  # an unknown netisolate.io/preset name among them
 
     def all_findings() -> Iterator[Finding]:
         for problem in [*level_problems, *grant_problems]:
