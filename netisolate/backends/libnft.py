@@ -60,9 +60,9 @@ class Session:
 
     def run(self, command: str) -> tuple[int, str, str]:
         """(status, output, error) of one nft command or script."""
-        if self._ctx is None:
-            raise OSError("libnftables session is closed")
         with _LOCK:
+            if self._ctx is None:
+                raise OSError("libnftables session is closed")
             status = self._lib.nft_run_cmd_from_buffer(self._ctx, command.encode())
             out = (self._lib.nft_ctx_get_output_buffer(self._ctx) or b"").decode()
             err = (self._lib.nft_ctx_get_error_buffer(self._ctx) or b"").decode()
