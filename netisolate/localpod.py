@@ -3,6 +3,10 @@ an eth0 veth with IPv4 and IPv6 addresses whose peer sits in a second namespace 
 listener process per container, running under that container's UID. Used by `netisolate demo`,
 the kernel tests and the shared end-to-end scenarios.
 
+A pod with cgroup identity (`netisolate.io/identity: cgroup` or `uid+cgroup`) also gets a cgroup
+(v2) of its own with one child per container, and every process of a container runs in that
+container's cgroup, as the runtime runs them; `cgroups()` says what the agent would have seen.
+
 With `user_namespace=True` it is shaped like a `hostUsers: false` pod instead: the network namespace
 belongs to a user namespace of its own that maps the pod's UIDs 0-65535 to the node's
 USERNS_BASE and up, and the container processes run under those node UIDs, as the runtime runs them.
@@ -22,9 +26,11 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from netisolate.agent.cgroups import NodeCgroups
 from netisolate.model import Pod
 from netisolate.netns import NetNS
-from netisolate.policy import PortRange, effective_uid, parse_grants
+from netisolate.policy import PortRange, effective_uid, parse_grants, pod_identity
+from netisolate.rules import PodCgroups
 from netisolate.workload import script
 
 SYSTEM_PYTHON = "/usr/bin/python3"
@@ -68,6 +74,7 @@ class LocalPod:
     user_namespace: bool = False
     ns: NetNS | None = None
     processes: list[subprocess.Popen[str]] = field(default_factory=list)
+    cgroup: Path | None = None  # the pod's cgroup, with cgroup identity
 
     @property
     def name(self) -> str:
@@ -110,7 +117,34 @@ class LocalPod:
             check=True,
         )
         self.ns = NetNS.open(f"/run/netns/{self.name}")
+        if pod_identity(self.pod)[0].by_cgroup:
+            self._add_cgroups()
         return self
+
+    def _add_cgroups(self) -> None:
+        mount = NodeCgroups(lambda pod: None).mount
+        if mount is None:
+            raise HarnessError("cgroup identity needs cgroup v2 mounted (/sys/fs/cgroup or its unified/)")
+        self.cgroup = Path(mount.point) / self.prefix
+        for container in [self.cgroup, *(self.cgroup / c.name for c in self.pod.all_containers())]:
+            container.mkdir()
+
+    def cgroups(self) -> PodCgroups:
+        """The pod's cgroups as the agent sees them on a node."""
+        assert self.cgroup is not None, "a pod with cgroup identity"
+        directories = [(c.name, self.cgroup / c.name) for c in self.pod.all_containers()]
+        return PodCgroups(
+            2,  # <hierarchy root>/<pod>/<container>
+            NodeCgroups.cgroup_of(str(self.cgroup)),
+            tuple(sorted((name, NodeCgroups.cgroup_of(str(d))) for name, d in directories)),
+        )
+
+    def _in_cgroup(self, container: str | None, argv: list[str]) -> list[str]:
+        """argv started in the container's cgroup (by a root shell, before it changes UID)."""
+        if self.cgroup is None or container is None:
+            return argv
+        procs = str(self.cgroup / container / "cgroup.procs")
+        return ["/bin/sh", "-c", 'echo $$ > "$0" && exec "$@"', procs, *argv]
 
     def _add_user_namespaced(self, name: str) -> None:
         """A network namespace owned by a new user namespace, pinned at /run/netns/<name>."""
@@ -132,13 +166,16 @@ class LocalPod:
         """The node's UID for a UID as the pod sees it."""
         return uid + USERNS_BASE if self.user_namespace else uid
 
-    def spawn(self, argv: Sequence[str], stdin: bool = False) -> subprocess.Popen[str]:
-        """Start a process inside the pod's namespace (it inherits the namespace of the thread)."""
+    def spawn(
+        self, argv: Sequence[str], stdin: bool = False, container: str | None = None
+    ) -> subprocess.Popen[str]:
+        """Start a process inside the pod's namespace (it inherits the namespace of the thread), and
+        in the container's cgroup where the pod has them."""
         assert self.ns is not None, "create() first"
         pipe = subprocess.PIPE
         proc = self.ns.run(
             lambda: subprocess.Popen(
-                list(argv),
+                self._in_cgroup(container, list(argv)),
                 stdin=pipe if stdin else subprocess.DEVNULL,
                 stdout=pipe,
                 stderr=pipe,
@@ -152,18 +189,21 @@ class LocalPod:
     def listen(self, container: str, ports: Sequence[str]) -> None:
         """A listener on `ports` (grant syntax: `8080`, `53/udp`) under the container's UID."""
         specs = [f"{r.low}/{r.protocol}" for spec in ports for r in _ports(spec)]
-        proc = self.spawn(as_uid(self.node_uid(self.uid(container)), python_argv("listener", *specs)))
+        argv = as_uid(self.node_uid(self.uid(container)), python_argv("listener", *specs))
+        proc = self.spawn(argv, container=container)
         assert proc.stdout is not None
         if proc.stdout.readline().strip() != "ready":
             raise HarnessError(
                 f"listener for {container} failed: {proc.stderr.read() if proc.stderr else ''}"
             )
 
-    def probe(self, uid: int, targets: Sequence[tuple[str, int, str]]) -> list[str]:
-        """Connect from uid (as the pod sees it) to each (address, port, protocol); one result each
-        (see workload/probe.py)."""
+    def probe(
+        self, uid: int, targets: Sequence[tuple[str, int, str]], container: str | None = None
+    ) -> list[str]:
+        """Connect from uid (as the pod sees it; in the container's cgroup, when given) to each
+        (address, port, protocol); one result each (see workload/probe.py)."""
         args = [str(item) for target in targets for item in target]
-        proc = self.spawn(as_uid(self.node_uid(uid), python_argv("probe", *args)))
+        proc = self.spawn(as_uid(self.node_uid(uid), python_argv("probe", *args)), container=container)
         out, err = proc.communicate(timeout=5 + 2 * len(targets))
         self.processes.remove(proc)
         results = out.split()
@@ -182,6 +222,9 @@ class LocalPod:
         for name in (self.name, self.peer):
             if Path(f"/run/netns/{name}").exists():
                 subprocess.run(["ip", "netns", "del", name], capture_output=True, check=False)
+        if self.cgroup is not None:
+            _remove_cgroup(self.cgroup)
+            self.cgroup = None
 
     def __enter__(self) -> LocalPod:
         try:
@@ -192,6 +235,24 @@ class LocalPod:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _remove_cgroup(directory: Path) -> None:
+    """Children first; a cgroup whose killed processes the kernel has not yet let go is busy for a
+    moment."""
+    if not directory.exists():
+        return
+    for child in [p for p in directory.iterdir() if p.is_dir()]:
+        _remove_cgroup(child)
+    deadline = time.monotonic() + 5
+    while True:
+        try:
+            directory.rmdir()
+            return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.01)
 
 
 def _ports(spec: str) -> tuple[PortRange, ...]:
@@ -213,7 +274,7 @@ def matrix(
     out = {}
     for client in names:
         attempts = [(addr, r.low, r.protocol) for _, r in targets for addr in addresses]
-        results = pod.probe(pod.uid(client), attempts)
+        results = pod.probe(pod.uid(client), attempts, container=client)
         for i, (owner, r) in enumerate(targets):
             out[(client, f"{owner}:{r}")] = results[i * len(addresses) : (i + 1) * len(addresses)]
     return out

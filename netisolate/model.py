@@ -114,10 +114,18 @@ class PodIP(K8s):
     ip: str
 
 
+class ContainerStatus(K8s):
+    name: str
+    container_id: str | None = Field(default=None, alias="containerID")  # `<runtime>://<id>`
+
+
 class PodStatus(K8s):
     pod_ip: str | None = Field(default=None, alias="podIP")
     pod_ips: list[PodIP] = Field(default_factory=list, alias="podIPs")
     phase: str | None = None
+    init_container_statuses: list[ContainerStatus] = Field(default_factory=list)
+    container_statuses: list[ContainerStatus] = Field(default_factory=list)
+    ephemeral_container_statuses: list[ContainerStatus] = Field(default_factory=list)
 
 
 class Pod(K8s):

@@ -3,6 +3,7 @@
 Annotation grammar (DESIGN.md, "Pod contract"):
 
     netisolate.io/isolation: enforce | audit | off          (also a namespace label)
+    netisolate.io/identity: uid | cgroup | uid+cgroup       (the agent's --identity when absent)
     allow.netisolate.io/<container>: "8080, 9000-9100/tcp, 53/udp"
     netisolate.io/preset: istio | linkerd | dapr                (netisolate.presets)
 
@@ -15,13 +16,14 @@ from __future__ import annotations
 import enum
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
 from netisolate.model import Container, Pod
 from netisolate.presets import PRESET_KEY, PRESETS
 
 ISOLATION_KEY = "netisolate.io/isolation"
+IDENTITY_KEY = "netisolate.io/identity"
 GRANT_PREFIX = "allow.netisolate.io/"
 
 Protocol = Literal["tcp", "udp"]
@@ -48,6 +50,44 @@ def parse_level(value: str, where: str) -> Level:
         if value == str(level):
             return level
     raise PolicyError(f"{where}: {value!r} is not an isolation level; use enforce, audit or off")
+
+
+class IdentityMode(enum.Enum):
+    """What the rules know a container by: its UID, its cgroup (v2), or both at once."""
+
+    UID = "uid"
+    CGROUP = "cgroup"
+    UID_CGROUP = "uid+cgroup"
+
+    def __str__(self) -> str:
+        return self.value
+
+    @property
+    def by_uid(self) -> bool:
+        return self is not IdentityMode.CGROUP
+
+    @property
+    def by_cgroup(self) -> bool:
+        return self is not IdentityMode.UID
+
+
+def parse_identity(value: str, where: str) -> IdentityMode:
+    for identity in IdentityMode:
+        if value == identity.value:
+            return identity
+    raise PolicyError(f"{where}: {value!r} is not an identity; use uid, cgroup or uid+cgroup")
+
+
+def pod_identity(pod: Pod, default: IdentityMode = IdentityMode.UID) -> tuple[IdentityMode, list[str]]:
+    """The pod's identity annotation, else the node's default. An unreadable value keeps the
+    default and is a problem (the policy then grants nothing)."""
+    value = pod.metadata.annotations.get(IDENTITY_KEY)
+    if value is None:
+        return default, []
+    try:
+        return parse_identity(value, f"annotation {IDENTITY_KEY}"), []
+    except PolicyError as err:
+        return default, [str(err)]
 
 
 @dataclass(frozen=True, order=True)
@@ -124,6 +164,7 @@ class PodPolicy:
     containers: tuple[ContainerPolicy, ...]
     problems: tuple[str, ...]
     user_namespaced: bool = False  # hostUsers: false — the pod's UIDs, 0 included, are not the node's
+    identity: IdentityMode = IdentityMode.UID
 
     @property
     def isolated(self) -> bool:
@@ -240,14 +281,24 @@ def declared_ports(container: Container) -> tuple[PortRange, ...]:
     return tuple(sorted(declared))
 
 
-def pod_policy(pod: Pod, namespace_labels: Mapping[str, str]) -> PodPolicy:
+def pod_policy(
+    pod: Pod, namespace_labels: Mapping[str, str], default_identity: IdentityMode = IdentityMode.UID
+) -> PodPolicy:
     level, problems = effective_level(pod, namespace_labels)
     grants, grant_problems = all_grants(pod)
-    problems += grant_problems
+    identity, identity_problems = pod_identity(pod, default_identity)
+    problems += grant_problems + identity_problems
     if problems:  # fail closed: isolated, and nobody is granted anything
         level, grants = Level.ENFORCE, {}
     containers = tuple(
         ContainerPolicy(c.name, kind, effective_uid(pod, c), grants.get(c.name, ()), declared_ports(c))
         for c, kind in containers_with_kind(pod)
     )
-    return PodPolicy(pod.ref, level, containers, tuple(problems), pod.spec.host_users is False)
+    return PodPolicy(pod.ref, level, containers, tuple(problems), pod.spec.host_users is False, identity)
+
+
+def without_grants(policy: PodPolicy, problem: str) -> PodPolicy:
+    """The policy enforced with no grants at all, for a reason found outside the pod spec (fail
+    closed, as for an unreadable annotation)."""
+    containers = tuple(replace(c, grants=()) for c in policy.containers)
+    return replace(policy, level=Level.ENFORCE, containers=containers, problems=(*policy.problems, problem))

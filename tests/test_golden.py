@@ -21,6 +21,7 @@ ROOT = Path(__file__).resolve().parent.parent
 GOLDEN = Path(__file__).resolve().parent / "golden"
 UPDATE = os.environ.get("NETISOLATE_UPDATE_GOLDEN") == "1"
 BACKENDS = {"nftables": "nft", "iptables": "iptables"}
+CGROUP_VARIANTS = ("example-app-with-proxy", "scenario-app-proxy-rogue", "scenario-udp-grant")
 
 
 def _sources(tmp: Path) -> dict[str, list[str]]:
@@ -33,6 +34,9 @@ def _sources(tmp: Path) -> dict[str, list[str]]:
         manifest.write_text(yaml.safe_dump(scenario.pod))
         labels = ",".join(f"{k}={v}" for k, v in scenario.namespace_labels.items())
         sources[f"scenario-{name}"] = ["-f", str(manifest), "--namespace-labels", labels]
+    for name in CGROUP_VARIANTS:  # the same pods known by their cgroups (the shared-uid scenario is)
+        for identity in ("cgroup", "uid+cgroup"):
+            sources[f"{name}@{identity}"] = [*sources[name], "--identity", identity]
     return sources
 
 

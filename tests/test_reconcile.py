@@ -51,11 +51,15 @@ class Backend:
     failure: Exception | None = None
     applied: list[tuple[int, RuleSet]] = field(default_factory=list)
     name: str = "fake"
+    cgroups: bool = True
 
     def apply(self, ns: NetNS, ruleset: RuleSet) -> None:
         if self.failure is not None:
             raise self.failure
         self.applied.append((ns.inode, ruleset))
+
+    def update_cgroups(self, ns: NetNS, ruleset: RuleSet) -> None:
+        self.apply(ns, ruleset)
 
     def verify(self, ns: NetNS, ruleset: RuleSet) -> list[str]:
         return ["nothing installed"]

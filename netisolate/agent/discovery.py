@@ -164,6 +164,19 @@ class Sandboxes:
             self._scan = (0.0, self._scan[1])  # stale: the second pass scans afresh
         return bool(inodes) and ns.inode not in inodes
 
+    def cgroup(self, pod: Pod) -> str | None:
+        """The cgroup v2 path (as /proc shows it) of the pod's sandbox: its oldest process's."""
+        for process in self._processes(pod, look_again=True):
+            try:
+                text = Path(f"{self.proc_root}/{process.pid}/cgroup").read_text()
+            except OSError:  # exited meanwhile
+                continue
+            for line in text.splitlines():
+                if line.startswith("0::"):
+                    return line[3:]
+            return None
+        return None
+
     def _processes(self, pod: Pod, look_again: bool) -> list[Process]:
         # With look_again, a pod the scan does not show is looked for in a fresh one, so a sandbox
         # that just appeared is never hidden by the cache.

@@ -9,6 +9,7 @@ import threading
 import time
 
 from netisolate.agent import discovery, endpoints
+from netisolate.agent.cgroups import NodeCgroups
 from netisolate.agent.reconcile import Reconciler
 from netisolate.agent.report import Reporter, record_states
 from netisolate.agent.state import NodeStatus
@@ -40,7 +41,9 @@ class Agent:
         self.verify_interval, self.pending_interval = verify_interval, pending_interval
         self.host = NetNS.open(host_netns)  # the node's own namespace (PID 1's): never a pod's
         self.sandboxes = discovery.Sandboxes(self.host.inode, proc_root)
-        self.reconciler = Reconciler(backend, settings, Reporter(core, node), self.sandboxes)
+        self.cgroups = NodeCgroups(self.sandboxes.cgroup)
+        self.reconciler = Reconciler(backend, settings, Reporter(core, node), self.sandboxes, self.cgroups)
+        self.cgroups.on_change(self.reconciler.cgroups_changed)
         self.heartbeat = time.monotonic()  # the timer loop's last round: /healthz fails when it stalls
         self.stop = threading.Event()
         self.ready = threading.Event()

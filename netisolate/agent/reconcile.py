@@ -24,8 +24,8 @@ from netisolate.agent.state import WAITING, PodState, PodStatus
 from netisolate.backends import Backend, EnforceError
 from netisolate.model import Pod
 from netisolate.netns import NetNS, NetNSError
-from netisolate.policy import pod_policy
-from netisolate.rules import RuleSet, Settings, build_ruleset
+from netisolate.policy import PodPolicy, pod_policy
+from netisolate.rules import PodCgroups, RuleSet, Settings, build_ruleset, granted, without_cgroups
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +50,20 @@ class Sandboxes(Protocol):
         ...
 
 
+class Cgroups(Protocol):
+    """Containers' cgroups (netisolate.agent.cgroups.NodeCgroups on a node), for cgroup identity."""
+
+    def unavailable(self) -> str | None:
+        """Why cgroup identity cannot be enforced on this node, or None."""
+        ...
+
+    def seen(self, pod: Pod) -> PodCgroups | None:
+        """The pod's cgroups as they are now, or None when its sandbox's cgroup is not found."""
+        ...
+
+    def forget(self, uid: str) -> None: ...
+
+
 PENDING_FAST_S = 5.0  # a sandbox normally appears within a second or two: look often, then calmly
 PENDING_SLOW_S = 0.5
 FAILED_BACKOFF_S = (0.5, 30.0)  # first retry, longest wait
@@ -72,13 +86,20 @@ class Tracked:
     exposed: tuple[str, ...] = ()  # ports last reported as listening beyond loopback
     squatted: tuple[str, ...] = ()  # declared ports last reported as bound by a non-owner
     rounds: int = 0  # verifications since the rules were applied or adopted
+    cgroup_problem: str = ""  # why cgroup identity was last unavailable for this pod, if it was
 
 
 class Reconciler:
     def __init__(
-        self, backend: Backend, settings: Settings, reporter: Reporter, sandboxes: Sandboxes
+        self,
+        backend: Backend,
+        settings: Settings,
+        reporter: Reporter,
+        sandboxes: Sandboxes,
+        cgroups: Cgroups | None = None,
     ) -> None:
         self.backend, self.settings, self.reporter, self.sandboxes = backend, settings, reporter, sandboxes
+        self.cgroups = cgroups
         self.pods: dict[str, Tracked] = {}
         self.namespaces: dict[str, dict[str, str]] = {}
         self.lock = threading.RLock()
@@ -103,6 +124,15 @@ class Reconciler:
             tracked = self.pods.pop(uid, None)
             if tracked and tracked.ns:
                 tracked.ns.close()
+            if self.cgroups is not None:
+                self.cgroups.forget(uid)
+
+    def cgroups_changed(self, uid: str) -> None:
+        """A pod's container cgroups came or went (a container restarted): its sets follow."""
+        with self.lock:
+            tracked = self.pods.get(uid)
+            if tracked is not None:
+                self._sync(tracked)
 
     def replace_pods(self, pods: list[Pod]) -> None:
         """A full list (start-up, relist after 410 Gone): adopt these, forget the rest. Pods are
@@ -207,7 +237,9 @@ class Reconciler:
         if pod.spec.host_network:
             tracked.state, tracked.detail = PodState.HOST_NETWORK, PodState.HOST_NETWORK.meaning
             return
-        policy = pod_policy(pod, self.namespaces.get(pod.metadata.namespace or "default", {}))
+        policy = pod_policy(
+            pod, self.namespaces.get(pod.metadata.namespace or "default", {}), self.settings.identity
+        )
         if policy.problems != tracked.problems:
             tracked.problems = policy.problems
             if policy.problems:
@@ -230,10 +262,17 @@ class Reconciler:
         ns = self._namespace(tracked)
         if ns is None:
             return
-        desired = build_ruleset(policy, self.settings, ns.user_namespaced())
+        settings, seen = self.settings, None
+        if policy.identity.by_cgroup:
+            policy, settings, seen = self._by_cgroup(tracked, policy)
+        desired = build_ruleset(policy, settings, ns.user_namespaced(), seen)
         assert desired is not None  # isolated
         if tracked.applied == desired and tracked.state is not PodState.FAILED:
             tracked.state = PodState(desired.mode)  # also back from off with the same rules still in place
+            return
+        fresh = tracked.state is not PodState.FAILED
+        if tracked.applied is not None and fresh and desired.same_but_cgroups(tracked.applied):
+            self._update_cgroups(tracked, desired)
             return
         if tracked.applied is None and self._intact(tracked, desired):
             tracked.applied, tracked.state = desired, PodState(desired.mode)
@@ -241,6 +280,41 @@ class Reconciler:
             tracked.failures = tracked.rounds = 0
             return
         self._apply(tracked, desired)
+
+    def _by_cgroup(
+        self, tracked: Tracked, policy: PodPolicy
+    ) -> tuple[PodPolicy, Settings, PodCgroups | None]:
+        """The pod's cgroups; where they cannot be matched, the pod is enforced with no grants
+        and no runtime exception under UID rules (fail closed), and an event says why."""
+        pod = tracked.pod
+        reason = None
+        if not self.backend.cgroups:
+            reason = f"the {self.backend.name} backend cannot match cgroups; run the agent with nftables"
+        elif self.cgroups is None or (reason := self.cgroups.unavailable()) is not None:
+            reason = reason or "the agent has no view of the node's cgroups"
+        else:
+            seen = self.cgroups.seen(pod)
+            if seen is not None:
+                tracked.cgroup_problem = ""
+                return policy, self.settings, seen
+            reason = "the pod's cgroup is not in the cgroup v2 hierarchy the agent sees"
+        if tracked.cgroup_problem != reason:  # once per distinct reason
+            tracked.cgroup_problem = reason
+            message = f"enforced with no grants (fail closed): {reason}"
+            self.reporter.event(pod, "CgroupIdentityUnavailable", message, warning=True)
+        return (*without_cgroups(policy, self.settings, reason), None)
+
+    def _update_cgroups(self, tracked: Tracked, desired: RuleSet) -> None:
+        """Same rules, other cgroups (a container restarted): an element update, ~1 ms."""
+        assert tracked.ns is not None
+        started = time.perf_counter()
+        try:
+            self.backend.update_cgroups(tracked.ns, desired)
+        except EnforceError as err:
+            self._failed(tracked, "EnforceFailed", str(err))
+            return
+        self.reporter.applied(tracked.pod, time.perf_counter() - started)
+        tracked.applied, tracked.checked_at = desired, time.monotonic()
 
     def _namespace(self, tracked: Tracked) -> NetNS | None:
         """The pod's current network namespace (found again if its sandbox was recreated), or None
@@ -289,7 +363,7 @@ class Reconciler:
         tracked.checked_at = time.monotonic()
         self._check_listeners(tracked, desired)
         if announce:
-            grants = ", ".join(f"{g.containers}→{','.join(str(p) for p in g.ports)}" for g in desired.grants)
+            grants = ", ".join(f"{who}→{','.join(str(p) for p in ports)}" for who, ports in granted(desired))
             self.reporter.event(
                 tracked.pod,
                 "Enforced",

@@ -76,13 +76,22 @@ def _user_ns_lock() -> str:
 
 
 class IptablesBackend:
+    """Cgroup identity is nftables' alone: `-m cgroup --path` matches a cgroup by path, but no
+    iptables set holds cgroups, so each container restart would be a new ruleset (README)."""
+
     name = "iptables"
+    cgroups = False
 
     def _save(self, ns: NetNS, family: Family, counters: bool = False) -> list[str]:
         argv = [f"{_TOOLS[family]}-save", "-t", "filter", *(["-c"] if counters else [])]
         return checked(_tool(ns, argv), "reading the filter table").splitlines()
 
+    def update_cgroups(self, ns: NetNS, ruleset: RuleSet) -> None:
+        raise EnforceError("cgroup identity needs the nftables backend")
+
     def apply(self, ns: NetNS, ruleset: RuleSet) -> None:
+        if ruleset.cgroups is not None:
+            raise EnforceError("cgroup identity needs the nftables backend")
         # IPv6 first: the gate probes the IPv4 sentinel, so once it answers, ::1 is guarded too.
         for family in (6, 4):
             text = document(ruleset, family, _output_rules(self._save(ns, family)))

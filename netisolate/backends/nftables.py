@@ -13,7 +13,7 @@ is what made every `nft -f` of ours cost 5-20 ms; kept open, an update costs wel
 
 from __future__ import annotations
 
-from netisolate.backends import libnft
+from netisolate.backends import blind, libnft
 from netisolate.backends.base import EnforceError, Inspection, run_tool
 from netisolate.netns import NetNS
 from netisolate.rules import RuleSet, nft
@@ -21,6 +21,7 @@ from netisolate.rules import RuleSet, nft
 
 class NftablesBackend:
     name = "nftables"
+    cgroups = True
 
     def _run(self, ns: NetNS, command: str) -> tuple[int, str, str]:
         """One nft command or script in the namespace: through its session, else by `nft -f`."""
@@ -50,8 +51,29 @@ class NftablesBackend:
         if status != 0:
             raise EnforceError(err)
 
-    def listing(self, ns: NetNS) -> str | None:
-        status, out, err = self._run(ns, f"list table inet {nft.TABLE}")
+    def update_cgroups(self, ns: NetNS, ruleset: RuleSet) -> None:
+        """Put each container's current cgroup into its set (a restarted container's new one): one
+        small transaction through the namespace's session."""
+        status, err = self._load(ns, nft.elements(ruleset), f"{ruleset.pod}'s cgroups")
+        if status != 0:
+            raise EnforceError(err)
+
+    def listing(self, ns: NetNS, by_id: bool = False) -> str | None:
+        """The table as nft lists it; `by_id`: cgroups as IDs (listed from the blind namespace, on
+        a thread of its own: a kept session lists from the agent's mount namespace)."""
+        command = f"list table inet {nft.TABLE}"
+
+        def read_blind() -> tuple[int, str, str]:
+            blind.enter()
+            if libnft.available():
+                return libnft.run(command)
+            result = run_tool(None, ["nft", *command.split()])
+            return result.returncode, result.stdout, result.stderr
+
+        try:
+            status, out, err = ns.run(read_blind) if by_id else self._run(ns, command)
+        except blind.BlindError as error:
+            raise EnforceError(f"cannot list cgroup rules by ID: {error}") from None
         if status != 0:
             if "No such file or directory" in err:
                 return None
@@ -62,7 +84,7 @@ class NftablesBackend:
         return self.inspect(ns, ruleset).drift
 
     def inspect(self, ns: NetNS, ruleset: RuleSet) -> Inspection:
-        listed = self.listing(ns)
+        listed = self.listing(ns, by_id=ruleset.cgroups is not None)
         if listed is None:
             return Inspection([f"table inet {nft.TABLE} is missing"], {})
         return Inspection(nft.drift(ruleset, nft.parse(listed)), nft.refused(listed), nft.observed(listed))

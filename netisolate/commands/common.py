@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from netisolate.policy import IdentityMode
 from netisolate.rules import DEFAULT_SENTINEL_PORT, Settings
 
 ANNOTATION_HELP = """\
@@ -97,7 +98,19 @@ def add_rule_settings(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="also deny UID 0 (the runtime: kubectl port-forward), which is allowed by default",
     )
+    parser.add_argument(
+        "--identity",
+        type=IdentityMode,
+        choices=list(IdentityMode),
+        default=IdentityMode.UID,
+        help="what containers are known by, for pods without a netisolate.io/identity annotation: "
+        "uid (each container needs a UID of its own, not root), cgroup (its cgroup v2: containers "
+        "may share a UID or run as root; nftables only) or uid+cgroup (both must match) "
+        "(default uid)",
+    )
 
 
 def rule_settings(args: argparse.Namespace) -> Settings:
-    return Settings(sentinel_port=args.sentinel_port, allow_root=not args.deny_port_forward)
+    return Settings(
+        sentinel_port=args.sentinel_port, allow_root=not args.deny_port_forward, identity=args.identity
+    )

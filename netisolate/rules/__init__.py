@@ -58,17 +58,42 @@ squatter bound to it more specifically; rule 4 keeps the squatter from answering
 listener check reports the squatter (`PortSquatted`).
 
 PORT RANGES are kept as nft lists them back (see `_merged`), so drift detection is exact.
+
+CGROUP IDENTITY (`netisolate.io/identity: cgroup`, or `uid+cgroup` where both must match). Each
+container is known by its cgroup (v2) at the containers' level of the hierarchy (`socket cgroupv2
+level N`, the ancestor of the socket's cgroup at depth N): sockets a container creates can only be
+in its own cgroup, whatever UID it runs as, so containers may share a UID or run as root. Each
+container has a set of its own holding its cgroup's ID (empty until the agent has seen the cgroup),
+so a restart — a new cgroup — is an element update, not a new ruleset. The same decisions as above,
+with the container's cgroup (and, under uid+cgroup, its UID too) in place of the UID:
+
+- 2 and 4: a declared port is served only by the cgroup of a container that declares it;
+- 7: the runtime exception (UID 0) comes after the grants and after a catch-all that refuses
+  every other socket of the pod's own cgroup, one level up. A container whose new cgroup the
+  agent has not seen yet is refused, never let through as the runtime or given another's grant;
+- 8: a container's cgroup passes to its grants;
+- and on input: a packet that opens a flow to a declared port (a TCP SYN, any UDP datagram) is
+  refused when the socket it would be delivered to is not in an owner's cgroup, so a squatter
+  never receives what is meant for the owner (the hole UID identity can only report).
+
+A socket whose cgroup is shallower than the level (a process of the node, such as the runtime's
+port-forward) matches no cgroup rule at all. The kernel compares IDs; `nft` takes a path when it
+loads a rule and, when the path is not found under /sys/fs/cgroup, lists the ID back: rules are
+loaded by path and compared by ID (see netisolate.backends.nftables).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from itertools import groupby
 from typing import Literal
 
-from netisolate.policy import Level, PodPolicy, PortRange, Protocol
+from netisolate.policy import IdentityMode, Level, PodPolicy, PortRange, Protocol, without_grants
 
 DEFAULT_SENTINEL_PORT = 9
+# The kubelet's layout, either cgroup driver: kubepods/<qos>/pod<uid>/<container> (3 for a
+# Guaranteed pod, which has no QoS level). What `render` shows; the agent uses what it sees.
+DEFAULT_CGROUP_LEVEL = 4
 
 
 @dataclass(frozen=True)
@@ -77,6 +102,7 @@ class Settings:
 
     sentinel_port: int = DEFAULT_SENTINEL_PORT
     allow_root: bool = True  # False with --deny-port-forward
+    identity: IdentityMode = IdentityMode.UID  # the node's default, --identity
 
 
 @dataclass(frozen=True)
@@ -103,6 +129,69 @@ class Owner:
     containers: str
 
 
+@dataclass(frozen=True, order=True)
+class Cgroup:
+    """A cgroup (v2) as the rules name it: its ID, which the kernel compares and nft lists back,
+    and the path nft resolves to that ID when it loads the rules (relative to /sys/fs/cgroup)."""
+
+    id: int
+    path: str
+
+
+@dataclass(frozen=True)
+class PodCgroups:
+    """What the agent has seen of a pod's cgroups: the containers' level (their depth below the
+    root of the v2 hierarchy), the pod's own cgroup (one level up) and each started container's."""
+
+    level: int
+    pod: Cgroup | None = None
+    containers: tuple[tuple[str, Cgroup], ...] = ()  # (container name, its cgroup), sorted
+
+
+@dataclass(frozen=True)
+class Member:
+    """A container known by its cgroup; under uid+cgroup its UID must match as well."""
+
+    name: str
+    uid: int | None
+    cgroup: Cgroup | None  # None until the agent has seen it: the set is empty, nothing matches
+    grants: tuple[tuple[Protocol, tuple[PortRange, ...]], ...]
+
+    @property
+    def set(self) -> str:
+        return f"c-{self.name}"
+
+
+@dataclass(frozen=True)
+class CgroupOwner:
+    """A declared port and the containers that declare it, by name."""
+
+    protocol: Protocol
+    port: int
+    members: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class CgroupRules:
+    """The cgroup half of a ruleset (cgroup and uid+cgroup identity)."""
+
+    by_uid: bool  # uid+cgroup: a member's UID must match too
+    level: int
+    pod: Cgroup | None
+    members: tuple[Member, ...]
+    owners: tuple[CgroupOwner, ...]
+
+    def owned(self, protocol: Protocol) -> tuple[CgroupOwner, ...]:
+        return tuple(owner for owner in self.owners if owner.protocol == protocol)
+
+    def uids(self, owner: CgroupOwner) -> tuple[int, ...]:
+        return tuple(sorted({m.uid for m in self.members if m.name in owner.members and m.uid is not None}))
+
+    def elements(self) -> tuple[tuple[str, Cgroup | None], ...]:
+        """Every set of ours and the cgroup it holds: the pod's, then each container's."""
+        return (("pod", self.pod), *((m.set, m.cgroup) for m in self.members))
+
+
 @dataclass(frozen=True)
 class RuleSet:
     pod: str
@@ -112,11 +201,24 @@ class RuleSet:
     grants: tuple[Grant, ...]
     identities: tuple[Identity, ...]
     owners: tuple[Owner, ...] = ()
+    cgroups: CgroupRules | None = None  # cgroup identity (then grants, identities, owners are empty)
 
     @property
     def stateful(self) -> bool:
         """Conntrack is needed only for UDP replies (see CONNECTION STATE)."""
-        return self.mode == "audit" or any(grant.protocol == "udp" for grant in self.grants)
+        members = self.cgroups.members if self.cgroups else ()
+        return (
+            self.mode == "audit"
+            or any(grant.protocol == "udp" for grant in self.grants)
+            or any(protocol == "udp" for m in members for protocol, _ in m.grants)
+        )
+
+    def same_but_cgroups(self, other: RuleSet) -> bool:
+        """Whether the two differ at most in which cgroups their sets hold: then an element update
+        turns one into the other."""
+        if self.cgroups is None or other.cgroups is None:
+            return False
+        return replace(self, cgroups=_unseen(self.cgroups)) == replace(other, cgroups=_unseen(other.cgroups))
 
     def owned(self, protocol: Protocol) -> tuple[Owner, ...]:
         return tuple(owner for owner in self.owners if owner.protocol == protocol)
@@ -141,11 +243,38 @@ def _merged(ranges: list[PortRange]) -> tuple[PortRange, ...]:
     return tuple(merged)
 
 
-def build_ruleset(policy: PodPolicy, settings: Settings, user_namespaced: bool = False) -> RuleSet | None:
+def without_cgroups(policy: PodPolicy, settings: Settings, reason: str) -> tuple[PodPolicy, Settings]:
+    """Where cgroups cannot be matched (no cgroup v2, the iptables backend), a pod that asks for
+    cgroup identity is enforced under UID rules with no grants and no runtime exception: its
+    containers may share UIDs or run as root, so no UID may pass (fail closed)."""
+    closed = without_grants(replace(policy, identity=IdentityMode.UID), f"cgroup identity: {reason}")
+    return closed, replace(settings, allow_root=False)
+
+
+def granted(rs: RuleSet) -> list[tuple[str, tuple[PortRange, ...]]]:
+    """(who, ports) for each grant, whatever the identity: for messages."""
+    if rs.cgroups is not None:
+        return [(m.name, ports) for m in rs.cgroups.members for _, ports in m.grants]
+    return [(g.containers, g.ports) for g in rs.grants]
+
+
+def _unseen(rules: CgroupRules) -> CgroupRules:
+    return replace(rules, pod=None, members=tuple(replace(m, cgroup=None) for m in rules.members))
+
+
+def build_ruleset(
+    policy: PodPolicy,
+    settings: Settings,
+    user_namespaced: bool = False,
+    cgroups: PodCgroups | None = None,
+) -> RuleSet | None:
     """The ruleset for an isolated pod, or None when its level is off. `user_namespaced`: the kernel
-    says the pod's network namespace belongs to a user namespace of its own, whatever the spec says."""
+    says the pod's network namespace belongs to a user namespace of its own, whatever the spec says.
+    `cgroups`: what the agent has seen of the pod's cgroups (cgroup identities only)."""
     if policy.level is Level.OFF:
         return None
+    if policy.identity.by_cgroup:
+        return _cgroup_ruleset(policy, settings, user_namespaced, cgroups or PodCgroups(DEFAULT_CGROUP_LEVEL))
     by_uid = sorted((c.uid, c.name, c.grants) for c in policy.containers if c.uid is not None)
     identities, grants = [], []
     for uid, group in groupby(by_uid, key=lambda item: item[0]):
@@ -185,3 +314,32 @@ def _owners(policy: PodPolicy) -> tuple[Owner, ...]:
         uids = tuple(sorted({uid for _, _, uid, _ in members}))
         owners.append(Owner(protocol, port, uids, ",".join(sorted({name for *_, name in members}))))
     return tuple(owners)
+
+
+def _cgroup_ruleset(
+    policy: PodPolicy, settings: Settings, user_namespaced: bool, seen: PodCgroups
+) -> RuleSet:
+    """Cgroup identity: one member per container, its grants merged as nft keeps them; under
+    uid+cgroup a container without a UID has no identity the rules can name and is granted nothing."""
+    cgroups = dict(seen.containers)
+    by_uid = policy.identity.by_uid
+    members = []
+    for c in policy.containers:
+        usable = c.uid is not None or not by_uid
+        protocols: tuple[Protocol, ...] = ("tcp", "udp")
+        grants = tuple(
+            (protocol, ports)
+            for protocol in protocols
+            if usable and (ports := _merged(sorted({r for r in c.grants if r.protocol == protocol})))
+        )
+        members.append(Member(c.name, c.uid, cgroups.get(c.name), grants))
+    declared = sorted((p.protocol, p.low, c.name) for c in policy.containers for p in c.declared)
+    owners = tuple(
+        CgroupOwner(protocol, port, tuple(sorted({name for *_, name in group})))
+        for (protocol, port), group in groupby(declared, key=lambda item: item[:2])
+    )
+    mode: Literal["enforce", "audit"] = "enforce" if policy.level is Level.ENFORCE else "audit"
+    # the runtime exception needs the pod's cgroup to refuse the pod's own root processes first
+    allow_root = settings.allow_root and not (policy.user_namespaced or user_namespaced) and bool(seen.pod)
+    rules = CgroupRules(by_uid, seen.level, seen.pod, tuple(members), owners)
+    return RuleSet(policy.pod, mode, settings.sentinel_port, allow_root, (), (), (), rules)

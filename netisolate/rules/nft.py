@@ -24,7 +24,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from netisolate.policy import PortRange
-from netisolate.rules import RuleSet
+from netisolate.rules import Cgroup, CgroupOwner, CgroupRules, Member, RuleSet
 
 TABLE = "netisolate"
 IDENTITY = "meta skuid"
@@ -65,7 +65,10 @@ def _comment(containers: str) -> str:
 
 
 def sets(rs: RuleSet) -> tuple[NftSet, ...]:
-    """The table's named sets with the elements this ruleset wants, in a stable order."""
+    """The table's named sets with the elements this ruleset wants, in a stable order (UID
+    identity; cgroup identity has a set per container, see `_sets`)."""
+    if rs.cgroups is not None:
+        return ()
     grants = [
         f"{g.uid} . {g.protocol} . {_port(p)}{_comment(g.containers)}" for g in rs.grants for p in g.ports
     ]
@@ -96,6 +99,8 @@ def sets(rs: RuleSet) -> tuple[NftSet, ...]:
 
 
 def _judging(rs: RuleSet) -> list[str]:
+    if rs.cgroups is not None:
+        return _judging_by_cgroup(rs, rs.cgroups)
     rules = [
         "tcp flags ! syn accept",
         f"{_SYN_ACK} {_SERVED['tcp']} != @owners goto refuse",
@@ -119,8 +124,120 @@ def _judging(rs: RuleSet) -> list[str]:
     return rules
 
 
-def _refuse() -> list[str]:
+def _refuse(rs: RuleSet) -> list[str]:
+    if rs.cgroups is not None:
+        cg = rs.cgroups
+        rules = [f'{_in(cg, m.set)} counter goto deny comment "{m.name}"' for m in cg.members]
+        return [*rules, "counter goto deny"]
     return [f"{IDENTITY} @identities goto deny", "counter goto deny"]
+
+
+def _listed(numbers: tuple[int, ...]) -> str:
+    return str(numbers[0]) if len(numbers) == 1 else "{ " + ", ".join(map(str, numbers)) + " }"
+
+
+def _ports(ports: tuple[PortRange, ...]) -> str:
+    items = [_port(p) for p in ports]
+    return items[0] if len(items) == 1 else "{ " + ", ".join(items) + " }"
+
+
+# --- cgroup identity (see CGROUP IDENTITY) -----------------------------------------------------
+
+
+def _in(cg: CgroupRules, set_name: str, level: int | None = None, negated: bool = False) -> str:
+    depth = cg.level if level is None else level
+    return f"socket cgroupv2 level {depth} {'!= ' if negated else ''}@{set_name}"
+
+
+def _member(cg: CgroupRules, m: Member) -> str:
+    """The match for a member's sockets: its cgroup, and under uid+cgroup its UID as well."""
+    return (f"meta skuid {m.uid} " if cg.by_uid else "") + _in(cg, m.set)
+
+
+def _not_owner(cg: CgroupRules, owner: CgroupOwner) -> str:
+    return " ".join(_in(cg, f"c-{name}", negated=True) for name in owner.members)
+
+
+def _judging_by_cgroup(rs: RuleSet, cg: CgroupRules) -> list[str]:
+    usable = [m for m in cg.members if m.uid is not None or not cg.by_uid]
+    rules = ["tcp flags ! syn accept"]
+    # A SYN-ACK leaves from a request socket, which `socket cgroupv2` cannot see (it breaks): a
+    # declared TCP port is kept to its owners on input instead (`_receiving`), where the SYN meets
+    # the listener. Under uid+cgroup the owners' UIDs are held to it here as well.
+    for owner in cg.owned("tcp") if cg.by_uid else ():
+        served = f"{_SYN_ACK} tcp sport {owner.port}"
+        if uids := cg.uids(owner):
+            rules.append(f'{served} meta skuid {_listed(uids)} accept comment "{",".join(owner.members)}"')
+        rules.append(f"{served} goto refuse")
+    rules += [
+        f"{_SYN_ACK} accept",
+        "icmp type { destination-unreachable, time-exceeded, parameter-problem } accept",
+        "icmpv6 type { destination-unreachable, packet-too-big, time-exceeded, parameter-problem } accept",
+    ]
+    for owner in cg.owned("udp"):
+        comment = f'comment "{",".join(owner.members)}"'
+        rules.append(f"udp sport {owner.port} {_not_owner(cg, owner)} goto refuse {comment}")
+        if cg.by_uid:
+            uids = cg.uids(owner)
+            rules.append(
+                f"udp sport {owner.port} meta skuid != {_listed(uids)} goto refuse {comment}"
+                if uids
+                else f"udp sport {owner.port} goto refuse {comment}"
+            )
+    if rs.stateful:
+        rules.append("ct direction reply accept")
+    rules.append(
+        f"meta l4proto {{ tcp, udp }} th dport {rs.sentinel_port} reject with icmpx admin-prohibited"
+    )
+    rules += [
+        f'{_member(cg, m)} {protocol} dport {_ports(ports)} accept comment "{m.name}"'
+        for m in usable
+        for protocol, ports in m.grants
+    ]
+    rules.append(f"{_in(cg, 'pod', level=cg.level - 1)} goto refuse")
+    if rs.allow_root:
+        rules.append("meta skuid 0 accept")
+    rules.append("goto refuse")
+    return rules
+
+
+def _receiving(cg: CgroupRules) -> list[str]:
+    """The input hook: what opens a flow to a declared port is refused when the socket it would be
+    delivered to is in no owner's cgroup."""
+    opening = {"tcp": "tcp flags syn / syn,ack tcp", "udp": "udp"}
+    return [
+        "type filter hook input priority filter; policy accept;",
+        *(
+            f"{opening[o.protocol]} dport {o.port} {_not_owner(cg, o)} goto refuse "
+            f'comment "{",".join(o.members)}"'
+            for o in cg.owners
+        ),
+    ]
+
+
+def _element(cgroup: Cgroup, loading: bool) -> str:
+    """nft lists an ID back when it finds no path for it (the agent lists from where it cannot)."""
+    return f'"{cgroup.path}"' if loading else str(cgroup.id)
+
+
+def _sets(cg: CgroupRules, loading: bool) -> list[str]:
+    blocks = []
+    for name, cgroup in cg.elements():
+        lines = ["type cgroupsv2", *([f"elements = {{ {_element(cgroup, loading)} }}"] if cgroup else [])]
+        blocks.append(f"\tset {name} {{\n" + "".join(f"\t\t{line}\n" for line in lines) + "\t}")
+    return blocks
+
+
+def elements(rs: RuleSet) -> str:
+    """The `nft -f` document that puts each container's current cgroup into its set, and nothing
+    else: one transaction, so a set is never seen empty in between."""
+    assert rs.cgroups is not None
+    lines = []
+    for name, cgroup in rs.cgroups.elements():
+        lines.append(f"flush set inet {TABLE} {name}")
+        if cgroup:
+            lines.append(f"add element inet {TABLE} {name} {{ {_element(cgroup, True)} }}")
+    return "\n".join(lines) + "\n"
 
 
 def _deny(rs: RuleSet) -> list[str]:
@@ -136,19 +253,22 @@ def _set_block(s: NftSet) -> str:
     return f"\tset {s.name} {{\n" + "".join(lines) + "\t}"
 
 
-def table(rs: RuleSet) -> str:
+def table(rs: RuleSet, loading: bool = False) -> str:
     """The table block as `nft list table inet netisolate` prints it, but for the line breaks inside
-    element lists; counters print as `counter`."""
+    element lists; counters print as `counter`. `loading`: cgroups by path, for `nft -f` (it lists
+    them back by ID, see CGROUP IDENTITY)."""
     chains = {
         "output": [
             "type filter hook output priority filter; policy accept;",
             *(f"{match} jump loopback" for match in _JUDGED),
         ],
         "loopback": _judging(rs),
-        "refuse": _refuse(),
+        "refuse": _refuse(rs),
         "deny": _deny(rs),
     }
-    blocks = [_set_block(s) for s in sets(rs)]
+    if rs.cgroups is not None and rs.cgroups.owners:
+        chains["input"] = _receiving(rs.cgroups)
+    blocks = _sets(rs.cgroups, loading) if rs.cgroups is not None else [_set_block(s) for s in sets(rs)]
     blocks += [
         f"\tchain {name} {{\n" + "".join(f"\t\t{line}\n" for line in lines) + "\t}"
         for name, lines in chains.items()
@@ -159,14 +279,14 @@ def table(rs: RuleSet) -> str:
 def create(rs: RuleSet) -> str:
     """The `nft -f` document for a namespace that has no table of ours: it fails ("File exists")
     rather than touch one that is there, and costs a third of a replacement (no RCU wait)."""
-    return f"create table inet {TABLE}\n{table(rs)}"
+    return f"create table inet {TABLE}\n{table(rs, loading=True)}"
 
 
 def replace(rs: RuleSet) -> str:
     """The `nft -f` document that replaces our table, whatever is there: declare (so it works on a
     first apply too), delete, re-create. The kernel applies all of it or none, so there is no moment
     with half a table, and loading it twice leaves the same table: atomic and idempotent."""
-    return f"table inet {TABLE}\ndelete table inet {TABLE}\n{table(rs)}"
+    return f"table inet {TABLE}\ndelete table inet {TABLE}\n{table(rs, loading=True)}"
 
 
 # --- reading a listing back ----------------------------------------------------------------------
@@ -204,14 +324,14 @@ def element_key(element: str, interval: bool) -> str:
     return f"{key}-{last}" if interval and last.isdigit() else key
 
 
-def _element_changes(rs: RuleSet, listed: Listing) -> list[tuple[NftSet, list[str], list[str]]]:
-    """(set, elements missing, elements unexpected) for each of our sets; dynamic sets never count."""
+def _element_changes(rs: RuleSet, listed: Listing) -> list[tuple[str, list[str], list[str]]]:
+    """(set, elements missing, elements unexpected) for each set either side has; the kernel's own
+    (`observed`) never count."""
+    wanted = parse(table(rs)).elements
     changes = []
-    for s in sets(rs):
-        if not s.dynamic:
-            have = listed.elements.get(s.name, ())
-            missing = [e for e in s.elements if e not in have]
-            changes.append((s, missing, sorted(set(have) - set(s.elements))))
+    for name in sorted({*wanted, *listed.elements} - {"observed"}):
+        want, have = wanted.get(name, ()), listed.elements.get(name, ())
+        changes.append((name, [e for e in want if e not in have], sorted(set(have) - set(want))))
     return changes
 
 
@@ -219,15 +339,16 @@ def update(rs: RuleSet, listed: Listing) -> str | None:
     """The `nft -f` document that turns a listed table with this ruleset's layout into exactly this
     ruleset by element updates alone — one transaction, so no packet sees a half-changed policy —
     or None when the layout differs (then only `replace` will do). "" when nothing is to change."""
-    if parse(table(rs)).layout != listed.layout:
-        return None
+    if rs.cgroups is not None or parse(table(rs)).layout != listed.layout:
+        return None  # cgroup identity: `elements` updates its sets, anything else is a replace
+    interval = {s.name for s in sets(rs) if "flags interval" in s.declaration}
     lines = []
-    for s, missing, unexpected in _element_changes(rs, listed):
+    for name, missing, unexpected in _element_changes(rs, listed):
         if unexpected:
-            keys = ", ".join(sorted({element_key(e, "flags interval" in s.declaration) for e in unexpected}))
-            lines.append(f"delete element inet {TABLE} {s.name} {{ {keys} }}\n")
+            keys = ", ".join(sorted({element_key(e, name in interval) for e in unexpected}))
+            lines.append(f"delete element inet {TABLE} {name} {{ {keys} }}\n")
         if missing:
-            lines.append(f"add element inet {TABLE} {s.name} {{ {', '.join(missing)} }}\n")
+            lines.append(f"add element inet {TABLE} {name} {{ {', '.join(missing)} }}\n")
     return "".join(lines)
 
 
@@ -236,9 +357,9 @@ def drift(rs: RuleSet, listed: Listing) -> list[str]:
     missing or unexpected, and each set's missing or unexpected elements. Counter values and the
     kernel-written `observed` elements never count."""
     problems = _line_drift(parse(table(rs)).layout, listed.layout)
-    for s, missing, unexpected in _element_changes(rs, listed):
-        problems += [f"missing in set {s.name}: {e}" for e in missing]
-        problems += [f"unexpected in set {s.name}: {e}" for e in unexpected]
+    for name, missing, unexpected in _element_changes(rs, listed):
+        problems += [f"missing in set {name}: {e}" for e in missing]
+        problems += [f"unexpected in set {name}: {e}" for e in unexpected]
     return problems
 
 
@@ -255,7 +376,7 @@ def _line_drift(expected: str, actual: str) -> list[str]:
 
 _OBSERVED = re.compile(r"^(.+?) \. (tcp|udp) \. (\d+) counter packets (\d+)")
 _IDENTITY_COUNTER = re.compile(r'^(.+?) counter packets (\d+) bytes \d+(?: comment "([^"]*)")?')
-_UNKNOWN_COUNTER = re.compile(r"counter packets (\d+) bytes \d+ goto deny\n")
+_DENY_RULE = re.compile(r'counter packets (\d+) bytes \d+ goto deny(?: comment "([^"]*)")?\n')
 
 
 def observed(text: str) -> list[tuple[str, str, int, int]]:
@@ -275,8 +396,8 @@ def refused(text: str) -> dict[str, int]:
         match = _IDENTITY_COUNTER.match(element)
         if match:
             counts[match[3] or ""] = counts.get(match[3] or "", 0) + int(match[2])
-    for packets in _UNKNOWN_COUNTER.findall(text):
-        counts[""] = counts.get("", 0) + int(packets)
+    for packets, containers in _DENY_RULE.findall(text):  # unknown sockets; cgroup identity's members
+        counts[containers] = counts.get(containers, 0) + int(packets)
     return counts
 
 

@@ -1,0 +1,212 @@
+"""Each container's cgroup (v2) on this node, for cgroup identity, and a watch that says at once
+when a pod's cgroups change (a restarted container gets a new one).
+
+Where cgroup v2 is: the first cgroup2 mount of the agent's mount namespace that shows the whole
+hierarchy (its top has no `cgroup.events`, which only non-root cgroups carry): `/sys/fs/cgroup` on
+a pure v2 node, `/sys/fs/cgroup/unified` on a hybrid one, or the node's hierarchy mounted into the
+agent's container. /proc/PID/cgroup and mountinfo both name cgroups relative to the root of the
+agent's own cgroup namespace (`/../..` above it), so a process's cgroup is found under the mount by
+taking one path from the other, and its level is its depth below the hierarchy's root.
+
+Which cgroup is whose: a pod's containers' cgroups are the children of the pod's cgroup (the
+sandbox's parent), each named after its container's ID (`<id>`, `cri-containerd-<id>.scope`,
+`crio-<id>.scope`); the pod's `containerStatuses` say which ID is which container. A cgroup no
+status names yet belongs to nobody: its container is refused until the agent knows it.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import struct
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from netisolate.backends.blind import CGROUP_ROOT
+from netisolate.model import Pod
+from netisolate.rules import Cgroup, PodCgroups
+
+log = logging.getLogger(__name__)
+
+
+def v2_path(proc_cgroup: str) -> str | None:
+    """The cgroup v2 path of a /proc/PID/cgroup file (its `0::` line)."""
+    for line in proc_cgroup.splitlines():
+        if line.startswith("0::"):
+            return line[3:]
+    return None
+
+
+@dataclass(frozen=True)
+class Mount:
+    root: str  # the mount's top, as a cgroup path (relative to our cgroup namespace)
+    point: str
+
+
+def v2_mounts(mountinfo: str) -> list[Mount]:
+    mounts = []
+    for line in mountinfo.splitlines():
+        fields = line.split()
+        if " - cgroup2 " in line and len(fields) > 4:
+            mounts.append(Mount(fields[3].replace("\\040", " "), fields[4].replace("\\040", " ")))
+    return mounts
+
+
+def below(path: str, root: str) -> list[str] | None:
+    """The parts of cgroup `path` below `root` (both as the kernel prints them, `..` allowed), or
+    None when path is not under root."""
+    p = [part for part in path.split("/") if part]
+    r = [part for part in root.split("/") if part]
+    return p[len(r) :] if p[: len(r)] == r and ".." not in p[len(r) :] else None
+
+
+def container_ids(pod: Pod) -> dict[str, str]:
+    """{container name: runtime ID} from the pod's statuses (`containerd://<id>`)."""
+    status = pod.status
+    if status is None:
+        return {}
+    every = [
+        *status.init_container_statuses,
+        *status.container_statuses,
+        *status.ephemeral_container_statuses,
+    ]
+    return {s.name: s.container_id.split("://", 1)[-1] for s in every if s.container_id}
+
+
+def named(entries: list[str], ids: dict[str, str]) -> dict[str, str]:
+    """{container name: its cgroup directory's name} for the IDs a directory name carries whole."""
+    found = {}
+    for name, cid in ids.items():
+        if len(cid) < 12:  # a short or empty ID could name someone else's cgroup
+            continue
+        for entry in entries:
+            if entry == cid or entry.endswith((f"-{cid}.scope", f"-{cid}")):
+                found[name] = entry
+    return found
+
+
+class NodeCgroups:
+    """The node's cgroup v2 hierarchy as the agent sees it, and the watch on pods' cgroups."""
+
+    def __init__(
+        self, sandbox_cgroup: Callable[[Pod], str | None], mountinfo: str = "/proc/self/mountinfo"
+    ) -> None:
+        self.sandbox_cgroup = sandbox_cgroup  # the pod's sandbox's cgroup path, from /proc
+        self.mount: Mount | None = None
+        self.reason = ""
+        try:
+            with open(mountinfo) as info:
+                mounts = v2_mounts(info.read())
+        except OSError as err:
+            mounts, self.reason = [], f"cannot read {mountinfo}: {err.strerror}"
+        for mount in mounts:
+            if not os.path.exists(os.path.join(mount.point, "cgroup.events")):
+                self.mount = mount
+                break
+        if self.mount is None and not self.reason:
+            self.reason = (
+                "no cgroup v2 hierarchy is mounted whole in the agent's mount namespace "
+                f"(cgroup2 mounts: {[m.point for m in mounts] or 'none'}); mount the node's "
+                "/sys/fs/cgroup (or /sys/fs/cgroup/unified) into the agent"
+            )
+        self._watch = _Watch()
+
+    def unavailable(self) -> str | None:
+        return None if self.mount else self.reason
+
+    def on_change(self, callback: Callable[[str], None]) -> None:
+        """callback(pod UID) whenever a watched pod's container cgroups come or go."""
+        self._watch.callback = callback
+
+    def seen(self, pod: Pod) -> PodCgroups | None:
+        """The pod's cgroups, or None when its sandbox's cgroup is not in the hierarchy we see.
+        Starts watching the pod's cgroup."""
+        sandbox_cgroup = self.sandbox_cgroup(pod)
+        if self.mount is None or sandbox_cgroup is None:
+            return None
+        parts = below(sandbox_cgroup, self.mount.root)
+        if not parts or len(parts) < 2:
+            return None
+        pod_dir = os.path.join(self.mount.point, *parts[:-1])
+        self._watch.add(pod.metadata.uid or pod.ref, pod_dir)
+        try:
+            entries = [e.name for e in os.scandir(pod_dir) if e.is_dir(follow_symlinks=False)]
+            pod_cgroup = self.cgroup_of(pod_dir)
+            containers = {
+                name: self.cgroup_of(os.path.join(pod_dir, entry))
+                for name, entry in named(entries, container_ids(pod)).items()
+            }
+        except FileNotFoundError:
+            return None
+        return PodCgroups(len(parts), pod_cgroup, tuple(sorted(containers.items())))
+
+    def forget(self, uid: str) -> None:
+        self._watch.remove(uid)
+
+    @staticmethod
+    def cgroup_of(directory: str) -> Cgroup:
+        """A cgroup's ID is its directory's inode number; nft finds it under /sys/fs/cgroup."""
+        return Cgroup(os.stat(directory).st_ino, os.path.relpath(directory, CGROUP_ROOT))
+
+
+IN_CREATE, IN_DELETE, IN_ONLYDIR, IN_CLOEXEC = 0x100, 0x200, 0x1000000, 0x80000
+_EVENT = struct.Struct("iIII")
+
+
+class _Watch:
+    """inotify on pods' cgroup directories: a container's cgroup appearing is reported within a
+    millisecond, with no polling. One thread reads all watches."""
+
+    def __init__(self) -> None:
+        self.callback: Callable[[str], None] = lambda uid: None
+        self._libc = ctypes.CDLL(None, use_errno=True)
+        self._fd = -1
+        self._pods: dict[int, str] = {}  # watch descriptor -> pod UID
+        self._dirs: dict[str, tuple[int, str]] = {}  # pod UID -> (wd, directory)
+        self._lock = threading.Lock()
+
+    def add(self, uid: str, directory: str) -> None:
+        with self._lock:
+            if self._dirs.get(uid, (0, ""))[1] == directory:
+                return
+            if self._fd < 0:
+                self._fd = self._libc.inotify_init1(IN_CLOEXEC)
+                if self._fd < 0:
+                    log.error("inotify unavailable: cgroup changes are seen at verification only")
+                    return
+                threading.Thread(target=self._read, name="cgroup-watch", daemon=True).start()
+            mask = IN_CREATE | IN_DELETE | IN_ONLYDIR
+            wd = self._libc.inotify_add_watch(self._fd, directory.encode(), mask)
+            if wd < 0:
+                return  # gone already; the next sync finds the pod's new cgroup
+            self._pods[wd] = uid
+            self._dirs[uid] = (wd, directory)
+
+    def remove(self, uid: str) -> None:
+        with self._lock:
+            wd, _ = self._dirs.pop(uid, (-1, ""))
+            if self._pods.pop(wd, None) is not None:
+                self._libc.inotify_rm_watch(self._fd, wd)
+
+    def _read(self) -> None:
+        while True:
+            try:
+                data = os.read(self._fd, 65536)
+            except OSError as err:
+                log.error("cgroup watch ended", extra={"error": str(err)})
+                return
+            changed, offset = set(), 0
+            while offset + _EVENT.size <= len(data):
+                wd, _mask, _cookie, length = _EVENT.unpack_from(data, offset)
+                offset += _EVENT.size + length
+                with self._lock:
+                    uid = self._pods.get(wd)
+                if uid is not None:
+                    changed.add(uid)
+            for uid in changed:
+                try:
+                    self.callback(uid)
+                except Exception:  # one pod's trouble must not end the watch for every pod
+                    log.exception("reacting to a cgroup change failed", extra={"pod_uid": uid})
