@@ -12,7 +12,7 @@ from netisolate.commands.common import ANNOTATION_HELP
 from netisolate.model import InputError
 
 # Modules under netisolate.commands, in the order `--help` lists them.
-COMMANDS = ("check", "render", "enforce", "demo", "agent", "gate", "webhook", "audit")
+COMMANDS = ("check", "render", "suggest", "enforce", "demo", "agent", "gate", "webhook", "audit")
 
 
 def build_parser(only: str | None = None) -> argparse.ArgumentParser:
