@@ -6,7 +6,8 @@ apply-new / apply-update  per-namespace apply of a 3-container x 4-port policy, 
                           and p95, next to the same text loaded by the raw tool from the same thread
 apply-100                 updating 100 pod namespaces (serial and with apply_many's 8 workers)
 loopback                  connection rate and throughput between two UIDs, without and with rules,
-                          in interleaved rounds: medians, and the spread of the per-round ratios
+                          in interleaved rounds: medians, and the spread of the per-round ratios,
+                          next to a control (without rules twice: the machine's own noise)
 """
 
 from __future__ import annotations
@@ -29,10 +30,10 @@ from netisolate.rules import RuleSet, Settings, build_ruleset, iptables, nft
 UIDS = {"app": 1000, "proxy": 1001, "worker": 1002}
 
 
-def bench_pod(extra_port: int = 0) -> Pod:
+def bench_pod(extra_port: int = 0, identity: str = "uid") -> Pod:
     """Each container is granted 4 ports, which the next one declares it serves (so the loopback
     connections, app → proxy on 8000, pass the SYN-ACK ownership rules too)."""
-    annotations = {"netisolate.io/isolation": "enforce"}
+    annotations = {"netisolate.io/isolation": "enforce", "netisolate.io/identity": identity}
     names = list(UIDS)
     served: dict[str, list[dict[str, int]]] = {}
     for i, name in enumerate(names):
@@ -163,8 +164,10 @@ print(json.dumps({"conn_per_s": n / seconds, "mib_per_s": sent / (1 << 20) / (ti
 """
 
 
-def measure(pod: LocalPod, seconds: float) -> dict[str, float]:
-    client = pod.spawn(as_uid(UIDS["app"], ["/usr/bin/python3", "-c", CLIENT, "8000", str(seconds)]))
+def measure(pod: LocalPod, seconds: float, container: str | None = None) -> dict[str, float]:
+    """The app's client, in the app container's cgroup when the pod has them."""
+    argv = as_uid(UIDS["app"], ["/usr/bin/python3", "-c", CLIENT, "8000", str(seconds)])
+    client = pod.spawn(argv, container=container)
     out, err = client.communicate(timeout=seconds * 3 + 10)
     pod.processes.remove(client)
     if client.returncode != 0:
@@ -179,25 +182,38 @@ def _without_rules(ns: NetNS) -> None:
         run_tool(ns, [family, "-F", "OUTPUT"])
 
 
+def _ratios(ours: list[dict[str, float]], base: list[dict[str, float]], key: str) -> dict[str, object]:
+    """The ratio of the medians, and min/median/max of the rounds' own ratios."""
+    paired = sorted(o[key] / b[key] for o, b in zip(ours, base, strict=True))
+    return {
+        "ratio": round(statistics.median(o[key] for o in ours) / statistics.median(b[key] for b in base), 3),
+        "per_round_min_median_max": [
+            round(paired[0], 3),
+            round(statistics.median(paired), 3),
+            round(paired[-1], 3),
+        ],
+    }
+
+
 def bench_loopback(backend: Backend, rounds: int, seconds: float) -> dict[str, object]:
     """app (UID 1000, granted 8000) → proxy (UID 1001, which declares 8000) on 127.0.0.1:8000;
-    TCP-only grants, so no conntrack. Each round measures without and with rules, in alternating
-    order (ABBA), so drift of a shared machine hits both alike; the spread is that of the rounds'
-    own with/without ratios."""
+    TCP-only grants, so no conntrack. Each round measures without rules, with rules, and without
+    rules again (a control: what the machine's own noise makes of two identical runs), in an order
+    that rotates from round to round, so drift of a shared machine hits all three alike."""
+    arms: dict[str, list[dict[str, float]]] = {"without": [], "with": [], "control": []}
     with LocalPod(bench_pod()) as pod:
         ns = pod.ns
         assert ns is not None
         server = pod.spawn(as_uid(UIDS["proxy"], ["/usr/bin/python3", "-c", SERVER, "8000"]))
         assert server.stdout is not None and server.stdout.readline().strip() == "ready"
-        base: list[dict[str, float]] = []
-        ruled: list[dict[str, float]] = []
+        names = list(arms)
         for i in range(rounds):
-            for with_rules in (False, True) if i % 2 == 0 else (True, False):
-                if with_rules:
+            for arm in names[i % 3 :] + names[: i % 3]:
+                if arm == "with":
                     backend.apply(ns, ruleset())
                 else:
                     _without_rules(ns)
-                (ruled if with_rules else base).append(measure(pod, seconds))
+                arms[arm].append(measure(pod, seconds))
     result: dict[str, object] = {
         "scenario": "loopback",
         "backend": backend.name,
@@ -205,18 +221,11 @@ def bench_loopback(backend: Backend, rounds: int, seconds: float) -> dict[str, o
         "seconds_each": seconds,
     }
     for key, name in (("conn_per_s", "conn_rate"), ("mib_per_s", "throughput")):
-        without = statistics.median(r[key] for r in base)
-        with_ = statistics.median(r[key] for r in ruled)
-        paired = sorted(r[key] / b[key] for r, b in zip(ruled, base, strict=True))
         result |= {
-            f"{key}_without": round(without),
-            f"{key}_with": round(with_),
-            f"{name}_ratio": round(with_ / without, 3),
-            f"{name}_ratio_per_round_min_median_max": [
-                round(paired[0], 3),
-                round(statistics.median(paired), 3),
-                round(paired[-1], 3),
-            ],
+            f"{key}_without": round(statistics.median(r[key] for r in arms["without"])),
+            f"{key}_with": round(statistics.median(r[key] for r in arms["with"])),
+            f"{name}": _ratios(arms["with"], arms["without"], key),
+            f"{name}_control": _ratios(arms["control"], arms["without"], key),
         }
     return result
 
@@ -232,6 +241,13 @@ def main() -> None:
     parser.add_argument(
         "--loopback-rounds", type=int, default=0, metavar="N", help="rounds of the loopback scenario"
     )
+    parser.add_argument(
+        "--loopback-seconds",
+        type=float,
+        default=0.0,
+        metavar="S",
+        help="seconds of each loopback measurement (on a busy machine: more, shorter rounds)",
+    )
     args = parser.parse_args()
     rounds, many, loop_rounds, seconds = (5, 10, 2, 0.3) if args.quick else (40, 100, 6, 2.0)
     for name in ("nftables", "iptables"):
@@ -240,7 +256,10 @@ def main() -> None:
             for result in bench_apply(backend, rounds):
                 print(json.dumps(result), flush=True)
             print(json.dumps(bench_many(backend, many)), flush=True)
-        print(json.dumps(bench_loopback(backend, args.loopback_rounds or loop_rounds, seconds)), flush=True)
+        loopback = bench_loopback(
+            backend, args.loopback_rounds or loop_rounds, args.loopback_seconds or seconds
+        )
+        print(json.dumps(loopback), flush=True)
 
 
 if __name__ == "__main__":

@@ -6,9 +6,9 @@ The webhook and `netisolate check` both call `review_pod`, `review_ephemeral` an
 
 from __future__ import annotations
 
+import posixpath
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
-from itertools import combinations
 
 from netisolate.config import Config, Severity, image_matches
 from netisolate.model import (
@@ -16,22 +16,28 @@ from netisolate.model import (
     Container,
     InputError,
     Namespace,
+    NodeSelectorTerm,
     Pod,
+    PodSpec,
     parse_namespace,
     parse_pod,
 )
 from netisolate.policy import (
+    GRANT_PREFIX,
     ISOLATION_KEY,
     ContainerKind,
     Level,
     PolicyError,
+    PortRange,
     all_grants,
     containers_with_kind,
     declared_ports,
     effective_level,
     effective_uid,
     parse_level,
+    pod_identity,
 )
+from netisolate.rules import DEFAULT_SENTINEL_PORT
 
 GATE_LABEL = "netisolate.io/gate"
 
@@ -70,20 +76,15 @@ def _exempt(requester: Requester | None, config: Config) -> bool:
 # --- isolation rules: only for isolated pods, deny under enforce and warn under audit ---------
 
 
-def _concurrent(kinds: list[ContainerKind], i: int, j: int) -> bool:
-    """Whether containers i < j (declaration order) can run at the same time (DESIGN.md, uid-shared)."""
-    a, b = kinds[i], kinds[j]
-    running = (ContainerKind.REGULAR, ContainerKind.SIDECAR, ContainerKind.EPHEMERAL)
-    if a in running and b in running:
-        return True
-    # A native sidecar starts before, and keeps running through, every init container after it.
-    return a is ContainerKind.SIDECAR and b is ContainerKind.INIT
-
-
 def _uid_rules(pod: Pod, severity: Severity) -> Iterator[Finding]:
     entries = containers_with_kind(pod)
-    uids = [effective_uid(pod, c) for c, _ in entries]
-    for (container, _), uid in zip(entries, uids, strict=True):
+    # Per UID, the containers declared so far that are still running when a later one starts:
+    # every regular, native sidecar and ephemeral container, and (for a classic init container) the
+    # native sidecars declared before it. One pass, so a pod of thousands of containers stays cheap.
+    running: dict[int, list[str]] = {}
+    sidecars: dict[int, list[str]] = {}
+    for container, kind in entries:
+        uid = effective_uid(pod, container)
         if uid is None:
             yield Finding(
                 "uid-missing",
@@ -92,24 +93,28 @@ def _uid_rules(pod: Pod, severity: Severity) -> Iterator[Finding]:
                 "no runAsUser: set securityContext.runAsUser to a UID unique to this container "
                 "(the agent keys its rules on it)",
             )
-        elif uid == 0:
+            continue
+        if uid == 0:
             yield Finding(
                 "uid-root",
                 severity,
                 container.name,
                 "runs as UID 0: set securityContext.runAsUser to a unique non-zero UID",
             )
-    kinds = [kind for _, kind in entries]
-    for i, j in combinations(range(len(entries)), 2):
-        if uids[i] is not None and uids[i] == uids[j] and _concurrent(kinds, i, j):
-            first, second = entries[i][0].name, entries[j][0].name
+        overlapping = sidecars.get(uid, []) if kind is ContainerKind.INIT else running.get(uid, [])
+        if overlapping:
+            others = f" and {len(overlapping) - 1} more" if len(overlapping) > 1 else ""
             yield Finding(
                 "uid-shared",
                 severity,
-                second,
-                f"shares UID {uids[i]} with {first!r}, which can run at the same time: give each "
-                "container its own runAsUser, or the two cannot be told apart",
+                container.name,
+                f"shares UID {uid} with {overlapping[0]!r}{others}, which can run at the same time: give "
+                "each container its own runAsUser, or they cannot be told apart",
             )
+        if kind is not ContainerKind.INIT:
+            running.setdefault(uid, []).append(container.name)
+        if kind is ContainerKind.SIDECAR:
+            sidecars.setdefault(uid, []).append(container.name)
 
 
 def _capability_names(names: list[str]) -> set[str]:
@@ -134,12 +139,13 @@ def _container_rules(
     drops_all = caps is not None and any(name.upper() == "ALL" for name in caps.drop)
     added = _capability_names(caps.add) - {"NET_BIND_SERVICE"} if caps else set()
     if not trusted_init and (not drops_all or added):
-        extra = f" and remove {sorted(added)} from add" if added else ""
+        fixes = [] if drops_all else ["set securityContext.capabilities.drop: [ALL]"]
+        fixes += [f"remove {sorted(added)} from securityContext.capabilities.add"] if added else []
         yield Finding(
             "capabilities",
             severity,
             container.name,
-            f"set securityContext.capabilities.drop: [ALL]{extra} (only NET_BIND_SERVICE may be added)",
+            f"{' and '.join(fixes)} (only NET_BIND_SERVICE may be added)",
         )
     if container.ports and any(p.host_port for p in container.ports):
         yield Finding(
@@ -168,16 +174,7 @@ def _pod_rules(pod: Pod, severity: Severity) -> Iterator[Finding]:
             yield Finding(
                 "host-namespaces", severity, None, f"set {flag}: false (it shares a node namespace)"
             )
-    windows = (
-        (spec.os is not None and spec.os.name == "windows")
-        or spec.node_selector.get("kubernetes.io/os") == "windows"
-        or bool(
-            spec.security_context
-            and spec.security_context.windows_options
-            and spec.security_context.windows_options.host_process
-        )
-    )
-    if windows:
+    if _targets_windows(spec):
         yield Finding(
             "platform",
             severity,
@@ -186,9 +183,68 @@ def _pod_rules(pod: Pod, severity: Severity) -> Iterator[Finding]:
         )
 
 
+CGROUP_ROOT = "/sys/fs/cgroup"
+
+
+def _cgroupfs_rule(pod: Pod, severity: Severity) -> Iterator[Finding]:
+    """With cgroup identity, a container that can write the node's cgroupfs can move its
+    processes into another container's cgroup, and so take its identity."""
+    volumes = {v.name: v for v in pod.spec.volumes if v.host_path is not None}
+    for container in pod.all_containers():
+        for mount in container.volume_mounts:
+            volume = volumes.get(mount.name)
+            if volume is None or mount.read_only:
+                continue
+            path = posixpath.normpath("/" + str((volume.host_path or {}).get("path", "")).lstrip("/"))
+            # the cgroupfs itself, a directory in it, or one above it (/, /sys, /sys/fs)
+            if path == "/" or f"{CGROUP_ROOT}/".startswith(f"{path}/") or path.startswith(f"{CGROUP_ROOT}/"):
+                yield Finding(
+                    "cgroupfs-mount",
+                    severity,
+                    container.name,
+                    f"volume {mount.name} mounts the node's {path} writable, which holds the cgroups "
+                    "that identify containers: set readOnly: true on the mount or drop the volume",
+                )
+
+
+OS_LABELS = ("kubernetes.io/os", "beta.kubernetes.io/os")  # the beta label is still set by kubelets
+
+
+def _term_admits_windows(term: NodeSelectorTerm) -> bool:
+    return any(
+        req.key in OS_LABELS
+        and (
+            (req.operator == "In" and "windows" in req.values)
+            or (req.operator == "NotIn" and "linux" in req.values)
+        )
+        for req in term.match_expressions
+    )
+
+
+def _targets_windows(spec: PodSpec) -> bool:
+    """spec.os, an OS nodeSelector, a required node affinity any of whose terms admits Windows, or
+    a pod-level hostProcess."""
+    affinity = spec.affinity.node_affinity if spec.affinity else None
+    required = affinity.required_during_scheduling_ignored_during_execution if affinity else None
+    return (
+        (spec.os is not None and spec.os.name == "windows")
+        or any(spec.node_selector.get(label) == "windows" for label in OS_LABELS)
+        or (required is not None and any(_term_admits_windows(t) for t in required.node_selector_terms))
+        or bool(
+            spec.security_context
+            and spec.security_context.windows_options
+            and spec.security_context.windows_options.host_process
+        )
+    )
+
+
 def _isolation_rules(pod: Pod, level: Level, config: Config) -> Iterator[Finding]:
     severity: Severity = "deny" if level is Level.ENFORCE else "warn"
-    yield from _uid_rules(pod, severity)
+    identity, _ = pod_identity(pod)
+    if identity.by_uid:
+        yield from _uid_rules(pod, severity)
+    if identity.by_cgroup:
+        yield from _cgroupfs_rule(pod, severity)
     yield from _pod_rules(pod, severity)
     for container, kind in containers_with_kind(pod):
         yield from _container_rules(pod, container, kind, config, severity)
@@ -298,8 +354,11 @@ def _hardening_warnings(pod: Pod) -> Iterator[Finding]:
                 f"targets {container.target_container_name!r}: it can reach that container's sockets and fds",
             )
     users: dict[str, list[str]] = {}
-    empty_dirs = {v.name for v in pod.spec.volumes if v.empty_dir is not None}
-    for container in pod.all_containers():
+    empty_dirs = {v.name for v in pod.spec.volumes if v.is_empty_dir}
+    # A classic init container has exited before the others start: no live channel through it.
+    for container, kind in containers_with_kind(pod):
+        if kind is ContainerKind.INIT:
+            continue
         for mount in container.volume_mounts:
             if mount.name in empty_dirs and container.name not in users.setdefault(mount.name, []):
                 users[mount.name].append(container.name)
@@ -312,6 +371,31 @@ def _hardening_warnings(pod: Pod) -> Iterator[Finding]:
                 f"emptyDir {volume!r} is mounted by {', '.join(names)}: Unix sockets in it "
                 "bypass network isolation; mount it in one container, or accept the channel",
             )
+
+
+def _sentinel_grants(grants: Mapping[str, tuple[PortRange, ...]]) -> Iterator[str]:
+    # The agent's documented default: admission cannot know a node's --sentinel-port.
+    port = DEFAULT_SENTINEL_PORT
+    for name, ranges in sorted(grants.items()):
+        if any(r.low <= port <= r.high for r in ranges):
+            yield (
+                f"annotation {GRANT_PREFIX}{name} grants port {port}, the gate's sentinel, which is "
+                "never grantable (every connection to it is refused): drop it from the grant"
+            )
+
+
+def _duplicate_names(pod: Pod) -> Iterator[Finding]:
+    seen: set[str] = set()
+    for container in pod.all_containers():
+        if container.name in seen:
+            yield Finding(
+                "container-name-duplicate",
+                "deny",
+                container.name,
+                "two containers of the pod have this name (the API server refuses that, and one grant "
+                "would cover both): rename one",
+            )
+        seen.add(container.name)
 
 
 def _undeclared_grant_rule(pod: Pod) -> Iterator[Finding]:
@@ -374,15 +458,46 @@ def _merge(findings: Iterator[Finding]) -> list[Finding]:
     return list(merged.values())
 
 
-def review_pod(
-    pod: Pod, namespace_labels: Mapping[str, str], config: Config, requester: Requester | None = None
+MAX_FINDINGS_PER_RULE = 20
+
+
+def _capped(findings: list[Finding]) -> list[Finding]:
+    """At most MAX_FINDINGS_PER_RULE findings of a rule, then one that counts the rest: a pod of
+    thousands of containers gets an answer of bounded size (a webhook denial is one message)."""
+    shown: dict[str, int] = {}
+    rest: dict[str, list[Finding]] = {}
+    out = []
+    for finding in findings:
+        if shown.get(finding.rule, 0) < MAX_FINDINGS_PER_RULE:
+            shown[finding.rule] = shown.get(finding.rule, 0) + 1
+            out.append(finding)
+        else:
+            rest.setdefault(finding.rule, []).append(finding)
+    for rule, hidden in rest.items():
+        severity: Severity = "deny" if any(f.severity == "deny" for f in hidden) else "warn"
+        out.append(
+            Finding(
+                rule,
+                severity,
+                None,
+                f"{len(hidden)} more findings of this rule (the next one: {hidden[0].container or 'pod'}: "
+                f"{hidden[0].message})",
+            )
+        )
+    return out
+
+
+def _pod_findings(
+    pod: Pod, namespace_labels: Mapping[str, str], config: Config, requester: Requester | None
 ) -> list[Finding]:
     level, level_problems = effective_level(pod, namespace_labels)
-    _, grant_problems = all_grants(pod)  # an unknown netisolate.io/preset name among them
+    grants, grant_problems = all_grants(pod)  # an unknown netisolate.io/preset name among them
+    _, identity_problems = pod_identity(pod)
 
     def all_findings() -> Iterator[Finding]:
-        for problem in [*level_problems, *grant_problems]:
+        for problem in [*level_problems, *grant_problems, *identity_problems, *_sentinel_grants(grants)]:
             yield Finding("annotation-invalid", "deny", None, problem)
+        yield from _duplicate_names(pod)
         if level is not Level.OFF:
             yield from _isolation_rules(pod, level, config)
             yield from _hardening_warnings(pod)
@@ -391,6 +506,12 @@ def review_pod(
         yield from _guard_rules(pod, config, requester)
 
     return _merge(all_findings())
+
+
+def review_pod(
+    pod: Pod, namespace_labels: Mapping[str, str], config: Config, requester: Requester | None = None
+) -> list[Finding]:
+    return _capped(_pod_findings(pod, namespace_labels, config, requester))
 
 
 def review_ephemeral(
@@ -407,7 +528,9 @@ def review_ephemeral(
     # whatever order the request lists them in.
     ephemeral = sorted(pod.spec.ephemeral_containers, key=lambda c: c.name in added)
     pod = pod.model_copy(update={"spec": pod.spec.model_copy(update={"ephemeral_containers": ephemeral})})
-    return [f for f in review_pod(pod, namespace_labels, config, requester) if f.container in added]
+    # Capped after the filter: a cap first could leave the added container's finding out.
+    found = _pod_findings(pod, namespace_labels, config, requester)
+    return _capped([f for f in found if f.container in added])
 
 
 def review_namespace(
@@ -443,22 +566,29 @@ def _requester(request: AdmissionRequest) -> Requester | None:
 
 
 def review_request(
-    request: AdmissionRequest, namespace_labels: Mapping[str, str], config: Config
+    request: AdmissionRequest,
+    namespace_labels: Mapping[str, str],
+    config: Config,
+    where: str | None = None,
 ) -> list[Finding]:
     """Dispatch an admission request (or an offline document wrapped as one) to its rules.
 
-    Raises InputError when the objects in it cannot be read.
+    Raises InputError when the objects in it cannot be read, saying where: `where` (offline: the
+    file's object; default: the request's kind, namespace, name, operation), then which object.
     """
-    where = f"{request.kind.kind} {request.namespace or '-'}/{request.name or '-'} ({request.operation})"
+    where = (
+        where or f"{request.kind.kind} {request.namespace or '-'}/{request.name or '-'} ({request.operation})"
+    )
+    new_where, old_where = f"{where} object", f"{where} oldObject"
     requester = _requester(request)
     if request.kind.kind == "Namespace":
-        namespace = parse_namespace(request.object, f"{where} object")
-        old_ns = parse_namespace(request.old_object, f"{where} oldObject") if request.old_object else None
+        namespace = parse_namespace(request.object, new_where)
+        old_ns = parse_namespace(request.old_object, old_where) if request.old_object else None
         return review_namespace(namespace, old_ns, config, requester)
     if request.kind.kind != "Pod":
         raise InputError(f"{where}: netisolate reviews Pods and Namespaces, not {request.kind.kind}")
-    pod = parse_pod(request.object, f"{where} object")
+    pod = parse_pod(request.object, new_where)
     if request.sub_resource == "ephemeralcontainers":
-        old = parse_pod(request.old_object, f"{where} oldObject") if request.old_object else None
+        old = parse_pod(request.old_object, old_where) if request.old_object else None
         return review_ephemeral(pod, old, namespace_labels, config, requester)
     return review_pod(pod, namespace_labels, config, requester)

@@ -1,4 +1,7 @@
-"""The `netisolate` entry point: builds the sub-command parsers and maps errors to exit codes."""
+"""The `netisolate` entry point: builds the sub-command parsers and maps errors to exit codes.
+
+Only the module of the command being run is imported (a `check` in CI must not pay for aiohttp,
+the Kubernetes client and the backends), and none for the top-level help."""
 
 from __future__ import annotations
 
@@ -9,14 +12,28 @@ from collections.abc import Sequence
 
 from netisolate import __version__
 from netisolate.commands.common import ANNOTATION_HELP
-from netisolate.model import InputError
 
-# Modules under netisolate.commands, in the order `--help` lists them.
-COMMANDS = ("check", "render", "suggest", "enforce", "demo", "agent", "gate", "webhook", "audit")
+# Every command, in the order `--help` lists them: the module under netisolate.commands that
+# registers it, and its summary. The top-level help is built from this table and imports no
+# command module (tests/test_cli_check.py holds the summaries to what the modules register).
+COMMANDS: dict[str, tuple[str, str]] = {
+    "check": ("check", "run the admission checks on manifests, offline"),
+    "render": ("render", "print the ruleset the agent would install"),
+    "suggest": ("suggest", "print the grants that allow what a pod was seen doing"),
+    "enforce": ("enforce", "install a pod's ruleset into a network namespace"),
+    "verify": ("enforce", "check that a network namespace holds exactly a pod's ruleset"),
+    "demo": ("demo", "show a pod's loopback connectivity before and after isolation"),
+    "agent": ("agent", "run the node agent"),
+    "status": ("agent", "list this node's pods and their enforcement state"),
+    "gate": ("gate", "wait until this pod's isolation rules are live"),
+    "webhook": ("webhook", "run the validating admission webhook"),
+    "audit": ("audit", "report cluster-wide isolation and injection risks"),
+}
 
 
-def build_parser(only: str | None = None) -> argparse.ArgumentParser:
-    """only: the one command module to load (its imports are the start-up time of that command)."""
+def build_parser(command: str | None = None, *, every: bool = True) -> argparse.ArgumentParser:
+    """The parser with every command's own sub-parser (`every`), or with only `command`'s (its
+    module's) and a one-line stand-in for each other command."""
     parser = argparse.ArgumentParser(
         prog="netisolate",
         description="Container-level network isolation for Kubernetes pods: each container reaches only "
@@ -26,15 +43,23 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"netisolate {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for name in COMMANDS if only is None else (only,):
-        importlib.import_module(f"netisolate.commands.{name}").register(sub)
+    wanted = COMMANDS[command][0] if command in COMMANDS else None
+    for name, (module, summary) in COMMANDS.items():
+        if name in sub.choices:
+            continue  # registered with its module's other command
+        if every or module == wanted:
+            importlib.import_module(f"netisolate.commands.{module}").register(sub)
+        else:
+            sub.add_parser(name, help=summary)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    first = argv[0] if argv else None
-    args = build_parser(first if first in COMMANDS else None).parse_args(argv)
+    command = next((arg for arg in argv if not arg.startswith("-")), None)
+    args = build_parser(command, every=False).parse_args(argv)
+    from netisolate.model import InputError
+
     try:
         code: int = args.run(args)
     except InputError as err:

@@ -13,16 +13,32 @@ from netisolate.model import InputError, describe_validation_error
 
 Severity = Literal["deny", "warn"]
 
+_ISTIO_PROXY = [
+    "registry.istio.io/release/proxyv2",  # Istio's default hub since 1.25
+    "docker.io/istio/proxyv2",
+    "gcr.io/istio-release/proxyv2",
+    "istio/proxyv2",
+]
+_VAULT = ["docker.io/hashicorp/vault", "hashicorp/vault", "registry.connect.redhat.com/hashicorp/vault"]
+# Container name → the images its injector puts there. Init containers count: they run before the
+# rules hold (linkerd-init, istio-init rewrite the pod's netfilter tables).
 DEFAULT_SIDECAR_IMAGES: dict[str, list[str]] = {
-    "istio-proxy": ["docker.io/istio/proxyv2", "gcr.io/istio-release/proxyv2", "istio/proxyv2"],
-    "istio-init": ["docker.io/istio/proxyv2", "gcr.io/istio-release/proxyv2", "istio/proxyv2"],
+    "istio-proxy": _ISTIO_PROXY,
+    "istio-init": _ISTIO_PROXY,
+    "istio-validation": _ISTIO_PROXY,  # Istio CNI's check that the redirection works
     "linkerd-proxy": ["cr.l5d.io/linkerd/proxy", "ghcr.io/linkerd/proxy"],
-    "daprd": ["docker.io/daprio/daprd", "daprio/daprd", "ghcr.io/dapr/daprd", "ghcr.io/dapr/dapr"],
-    "vault-agent": [
-        "docker.io/hashicorp/vault",
-        "hashicorp/vault",
-        "registry.connect.redhat.com/hashicorp/vault",
+    "linkerd-init": ["cr.l5d.io/linkerd/proxy-init", "ghcr.io/linkerd/proxy-init"],
+    "linkerd-debug": ["cr.l5d.io/linkerd/debug", "ghcr.io/linkerd/debug"],
+    "daprd": [
+        "docker.io/daprio/daprd",
+        "daprio/daprd",
+        "docker.io/daprio/dapr",  # Dapr's image on Docker Hub, as its injector names it
+        "daprio/dapr",
+        "ghcr.io/dapr/daprd",
+        "ghcr.io/dapr/dapr",
     ],
+    "vault-agent": _VAULT,
+    "vault-agent-init": _VAULT,
     "otc-container": [
         "docker.io/otel/opentelemetry-collector",
         "otel/opentelemetry-collector",

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
 from pydantic.alias_generators import to_camel
 
 
@@ -18,6 +18,25 @@ class K8s(BaseModel):
     model_config = ConfigDict(
         extra="allow", strict=True, alias_generator=to_camel, populate_by_name=False, frozen=True
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_is_absent(cls, data: Any) -> Any:
+        """The API server decodes a field set to null (`volumes:` left empty in a Helm chart) as
+        if it were not there; so do we, for every field."""
+        if isinstance(data, dict) and None in data.values():
+            return {key: value for key, value in data.items() if value is not None}
+        return data
+
+
+def _null_values_empty(data: Any) -> Any:
+    # In a map of strings, `key:` with no value decodes to the empty string, as the API server does.
+    if isinstance(data, dict) and None in data.values():
+        return {key: "" if value is None else value for key, value in data.items()}
+    return data
+
+
+StrMap = Annotated[dict[str, str], BeforeValidator(_null_values_empty)]
 
 
 Uid = Annotated[int, Field(ge=0, le=2**31 - 1)]  # what the API server accepts for runAsUser
@@ -56,6 +75,7 @@ class ContainerPort(K8s):
 class VolumeMount(K8s):
     name: str
     mount_path: str
+    read_only: bool | None = None
 
 
 # Kubernetes only admits DNS-1123 labels as container names; holding to that here also means a
@@ -75,14 +95,80 @@ class Container(K8s):
     target_container_name: str | None = None
 
 
+# Every source a volume may name (core/v1 VolumeSource); a volume naming none of them is an emptyDir,
+# as the API server defaults it.
+VOLUME_SOURCES = frozenset(
+    {
+        "hostPath",
+        "emptyDir",
+        "gcePersistentDisk",
+        "awsElasticBlockStore",
+        "gitRepo",
+        "secret",
+        "nfs",
+        "iscsi",
+        "glusterfs",
+        "persistentVolumeClaim",
+        "rbd",
+        "flexVolume",
+        "cinder",
+        "cephfs",
+        "flocker",
+        "downwardAPI",
+        "fc",
+        "azureFile",
+        "configMap",
+        "vsphereVolume",
+        "quobyte",
+        "azureDisk",
+        "photonPersistentDisk",
+        "projected",
+        "portworxVolume",
+        "scaleIO",
+        "storageos",
+        "csi",
+        "ephemeral",
+        "image",
+    }
+)
+
+
 class Volume(K8s):
     name: str
     host_path: dict[str, Any] | None = None
     empty_dir: dict[str, Any] | None = None
 
+    @property
+    def is_empty_dir(self) -> bool:
+        if self.empty_dir is not None:
+            return True
+        return self.host_path is None and not VOLUME_SOURCES.intersection(self.model_extra or {})
+
 
 class PodOS(K8s):
     name: str
+
+
+class NodeSelectorRequirement(K8s):
+    key: str
+    operator: str
+    values: list[str] = Field(default_factory=list)
+
+
+class NodeSelectorTerm(K8s):
+    match_expressions: list[NodeSelectorRequirement] = Field(default_factory=list)
+
+
+class NodeSelector(K8s):
+    node_selector_terms: list[NodeSelectorTerm] = Field(default_factory=list)
+
+
+class NodeAffinity(K8s):
+    required_during_scheduling_ignored_during_execution: NodeSelector | None = None
+
+
+class Affinity(K8s):
+    node_affinity: NodeAffinity | None = None
 
 
 class PodSpec(K8s):
@@ -98,7 +184,8 @@ class PodSpec(K8s):
     share_process_namespace: bool | None = None
     os: PodOS | None = None
     node_name: str | None = None
-    node_selector: dict[str, str] = Field(default_factory=dict)
+    node_selector: StrMap = Field(default_factory=dict)
+    affinity: Affinity | None = None
 
 
 class ObjectMeta(K8s):
@@ -106,8 +193,8 @@ class ObjectMeta(K8s):
     generate_name: str | None = None
     namespace: str | None = None
     uid: str | None = None
-    labels: dict[str, str] = Field(default_factory=dict)
-    annotations: dict[str, str] = Field(default_factory=dict)
+    labels: StrMap = Field(default_factory=dict)
+    annotations: StrMap = Field(default_factory=dict)
 
 
 class PodIP(K8s):

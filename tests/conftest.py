@@ -14,8 +14,7 @@ from kubernetes import client
 from tests.kube_standin import api_client, declare
 from tests.realnode.kubelet import Kubelet
 from tests.realnode.node import RealNode, real_node
-
-REAL_NODE_NAME = "real-node"
+from tests.realnode.pods import NODE_NAME
 
 
 @pytest.fixture(scope="module")
@@ -28,10 +27,10 @@ def node() -> Iterator[RealNode]:
 
 @pytest_asyncio.fixture
 async def kubelet(node: RealNode, kmock: Any) -> AsyncIterator[Kubelet]:
-    """The kubelet of `node`, named REAL_NODE_NAME, running the pods kmock holds for it; their
-    sandboxes are removed after the test."""
+    """The kubelet of `node`, named NODE_NAME (tests/realnode/pods.py), running the pods kmock
+    holds for it; their sandboxes are removed after the test."""
     declare(kmock)
-    standin = Kubelet(node, client.CoreV1Api(api_client(kmock)), REAL_NODE_NAME)
+    standin = Kubelet(node, client.CoreV1Api(api_client(kmock)), NODE_NAME)
     try:
         yield standin
     finally:

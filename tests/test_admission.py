@@ -3,16 +3,28 @@
 from __future__ import annotations
 
 import copy
+import time
 from collections.abc import Callable
 from typing import Any
 
 import pytest
 
-from netisolate.admission import Finding, Requester, allowed, review_namespace, review_pod, review_request
+from netisolate.admission import (
+    MAX_FINDINGS_PER_RULE,
+    Finding,
+    Requester,
+    allowed,
+    review_namespace,
+    review_pod,
+    review_request,
+)
 from netisolate.config import Config, image_matches
 from netisolate.model import AdmissionRequest, InputError, parse_namespace, parse_pod
 
 Obj = dict[str, Any]
+
+
+HARDENED = {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}}
 
 
 def hardened(name: str, uid: int, image: str = "registry.example.com/team/app:1.0", **extra: Any) -> Obj:
@@ -526,3 +538,272 @@ def test_field_names_the_api_server_ignores_are_ignored_here_too() -> None:
     sc = pod["spec"]["containers"][0]["securityContext"]
     sc["run_as_user"] = sc.pop("runAsUser")
     assert ("uid-missing", "deny", "app") in rules(findings(pod))
+
+
+# --- identity by cgroup (issue 13) ------------------------------------------------------------
+
+
+def cgroup_pod(identity: str) -> Obj:
+    """Two containers sharing UID 1000 and one root container, all otherwise hardened."""
+    pod = good_pod()
+    pod["metadata"]["annotations"]["netisolate.io/identity"] = identity
+    pod["spec"]["containers"] = [hardened("app", 1000), hardened("proxy", 1000), hardened("tool", 0)]
+    return pod
+
+
+def test_under_cgroup_identity_the_uid_rules_do_not_apply() -> None:
+    assert findings(cgroup_pod("cgroup")) == []
+    assert {r for r, _, _ in rules(findings(cgroup_pod("uid+cgroup")))} == {"uid-shared", "uid-root"}
+    assert {r for r, _, _ in rules(findings(cgroup_pod("uid")))} == {"uid-shared", "uid-root"}
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        lambda c: c["securityContext"].update(privileged=True),
+        lambda c: c["securityContext"].update(allowPrivilegeEscalation=True),
+        lambda c: c["securityContext"].update(capabilities={"drop": ["ALL"], "add": ["NET_ADMIN"]}),
+    ],
+)
+def test_under_cgroup_identity_the_hardening_rules_still_deny(change: Callable[[Obj], None]) -> None:
+    pod = cgroup_pod("cgroup")
+    change(container(pod, 2))
+    assert not allowed(findings(pod))
+
+
+CGROUPFS_PATHS = ("/sys/fs/cgroup", "/sys/fs/cgroup/unified", "/sys/fs/", "/sys", "/", "//sys/fs/cgroup/")
+
+
+@pytest.mark.parametrize("path", [*CGROUPFS_PATHS, "/sys/./fs/cgroup"])
+@pytest.mark.parametrize("identity", ["cgroup", "uid+cgroup"])
+def test_a_writable_cgroupfs_mount_is_denied(path: str, identity: str) -> None:
+    pod = (
+        cgroup_pod(identity)
+        if identity == "cgroup"
+        else mutated(lambda p: p["metadata"]["annotations"].update({"netisolate.io/identity": identity}))
+    )
+    pod["spec"]["volumes"] = [{"name": "cg", "hostPath": {"path": path}}]
+    container(pod)["volumeMounts"] = [{"name": "cg", "mountPath": "/host"}]
+    assert ("cgroupfs-mount", "deny", "app") in rules(findings(pod))
+    container(pod)["volumeMounts"][0]["readOnly"] = True
+    assert "cgroupfs-mount" not in {r for r, _, _ in rules(findings(pod))}
+
+
+def test_other_hostpaths_and_uid_identity_raise_no_cgroupfs_finding() -> None:
+    pod = cgroup_pod("cgroup")
+    pod["spec"]["volumes"] = [{"name": "v", "hostPath": {"path": "/sys/fs/cgroupfoo"}}]
+    container(pod)["volumeMounts"] = [{"name": "v", "mountPath": "/host"}]
+    assert "cgroupfs-mount" not in {r for r, _, _ in rules(findings(pod))}
+    uid_pod = good_pod()
+    uid_pod["spec"]["volumes"] = [{"name": "cg", "hostPath": {"path": "/sys/fs/cgroup"}}]
+    container(uid_pod)["volumeMounts"] = [{"name": "cg", "mountPath": "/host"}]
+    assert "cgroupfs-mount" not in {r for r, _, _ in rules(findings(uid_pod))}
+
+
+def test_an_unknown_identity_is_an_invalid_annotation() -> None:
+    pod = cgroup_pod("cgroups")
+    assert ("annotation-invalid", "deny", None) in rules(findings(pod))
+
+
+# --- issue 16: real manifests -----------------------------------------------------------------
+
+
+def test_uid_shared_is_linear_one_finding_per_container_and_capped() -> None:
+    """2,000 containers on one pod-level UID: one finding per container, never one per pair, and
+    the answer holds MAX_FINDINGS_PER_RULE of them plus one that counts the rest."""
+    pod = good_pod()
+    pod["spec"] = {
+        "securityContext": {"runAsUser": 4000},
+        "containers": [
+            {"name": f"c{i}", "image": "app:1", "securityContext": dict(HARDENED)} for i in range(2000)
+        ],
+    }
+    parsed = parse_pod(pod)
+    started = time.perf_counter()
+    found = [f for f in review_pod(parsed, {}, Config()) if f.rule == "uid-shared"]
+    elapsed = time.perf_counter() - started
+    assert len(found) == MAX_FINDINGS_PER_RULE + 1
+    assert found[0].container == "c1" and "'c0'" in found[0].message
+    assert found[1].container == "c2" and "'c0' and 1 more" in found[1].message
+    rest = found[-1]
+    assert rest.container is None and rest.severity == "deny"
+    assert rest.message.startswith(f"{1999 - MAX_FINDINGS_PER_RULE} more findings of this rule")
+    assert elapsed < 2.0  # quadratic took 26 s here
+
+
+def test_the_cap_never_hides_the_container_an_ephemeral_update_adds() -> None:
+    old = good_pod()
+    old["spec"]["containers"] = [hardened(f"c{i}", 5000 + i) for i in range(30)]
+    for c in old["spec"]["containers"]:
+        c["securityContext"].pop("allowPrivilegeEscalation")
+    new = copy.deepcopy(old)
+    new["spec"]["ephemeralContainers"] = [{"name": "debugger", "image": "busybox"}]
+    req = request(kind={"kind": "Pod"}, subResource="ephemeralcontainers", object=new, oldObject=old)
+    found = review_request(req, {}, Config())
+    assert ("privilege-escalation", "deny", "debugger") in rules(found)
+
+
+def test_capabilities_message_when_drop_already_holds_all() -> None:
+    pod = mutated(lambda p: container(p)["securityContext"]["capabilities"].update(add=["NET_ADMIN"]))
+    (cap,) = [f for f in findings(pod) if f.rule == "capabilities"]
+    assert "drop: [ALL]" not in cap.message and "remove ['NET_ADMIN']" in cap.message
+    pod = mutated(lambda p: container(p)["securityContext"]["capabilities"].update(drop=[]))
+    (cap,) = [f for f in findings(pod) if f.rule == "capabilities"]
+    assert "set securityContext.capabilities.drop: [ALL]" in cap.message and "remove" not in cap.message
+
+
+@pytest.mark.parametrize("grant", ["9", "1-100", "9/udp", "8080, 5-10/tcp"])
+def test_a_grant_of_the_sentinel_port_is_invalid(grant: str) -> None:
+    pod = mutated(lambda p: p["metadata"]["annotations"].update({"allow.netisolate.io/app": grant}))
+    found = findings(pod)
+    assert any(f.rule == "annotation-invalid" and "sentinel" in f.message for f in found)
+    assert not allowed(found)
+
+
+@pytest.mark.parametrize(
+    "spec_change",
+    [
+        {"nodeSelector": {"beta.kubernetes.io/os": "windows"}},
+        {
+            "affinity": {
+                "nodeAffinity": {
+                    "requiredDuringSchedulingIgnoredDuringExecution": {
+                        "nodeSelectorTerms": [
+                            {"matchExpressions": [{"key": "zone", "operator": "In", "values": ["a"]}]},
+                            {
+                                "matchExpressions": [
+                                    {"key": "kubernetes.io/os", "operator": "In", "values": ["windows"]}
+                                ]
+                            },
+                        ]
+                    }
+                }
+            }
+        },
+        {
+            "affinity": {
+                "nodeAffinity": {
+                    "requiredDuringSchedulingIgnoredDuringExecution": {
+                        "nodeSelectorTerms": [
+                            {
+                                "matchExpressions": [
+                                    {"key": "beta.kubernetes.io/os", "operator": "NotIn", "values": ["linux"]}
+                                ]
+                            }
+                        ]
+                    }
+                }
+            }
+        },
+    ],
+)
+def test_windows_by_beta_label_or_required_node_affinity(spec_change: Obj) -> None:
+    found = findings(mutated(lambda p: p["spec"].update(spec_change)))
+    assert ("platform", "deny", None) in rules(found)
+
+
+def test_linux_node_affinity_is_not_windows() -> None:
+    linux = {
+        "affinity": {
+            "nodeAffinity": {
+                "requiredDuringSchedulingIgnoredDuringExecution": {
+                    "nodeSelectorTerms": [
+                        {
+                            "matchExpressions": [
+                                {"key": "kubernetes.io/os", "operator": "In", "values": ["linux"]}
+                            ]
+                        }
+                    ]
+                }
+            }
+        },
+        "nodeSelector": {"kubernetes.io/os": "linux"},
+    }
+    assert findings(mutated(lambda p: p["spec"].update(linux))) == []
+
+
+def test_duplicate_container_names_are_denied_at_any_level() -> None:
+    pod = mutated(lambda p: p["spec"].update(initContainers=[hardened("app", 3000)]), "off")
+    assert rules(findings(pod)) == {("container-name-duplicate", "deny", "app")}
+
+
+@pytest.mark.parametrize(
+    ("name", "image"),
+    [
+        ("istio-proxy", "registry.istio.io/release/proxyv2:1.26.0"),
+        ("istio-validation", "registry.istio.io/release/proxyv2:1.26.0"),
+        ("daprd", "daprio/dapr:1.14.4"),
+        ("daprd", "docker.io/daprio/dapr:1.14.4"),
+        ("linkerd-init", "cr.l5d.io/linkerd/proxy-init:v2.4.1"),
+        ("linkerd-debug", "cr.l5d.io/linkerd/debug:edge-24.1.1"),
+        ("vault-agent-init", "hashicorp/vault:1.17.2"),
+    ],
+)
+def test_current_injector_images_are_known(name: str, image: str) -> None:
+    pod = mutated(lambda p: p["spec"]["containers"].append(hardened(name, 1337, image=image)))
+    assert {f.rule for f in findings(pod)} == {"sidecar-digest"}
+
+
+@pytest.mark.parametrize("name", ["istio-validation", "linkerd-init", "vault-agent-init", "linkerd-debug"])
+def test_injected_init_containers_get_image_checks(name: str) -> None:
+    pod = mutated(lambda p: p["spec"].update(initContainers=[hardened(name, 1337, image="evil.example/x:1")]))
+    assert {"sidecar-image", "sidecar-digest"} <= {f.rule for f in findings(pod)}
+
+
+def test_shared_emptydir_ignores_classic_init_containers() -> None:
+    def change(p: Obj, restart: str | None) -> None:
+        p["spec"]["volumes"] = [{"name": "work", "emptyDir": {}}]
+        init = hardened("setup", 3000, volumeMounts=[{"name": "work", "mountPath": "/w"}])
+        if restart:
+            init["restartPolicy"] = restart
+        p["spec"]["initContainers"] = [init]
+        container(p)["volumeMounts"] = [{"name": "work", "mountPath": "/w"}]
+
+    assert findings(mutated(lambda p: change(p, None))) == []
+    native = findings(mutated(lambda p: change(p, "Always")))
+    assert ("shared-emptydir", "warn", None) in rules(native)
+
+
+def test_a_volume_with_no_source_is_an_emptydir() -> None:
+    def change(p: Obj) -> None:
+        p["spec"]["volumes"] = [{"name": "work"}, {"name": "cfg", "configMap": None}]
+        for c in p["spec"]["containers"]:
+            c["volumeMounts"] = [{"name": "work", "mountPath": "/w"}, {"name": "cfg", "mountPath": "/c"}]
+
+    found = [f for f in findings(mutated(change)) if f.rule == "shared-emptydir"]
+    assert len(found) == 2
+
+
+@pytest.mark.parametrize(
+    "where",
+    [
+        ("metadata", "annotations"),
+        ("metadata", "labels"),
+        ("spec", "volumes"),
+        ("spec", "initContainers"),
+        ("spec", "nodeSelector"),
+        ("spec", "securityContext"),
+        ("spec", "containers", 0, "ports"),
+        ("spec", "containers", 0, "command"),
+        ("spec", "containers", 0, "volumeMounts"),
+        ("spec", "containers", 0, "securityContext", "capabilities", "add"),
+    ],
+)
+def test_null_is_absent(where: tuple[str | int, ...]) -> None:
+    pod = good_pod()
+    pod["metadata"]["labels"] = {"app": "web"}
+    pod["spec"]["securityContext"] = {"runAsNonRoot": True}
+    node: Any = pod
+    for key in where[:-1]:
+        node = node[key]
+    node[where[-1]] = None
+    assert findings(pod) == []  # (with no annotations the pod is not isolated: nothing to find either)
+
+
+def test_null_values_in_string_maps_are_empty_strings() -> None:
+    pod = good_pod()
+    pod["metadata"]["annotations"]["sidecar.istio.io/inject"] = None
+    pod["metadata"]["labels"] = {"tier": None}
+    parsed = parse_pod(pod)
+    assert parsed.metadata.annotations["sidecar.istio.io/inject"] == ""
+    assert parsed.metadata.labels == {"tier": ""}

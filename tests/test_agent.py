@@ -44,12 +44,17 @@ class Running:
     """An agent on NODE: the pod list+watch thread and the reconcile loop thread."""
 
     def __init__(
-        self, core: client.CoreV1Api, backend: str = "nftables", verify_interval: float = 0.3
+        self,
+        core: client.CoreV1Api,
+        backend: str = "nftables",
+        verify_interval: float = 0.3,
+        node: str = NODE,
+        settings: Settings | None = None,
     ) -> None:
         self.agent = Agent(
-            NODE,
+            node,
             select_backend(backend),
-            Settings(),
+            settings or Settings(),
             core,
             verify_interval=verify_interval,
             host_netns="/proc/self/ns/net",
@@ -406,6 +411,10 @@ class Outage:
             writer.close()
             return
         up_reader, up_writer = await asyncio.open_connection(*self.target)
+        if not self.up:  # cut while this connection was being opened: it must not outlive the cut
+            up_writer.close()
+            writer.close()
+            return
         self.open += [writer, up_writer]
 
         async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import argparse
 import io
 import json
+import subprocess
+import sys
+from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
 from typing import Any
 
@@ -12,8 +16,9 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from netisolate import inputs
 from netisolate.admission import review_request
-from netisolate.cli import main
+from netisolate.cli import COMMANDS, build_parser, main
 from netisolate.config import Config
 from netisolate.inputs import load_subjects
 from netisolate.model import InputError
@@ -57,7 +62,8 @@ def test_json_shape_is_exactly_the_documented_one(capsys: pytest.CaptureFixture[
     code, out, _ = run(capsys, "check", "-f", str(EXAMPLES / "rogue-injected.yaml"), "-o", "json")
     result = json.loads(out)
     assert code == 1
-    assert set(result) == {"allowed", "findings"} and result["allowed"] is False
+    assert set(result) == {"allowed", "findings", "skipped", "errors"} and result["allowed"] is False
+    assert result["skipped"] == [] and result["errors"] == []
     for finding in result["findings"]:
         assert set(finding) == {"rule", "severity", "container", "message"}
         assert finding["severity"] in ("deny", "warn")
@@ -146,7 +152,6 @@ def test_list_kind_expands(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -
         ("{not yaml", "not valid YAML"),
         ("", "no Kubernetes object"),
         ("- a\n- b\n", "expected a Kubernetes object"),
-        ("kind: Service\nmetadata: {name: s}\n", "cannot check kind 'Service'"),
         (
             "kind: Pod\nspec: {containers: [{name: a, securityContext: {runAsUser: '1000'}}]}\n",
             r"spec.containers[0].securityContext.runAsUser",
@@ -163,7 +168,7 @@ def test_unreadable_input_exits_2_with_a_message(
     path.write_text(content)
     code, _, err = run(capsys, "check", "-f", str(path))
     assert code == 2
-    assert complaint in err
+    assert complaint in err and len(err.strip().splitlines()) == 1
 
 
 def test_missing_file_exits_2(capsys: pytest.CaptureFixture[str]) -> None:
@@ -249,3 +254,378 @@ def test_pods_as_the_api_server_returns_them(capsys: pytest.CaptureFixture[str])
     assert code == 0, out
     code, out, _ = run(capsys, "render", "-f", str(path))
     assert 'meta skuid 1000 tcp dport 15001 accept comment "app"' in out
+
+
+# --- issue 16: whole install files, every pod-carrying kind, no tracebacks --------------------
+
+DEPLOYMENT = {
+    "apiVersion": "apps/v1",
+    "kind": "Deployment",
+    "metadata": {"name": "api", "namespace": "shop"},
+    "spec": {"template": {"metadata": {"labels": {"app": "api"}}, "spec": POD_SPEC}},
+}
+SERVICE = {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "api", "namespace": "shop"}}
+CONFIGMAP = {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "cfg"}, "data": {"a": "b"}}
+CRD = {
+    "apiVersion": "apiextensions.k8s.io/v1",
+    "kind": "CustomResourceDefinition",
+    "metadata": {"name": "things.example.com"},
+    "spec": {"group": "example.com", "names": {"kind": "Thing"}},
+}
+
+
+def denied_deployment() -> dict[str, Any]:
+    doc: dict[str, Any] = json.loads(json.dumps(DEPLOYMENT))
+    doc["spec"]["template"]["metadata"]["annotations"] = {"netisolate.io/isolation": "enforce"}
+    doc["spec"]["template"]["spec"]["securityContext"] = {}
+    return doc
+
+
+def test_install_files_judge_the_workloads_and_name_what_they_skip(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = write(tmp_path, SERVICE, DEPLOYMENT, CONFIGMAP, CRD)
+    code, out, err = run(capsys, "check", "-f", path)
+    assert code == 0 and err == ""
+    assert "Deployment shop/api: allowed" in out
+    assert "Service shop/api: skipped (carries no pod)" in out
+    assert "ConfigMap cfg: skipped" in out and "CustomResourceDefinition things.example.com: skipped" in out
+    code, out, _ = run(capsys, "check", "-f", write(tmp_path, SERVICE, denied_deployment()), "-o", "json")
+    result = json.loads(out)
+    assert code == 1 and result["allowed"] is False and result["errors"] == []
+    assert result["skipped"] == [{"object": "Service shop/api", "reason": "carries no pod"}]
+    assert {f["rule"] for f in result["findings"]} >= {"uid-missing"}
+
+
+def test_a_file_with_no_workload_has_nothing_to_check(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, out, _ = run(capsys, "check", "-f", write(tmp_path, SERVICE, CONFIGMAP))
+    assert code == 0 and "nothing to check" in out
+    code, out, _ = run(capsys, "check", "-f", write(tmp_path, SERVICE), "-o", "json")
+    assert code == 0 and json.loads(out) == {
+        "allowed": True,
+        "findings": [],
+        "skipped": [{"object": "Service shop/api", "reason": "carries no pod"}],
+        "errors": [],
+    }
+
+
+@pytest.mark.parametrize("kind", ["List", "PodList", "DeploymentList", "ConfigMapList"])
+def test_every_list_kind_is_read_item_by_item(
+    kind: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    items: list[Any] = [
+        {"kind": "Pod", "metadata": {"name": "p"}, "spec": POD_SPEC},
+        denied_deployment(),
+        CONFIGMAP,
+    ]
+    code, out, _ = run(
+        capsys, "check", "-f", write(tmp_path, {"apiVersion": "v1", "kind": kind, "items": items})
+    )
+    assert code == 1 and "Pod p: allowed" in out and "Deployment shop/api: DENIED" in out
+    assert "ConfigMap cfg: skipped" in out
+    code, out, _ = run(capsys, "check", "-f", write(tmp_path, {"kind": kind, "items": None}))
+    assert code == 0 and "nothing to check" in out
+
+
+TEMPLATED: dict[str, dict[str, Any]] = {
+    "ReplicationController": {"spec": {"template": {"spec": POD_SPEC}}},
+    "DeploymentConfig": {"apiVersion": "apps.openshift.io/v1", "spec": {"template": {"spec": POD_SPEC}}},
+    "PodTemplate": {"template": {"spec": POD_SPEC}},
+    "Rollout": {"apiVersion": "argoproj.io/v1alpha1", "spec": {"template": {"spec": POD_SPEC}}},
+}
+
+
+@pytest.mark.parametrize("kind", TEMPLATED)
+def test_more_pod_templates(kind: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    doc: dict[str, Any] = {"kind": kind, "metadata": {"name": "w", "namespace": "ns"}, **TEMPLATED[kind]}
+    code, out, _ = run(capsys, "check", "-f", write(tmp_path, doc))
+    assert code == 0 and f"{kind} ns/w" in out and "allowed" in out, out
+    template = doc["template"] if kind == "PodTemplate" else doc["spec"]["template"]
+    template["spec"] = {**POD_SPEC, "hostNetwork": True}
+    code, out, _ = run(
+        capsys, "check", "-f", write(tmp_path, doc), "--namespace-labels", "netisolate.io/isolation=enforce"
+    )
+    assert code == 1 and "host-namespaces" in out
+
+
+def test_an_empty_helm_block_is_absent(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    text = """\
+apiVersion: apps/v1
+kind: Deployment
+metadata:
+  name: api
+  annotations:
+spec:
+  template:
+    metadata:
+      annotations:
+      labels:
+    spec:
+      securityContext:
+        runAsUser: 1000
+      nodeSelector:
+      initContainers:
+      volumes:
+        - name: scratch
+      containers:
+        - name: app
+          image: app:1
+          command:
+          ports:
+          volumeMounts:
+            - {name: scratch, mountPath: /tmp}
+          securityContext:
+            allowPrivilegeEscalation: false
+            capabilities:
+              add:
+              drop: [ALL]
+"""
+    path = tmp_path / "helm.yaml"
+    path.write_text(text)
+    code, _, err = run(capsys, "check", "-f", str(path))
+    assert code == 0 and err == "", err
+
+
+DEEP = 5000
+
+
+@pytest.mark.parametrize(
+    ("content", "complaint"),
+    [
+        ("[" * DEEP + "]" * DEEP, "nest"),
+        ('{"a":' * DEEP + "1" + "}" * DEEP, "nest"),
+        ("a:\n" + "".join(" " * (i + 1) + "b:\n" for i in range(DEEP)), "nest"),
+        ("kind: [Pod]\nspec: {}\n", "kind must be a string"),
+        ("kind: Pod\nmetadata: {name: 7}\nspec: {containers: []}\n", "metadata.name must be a string"),
+        (
+            "kind: Pod\nmetadata: {namespace: [a]}\nspec: {containers: []}\n",
+            "metadata.namespace must be a string",
+        ),
+        ("kind: Pod\nmetadata: [a]\n", "metadata must be a mapping"),
+        (
+            "kind: Deployment\nmetadata: {name: d}\n"
+            "spec: {template: {metadata: [x], spec: {containers: []}}}\n",
+            "the pod template's metadata must be a mapping",
+        ),
+        ("apiVersion: v1\nmetadata: {name: x}\n", "has no kind"),
+        ("kind: List\nitems: {a: b}\n", "must be a list"),
+        ("kind: Pod\nmetadata:\n  name: x\n bad: indent\n", "line 4"),
+    ],
+)
+def test_bad_input_is_exit_2_with_one_line_never_a_traceback(
+    content: str, complaint: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "bad.yaml"
+    path.write_text(content)
+    code, out, err = run(capsys, "check", "-f", str(path))
+    assert code == 2 and complaint in err and len(err.strip().splitlines()) == 1, err
+    assert "Traceback" not in out + err
+    code, out, _ = run(capsys, "check", "-f", str(path), "-o", "json")
+    result = json.loads(out)
+    assert code == 2 and result["allowed"] is False and complaint in result["errors"][0]["message"]
+
+
+def test_deep_nesting_with_the_pure_python_loader(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(inputs, "_LOADER", yaml.SafeLoader)
+    path = tmp_path / "deep.json"
+    path.write_text("[" * DEEP + "]" * DEEP)
+    code, _, err = run(capsys, "check", "-f", str(path))
+    assert code == 2 and "nested too deeply" in err
+
+
+def test_the_c_loader_is_used_where_available() -> None:
+    assert not yaml.__with_libyaml__ or inputs._LOADER.__name__ == "CSafeLoader"
+
+
+def test_anything_unexpected_is_exit_2_with_a_reason(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def broken(*_: Any) -> None:
+        raise RuntimeError("boom\nsecond line")
+
+    monkeypatch.setattr("netisolate.offline.review_request", broken)
+    path = write(tmp_path, DEPLOYMENT)
+    code, _, err = run(capsys, "check", "-f", path)
+    assert (
+        code == 2
+        and err.strip()
+        == "netisolate check: internal error: RuntimeError: boom second line (please report it)"
+    )
+    code, out, _ = run(capsys, "check", "-f", path, "-o", "json")
+    assert code == 2 and "RuntimeError: boom" in json.loads(out)["errors"][0]["message"]
+
+
+def test_unreadable_documents_do_not_hide_the_others(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = write(tmp_path, denied_deployment(), {"kind": "Pod", "metadata": {"name": 3}})
+    code, out, err = run(capsys, "check", "-f", path)
+    assert code == 2 and "Deployment shop/api: DENIED" in out and "document 2" in err
+
+
+def test_directories_are_read_recursively(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "a" / "b").mkdir(parents=True)
+    (tmp_path / "a" / "svc.yaml").write_text(yaml.safe_dump(SERVICE))
+    (tmp_path / "a" / "b" / "deploy.yml").write_text(yaml.safe_dump(DEPLOYMENT))
+    (tmp_path / "a" / "b" / "pod.json").write_text(
+        json.dumps({"kind": "Pod", "metadata": {"name": "p"}, "spec": POD_SPEC})
+    )
+    (tmp_path / "a" / "empty.yaml").write_text("# placeholder\n")
+    (tmp_path / "a" / "README.md").write_text("kind: Pod\n")  # not a manifest suffix
+    code, out, _ = run(capsys, "check", "-f", str(tmp_path / "a"), "-o", "json")
+    result = json.loads(out)
+    assert code == 0 and result["errors"] == []
+    assert {s["object"] for s in result["skipped"]} == {
+        f"{tmp_path}/a/svc.yaml: Service shop/api",
+        f"{tmp_path}/a/empty.yaml",
+    }
+    (tmp_path / "a" / "b" / "deploy.yml").write_text(yaml.safe_dump(denied_deployment()))
+    (tmp_path / "a" / "broken.yaml").write_text("{nope")
+    code, out, err = run(capsys, "check", "-f", str(tmp_path / "a"), "-f", str(tmp_path / "a" / "svc.yaml"))
+    assert code == 2 and "broken.yaml: not valid YAML" in err
+    assert f"{tmp_path}/a/b/deploy.yml: Deployment shop/api: DENIED" in out
+
+
+# --- fuzz: text that is almost YAML, objects that are almost workloads ------------------------
+
+yaml_ish = st.lists(
+    st.sampled_from([*"kind: Pod\n-[]{}&*!|>'\"#%@`,?~0x1.", "  ", "---\n", "spec:", "metadata:"]),
+    max_size=60,
+).map("".join)
+almost_workloads = st.fixed_dictionaries(
+    {"kind": st.sampled_from([*TEMPLATED, *WORKLOADS, "Pod", "Namespace", "List", "PodList", "Service"])},
+    optional={
+        "metadata": json_values,
+        "spec": st.one_of(
+            json_values,
+            st.fixed_dictionaries(
+                {}, optional={"template": st.dictionaries(st.sampled_from(["metadata", "spec"]), json_values)}
+            ),
+        ),
+        "template": json_values,
+        "items": json_values,
+    },
+)
+
+
+@settings(max_examples=300, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@given(
+    text=st.one_of(
+        yaml_ish,
+        almost_workloads.map(json.dumps),
+        st.lists(almost_workloads, max_size=3).map(yaml.safe_dump_all),
+    )
+)
+def test_check_on_anything_answers_with_an_exit_code(
+    text: str, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    path = tmp_path_factory.mktemp("fuzz") / "in.yaml"
+    path.write_text(text)
+    out, err = io.StringIO(), io.StringIO()
+    with redirect_stdout(out), redirect_stderr(err):
+        code = main(["check", "-f", str(path), "-o", "json"])
+    assert code in (0, 1, 2)
+    result = json.loads(out.getvalue())
+    assert (code == 2) == bool(result["errors"])
+    assert "internal error" not in out.getvalue()
+
+
+# --- start-up: `check` loads only what it uses (issue 15; bench/bench_check.py measures it) ----
+
+_MODULES_AFTER = """
+import sys
+from netisolate.cli import main
+try:
+    main(sys.argv[1:])
+except SystemExit:
+    pass
+print(" ".join(sorted(sys.modules)))
+"""
+
+
+def _modules_after(*args: str) -> set[str]:
+    out = subprocess.run(
+        [sys.executable, "-c", _MODULES_AFTER, *args], capture_output=True, text=True, check=True
+    ).stdout
+    return set(out.strip().splitlines()[-1].split())
+
+
+HEAVY = {"aiohttp", "kubernetes", "cryptography", "prometheus_client", "pyroute2", "netisolate.backends"}
+
+
+def test_check_imports_no_client_server_or_backend_code() -> None:
+    loaded = _modules_after("check", "-f", str(EXAMPLES / "app-with-proxy.yaml"))
+    assert "netisolate.admission" in loaded
+    assert not HEAVY & loaded
+
+
+def test_check_help_does_not_even_load_pydantic() -> None:
+    loaded = _modules_after("check", "--help")
+    assert not ({"pydantic", "yaml", "netisolate.model"} | HEAVY) & loaded
+
+
+# --- the reader builds exactly what PyYAML's safe loader builds --------------------------------
+
+
+def _built(text: str) -> list[Any]:
+    loader = inputs._LOADER(text)
+    try:
+        nodes: list[yaml.Node] = []
+        while loader.check_node():
+            node = loader.get_node()
+            assert node is not None
+            nodes.append(node)
+        return [inputs._build(loader, node, {}) for node in nodes]
+    finally:
+        loader.dispose()
+
+
+def test_the_fast_builder_matches_the_safe_loader_on_every_corpus_file() -> None:
+    corpus = Path(__file__).parent / "corpus"
+    for path in sorted(corpus.rglob("*.y*ml")):
+        text = path.read_text()
+        assert _built(text) == list(yaml.load_all(text, Loader=inputs._LOADER)), path
+
+
+@settings(max_examples=200, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(json_values, max_size=3))
+def test_the_fast_builder_matches_the_safe_loader(docs: list[Any]) -> None:
+    for text in (yaml.safe_dump_all(docs), yaml.safe_dump_all(docs, default_flow_style=True)):
+        assert _built(text) == list(yaml.safe_load_all(text))
+
+
+def test_aliases_merge_keys_and_bombs(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    text = "base: &b {runAsUser: 1000}\nsc: {<<: *b, runAsNonRoot: true}\nsame: *b\n"
+    (built,) = _built(text)
+    assert built == yaml.safe_load(text) and built["base"] is built["same"]
+    laughs = "a: &a [x, x, x, x, x, x, x, x, x, x]\n" + "".join(
+        f"{chr(98 + i)}: &{chr(98 + i)} [{', '.join([f'*{chr(97 + i)}'] * 10)}]\n" for i in range(8)
+    )
+    (bomb,) = _built(laughs)  # 10^9 leaves if expanded: shared, as the safe loader shares them
+    assert bomb["i"][0] is bomb["i"][1]
+    path = tmp_path / "bomb.yaml"
+    path.write_text("kind: ConfigMap\nmetadata: {name: x}\ndata:\n  " + laughs.replace("\n", "\n  "))
+    assert run(capsys, "check", "-f", str(path))[0] == 0
+
+
+def test_the_top_level_help_lists_every_command_as_its_module_registers_it() -> None:
+    def summaries(parser: argparse.ArgumentParser) -> dict[str, str | None]:
+        sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+        return {action.dest: action.help for action in sub._choices_actions}
+
+    registered = summaries(build_parser())
+    assert registered == {name: summary for name, (_, summary) in COMMANDS.items()}
+    assert summaries(build_parser(every=False)) == registered
+    assert list(registered) == list(COMMANDS)  # the same order
+
+
+def test_top_level_help_imports_no_command_module() -> None:
+    loaded = _modules_after("--help")
+    assert not {
+        m for m in loaded if m.startswith("netisolate.commands.") and m != "netisolate.commands.common"
+    }
+    assert not ({"pydantic"} | HEAVY) & loaded

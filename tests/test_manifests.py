@@ -70,7 +70,9 @@ def test_agent_daemonset_holds_only_what_it_needs() -> None:
     assert agent["livenessProbe"]["httpGet"]["path"] == "/healthz"
     assert agent["readinessProbe"]["httpGet"]["path"] == "/readyz"
     host_paths = [v["hostPath"]["path"] for v in pod["volumes"] if "hostPath" in v]
-    assert host_paths == ["/run/xtables.lock"]
+    assert host_paths == ["/run/xtables.lock", "/sys/fs/cgroup"]
+    mounts = {m["name"]: m for m in agent["volumeMounts"]}
+    assert mounts["cgroup"]["readOnly"] is True  # cgroup identity reads the node's cgroups, never writes
 
 
 AGENT_CAPABILITIES = ("NET_ADMIN", "NET_RAW", "SYS_ADMIN", "SYS_PTRACE")

@@ -5,17 +5,15 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
-import json
 import os
-import uuid
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from netisolate import scenarios
-from tests.conftest import REAL_NODE_NAME
 from tests.kube_standin import put
+from tests.realnode import pods
 from tests.realnode.kubelet import Kubelet, RunningPod
 from tests.realnode.node import SUBNET_V4, SUBNET_V6
 from tests.realnode.probe import matrix, wait_listening
@@ -23,13 +21,8 @@ from tests.realnode.probe import matrix, wait_listening
 pytestmark = [pytest.mark.realnode, pytest.mark.timeout(180)]
 
 
-def scenario_pod(name: str, pod_name: str | None = None) -> tuple[scenarios.Scenario, dict[str, Any]]:
-    scenario = scenarios.load(name)
-    manifest = json.loads(json.dumps(scenario.pod))
-    manifest["metadata"]["uid"] = str(uuid.uuid4())
-    manifest["metadata"]["name"] = pod_name or manifest["metadata"]["name"]
-    manifest["spec"]["nodeName"] = REAL_NODE_NAME
-    return scenario, manifest
+def scenario_pod(name: str) -> tuple[scenarios.Scenario, dict[str, Any]]:
+    return scenarios.load(name), pods.scenario_pod(name)
 
 
 async def start(kubelet: Kubelet, kmock: Any, manifest: dict[str, Any]) -> RunningPod:

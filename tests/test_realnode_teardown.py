@@ -6,17 +6,15 @@ from __future__ import annotations
 
 import asyncio
 import os
-import uuid
 from typing import Any
 
 import pytest
 from kubernetes import client
 
-from netisolate import scenarios
-from tests.conftest import REAL_NODE_NAME
 from tests.kube_standin import api_client, declare, put
 from tests.realnode.kubelet import Kubelet
 from tests.realnode.node import MachineState, RealNode, exclusive, real_node
+from tests.realnode.pods import NODE_NAME, scenario_pod
 
 pytestmark = [pytest.mark.realnode, pytest.mark.timeout(180)]
 
@@ -24,12 +22,9 @@ pytestmark = [pytest.mark.realnode, pytest.mark.timeout(180)]
 async def run_pods(node: RealNode, kmock: Any, count: int = 2) -> list[int]:
     """Pods with running containers, the kubelet's way; returns their sandbox PIDs."""
     declare(kmock)
-    kubelet = Kubelet(node, client.CoreV1Api(api_client(kmock)), REAL_NODE_NAME)
+    kubelet = Kubelet(node, client.CoreV1Api(api_client(kmock)), NODE_NAME)
     for i in range(count):
-        manifest = dict(scenarios.load("app-proxy-rogue").pod)
-        manifest["metadata"] = {**manifest["metadata"], "name": f"teardown-{i}", "uid": str(uuid.uuid4())}
-        manifest["spec"] = {**manifest["spec"], "nodeName": REAL_NODE_NAME}
-        put(kmock, "v1/pods", manifest)
+        put(kmock, "v1/pods", scenario_pod("app-proxy-rogue", f"teardown-{i}"))
     pods = await asyncio.to_thread(kubelet.sync)
     assert len(pods) == count
     return [p.pid for p in pods]

@@ -50,6 +50,7 @@ class Backend:
 
     failure: Exception | None = None
     applied: list[tuple[int, RuleSet]] = field(default_factory=list)
+    updated: list[tuple[int, RuleSet]] = field(default_factory=list)  # element updates (cgroups)
     name: str = "fake"
     cgroups: bool = True
 
@@ -58,8 +59,10 @@ class Backend:
             raise self.failure
         self.applied.append((ns.inode, ruleset))
 
-    def update_cgroups(self, ns: NetNS, ruleset: RuleSet) -> None:
-        self.apply(ns, ruleset)
+    def update_cgroups(self, ns: NetNS, ruleset: RuleSet, installed: RuleSet) -> None:
+        if self.failure is not None:
+            raise self.failure
+        self.updated.append((ns.inode, ruleset))
 
     def verify(self, ns: NetNS, ruleset: RuleSet) -> list[str]:
         return ["nothing installed"]

@@ -94,11 +94,14 @@ class Receiver:
         line = self.proc.stdout.readline().strip()
         assert line == "ready", self.proc.stderr.read() if self.proc.stderr else line
 
-    def got(self) -> list[str]:
-        """Everything it printed (each `got <data>`); ends the receiver."""
+    def printed(self) -> list[str]:
+        """Everything it printed (`got <data>`, `answer <errno>` when its answer failed); ends it."""
         self.proc.kill()
         out, _ = self.proc.communicate(timeout=5)
-        return [line for line in out.splitlines() if line.startswith("got ")]
+        return out.splitlines()
+
+    def got(self) -> list[str]:
+        return [line for line in self.printed() if line.startswith("got ")]
 
 
 def attempt(pod: LocalPod, uid: int, *args: str, wrap: tuple[str, ...] = ()) -> str:
@@ -175,10 +178,8 @@ def test_a_squatter_on_a_declared_udp_port_cannot_answer(pod: LocalPod) -> None:
     squatter = Receiver(pod, ROGUE, "udp", 5300, "127.0.0.1")
     assert attempt(pod, APP, "send", "udp", "127.0.0.1", "5300") == "sent"  # no answer came back
     assert attempt(pod, APP, "send", "udp", "::1", "5300") == "open"  # the owner's
-    out = squatter.proc
-    out.kill()
-    lines = out.communicate(timeout=5)[0].splitlines()
-    assert lines == ["got hello", "answer EPERM"], "received (a known limit), but could not answer"
+    expected = ["got hello", "answer EPERM"]
+    assert squatter.printed() == expected, "received (a known limit), but could not answer"
     assert owner.got() == ["got hello"]
 
 

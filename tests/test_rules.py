@@ -93,9 +93,7 @@ def test_nft_order_of_decisions() -> None:
         "meta l4proto { udp, udplite } ip6 daddr ff00::/8 jump loopback",
         "chain loopback {",
         "tcp flags ! syn accept",
-        "tcp flags syn,ack / syn,ack meta l4proto . tcp sport @owned "
-        "meta skuid . meta l4proto . tcp sport != @owners goto refuse",
-        "tcp flags syn,ack / syn,ack accept",
+        "tcp flags syn,ack / syn,ack goto serve",
         "icmp type { destination-unreachable, time-exceeded, parameter-problem } accept",
         "meta l4proto . udp sport @owned meta skuid . meta l4proto . udp sport != @owners goto refuse",
         "ct direction reply accept",
@@ -104,6 +102,10 @@ def test_nft_order_of_decisions() -> None:
         "meta skuid . meta l4proto . th dport @grants accept",
         "meta l4proto { tcp, udp } update @observed { meta skuid . meta l4proto . th dport }",
         "goto refuse",
+        "chain serve {",
+        "meta skuid . meta l4proto . th sport @owners accept",
+        "meta l4proto . th sport @owned goto refuse",  # a socketless SYN-ACK (SYN cookie) too
+        "accept",
         "chain refuse {",
         "meta skuid @identities goto deny",
         "counter goto deny",

@@ -5,9 +5,13 @@ from __future__ import annotations
 import asyncio
 import copy
 import json
+import multiprocessing
+import os
 import ssl
+import statistics
 import time
 from collections.abc import AsyncIterator, Mapping
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +30,7 @@ from netisolate.config import Config
 from netisolate.model import InputError
 from netisolate.webhook import tls
 from netisolate.webhook.review import BadReviewError, parse_review, response
-from netisolate.webhook.server import NamespaceLabels, NamespaceUnavailableError, build_app
+from netisolate.webhook.server import Limits, NamespaceLabels, NamespaceUnavailableError, build_app
 from tests.kube_standin import api_client, declare, put
 
 HARDENED = {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}}
@@ -428,3 +432,133 @@ async def test_a_namespace_served_without_metadata_has_no_labels() -> None:
             return Bare()
 
     assert await NamespaceLabels(Api())("shop") == {}
+
+
+# --- issue 16: every review bounded in time and memory, none on the event loop ----------------
+
+
+def many_containers(n: int) -> dict[str, Any]:
+    """n containers on one pod-level UID: the uid-shared worst case, in an audit namespace."""
+    containers = [{"name": f"c{i}", "image": "app:1", "securityContext": HARDENED} for i in range(n)]
+    big = pod(containers)
+    big["spec"]["securityContext"] = {"runAsUser": 1000}
+    big["metadata"] = {
+        "name": "big",
+        "namespace": "open",
+        "annotations": {"netisolate.io/isolation": "audit"},
+    }
+    return review("Pod", big, uid=f"big-{n}")
+
+
+@asynccontextmanager
+async def http_app(limits: Limits | None = None) -> AsyncIterator[TestClient[web.Request, web.Application]]:
+    async with TestClient(TestServer(build_app(Config(), lookup, limits))) as http:
+        yield http
+
+
+async def answer_of(http: TestClient[web.Request, web.Application], body: dict[str, Any]) -> Any:
+    reply = await http.post("/validate/pods", json=body)
+    assert reply.status == 200, await reply.text()
+    return (await reply.json())["response"]
+
+
+async def judged(http: TestClient[web.Request, web.Application], body: dict[str, Any]) -> Any:
+    """The answer once a worker judges it: while a killed worker is replaced there is none free
+    (429), and on a loaded machine a short time limit may cut even a small review."""
+    deadline = time.monotonic() + 20
+    while True:
+        reply = await http.post("/validate/pods", json=body)
+        text = await reply.text()
+        if reply.status != 429 and "took longer" not in text:
+            assert reply.status == 200, text
+            return (await reply.json())["response"]
+        assert time.monotonic() < deadline, f"never judged: {text}"
+        await asyncio.sleep(0.05)
+
+
+@pytest.mark.asyncio
+async def test_a_2000_container_pod_is_judged_quickly_and_capped() -> None:
+    async with http_app() as http:
+        started = time.monotonic()
+        answer = await answer_of(http, many_containers(2000))
+        assert time.monotonic() - started < 3.0  # quadratic, in the loop: 16 s
+    assert answer["uid"] == "big-2000" and answer["allowed"] is True  # audit: warnings only
+    assert len(answer["warnings"]) <= 11 and "more warnings" in answer["warnings"][-1]
+
+
+@pytest.mark.asyncio
+async def test_other_reviews_and_healthz_answer_while_a_huge_pod_is_judged() -> None:
+    async with http_app(Limits(workers=2, seconds=20)) as http:
+        huge_started = time.monotonic()
+        huge = asyncio.create_task(answer_of(http, many_containers(20000)))  # ~2.5 MB: a second or more
+        await asyncio.sleep(0.05)
+        latencies = []
+        while not huge.done():
+            started = time.monotonic()
+            health = await http.get("/healthz")
+            assert health.status == 200
+            assert (await answer_of(http, review("Pod", GOOD)))["allowed"] is True
+            latencies.append(time.monotonic() - started)
+        assert (await huge)["uid"] == "big-20000"
+        huge_took = time.monotonic() - huge_started
+    # Judged on the event loop, every one of them would wait for the huge review to end.
+    assert len(latencies) >= 3, "the huge review finished before the others could be measured"
+    assert statistics.median(latencies) < 0.1 and max(latencies) < huge_took / 2, (huge_took, latencies)
+
+
+@pytest.mark.asyncio
+async def test_a_review_over_its_time_is_denied_and_the_worker_replaced() -> None:
+    async with http_app(Limits(workers=1, seconds=0.2)) as http:
+        answer = await answer_of(http, many_containers(20000))
+        assert answer == {
+            "uid": "big-20000",
+            "allowed": False,
+            "status": {
+                "code": 400,
+                "reason": "BadRequest",
+                "message": "netisolate: judging it took longer than 0.2 s",
+            },
+        }
+        assert (await judged(http, review("Pod", GOOD)))["allowed"] is True
+        assert "uid-root" in (await judged(http, review("Pod", ROOT)))["status"]["message"]
+
+
+@pytest.mark.asyncio
+async def test_a_review_over_its_memory_is_denied_and_the_worker_replaced() -> None:
+    async with http_app(Limits(workers=1, seconds=20, memory_mib=16)) as http:
+        reply = await http.post("/validate/pods", json=many_containers(20000))
+        text = await reply.text()
+        assert (reply.status in (200, 400, 413) and "memory" in text) or "worker ended" in text, text
+        if reply.status == 200:
+            assert (await reply.json())["response"]["allowed"] is False
+        assert (await judged(http, review("Pod", GOOD)))["allowed"] is True
+
+
+@pytest.mark.asyncio
+async def test_a_worker_killed_mid_review_denies_that_review_only() -> None:
+    async with http_app(Limits(workers=1, seconds=20)) as http:
+        huge = asyncio.create_task(http.post("/validate/pods", json=many_containers(20000)))
+        await asyncio.sleep(0.3)
+        for child in multiprocessing.active_children():
+            if child.name == "netisolate-review":
+                child.kill()
+        reply = await huge
+        assert reply.status == 200 and (await reply.json())["response"]["allowed"] is False
+        assert "worker ended" in await reply.text()
+        assert (await judged(http, review("Pod", GOOD)))["allowed"] is True
+
+
+@pytest.mark.asyncio
+async def test_large_bodies_have_a_worker_of_their_own_at_a_lower_priority() -> None:
+    async with http_app(Limits(workers=2, seconds=20)) as http:
+        huge = asyncio.create_task(answer_of(http, many_containers(20000)))
+        await asyncio.sleep(0.3)
+        workers = [c for c in multiprocessing.active_children() if c.name == "netisolate-review"]
+        niceness = sorted(os.getpriority(os.PRIO_PROCESS, w.pid or 0) for w in workers)
+        assert niceness == [os.getpriority(os.PRIO_PROCESS, 0), os.getpriority(os.PRIO_PROCESS, 0) + 10]
+        # a second huge pod queues behind the first; small ones never do
+        second = asyncio.create_task(answer_of(http, many_containers(20001)))
+        started = time.monotonic()
+        assert (await answer_of(http, review("Pod", GOOD)))["allowed"] is True
+        assert time.monotonic() - started < 1.0
+        await asyncio.gather(huge, second)

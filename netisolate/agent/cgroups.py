@@ -10,20 +10,36 @@ taking one path from the other, and its level is its depth below the hierarchy's
 
 Which cgroup is whose: a pod's containers' cgroups are the children of the pod's cgroup (the
 sandbox's parent), each named after its container's ID (`<id>`, `cri-containerd-<id>.scope`,
-`crio-<id>.scope`); the pod's `containerStatuses` say which ID is which container. A cgroup no
-status names yet belongs to nobody: its container is refused until the agent knows it.
+`crio-<id>.scope`). Two sources say which ID is which container:
+
+- the runtime's own record, at once: the OCI bundle of the container, whose annotations name the
+  container and its pod (`io.kubernetes.cri.container-name` and `…sandbox-uid` for containerd,
+  `io.kubernetes.container.name` and `io.kubernetes.pod.uid` for CRI-O). It is found from the
+  first process of the new cgroup: its parent (`runc`, then the shim or conmon once runc exits)
+  runs in the bundle, or next to it (containerd's shim serves a whole pod from the sandbox's
+  bundle, beside which each container's lies). The files are the runtime's, out of the
+  containers' reach; the pod UID in them must be the pod's.
+- the pod's `containerStatuses`, which the kubelet posts a moment (or seconds) later.
+
+The watch fires when a container's cgroup appears and again when its first process joins it
+(`cgroup.events` changes), which is before the runtime starts the container's command: a
+restarted container's grants are usually in place when it starts. A cgroup neither source names
+yet belongs to nobody: its container is refused until the agent knows it.
 """
 
 from __future__ import annotations
 
 import ctypes
+import json
 import logging
 import os
+import re
 import struct
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from netisolate.agent.discovery import MIRROR_ANNOTATION
 from netisolate.backends.blind import CGROUP_ROOT
 from netisolate.model import Pod
 from netisolate.rules import Cgroup, PodCgroups
@@ -87,13 +103,76 @@ def named(entries: list[str], ids: dict[str, str]) -> dict[str, str]:
     return found
 
 
+_RUNTIME_ID = re.compile(r"^(?:[a-z-]+-)?([0-9a-f]{64})(?:\.scope)?$")
+_NAME_KEYS = ("io.kubernetes.cri.container-name", "io.kubernetes.container.name")
+_POD_KEYS = ("io.kubernetes.cri.sandbox-uid", "io.kubernetes.pod.uid")
+
+
+def runtime_id(entry: str) -> str | None:
+    """The container ID a cgroup directory is named after (`<id>`, `cri-containerd-<id>.scope`)."""
+    match = _RUNTIME_ID.match(entry)
+    return match[1] if match else None
+
+
+def bundle_name(annotations: dict[str, object], pod_uids: set[str]) -> str | None:
+    """The container a bundle's annotations name, when they name one of the given pod."""
+    name = next((a for k in _NAME_KEYS if isinstance(a := annotations.get(k), str)), None)
+    pod = next((a for k in _POD_KEYS if isinstance(a := annotations.get(k), str)), None)
+    return name if name and pod in pod_uids else None
+
+
+def _parent(proc: str, pid: int) -> int | None:
+    try:
+        with open(f"{proc}/{pid}/stat") as stat:
+            return int(stat.read().rsplit(")", 1)[1].split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def runtime_name(cgroup_dir: str, pod_uids: set[str], proc: str = "/proc") -> str | None:
+    """The container a new cgroup holds, from its runtime bundle (see above): None while its first
+    process has not joined it yet or no bundle is found, "" when its bundle names no container of
+    the pod (the sandbox's own cgroup)."""
+    cid = runtime_id(os.path.basename(cgroup_dir))
+    try:
+        with open(os.path.join(cgroup_dir, "cgroup.procs")) as procs:
+            first = procs.readline().strip()
+    except OSError:
+        return None
+    if cid is None:
+        return ""
+    if not first.isdigit():
+        return None
+    pid: int | None = int(first)
+    for _ in range(3):  # runc, then the shim (or conmon)
+        pid = _parent(proc, pid) if pid else None
+        if not pid:
+            return None
+        for candidate in (f"{proc}/{pid}/cwd/config.json", f"{proc}/{pid}/cwd/../{cid}/config.json"):
+            try:
+                with open(candidate) as bundle:
+                    config = json.load(bundle)
+            except (OSError, ValueError):
+                continue
+            annotations = config.get("annotations") if isinstance(config, dict) else None
+            same = isinstance(config, dict) and cid in str(config.get("linux", {}).get("cgroupsPath", ""))
+            if isinstance(annotations, dict) and same:
+                return bundle_name(annotations, pod_uids) or ""
+    return None  # no bundle found (yet): the statuses may still say
+
+
 class NodeCgroups:
     """The node's cgroup v2 hierarchy as the agent sees it, and the watch on pods' cgroups."""
 
     def __init__(
-        self, sandbox_cgroup: Callable[[Pod], str | None], mountinfo: str = "/proc/self/mountinfo"
+        self,
+        sandbox_cgroup: Callable[[Pod], str | None],
+        mountinfo: str = "/proc/self/mountinfo",
+        proc_root: str = "/proc",
     ) -> None:
         self.sandbox_cgroup = sandbox_cgroup  # the pod's sandbox's cgroup path, from /proc
+        self.proc_root = proc_root
+        self._named: dict[str, str] = {}  # cgroup directory -> container, as its bundle says
         self.mount: Mount | None = None
         self.reason = ""
         try:
@@ -130,20 +209,42 @@ class NodeCgroups:
         if not parts or len(parts) < 2:
             return None
         pod_dir = os.path.join(self.mount.point, *parts[:-1])
-        self._watch.add(pod.metadata.uid or pod.ref, pod_dir)
+        uid = pod.metadata.uid or pod.ref
+        self._watch.add(uid, pod_dir, IN_CREATE | IN_DELETE)
         try:
             entries = [e.name for e in os.scandir(pod_dir) if e.is_dir(follow_symlinks=False)]
             pod_cgroup = self.cgroup_of(pod_dir)
-            containers = {
-                name: self.cgroup_of(os.path.join(pod_dir, entry))
-                for name, entry in named(entries, container_ids(pod)).items()
-            }
+            statuses = named(entries, container_ids(pod))
+            by_name = {name: os.path.join(pod_dir, entry) for name, entry in statuses.items()}
+            by_name.update(self._from_bundles(pod, uid, pod_dir, entries))
+            containers = {name: self.cgroup_of(directory) for name, directory in by_name.items()}
         except FileNotFoundError:
             return None
         return PodCgroups(len(parts), pod_cgroup, tuple(sorted(containers.items())))
 
+    def _from_bundles(self, pod: Pod, uid: str, pod_dir: str, entries: list[str]) -> dict[str, str]:
+        """{container: cgroup directory} as the runtime's bundles say; a new cgroup is watched until
+        its first process joins (only then can its bundle be found)."""
+        names = {c.name for c in pod.all_containers()}
+        pod_uids = {u for u in (pod.metadata.uid, pod.metadata.annotations.get(MIRROR_ANNOTATION)) if u}
+        found = {}
+        directories = [os.path.join(pod_dir, entry) for entry in entries]
+        for directory in directories:
+            name = self._named.get(directory)
+            if name is None and (name := runtime_name(directory, pod_uids, self.proc_root)) is not None:
+                self._named[directory] = name
+            if name is None:
+                self._watch.add(uid, directory, IN_MODIFY)  # cgroup.events: its first process joined
+            elif name in names:  # "" (nobody) is never a container's name
+                found[name] = directory
+        gone = [d for d in self._named if os.path.dirname(d) == pod_dir and d not in directories]
+        for directory in gone:  # removed cgroups (restarted containers)
+            del self._named[directory]
+        return found
+
     def forget(self, uid: str) -> None:
         self._watch.remove(uid)
+        self._named = {d: n for d, n in self._named.items() if os.path.isdir(d)}
 
     @staticmethod
     def cgroup_of(directory: str) -> Cgroup:
@@ -151,7 +252,7 @@ class NodeCgroups:
         return Cgroup(os.stat(directory).st_ino, os.path.relpath(directory, CGROUP_ROOT))
 
 
-IN_CREATE, IN_DELETE, IN_ONLYDIR, IN_CLOEXEC = 0x100, 0x200, 0x1000000, 0x80000
+IN_MODIFY, IN_CREATE, IN_DELETE, IN_ONLYDIR, IN_CLOEXEC = 0x2, 0x100, 0x200, 0x1000000, 0x80000
 _EVENT = struct.Struct("iIII")
 
 
@@ -164,12 +265,12 @@ class _Watch:
         self._libc = ctypes.CDLL(None, use_errno=True)
         self._fd = -1
         self._pods: dict[int, str] = {}  # watch descriptor -> pod UID
-        self._dirs: dict[str, tuple[int, str]] = {}  # pod UID -> (wd, directory)
+        self._dirs: dict[str, dict[str, int]] = {}  # pod UID -> {directory: watch descriptor}
         self._lock = threading.Lock()
 
-    def add(self, uid: str, directory: str) -> None:
+    def add(self, uid: str, directory: str, mask: int) -> None:
         with self._lock:
-            if self._dirs.get(uid, (0, ""))[1] == directory:
+            if directory in self._dirs.get(uid, {}):
                 return
             if self._fd < 0:
                 self._fd = self._libc.inotify_init1(IN_CLOEXEC)
@@ -177,18 +278,17 @@ class _Watch:
                     log.error("inotify unavailable: cgroup changes are seen at verification only")
                     return
                 threading.Thread(target=self._read, name="cgroup-watch", daemon=True).start()
-            mask = IN_CREATE | IN_DELETE | IN_ONLYDIR
-            wd = self._libc.inotify_add_watch(self._fd, directory.encode(), mask)
+            wd = self._libc.inotify_add_watch(self._fd, directory.encode(), mask | IN_ONLYDIR)
             if wd < 0:
                 return  # gone already; the next sync finds the pod's new cgroup
             self._pods[wd] = uid
-            self._dirs[uid] = (wd, directory)
+            self._dirs.setdefault(uid, {})[directory] = wd
 
     def remove(self, uid: str) -> None:
         with self._lock:
-            wd, _ = self._dirs.pop(uid, (-1, ""))
-            if self._pods.pop(wd, None) is not None:
-                self._libc.inotify_rm_watch(self._fd, wd)
+            for wd in self._dirs.pop(uid, {}).values():
+                if self._pods.pop(wd, None) is not None:
+                    self._libc.inotify_rm_watch(self._fd, wd)
 
     def _read(self) -> None:
         while True:

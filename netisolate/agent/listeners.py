@@ -132,6 +132,8 @@ def squatted(ns: NetNS, ruleset: RuleSet) -> list[str]:
     """Declared ports bound by a UID that owns none of them, naming the squatter. Not for pods
     whose network namespace has a user namespace of its own: the kernel reports node UIDs, the
     rules name the pod's, and the map between them is not ours to read here."""
+    if not ruleset.owners:
+        return []
     owner = ns.foreign_owner()
     if owner is not None:
         os.close(owner)

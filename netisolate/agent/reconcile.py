@@ -94,6 +94,12 @@ class Tracked:
     reported: frozenset[Observed] = frozenset()  # what the last ConnectionsObserved event named
     reported_at: float = -OBSERVED_EVENT_S
     cgroup_problem: str = ""  # why cgroup identity was last unavailable for this pod, if it was
+    cgroup_wait_since: float = 0.0  # since when the pod's cgroup is looked for (0: found)
+
+
+def _waiting(tracked: Tracked) -> bool:
+    """Retried by the timer: pending, failed, or enforced closed while its cgroup is looked for."""
+    return tracked.state in WAITING or bool(tracked.cgroup_wait_since)
 
 
 class Reconciler:
@@ -172,14 +178,14 @@ class Reconciler:
     def next_retry(self) -> float:
         """When the earliest waiting pod is due (monotonic clock); infinity when none waits."""
         with self.lock:
-            return min((t.retry_at for t in self.pods.values() if t.state in WAITING), default=float("inf"))
+            return min((t.retry_at for t in self.pods.values() if _waiting(t)), default=float("inf"))
 
     def retry_pending(self) -> None:
         with self.lock:
             now = time.monotonic()
-            for tracked in [t for t in self.pods.values() if t.state in WAITING and t.retry_at <= now]:
+            for tracked in [t for t in self.pods.values() if _waiting(t) and t.retry_at <= now]:
                 self._sync(tracked)
-            if not any(t.state in WAITING for t in self.pods.values()):
+            if not any(_waiting(t) for t in self.pods.values()):
                 self.unsettled.clear()
 
     def verify_all(self, fresh: float = 1.0) -> int:
@@ -304,21 +310,33 @@ class Reconciler:
         else:
             seen = self.cgroups.seen(pod)
             if seen is not None:
-                tracked.cgroup_problem = ""
+                tracked.cgroup_problem, tracked.cgroup_wait_since = "", 0.0
                 return policy, self.settings, seen
             reason = "the pod's cgroup is not in the cgroup v2 hierarchy the agent sees"
+            if self._cgroup_soon(tracked):  # a sandbox joins its cgroups a moment after it starts
+                return (*without_cgroups(policy, self.settings, reason), None)
         if tracked.cgroup_problem != reason:  # once per distinct reason
             tracked.cgroup_problem = reason
             message = f"enforced with no grants (fail closed): {reason}"
             self.reporter.event(pod, "CgroupIdentityUnavailable", message, warning=True)
         return (*without_cgroups(policy, self.settings, reason), None)
 
+    def _cgroup_soon(self, tracked: Tracked) -> bool:
+        """Look for the pod's cgroup again shortly; True while that is still normal (no event)."""
+        now = time.monotonic()
+        tracked.cgroup_wait_since = tracked.cgroup_wait_since or now
+        young = now - tracked.cgroup_wait_since < PENDING_FAST_S
+        tracked.retry_at = now + (0.0 if young else PENDING_SLOW_S)
+        self.unsettled.set()
+        return young
+
     def _update_cgroups(self, tracked: Tracked, desired: RuleSet) -> None:
         """Same rules, other cgroups (a container restarted): an element update, ~1 ms."""
         assert tracked.ns is not None
         started = time.perf_counter()
         try:
-            self.backend.update_cgroups(tracked.ns, desired)
+            assert tracked.applied is not None
+            self.backend.update_cgroups(tracked.ns, desired, tracked.applied)
         except EnforceError as err:
             self._failed(tracked, "EnforceFailed", str(err))
             return

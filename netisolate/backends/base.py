@@ -34,9 +34,9 @@ class Backend(Protocol):
     def apply(self, ns: NetNS, ruleset: RuleSet) -> None:
         """Install atomically and idempotently; raises EnforceError."""
 
-    def update_cgroups(self, ns: NetNS, ruleset: RuleSet) -> None:
-        """Put the ruleset's cgroups into the sets of the table in ns, which holds the same ruleset
-        but for them (cgroup identity); raises EnforceError."""
+    def update_cgroups(self, ns: NetNS, ruleset: RuleSet, installed: RuleSet) -> None:
+        """Turn the table in ns, which holds `installed`, into `ruleset`, which differs from it in
+        its cgroups only (cgroup identity); raises EnforceError."""
 
     def verify(self, ns: NetNS, ruleset: RuleSet) -> list[str]:
         """[] when the namespace holds exactly `ruleset`, else what drifted. Counters never count."""

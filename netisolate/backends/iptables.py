@@ -86,7 +86,7 @@ class IptablesBackend:
         argv = [f"{_TOOLS[family]}-save", "-t", "filter", *(["-c"] if counters else [])]
         return checked(_tool(ns, argv), "reading the filter table").splitlines()
 
-    def update_cgroups(self, ns: NetNS, ruleset: RuleSet) -> None:
+    def update_cgroups(self, ns: NetNS, ruleset: RuleSet, installed: RuleSet) -> None:
         raise EnforceError("cgroup identity needs the nftables backend")
 
     def apply(self, ns: NetNS, ruleset: RuleSet) -> None:

@@ -51,12 +51,15 @@ class NftablesBackend:
         if status != 0:
             raise EnforceError(err)
 
-    def update_cgroups(self, ns: NetNS, ruleset: RuleSet) -> None:
-        """Put each container's current cgroup into its set (a restarted container's new one): one
-        small transaction through the namespace's session."""
-        status, err = self._load(ns, nft.elements(ruleset), f"{ruleset.pod}'s cgroups")
-        if status != 0:
-            raise EnforceError(err)
+    def update_cgroups(self, ns: NetNS, ruleset: RuleSet, installed: RuleSet) -> None:
+        """Turn the sets of `installed` into those of `ruleset` (a restarted container's new cgroup
+        in, then its old one out), through the namespace's session. A cgroup that vanished
+        meanwhile (nft resolves paths as it loads) fails the update, which is retried."""
+        for document in nft.elements(ruleset, installed):
+            if document:
+                status, err = self._load(ns, document, f"{ruleset.pod}'s cgroups")
+                if status != 0:
+                    raise EnforceError(err)
 
     def listing(self, ns: NetNS, by_id: bool = False) -> str | None:
         """The table as nft lists it; `by_id`: cgroups as IDs (listed from the blind namespace, on

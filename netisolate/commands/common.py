@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import argparse
+from typing import TYPE_CHECKING
 
-from netisolate.policy import IdentityMode
-from netisolate.rules import DEFAULT_SENTINEL_PORT, Settings
+if TYPE_CHECKING:  # the rules (and pydantic under them) load only for the commands that build rules
+    from netisolate.rules import Settings
 
 ANNOTATION_HELP = """\
 Annotations (on the pod; the isolation level may also be a namespace label):
   netisolate.io/isolation: enforce|audit|off   stricter of pod annotation and namespace label wins
+  netisolate.io/identity: uid|cgroup|uid+cgroup  what containers are known by (default: the
+                                               agent's --identity, uid unless set)
   allow.netisolate.io/<container>: "PORTS"     loopback ports <container> may open connections to:
                                                comma list of PORT or LOW-HIGH, each optionally
                                                /tcp or /udp (default tcp); empty = nothing
@@ -25,7 +28,8 @@ DNS cache on 53/udp, anything else in the pod may reach nothing over loopback:
       allow.netisolate.io/app: "15001"
       allow.netisolate.io/proxy: "8080, 53/udp"
 
-Each container needs its own non-root runAsUser: the rules are keyed on it.
+Under uid identity each container needs its own non-root runAsUser: the rules are keyed on it.
+Under cgroup identity they are keyed on each container's cgroup: UIDs may be shared, root allowed.
 """
 
 
@@ -87,6 +91,9 @@ def seconds(text: str) -> float:
 
 def add_rule_settings(parser: argparse.ArgumentParser) -> None:
     """The settings a ruleset is built with, named as the agent names them (`rule_settings`)."""
+    from netisolate.policy import IdentityMode
+    from netisolate.rules import DEFAULT_SENTINEL_PORT
+
     parser.add_argument(
         "--sentinel-port",
         type=port,
@@ -113,6 +120,8 @@ def add_rule_settings(parser: argparse.ArgumentParser) -> None:
 
 
 def rule_settings(args: argparse.Namespace) -> Settings:
+    from netisolate.rules import Settings
+
     return Settings(
         sentinel_port=args.sentinel_port, allow_root=not args.deny_port_forward, identity=args.identity
     )

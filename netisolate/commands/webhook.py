@@ -13,14 +13,20 @@ from pathlib import Path
 
 from aiohttp import web
 
-from netisolate.commands.common import add_command
+from netisolate.commands.common import add_command, seconds
 from netisolate.config import load_config
 from netisolate.kube import AdmissionApi, CoreApi, api_clients
 from netisolate.logs import setup_logging
 from netisolate.model import InputError
 from netisolate.webhook import tls
 from netisolate.webhook.review import PATHS
-from netisolate.webhook.server import LabelLookup, NamespaceLabels, NamespaceUnavailableError, build_app
+from netisolate.webhook.server import (
+    LabelLookup,
+    Limits,
+    NamespaceLabels,
+    NamespaceUnavailableError,
+    build_app,
+)
 
 log = logging.getLogger("netisolate.webhook")
 DETAILS = f"""\
@@ -54,7 +60,37 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     parser.add_argument("--secret", default="netisolate-webhook-tls")
     parser.add_argument("--service", default="netisolate-webhook")
     parser.add_argument("--webhook-configuration", default="netisolate")
+    limits = Limits()
+    parser.add_argument(
+        "--review-workers",
+        type=_count,
+        default=limits.workers,
+        metavar="N",
+        help=f"processes judging reviews, one review each at a time (default {limits.workers})",
+    )
+    parser.add_argument(
+        "--review-timeout",
+        type=seconds,
+        default=limits.seconds,
+        metavar="SECONDS",
+        help="a review not judged by then is denied with the reason, its worker replaced; keep it "
+        f"below the webhook configuration's timeoutSeconds (default {limits.seconds:g})",
+    )
+    parser.add_argument(
+        "--review-memory",
+        type=_count,
+        default=limits.memory_mib,
+        metavar="MIB",
+        help="memory one review may use on top of an idle worker; a review needing more is denied "
+        f"(default {limits.memory_mib})",
+    )
     parser.set_defaults(run=run)
+
+
+def _count(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: give a whole number above 0")
+    return int(text)
 
 
 Clients = tuple[CoreApi, AdmissionApi]
@@ -103,7 +139,8 @@ async def serve(args: argparse.Namespace) -> None:
         labels = _unreadable(str(err))
     cert_file, key_file, ca = _cert_files(args, clients)
     cert = tls.ReloadingCert(cert_file, key_file)
-    app = build_app(load_config(args.config), labels)
+    limits = Limits(args.review_workers, args.review_timeout, args.review_memory)
+    app = build_app(load_config(args.config), labels, limits)
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
     await web.TCPSite(runner, host or "0.0.0.0", int(port), ssl_context=cert.context).start()

@@ -22,7 +22,10 @@ THE DECISIONS, in the order both dialects evaluate them for every such packet:
 2. A SYN-ACK from a port a container declares (`containerPort` + protocol: an Owner) passes only
    from a UID of a container that declares it; from anyone else it is refused, so a container that
    listens on another's port while that one restarts never completes a connection. Any other SYN-ACK
-   passes.
+   passes. SYN-ACKs are judged in a chain of their own (`serve`), so a SYN never walks the declared
+   ports. Written as "owner: accept, else refuse", so a SYN-ACK that carries no socket (a SYN
+   cookie, which a squatter could provoke) is refused too; the price is that an owner whose SYN
+   queue overflows loses those handshakes to the client's retry.
 3. ICMP errors pass: the kernel sends them (our own rejects included); unprivileged processes cannot.
 4. A UDP datagram from a declared port is refused unless its UID is one of the port's owners.
 5. Where the policy grants UDP, or the pod is at audit, conntrack lets replies of accepted flows
@@ -55,7 +58,10 @@ ephemeral port, which nobody should be granted. This is the only place that choi
 WHAT UID IDENTITY CANNOT DO: the input path has no owner match, so a datagram (or the data of a Fast
 Open SYN, where the namespace enables server-side Fast Open) sent to a declared port reaches a
 squatter bound to it more specifically; rule 4 keeps the squatter from answering, and the agent's
-listener check reports the squatter (`PortSquatted`).
+listener check reports the squatter (`PortSquatted`). Ownership, like everything here, is judged on
+the packets above only: a squatter's answers to clients beyond the pod (a Service's traffic on
+eth0) are not refused — refusing socketless SYN cookies there would let any outside SYN flood cut
+the owner off — and are left to the listener check too.
 
 PORT RANGES are kept as nft lists them back (see `_merged`), so drift detection is exact.
 

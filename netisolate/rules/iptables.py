@@ -12,6 +12,7 @@ from netisolate.policy import PortRange
 from netisolate.rules import Owner, RuleSet
 
 CHAIN = "NETISOLATE"
+SERVE_CHAIN = "NETISOLATE-SERVE"
 REFUSE_CHAIN = "NETISOLATE-REFUSE"
 DENY_CHAIN = "NETISOLATE-DENY"
 Family = Literal[4, 6]
@@ -76,14 +77,7 @@ def _owners(owner: Owner, negated: bool) -> list[str]:
 
 def _judging(rs: RuleSet, family: Family) -> list[str]:
     icmp = _ICMP[family]
-    rules = ["-p tcp -m tcp ! --tcp-flags SYN SYN -j ACCEPT"]
-    for owner in rs.owned("tcp"):
-        served = f"-p tcp -m tcp --sport {owner.port} {_SYN_ACK}"
-        rules += [
-            f"{served} {match} {_comment(owner.containers)} -j ACCEPT" for match in _owners(owner, False)
-        ]
-        rules.append(f"{served} -g {REFUSE_CHAIN}")
-    rules.append(f"-p tcp -m tcp {_SYN_ACK} -j ACCEPT")
+    rules = ["-p tcp -m tcp ! --tcp-flags SYN SYN -j ACCEPT", f"-p tcp -m tcp {_SYN_ACK} -g {SERVE_CHAIN}"]
     rules += [f"-p {icmp.proto} -m {icmp.module} {icmp.option} {t} -j ACCEPT" for t in icmp.error_types]
     rules += [
         f"-p udp -m udp --sport {owner.port} {' '.join(_owners(owner, True))} {_comment(owner.containers)} "
@@ -108,6 +102,18 @@ def _judging(rs: RuleSet, family: Family) -> list[str]:
     return rules
 
 
+def _serve(rs: RuleSet) -> list[str]:
+    """SYN-ACKs, in a chain of their own so that a SYN never walks the declared ports."""
+    rules = []
+    for owner in rs.owned("tcp"):
+        served = f"-p tcp -m tcp --sport {owner.port}"
+        rules += [
+            f"{served} {match} {_comment(owner.containers)} -j ACCEPT" for match in _owners(owner, False)
+        ]
+        rules.append(f"{served} -g {REFUSE_CHAIN}")
+    return [*rules, "-j ACCEPT"]
+
+
 def _refuse(rs: RuleSet) -> list[str]:
     rules = [f"-m owner --uid-owner {i.uid} {_comment(i.containers)} -g {DENY_CHAIN}" for i in rs.identities]
     return [*rules, f"-g {DENY_CHAIN}"]
@@ -125,7 +131,12 @@ def _deny(rs: RuleSet, family: Family) -> list[str]:
 
 def chains(rs: RuleSet, family: Family) -> dict[str, list[str]]:
     """Our chains' rules as `iptables-save` lists them, less the `-A CHAIN ` prefix."""
-    return {CHAIN: _judging(rs, family), REFUSE_CHAIN: _refuse(rs), DENY_CHAIN: _deny(rs, family)}
+    return {
+        CHAIN: _judging(rs, family),
+        SERVE_CHAIN: _serve(rs),
+        REFUSE_CHAIN: _refuse(rs),
+        DENY_CHAIN: _deny(rs, family),
+    }
 
 
 def jumps(family: Family) -> list[str]:
@@ -146,7 +157,7 @@ def document(rs: RuleSet, family: Family, output: Sequence[str] = ()) -> str:
     OUTPUT's current rules (empty for a new namespace). Declaring our chains flushes only them, and
     the whole table is committed at once; when our jumps are not already exactly first, the same
     commit deletes every jump to our chain and inserts them first, so they end up once and first."""
-    lines = ["*filter", *(f":{chain} - [0:0]" for chain in (CHAIN, REFUSE_CHAIN, DENY_CHAIN))]
+    lines = ["*filter", *(f":{chain} - [0:0]" for chain in chains(rs, family))]
     lines += [f"-A {chain} {rule}" for chain, rules in chains(rs, family).items() for rule in rules]
     if not jumps_in_place(output, family):
         lines += [f"-D OUTPUT {rule}" for rule in output if rule.endswith(f"-j {CHAIN}")]

@@ -40,11 +40,14 @@ _JUDGED = (
     "meta l4proto { udp, udplite } ip6 daddr ff00::/8",
 )
 _SYN_ACK = "tcp flags syn,ack / syn,ack"
-# nft lists a port after a protocol match by the protocol's name (`tcp sport`), so we write it so
-_SERVED = {
-    proto: f"meta l4proto . {proto} sport @owned {IDENTITY} . meta l4proto . {proto} sport"
-    for proto in ("tcp", "udp")
-}
+# nft lists a port after a protocol match by the protocol's name (`udp sport`), so we write it so
+_FIRST = (  # decisions 1-3, whatever the identity
+    "tcp flags ! syn accept",
+    f"{_SYN_ACK} goto serve",
+    "icmp type { destination-unreachable, time-exceeded, parameter-problem } accept",
+    "icmpv6 type { destination-unreachable, packet-too-big, time-exceeded, parameter-problem } accept",
+)
+_UDP_NOT_OWNER = f"meta l4proto . udp sport @owned {IDENTITY} . meta l4proto . udp sport != @owners"
 _FLOW = f"{IDENTITY} . meta l4proto . th dport"
 
 
@@ -101,14 +104,7 @@ def sets(rs: RuleSet) -> tuple[NftSet, ...]:
 def _judging(rs: RuleSet) -> list[str]:
     if rs.cgroups is not None:
         return _judging_by_cgroup(rs, rs.cgroups)
-    rules = [
-        "tcp flags ! syn accept",
-        f"{_SYN_ACK} {_SERVED['tcp']} != @owners goto refuse",
-        f"{_SYN_ACK} accept",
-        "icmp type { destination-unreachable, time-exceeded, parameter-problem } accept",
-        "icmpv6 type { destination-unreachable, packet-too-big, time-exceeded, parameter-problem } accept",
-        f"{_SERVED['udp']} != @owners goto refuse",
-    ]
+    rules = [*_FIRST, f"{_UDP_NOT_OWNER} goto refuse"]
     if rs.stateful:
         rules.append("ct direction reply accept")
     rules.append(
@@ -124,6 +120,30 @@ def _judging(rs: RuleSet) -> list[str]:
     return rules
 
 
+def _serve(rs: RuleSet) -> list[str]:
+    """SYN-ACKs, in a chain of their own so that a SYN never meets the declared ports. By UID, an
+    owner's passes and any other from a declared port is refused (two lookups). By cgroup,
+    a SYN-ACK's request socket has no cgroup to match (`socket cgroupv2` breaks on it): a declared
+    TCP port is kept to its owners on input instead (`_receiving`), where the SYN meets the
+    listener; under uid+cgroup the owners' UIDs are held to it here as well."""
+    if rs.cgroups is None:
+        return [
+            f"{IDENTITY} . meta l4proto . th sport @owners accept",
+            "meta l4proto . th sport @owned goto refuse",  # a SYN cookie's SYN-ACK, socketless, too
+            "accept",
+        ]
+    cg = rs.cgroups
+    owners = [(o.port, cg.uids(o), ",".join(o.members)) for o in cg.owned("tcp")] if cg.by_uid else []
+    rules = []
+    for port, uids, containers in owners:
+        served = f"tcp sport {port}"
+        if uids:
+            owned_by = _one_or_set([str(u) for u in uids])
+            rules.append(f'{served} meta skuid {owned_by} accept comment "{containers}"')
+        rules.append(f"{served} goto refuse")
+    return [*rules, "accept"]
+
+
 def _refuse(rs: RuleSet) -> list[str]:
     if rs.cgroups is not None:
         cg = rs.cgroups
@@ -132,13 +152,12 @@ def _refuse(rs: RuleSet) -> list[str]:
     return [f"{IDENTITY} @identities goto deny", "counter goto deny"]
 
 
-def _listed(numbers: tuple[int, ...]) -> str:
-    return str(numbers[0]) if len(numbers) == 1 else "{ " + ", ".join(map(str, numbers)) + " }"
+def _one_or_set(items: list[str]) -> str:
+    return items[0] if len(items) == 1 else "{ " + ", ".join(items) + " }"
 
 
 def _ports(ports: tuple[PortRange, ...]) -> str:
-    items = [_port(p) for p in ports]
-    return items[0] if len(items) == 1 else "{ " + ", ".join(items) + " }"
+    return _one_or_set([_port(p) for p in ports])
 
 
 # --- cgroup identity (see CGROUP IDENTITY) -----------------------------------------------------
@@ -160,30 +179,14 @@ def _not_owner(cg: CgroupRules, owner: CgroupOwner) -> str:
 
 def _judging_by_cgroup(rs: RuleSet, cg: CgroupRules) -> list[str]:
     usable = [m for m in cg.members if m.uid is not None or not cg.by_uid]
-    rules = ["tcp flags ! syn accept"]
-    # A SYN-ACK leaves from a request socket, which `socket cgroupv2` cannot see (it breaks): a
-    # declared TCP port is kept to its owners on input instead (`_receiving`), where the SYN meets
-    # the listener. Under uid+cgroup the owners' UIDs are held to it here as well.
-    for owner in cg.owned("tcp") if cg.by_uid else ():
-        served = f"{_SYN_ACK} tcp sport {owner.port}"
-        if uids := cg.uids(owner):
-            rules.append(f'{served} meta skuid {_listed(uids)} accept comment "{",".join(owner.members)}"')
-        rules.append(f"{served} goto refuse")
-    rules += [
-        f"{_SYN_ACK} accept",
-        "icmp type { destination-unreachable, time-exceeded, parameter-problem } accept",
-        "icmpv6 type { destination-unreachable, packet-too-big, time-exceeded, parameter-problem } accept",
-    ]
+    rules = list(_FIRST)
     for owner in cg.owned("udp"):
         comment = f'comment "{",".join(owner.members)}"'
         rules.append(f"udp sport {owner.port} {_not_owner(cg, owner)} goto refuse {comment}")
         if cg.by_uid:
             uids = cg.uids(owner)
-            rules.append(
-                f"udp sport {owner.port} meta skuid != {_listed(uids)} goto refuse {comment}"
-                if uids
-                else f"udp sport {owner.port} goto refuse {comment}"
-            )
+            others = f"meta skuid != {_one_or_set([str(u) for u in uids])} " if uids else ""
+            rules.append(f"udp sport {owner.port} {others}goto refuse {comment}")
     if rs.stateful:
         rules.append("ct direction reply accept")
     rules.append(
@@ -228,16 +231,24 @@ def _sets(cg: CgroupRules, loading: bool) -> list[str]:
     return blocks
 
 
-def elements(rs: RuleSet) -> str:
-    """The `nft -f` document that puts each container's current cgroup into its set, and nothing
-    else: one transaction, so a set is never seen empty in between."""
-    assert rs.cgroups is not None
-    lines = []
+def elements(rs: RuleSet, installed: RuleSet) -> tuple[str, str]:
+    """Two `nft -f` documents that turn the sets of `installed` into those of `rs`: first the new
+    cgroups are added (~1 ms: the grants hold from here), then the old ones cleared out (which
+    waits ~15 ms in the kernel for RCU). nft 1.0 takes a cgroup only by path, so an element whose
+    cgroup is gone cannot be deleted by name: the set is flushed and refilled in one transaction,
+    never empty in between. Until then it also holds the removed cgroup's ID, which nothing can be
+    in again (IDs are not reused). Either document may be empty."""
+    assert rs.cgroups is not None and installed.cgroups is not None
+    old = dict(installed.cgroups.elements())
+    added, cleared = [], []
     for name, cgroup in rs.cgroups.elements():
-        lines.append(f"flush set inet {TABLE} {name}")
-        if cgroup:
-            lines.append(f"add element inet {TABLE} {name} {{ {_element(cgroup, True)} }}")
-    return "\n".join(lines) + "\n"
+        if old.get(name) == cgroup:
+            continue
+        add = f"add element inet {TABLE} {name} {{ {_element(cgroup, True)} }}" if cgroup else ""
+        added += [add] if add else []
+        if old.get(name) is not None:
+            cleared += [f"flush set inet {TABLE} {name}", *([add] if add else [])]
+    return "".join(f"{line}\n" for line in added), "".join(f"{line}\n" for line in cleared)
 
 
 def _deny(rs: RuleSet) -> list[str]:
@@ -263,6 +274,7 @@ def table(rs: RuleSet, loading: bool = False) -> str:
             *(f"{match} jump loopback" for match in _JUDGED),
         ],
         "loopback": _judging(rs),
+        "serve": _serve(rs),
         "refuse": _refuse(rs),
         "deny": _deny(rs),
     }

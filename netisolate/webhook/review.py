@@ -91,13 +91,13 @@ def response(request: AdmissionRequest, findings: list[Finding]) -> dict[str, An
     return {"apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview", "response": answer}
 
 
-def refusal(request: AdmissionRequest, message: str) -> dict[str, Any]:
+def refusal(uid: str, message: str) -> dict[str, Any]:
     """A readable review whose objects cannot be judged (or whose namespace cannot be read): deny."""
     return {
         "apiVersion": "admission.k8s.io/v1",
         "kind": "AdmissionReview",
         "response": {
-            "uid": request.uid,
+            "uid": uid,
             "allowed": False,
             "status": {"code": 400, "reason": "BadRequest", "message": f"netisolate: {message}"},
         },

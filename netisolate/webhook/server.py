@@ -7,31 +7,25 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, Counter, Histogram, generate_latest
 
-from netisolate.admission import allowed, review_request
 from netisolate.config import Config
 from netisolate.kube import Namespaces
-from netisolate.model import InputError
-from netisolate.webhook.review import MAX_BODY, PATHS, BadReviewError, parse_review, refusal, response
+from netisolate.webhook.review import MAX_BODY, PATHS
+from netisolate.webhook.workers import LabelLookup, Limits, NamespaceUnavailableError, ReviewPool
 
+__all__ = ["LabelLookup", "Limits", "NamespaceLabels", "NamespaceUnavailableError", "build_app"]
 log = logging.getLogger(__name__)
 REVIEWS = Counter("netisolate_webhook_reviews_total", "Admission reviews answered", ["path", "result"])
 LATENCY = Histogram(
     "netisolate_webhook_review_seconds",
     "Time to answer a review",
     ["path"],
-    buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5),
+    buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5, 1.0, 2.5),
 )
-
-LabelLookup = Callable[[str], Awaitable[Mapping[str, str]]]
-
-
-class NamespaceUnavailableError(Exception):
-    """The pod's namespace could not be read, so its isolation floor is unknown: deny."""
 
 
 class NamespaceLabels:
@@ -58,17 +52,17 @@ class NamespaceLabels:
         return labels
 
 
-def build_app(config: Config, labels: LabelLookup) -> web.Application:
+def build_app(config: Config, labels: LabelLookup, limits: Limits | None = None) -> web.Application:
+    """The server; reviews are judged by a pool of worker processes started with the app."""
+    pool = ReviewPool(config, limits or Limits())
+
     async def review(request: web.Request) -> web.Response:
         started = time.perf_counter()
-        try:
-            answer, result = await _answer(request, config, labels)
-        except BadReviewError as bad:
-            REVIEWS.labels(request.path, "bad-request").inc()
-            return web.json_response({"error": bad.message}, status=bad.status)
+        status, answer, result = await pool.review(request.path, await request.read(), labels)
         REVIEWS.labels(request.path, result).inc()
-        LATENCY.labels(request.path).observe(time.perf_counter() - started)
-        return web.json_response(answer)
+        if status == 200:
+            LATENCY.labels(request.path).observe(time.perf_counter() - started)
+        return web.json_response(answer, status=status)
 
     async def healthz(_: web.Request) -> web.Response:
         return web.Response(text="ok")
@@ -76,24 +70,16 @@ def build_app(config: Config, labels: LabelLookup) -> web.Application:
     async def metrics(_: web.Request) -> web.Response:
         return web.Response(body=generate_latest(), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
+    async def workers(app: web.Application) -> AsyncIterator[None]:
+        await pool.start()
+        yield
+        await pool.close()
+
     app = web.Application(client_max_size=MAX_BODY, middlewares=[_never_500])
     app.add_routes([web.post(path, review) for path in PATHS])
     app.add_routes([web.get("/healthz", healthz), web.get("/metrics", metrics)])
+    app.cleanup_ctx.append(workers)
     return app
-
-
-async def _answer(request: web.Request, config: Config, labels: LabelLookup) -> tuple[dict[str, object], str]:
-    body = await request.read()
-    admission = parse_review(request.path, body)
-    try:
-        floor = {} if admission.kind.kind == "Namespace" else await labels(admission.namespace or "default")
-        findings = review_request(admission, floor, config)
-    except (InputError, NamespaceUnavailableError) as err:
-        return refusal(admission, str(err)), "refused"
-    except Exception:  # a bug of ours must deny (fail closed) with a message, never answer 500
-        log.exception("review failed", extra={"uid": admission.uid})
-        return refusal(admission, "internal error while reviewing; see the webhook's logs"), "error"
-    return response(admission, findings), "allowed" if allowed(findings) else "denied"
 
 
 @web.middleware

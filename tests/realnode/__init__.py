@@ -21,6 +21,8 @@ Modules:
               runAsUser, no_new_privs, capabilities and RuntimeDefault seccomp, writes their
               status back (podIPs, containerd://<id>, restartCount); restarts a container,
               recreates a sandbox, deletes a pod; `exec()` is CRI ExecSync.
+- pods.py     the shared scenarios' pods bound to the node (`scenario_pod`), and `mismatches`
+              between a measured matrix and a scenario's expectation.
 - probe.py    connections from inside containers (ExecSync, as the container's UID) to every
               loopback and pod address: the matrix of the shared scenarios.
 
@@ -29,7 +31,7 @@ In a test (fixtures in tests/conftest.py):
     pytestmark = pytest.mark.realnode
 
     async def test_it(kubelet: Kubelet, kmock: Any) -> None:   # `node` is the RealNode under it
-        put(kmock, "v1/pods", manifest)             # spec.nodeName: tests.conftest.REAL_NODE_NAME
+        put(kmock, "v1/pods", pods.scenario_pod("app-proxy-rogue"))  # bound to pods.NODE_NAME
         [pod] = await asyncio.to_thread(kubelet.sync)
         result = await asyncio.to_thread(kubelet.exec, pod, "app", ["id", "-u"])
 
@@ -40,8 +42,8 @@ call returns once containerd has loaded it.
 
 Only one real node runs on the machine at a time: `real_node()` (and so the fixture) holds an
 flock on /run/lock/netisolate-realnode.lock ($NETISOLATE_REALNODE_LOCK) for the node's life; a
-concurrent test run waits for it. Inside one process a second node is refused (it would share
-the bridge and the subnet).
+concurrent test run waits for it (saying who holds it; the wait is not counted against the test's
+timeout). Inside one process a second node is refused (it would share the bridge and the subnet).
 
 Pitfalls found on this machine, handled here: root has no CAP_SYS_RESOURCE (so
 `restrict_oom_score_adj`); PID 1 is not systemd (cgroupfs driver) and reaps orphans late (teardown
@@ -49,3 +51,23 @@ waits for killed processes to vanish); containerd 1.6 hard-codes /run/containerd
 and /var/lib/cni (CNI result cache); the bridge plugin turns on IP forwarding; a pod's IPv6
 addresses are `tentative` for a moment after the sandbox starts (the kubelet waits for DAD).
 """
+
+from pathlib import Path
+
+
+def _generate_stubs() -> None:
+    """cri_pb2*.py from cri.proto (scripts/bootstrap.sh does this at set-up; here too when they
+    are missing or older than the .proto, so a plain `pytest` after a pull works)."""
+    proto = Path(__file__).with_name("cri.proto")
+    generated = proto.with_name("cri_pb2_grpc.py")
+    if generated.exists() and generated.stat().st_mtime >= proto.stat().st_mtime:
+        return
+    from grpc_tools import protoc
+
+    root = proto.parents[2]
+    outputs = [f"--{kind}_out={root}" for kind in ("python", "pyi", "grpc_python")]
+    if protoc.main(["protoc", f"-I{root}", *outputs, str(proto)]) != 0:
+        raise ImportError(f"could not compile {proto}: run `sudo bash scripts/bootstrap.sh test`")
+
+
+_generate_stubs()

@@ -39,6 +39,8 @@ class RunningPod:
     restarts: dict[str, int] = field(default_factory=dict)
     ips: list[str] = field(default_factory=list)
     pid: int = 0  # the sandbox's (pause) process
+    sandbox_called: float = 0.0  # time.monotonic() of the last RunPodSandbox call, and its return
+    sandbox_ready: float = 0.0
 
     @property
     def uid(self) -> str:
@@ -138,7 +140,9 @@ class Kubelet:
                 ),
             ),
         )
+        pod.sandbox_called = time.monotonic()
         pod.sandbox_id = self.cri.run_sandbox(pod.sandbox)
+        pod.sandbox_ready = time.monotonic()
         status, info = self.cri.sandbox_status(pod.sandbox_id)
         pod.ips = (
             [status.network.ip, *(ip.ip for ip in status.network.additional_ips)] if status.network.ip else []

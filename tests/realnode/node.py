@@ -23,12 +23,14 @@ import re
 import shutil
 import signal
 import subprocess
+import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from tests.realnode import images
 from tests.realnode.cri import RuntimeClient
@@ -283,7 +285,7 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
             try:
                 self.cri.version()
                 return
-            except Exception:
+            except Exception:  # grpc raises several kinds until containerd's socket answers: keep asking
                 if time.monotonic() > deadline:
                     raise NodeError(
                         f"containerd's CRI did not answer within 30 s: {self._log_tail()}"
@@ -344,7 +346,7 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
         ):
             try:
                 step()
-            except Exception as err:
+            except Exception as err:  # every teardown step runs, whatever an earlier one raised
                 errors.append(f"{step.__name__}: {err}")
         if self.cri is not None:
             self.cri.close()
@@ -477,7 +479,38 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
                     directory.rmdir()
 
 
+def _lock_holders() -> str:
+    """Who holds LOCK_PATH (from /proc/locks), for the message of a run that waits."""
+    inode = LOCK_PATH.stat().st_ino
+    pids = {
+        int(fields[4])
+        for fields in (line.split() for line in Path("/proc/locks").read_text().splitlines())
+        if len(fields) > 5 and fields[1] != "->" and fields[5].endswith(f":{inode}")
+    }
+    commands = _cmdlines()
+    return ", ".join(f"PID {pid} ({commands.get(pid, '?').strip()[:120]})" for pid in sorted(pids)) or "?"
+
+
 _held = [False]  # this process runs a node: a second one would share its bridge and subnet
+
+
+def _wait_for(lock: IO[str]) -> None:
+    """Blocks until the lock is ours (a waiter queued in the kernel, woken when it is free). The
+    wait does not count against a test's own timeout (pytest-timeout's interval timer is paused
+    meanwhile): a run that waits for another's real node is not slow itself."""
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return
+    except BlockingIOError:
+        pass
+    print(f"real node: waiting for {LOCK_PATH}, held by {_lock_holders()}", file=sys.stderr, flush=True)
+    main = threading.current_thread() is threading.main_thread()
+    paused = signal.setitimer(signal.ITIMER_REAL, 0) if main else (0.0, 0.0)
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+    finally:
+        if paused[0]:
+            signal.setitimer(signal.ITIMER_REAL, *paused)
 
 
 @contextlib.contextmanager
@@ -488,7 +521,7 @@ def exclusive() -> Iterator[None]:
         raise NodeError("a real node already runs in this process: use the `node` fixture's")
     LOCK_PATH.parent.mkdir(parents=True, exist_ok=True)
     with LOCK_PATH.open("a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+        _wait_for(lock)
         _held[0] = True
         try:
             yield

@@ -1,0 +1,196 @@
+"""Agent benchmark on the real containerd node (tests/realnode/): prints one JSON object per scenario.
+
+    sudo .venv/bin/python bench/bench_realnode.py [--pods 30] [--backend nftables|iptables] [--quick]
+
+plain-runtime     baseline, no agent: RunPodSandbox's own duration (p50/p99) over N pods
+agent-start       N real pods running without rules: `netisolate agent` started → every one enforced
+footprint         the agent's RSS, and its CPU while idle with those N pods (verify every 30 s)
+sandbox-to-rules  the agent running: RunPodSandbox returns → the new pod's rules hold (p50/p99 over N
+                  more pods), and RunPodSandbox's duration meanwhile, against the plain-runtime one
+
+Pods are the app-proxy-rogue scenario's (3 containers), run by the kubelet stand-in through CRI;
+the API server is the kmock stand-in on loopback. "Rules hold" is the agent's /status saying
+`enforce` (polled every 5 ms), each confirmed by reading the rules back from the pod's namespace.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import statistics
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import kmock
+
+from netisolate.backends import select_backend
+from netisolate.model import parse_pod
+from netisolate.netns import NetNS
+from netisolate.policy import pod_policy
+from netisolate.rules import Settings, build_ruleset
+from tests.agent_process import AgentProcess
+from tests.kube_standin import api_client, declare, put
+from tests.realnode.kubelet import Kubelet, RunningPod
+from tests.realnode.node import real_node
+from tests.realnode.pods import NODE_NAME, scenario_pod
+
+POLL_S = 0.005
+
+
+def percentiles(samples: list[float]) -> dict[str, float]:
+    ordered = sorted(samples)
+    return {
+        "p50_ms": round(statistics.median(ordered) * 1000, 1),
+        "p99_ms": round(ordered[min(len(ordered) - 1, int(0.99 * len(ordered)))] * 1000, 1),
+        "min_ms": round(ordered[0] * 1000, 1),
+        "max_ms": round(ordered[-1] * 1000, 1),
+    }
+
+
+def sandbox_seconds(running: list[RunningPod]) -> list[float]:
+    return [p.sandbox_ready - p.sandbox_called for p in running]
+
+
+def states(agent: AgentProcess) -> dict[str, str]:
+    return {uid: row["state"] for uid, row in agent.pods().items()}
+
+
+def confirm_rules(pod: RunningPod, manifest: dict[str, Any], backend: str) -> None:
+    """The agent's word checked against the kernel: the pod's namespace holds exactly its rules."""
+    ruleset = build_ruleset(pod_policy(parse_pod(manifest), {}), Settings())
+    assert ruleset is not None
+    with NetNS.open(pod.pid) as ns:
+        drift = select_backend(backend).verify(ns, ruleset)
+    assert drift == [], f"{pod.name}: {drift}"
+
+
+def new_pods(standin: Any, prefix: str, count: int) -> list[dict[str, Any]]:
+    manifests = [scenario_pod("app-proxy-rogue", f"{prefix}-{i}", namespace="bench") for i in range(count)]
+    for manifest in manifests:
+        put(standin, "v1/pods", manifest)
+    return manifests
+
+
+def sandbox_to_rules(
+    agent: AgentProcess, kubelet: Kubelet, manifest: dict[str, Any]
+) -> tuple[RunningPod, float]:
+    """Runs the pod (the agent already tracks it, pending) and returns when /status first said
+    `enforce`, polled from before RunPodSandbox is called."""
+    uid = manifest["metadata"]["uid"]
+    agent.wait(lambda: states(agent).get(uid) == "pending", 10, "the pod tracked")
+    seen: list[float] = []
+    stop = threading.Event()
+
+    def poll() -> None:
+        while not stop.is_set():
+            if states(agent).get(uid) == "enforce":
+                seen.append(time.monotonic())
+                return
+            time.sleep(POLL_S)
+
+    poller = threading.Thread(target=poll)
+    poller.start()
+    try:
+        pod = kubelet.run(manifest)
+        poller.join(timeout=10)
+    finally:
+        stop.set()
+    assert seen, f"{manifest['metadata']['name']} was never enforced"
+    return pod, seen[0]
+
+
+def bench(standin: Any, count: int, backend: str, idle_s: float) -> list[dict[str, Any]]:
+    results: list[dict[str, Any]] = []
+    with real_node() as node:
+        from kubernetes import client
+
+        kubelet = Kubelet(node, client.CoreV1Api(api_client(standin)), NODE_NAME)
+        agent = AgentProcess(str(standin.url), NODE_NAME, backend, verify_interval=30.0)
+        try:
+            manifests = new_pods(standin, "before", count)
+            running = kubelet.sync()
+            plain = sandbox_seconds(running)
+            results.append(
+                {"scenario": "plain-runtime", "pods": count, "run_pod_sandbox": percentiles(plain)}
+            )
+
+            started = time.monotonic()
+            agent.start()
+            uids = {m["metadata"]["uid"] for m in manifests}
+            agent.wait(lambda: all(states(agent).get(u) == "enforce" for u in uids), 60, "all enforced")
+            took = time.monotonic() - started
+            for pod, manifest in zip(running, manifests, strict=True):
+                confirm_rules(pod, manifest, backend)
+            results.append(
+                {
+                    "scenario": "agent-start",
+                    "pods": count,
+                    "backend": backend,
+                    "all_enforced_s": round(took, 3),
+                }
+            )
+
+            agent.wait(lambda: agent.status().get("ready") is True, 30, "readiness")
+            cpu_before, idle_started = agent.cpu_seconds(), time.monotonic()
+            time.sleep(idle_s)
+            cpu = agent.cpu_seconds() - cpu_before
+            results.append(
+                {
+                    "scenario": "footprint",
+                    "pods": count,
+                    "rss_mib": round(agent.rss_mib(), 1),
+                    "idle_cpu_percent_of_a_core": round(100 * cpu / (time.monotonic() - idle_started), 2),
+                    "idle_seconds": idle_s,
+                    "verify_interval_s": 30.0,
+                }
+            )
+
+            latencies, with_agent, before_return = [], [], 0
+            for manifest in new_pods(standin, "after", count):
+                pod, enforced = sandbox_to_rules(agent, kubelet, manifest)
+                confirm_rules(pod, manifest, backend)
+                before_return += enforced <= pod.sandbox_ready
+                latencies.append(max(0.0, enforced - pod.sandbox_ready))
+                with_agent.append(pod.sandbox_ready - pod.sandbox_called)
+            results.append(
+                {
+                    "scenario": "sandbox-to-rules",
+                    "pods": count,
+                    "backend": backend,
+                    "after_run_pod_sandbox_returns": percentiles(latencies),
+                    "enforced_before_it_returned": before_return,
+                    "run_pod_sandbox_with_agent": percentiles(with_agent),
+                    "run_pod_sandbox_plain": percentiles(plain),
+                }
+            )
+        finally:
+            agent.close()
+            kubelet.close()
+    return results
+
+
+async def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--pods", type=int, default=30)
+    parser.add_argument("--backend", choices=("nftables", "iptables"), default="nftables")
+    parser.add_argument(
+        "--quick", action="store_true", help="5 pods, 5 s idle: a smoke run, not numbers to quote"
+    )
+    args = parser.parse_args()
+    count, idle = (5, 5.0) if args.quick else (args.pods, 60.0)
+    async with kmock.KubernetesEmulator() as standin, kmock.Server(standin):
+        declare(standin)
+        put(standin, "v1/namespaces", {"metadata": {"name": "bench", "labels": {}}})
+        for result in await asyncio.to_thread(bench, standin, count, args.backend, idle):
+            print(json.dumps(result), flush=True)
+
+
+if __name__ == "__main__":
+    asyncio.run(main())

@@ -1,0 +1,289 @@
+"""Identity by cgroup (issue 13): the pure parts (annotation, rules, what the agent reads of
+/proc and mountinfo), the reconciler's decisions (element updates, fail closed), and the rules in
+a real namespace with real cgroups on this hybrid host: loaded by path, listed back by ID, an ID
+change is an element update, drift is exact."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, replace
+
+import pytest
+
+from netisolate.agent.cgroups import NodeCgroups, below, container_ids, named, v2_mounts, v2_path
+from netisolate.agent.reconcile import Reconciler
+from netisolate.backends import EnforceError, select_backend
+from netisolate.localpod import LocalPod
+from netisolate.model import Pod, parse_pod
+from netisolate.netns import NetNS
+from netisolate.policy import IdentityMode, Level, parse_identity, pod_policy
+from netisolate.rules import Cgroup, PodCgroups, Settings, build_ruleset, nft
+from tests.test_reconcile import Backend, Events, Sandboxes
+
+ID = "0123456789abcdef" * 4
+POD_DIR = "unified/kubepods/besteffort/podX"
+
+
+@pytest.fixture
+def here() -> Iterator[NetNS]:
+    with NetNS.open("/proc/self/ns/net") as ns:
+        yield ns
+
+
+def shared_uid_pod(identity: str = "cgroup", **annotations: str) -> Pod:
+    return parse_pod(
+        {
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": {
+                "name": "web",
+                "namespace": "shop",
+                "uid": "11111111-2222-3333-4444-555555555555",
+                "annotations": {
+                    "netisolate.io/isolation": "enforce",
+                    "netisolate.io/identity": identity,
+                    "allow.netisolate.io/app": "15001,5353/udp",
+                    "allow.netisolate.io/proxy": "8080",
+                    **annotations,
+                },
+            },
+            "spec": {
+                "nodeName": "node-a",
+                "containers": [
+                    {
+                        "name": "app",
+                        "securityContext": {"runAsUser": 1000},
+                        "ports": [{"containerPort": 8080}],
+                    },
+                    {
+                        "name": "proxy",
+                        "securityContext": {"runAsUser": 1000},
+                        "ports": [{"containerPort": 15001}, {"containerPort": 5353, "protocol": "UDP"}],
+                    },
+                    {"name": "rogue", "securityContext": {"runAsUser": 0}},
+                ],
+            },
+            "status": {"containerStatuses": [{"name": "app", "containerID": f"containerd://{ID}"}]},
+        }
+    )
+
+
+SEEN = PodCgroups(
+    4,
+    Cgroup(100, POD_DIR),
+    (("app", Cgroup(101, f"{POD_DIR}/a")), ("proxy", Cgroup(102, f"{POD_DIR}/p"))),
+)
+
+
+# --- pure -----------------------------------------------------------------------------------------
+
+
+def test_identity_annotation_and_node_default() -> None:
+    assert parse_identity("uid+cgroup", "x") is IdentityMode.UID_CGROUP
+    assert pod_policy(shared_uid_pod(), {}).identity is IdentityMode.CGROUP
+    unannotated = parse_pod({"metadata": {"annotations": {"netisolate.io/isolation": "enforce"}}, "spec": {}})
+    assert pod_policy(unannotated, {}).identity is IdentityMode.UID
+    assert pod_policy(unannotated, {}, IdentityMode.CGROUP).identity is IdentityMode.CGROUP
+    bad = pod_policy(shared_uid_pod("Cgroup"), {})
+    assert bad.level is Level.ENFORCE and bad.problems and all(c.grants == () for c in bad.containers)
+
+
+def test_rules_name_cgroups_by_id_when_listed_and_by_path_when_loaded() -> None:
+    rs = build_ruleset(pod_policy(shared_uid_pod(), {}), Settings(), cgroups=SEEN)
+    assert rs is not None and rs.cgroups is not None
+    listed, loaded = nft.table(rs), nft.create(rs)
+    assert "elements = { 101 }" in listed and f"{POD_DIR}/a" not in listed
+    assert f'elements = {{ "{POD_DIR}/a" }}' in loaded
+    assert 'socket cgroupv2 level 4 @c-app tcp dport 15001 accept comment "app"' in listed
+    assert "socket cgroupv2 level 3 @pod goto refuse" in listed
+    # the runtime exception comes after everything of the pod's own cgroup is refused
+    assert listed.index("@pod goto refuse") < listed.index("meta skuid 0 accept")
+    # declared ports: received only by their owners (input), and the UDP one sent only by them
+    assert "tcp flags syn / syn,ack tcp dport 8080 socket cgroupv2 level 4 != @c-app goto refuse" in listed
+    assert "udp dport 5353 socket cgroupv2 level 4 != @c-proxy goto refuse" in listed
+    assert "udp sport 5353 socket cgroupv2 level 4 != @c-proxy goto refuse" in listed
+    assert "meta skuid 1000" not in listed  # cgroup alone: a UID means nothing here
+
+
+def test_uid_and_cgroup_must_both_match() -> None:
+    rs = build_ruleset(pod_policy(shared_uid_pod("uid+cgroup"), {}), Settings(), cgroups=SEEN)
+    assert rs is not None
+    listed = nft.table(rs)
+    assert 'meta skuid 1000 socket cgroupv2 level 4 @c-app tcp dport 15001 accept comment "app"' in listed
+    assert "udp sport 5353 meta skuid != 1000 goto refuse" in listed
+    assert "tcp sport 8080 meta skuid 1000 accept" in listed  # the serve chain: SYN-ACKs
+
+
+def test_no_runtime_exception_until_the_pods_cgroup_is_known() -> None:
+    policy = pod_policy(shared_uid_pod(), {})
+    unseen = build_ruleset(policy, Settings(), cgroups=replace(SEEN, pod=None))
+    assert unseen is not None and not unseen.allow_root
+    assert "meta skuid 0 accept" not in nft.table(unseen)
+
+
+def test_an_id_change_is_an_element_update() -> None:
+    policy = pod_policy(shared_uid_pod(), {})
+    before = build_ruleset(policy, Settings(), cgroups=SEEN)
+    restarted = replace(SEEN, containers=(("app", Cgroup(201, f"{POD_DIR}/a2")), SEEN.containers[1]))
+    after = build_ruleset(policy, Settings(), cgroups=restarted)
+    assert before is not None and after is not None
+    assert after.same_but_cgroups(before) and after != before
+    regranted = build_ruleset(
+        pod_policy(shared_uid_pod(**{"allow.netisolate.io/app": "15002"}), {}), Settings(), cgroups=SEEN
+    )
+    assert regranted is not None and not regranted.same_but_cgroups(before)
+    # the new cgroup first (the grants hold from then), the old one after; nothing else is touched
+    add = f'add element inet netisolate c-app {{ "{POD_DIR}/a2" }}\n'
+    assert nft.elements(after, before) == (add, f"flush set inet netisolate c-app\n{add}")
+    gone = replace(SEEN, containers=SEEN.containers[1:])  # the app exited: its set is emptied
+    assert nft.elements(build_ruleset(policy, Settings(), cgroups=gone), before) == (  # type: ignore[arg-type]
+        "",
+        "flush set inet netisolate c-app\n",
+    )
+
+
+def test_cgroup_paths_under_the_mount_the_agent_sees() -> None:
+    mountinfo = (
+        "30 25 0:26 / /sys/fs/cgroup rw - tmpfs tmpfs rw\n"
+        "40 30 0:35 / /sys/fs/cgroup/unified rw,relatime shared:9 - cgroup2 cgroup2 rw\n"
+        "41 30 0:36 / /sys/fs/cgroup/memory rw - cgroup cgroup rw,memory\n"
+    )
+    assert [m.point for m in v2_mounts(mountinfo)] == ["/sys/fs/cgroup/unified"]
+    assert v2_path("4:memory:/kubepods/x\n0::/kubepods/podX/abc\n") == "/kubepods/podX/abc"
+    # inside the agent's own cgroup namespace both are relative to its root
+    assert below("/../../kubepods/podX/abc", "/../..") == ["kubepods", "podX", "abc"]
+    assert below("/kubepods/podX/abc", "/") == ["kubepods", "podX", "abc"]
+    assert below("/../other", "/") is None
+    assert below("/elsewhere/x", "/kubepods") is None
+
+
+def test_containers_are_named_by_their_whole_runtime_id() -> None:
+    ids = container_ids(shared_uid_pod())
+    assert ids == {"app": ID}
+    entries = [ID, f"cri-containerd-{'f' * 64}.scope", "abc"]
+    assert named(entries, ids) == {"app": ID}
+    assert named([f"cri-containerd-{ID}.scope"], ids) == {"app": f"cri-containerd-{ID}.scope"}
+    assert named([f"{ID}extra", ID[:12]], ids) == {}  # a prefix or a longer name is someone else
+    assert named(["abc"], {"app": "abc"}) == {}  # too short to trust
+
+
+# --- the reconciler -----------------------------------------------------------------------------
+
+
+@dataclass
+class Cgroups:
+    seen_now: list[PodCgroups | None]
+    reason: str | None = None
+
+    def unavailable(self) -> str | None:
+        return self.reason
+
+    def seen(self, pod: Pod) -> PodCgroups | None:
+        return self.seen_now[0]
+
+    def forget(self, uid: str) -> None:
+        pass
+
+
+def cgroup_reconciler(here: NetNS, cgroups: Cgroups, backend: Backend) -> tuple[Reconciler, Events]:
+    events = Events()
+    return Reconciler(backend, Settings(), events, Sandboxes([here], [False]), cgroups), events
+
+
+def test_a_restart_is_an_element_update_not_a_new_ruleset(here: NetNS) -> None:
+    backend, cgroups = Backend(), Cgroups([SEEN])
+    rec, _ = cgroup_reconciler(here, cgroups, backend)
+    pod = shared_uid_pod()
+    rec.upsert_pod(pod)
+    assert len(backend.applied) == 1 and not backend.updated
+    cgroups.seen_now[0] = replace(SEEN, containers=(("app", Cgroup(201, "a2")),))
+    rec.cgroups_changed(pod.metadata.uid or "")
+    assert len(backend.applied) == 1 and len(backend.updated) == 1
+    members = {m.name: m.cgroup for m in backend.updated[0][1].cgroups.members}  # type: ignore[union-attr]
+    assert members == {"app": Cgroup(201, "a2"), "proxy": None, "rogue": None}
+
+
+@pytest.mark.parametrize("where", ["no cgroup v2", "iptables", "pod not found"])
+def test_fail_closed_where_cgroups_cannot_be_matched(here: NetNS, where: str) -> None:
+    backend = Backend(cgroups=where != "iptables", name="iptables" if where == "iptables" else "fake")
+    reason = "no cgroup2 mount" if where == "no cgroup v2" else None
+    cgroups = Cgroups([None if where == "pod not found" else SEEN], reason)
+    rec, events = cgroup_reconciler(here, cgroups, backend)
+    rec.upsert_pod(shared_uid_pod())
+    rec.upsert_pod(shared_uid_pod())  # reported once
+    [(_, rs)] = backend.applied
+    assert rs.cgroups is None and rs.grants == () and not rs.allow_root
+    # a pod's cgroup not found yet is normal for a moment (looked for again at once), not an event
+    expected = 0 if where == "pod not found" else 1
+    assert events.reasons().count("CgroupIdentityUnavailable") == expected
+    assert (rec.next_retry() < float("inf")) == (where == "pod not found")
+
+
+# --- the kernel: a real namespace, real cgroups ------------------------------------------------
+
+pytest_kernel = pytest.mark.kernel
+
+
+@pytest.fixture
+def local() -> Iterator[LocalPod]:
+    with LocalPod(shared_uid_pod()) as pod:
+        yield pod
+
+
+@pytest_kernel
+def test_loaded_by_path_listed_by_id_and_exact(local: LocalPod, monkeypatch: pytest.MonkeyPatch) -> None:
+    assert local.ns is not None and local.cgroup is not None
+    backend = select_backend("nftables")
+    rs = build_ruleset(pod_policy(local.pod, {}), Settings(), cgroups=local.cgroups())
+    assert rs is not None
+    backend.apply(local.ns, rs)
+    assert backend.verify(local.ns, rs) == []
+    # a restart: the app's old cgroup goes, a new one comes; its set is updated, the rest stays
+    seen = local.cgroups()
+    old_app = dict(seen.containers)["app"]
+    (local.cgroup / "app").rmdir()
+    fresh = local.cgroup / "app-2"
+    fresh.mkdir()
+    new_app = NodeCgroups.cgroup_of(str(fresh))
+    restarted = replace(seen, containers=tuple((n, new_app if n == "app" else c) for n, c in seen.containers))
+    after = build_ruleset(pod_policy(local.pod, {}), Settings(), cgroups=restarted)
+    assert after is not None and after.same_but_cgroups(rs)
+
+    def no_new_table(*args: object) -> None:
+        raise AssertionError("an element update must not load a new table")
+
+    monkeypatch.setattr(backend, "apply", no_new_table)
+    backend.update_cgroups(local.ns, after, rs)
+    assert backend.verify(local.ns, after) == []
+    assert backend.verify(local.ns, rs) == [
+        f"missing: elements = {{ {old_app.id} }}",
+        f"unexpected: elements = {{ {new_app.id} }}",
+    ]
+    # a cgroup that vanished before it could be loaded fails the update (the agent retries)
+    fresh.rmdir()
+    gone = build_ruleset(pod_policy(local.pod, {}), Settings(), cgroups=replace(restarted, containers=()))
+    assert gone is not None
+    backend.update_cgroups(local.ns, gone, after)
+    assert backend.verify(local.ns, gone) == []
+    with pytest.raises(EnforceError, match="updating"):
+        backend.update_cgroups(local.ns, after, gone)
+
+
+@pytest_kernel
+def test_a_container_reaches_only_its_grants_whatever_its_uid(local: LocalPod) -> None:
+    """app and proxy share UID 1000; the rogue is root: each is told apart by its cgroup."""
+    assert local.ns is not None
+    local.listen("proxy", ["15001", "15002"])
+    rs = build_ruleset(pod_policy(local.pod, {}), Settings(), cgroups=local.cgroups())
+    assert rs is not None
+    select_backend("nftables").apply(local.ns, rs)
+    targets = [("127.0.0.1", 15001, "tcp"), ("127.0.0.1", 15002, "tcp")]
+    assert local.probe(1000, targets, container="app") == ["open", "refused"]
+    assert local.probe(1000, targets, container="proxy") == ["refused", "refused"]  # the app's UID
+    assert local.probe(0, targets, container="rogue") == ["refused", "refused"]
+    assert local.probe(0, targets) == ["open", "open"]  # root outside the pod's cgroup: the runtime
+    # a container whose new cgroup the agent has not seen yet is refused, as root too
+    assert local.cgroup is not None
+    (local.cgroup / "app-restarted").mkdir()
+    assert local.probe(0, targets, container="app-restarted") == ["refused", "refused"]
+    assert local.probe(1000, targets, container="app-restarted") == ["refused", "refused"]
