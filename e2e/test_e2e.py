@@ -184,6 +184,118 @@ def test_namespace_label_change_by_a_developer_is_denied() -> None:
     kubectl("label", "namespace", "e2e-labels", "team=shop", "--as=dev", "--as-group=developers")
 
 
+def node_exec(node: str, *argv: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    """A command on a kind node (a Docker container named as the Kubernetes node)."""
+    result = subprocess.run(
+        ["docker", "exec", node, *argv], capture_output=True, text=True, check=False, timeout=60
+    )
+    if check and result.returncode != 0:
+        raise AssertionError(f"{node}: {' '.join(argv)}: {result.stderr}")
+    return result
+
+
+def nodes() -> list[str]:
+    return kubectl("get", "nodes", "-o", "jsonpath={.items[*].metadata.name}").stdout.split()
+
+
+def chain(node: str) -> list[str]:
+    """The plugin types of the node's primary conflist (kindnet's)."""
+    text = node_exec(node, "cat", "/etc/cni/net.d/10-kindnet.conflist").stdout
+    return [plugin["type"] for plugin in json.loads(text)["plugins"]]
+
+
+def test_the_cni_plugin_is_chained_last_on_every_node_and_put_back_when_rewritten() -> None:
+    for node in nodes():
+        assert chain(node)[-1] == "netisolate-cni", f"{node}: {chain(node)}"
+        node_exec(node, "test", "-x", "/opt/cni/bin/netisolate-cni")
+    node = nodes()[-1]
+    # what kindnet would write again: its chain without ours, replaced by rename
+    conf = "/etc/cni/net.d/10-kindnet.conflist"
+    original = json.loads(node_exec(node, "cat", conf).stdout)
+    original["plugins"] = [p for p in original["plugins"] if p["type"] != "netisolate-cni"]
+    subprocess.run(
+        [
+            "docker",
+            "exec",
+            "-i",
+            node,
+            "sh",
+            "-c",
+            f"cat > /etc/cni/net.d/.e2e.tmp && mv /etc/cni/net.d/.e2e.tmp {conf}",
+        ],
+        input=json.dumps(original),
+        text=True,
+        check=True,
+        timeout=60,
+    )
+    started = time.monotonic()
+    while chain(node)[-1] != "netisolate-cni":
+        assert time.monotonic() - started < 2.0, "the plugin was not back in the chain within 2 s"
+        time.sleep(0.1)
+
+
+def test_the_first_connection_of_a_new_container_is_already_refused() -> None:
+    """No gate: the rogue container connects to the app's port the moment the app listens, once.
+    The CNI plugin had the rules in before either container started."""
+    namespace("e2e-first", {})
+    scenario = scenarios.load("app-proxy-rogue")
+    pod = json.loads(json.dumps(scenario.pod))
+    pod["metadata"] = {**pod["metadata"], "name": "first", "namespace": "e2e-first"}
+    wait_then_connect = (
+        "until netstat -ltn | grep -q ':8080 '; do :; done; "
+        "if nc -w 2 127.0.0.1 8080 </dev/null; then echo FIRST=open; else echo FIRST=refused; fi; "
+        "sleep 1000000"
+    )
+    for container in pod["spec"]["containers"]:
+        if container["name"] == "rogue":
+            container["command"] = ["sh", "-c", wait_then_connect]
+    assert apply(pod).returncode == 0
+    kubectl("wait", "-n", "e2e-first", "pod/first", "--for=condition=Ready", "--timeout=120s")
+    deadline = time.monotonic() + 30
+    while "FIRST=" not in (log := kubectl("logs", "-n", "e2e-first", "first", "-c", "rogue").stdout):
+        assert time.monotonic() < deadline, "the rogue container never tried"
+        time.sleep(0.5)
+    assert "FIRST=refused" in log, log
+
+
+def pinned(name: str, ns: str, node: str, isolated: bool) -> dict[str, Any]:
+    annotations = {"netisolate.io/isolation": "enforce"} if isolated else {}
+    return {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": name, "namespace": ns, "annotations": annotations},
+        "spec": {
+            "nodeName": node,
+            "tolerations": [{"operator": "Exists"}],
+            "containers": [
+                {
+                    "name": "c",
+                    "image": "busybox:1.36",
+                    "command": ["sleep", "1000000"],
+                    "securityContext": {
+                        "runAsUser": 1000,
+                        "allowPrivilegeEscalation": False,
+                        "capabilities": {"drop": ["ALL"]},
+                    },
+                }
+            ],
+        },
+    }
+
+
+def sandbox_errors(ns: str, name: str) -> str:
+    return kubectl(
+        "get",
+        "events",
+        "-n",
+        ns,
+        "--field-selector",
+        f"involvedObject.name={name},reason=FailedCreatePodSandBox",
+        "-o",
+        "jsonpath={.items[*].message}",
+    ).stdout
+
+
 def test_agent_restart_keeps_enforcement() -> None:
     scenario, ns, pod = run_scenario_pod("app-proxy-rogue")
     node = kubectl("get", "pod", "-n", ns, pod, "-o", "jsonpath={.spec.nodeName}").stdout
@@ -210,12 +322,36 @@ def test_agent_restart_keeps_enforcement() -> None:
             assert reach(ns, pod, "rogue", "127.0.0.1", 8080) == "refused"
             assert reach(ns, pod, "app", "127.0.0.1", 15001) == "open"
             time.sleep(1)
+        # New pods while the agent is away: an isolated one waits (fail closed) with a CNI error
+        # that says why, one in an exempt namespace starts; DEL of the waiting one's sandboxes
+        # (the kubelet cleans up each failed attempt) never fails.
+        assert apply(pinned("while-away", ns, node, isolated=True)).returncode == 0
+        assert apply(pinned("while-away", "kube-system", node, isolated=False)).returncode == 0
+        kubectl("wait", "-n", "kube-system", "pod/while-away", "--for=condition=Ready", "--timeout=120s")
+        deadline = time.monotonic() + 60
+        while "netisolate" not in (errors := sandbox_errors(ns, "while-away")):
+            assert time.monotonic() < deadline, "no FailedCreatePodSandBox event from netisolate"
+            time.sleep(1)
+        assert "may be isolated and cannot be checked" in errors and "Start the netisolate agent" in errors
+        phase = kubectl("get", "pod", "-n", ns, "while-away", "-o", "jsonpath={.status.phase}").stdout
+        assert phase == "Pending"
     finally:
         kubectl("-n", "netisolate-system", "patch", "daemonset/netisolate-agent", "--type=merge", "-p", back)
+        kubectl("delete", "pod", "-n", "kube-system", "while-away", "--wait=false", check=False)
     kubectl("-n", "netisolate-system", "rollout", "status", "daemonset/netisolate-agent", "--timeout=120s")
     assert reach(ns, pod, "rogue", "127.0.0.1", 8080) == "refused"
     assert reach(ns, pod, "app", "127.0.0.1", 15001) == "open"
     assert scenario.expected("app", "proxy:15001") == "open"
+    # the kubelet's retry goes through once the agent is back, and the pod is enforced
+    # (the kubelet retries a failed sandbox with a backoff that grows to a few minutes)
+    for attempt in range(6):
+        ready = kubectl(
+            "wait", "-n", ns, "pod/while-away", "--for=condition=Ready", "--timeout=60s", check=False
+        )
+        if ready.returncode == 0:
+            break
+        assert attempt < 5, f"the waiting pod never started: {ready.stderr}"
+    assert reach(ns, "while-away", "c", "127.0.0.1", SENTINEL_PORT) == "unreachable"
 
 
 def test_audit_finds_a_wide_scope_webhook() -> None:

@@ -59,6 +59,12 @@ class NetNS:
             fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
         except OSError as err:
             raise NetNSError(f"cannot open network namespace {path}: {err.strerror}") from None
+        return cls.adopt(fd, path)
+
+    @classmethod
+    def adopt(cls, fd: int, path: str) -> NetNS:
+        """Take ownership of an fd someone handed us (the CNI plugin), once it proves to be a
+        network namespace; closed on refusal."""
         try:
             kind = fcntl.ioctl(fd, NS_GET_NSTYPE)
         except OSError:
@@ -67,6 +73,10 @@ class NetNS:
             os.close(fd)
             raise NetNSError(f"{path} is not a network namespace")
         return cls(fd, path)
+
+    def dup(self) -> NetNS:
+        """A second handle on the same namespace, closed independently."""
+        return NetNS(os.dup(self.fd), self.path)
 
     @classmethod
     def current(cls) -> NetNS:

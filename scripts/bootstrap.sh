@@ -9,7 +9,8 @@ cd "$(dirname "$0")/.."
 
 # nftables/iptables: both backends; socat: listeners/clients under other UIDs in tests and the demo;
 # iproute2: netns/veth; conntrack: inspecting state in tests; util-linux: setpriv/nsenter;
-# python3: the system interpreter runs the stand-in container processes under other UIDs.
+# python3: the system interpreter runs the stand-in container processes under other UIDs;
+# gcc + libc6-dev: also the static CNI plugin (cni/netisolate-cni.c).
 # containerd runc containernetworking-plugins busybox-static gcc: the real node the tests run pods
 # on (tests/realnode/: CRI, runc, CNI bridge; its pause and toolbox images are built locally).
 APT_PACKAGES=(nftables iptables socat iproute2 conntrack util-linux procps python3 python3-venv
@@ -40,6 +41,9 @@ fi
 quiet_pip() { .venv/bin/pip "$@" 2> >(grep -v "is ignored: it is neither a file nor a directory" >&2); }
 quiet_pip install -q --upgrade pip >/dev/null
 quiet_pip install -q -e '.[test]'
+# The chained CNI plugin: one static C file, libc only (the tests exec this build).
+mkdir -p build
+cc -O2 -static -o build/netisolate-cni cni/netisolate-cni.c
 
 case "$mode" in
   demo)

@@ -15,7 +15,7 @@ import pytest
 import yaml
 from kubernetes_validate.utils import all_versions
 
-from netisolate.cli import main
+from netisolate.cli import build_parser, main
 from netisolate.config import DEFAULT_SEVERITIES, load_config
 
 ROOT = Path(__file__).parent.parent
@@ -69,10 +69,36 @@ def test_agent_daemonset_holds_only_what_it_needs() -> None:
     assert agent["resources"]["requests"] and agent["resources"]["limits"]
     assert agent["livenessProbe"]["httpGet"]["path"] == "/healthz"
     assert agent["readinessProbe"]["httpGet"]["path"] == "/readyz"
-    host_paths = [v["hostPath"]["path"] for v in pod["volumes"] if "hostPath" in v]
-    assert host_paths == ["/run/xtables.lock", "/sys/fs/cgroup"]
+    host_paths = {v["name"]: v["hostPath"]["path"] for v in pod["volumes"] if "hostPath" in v}
+    assert host_paths == {
+        "xtables-lock": "/run/xtables.lock",
+        "cni-conf": "/etc/cni/net.d",
+        "cni-bin": "/opt/cni/bin",
+        "cni-socket": "/var/run/netisolate",
+        "cgroup": "/sys/fs/cgroup",
+    }
     mounts = {m["name"]: m for m in agent["volumeMounts"]}
     assert mounts["cgroup"]["readOnly"] is True  # cgroup identity reads the node's cgroups, never writes
+
+
+def test_agent_daemonset_serves_the_cni_plugin_where_the_host_finds_it() -> None:
+    """The paths the agent is given are mounts of the node's CNI dirs, and the socket it writes
+    into the conflist (which the runtime's plugin dials on the host) is the same path on both sides."""
+    pod = find("DaemonSet", "netisolate-agent")["spec"]["template"]["spec"]
+    (agent,) = pod["containers"]
+    args = dict(a.removeprefix("--").split("=", 1) for a in agent["args"] if a.startswith("--cni-"))
+    mounts = {m["mountPath"]: m["name"] for m in agent["volumeMounts"]}
+    host = {v["name"]: v["hostPath"]["path"] for v in pod["volumes"] if "hostPath" in v}
+    assert host[mounts[args["cni-conf-dir"]]] == "/etc/cni/net.d"
+    assert host[mounts[args["cni-bin-dir"]]] == "/opt/cni/bin"
+    socket_dir = args["cni-socket"].rsplit("/", 1)[0]
+    assert host[mounts[socket_dir]] == socket_dir, "the plugin dials the host path the agent listens on"
+    exempt = set(args["cni-exempt-namespaces"].split(","))
+    assert {"kube-system", find("Namespace", "netisolate-system")["metadata"]["name"]} <= exempt
+    env = {e["name"]: e for e in agent["env"]}
+    assert env["POD_NAMESPACE"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.namespace"
+    parsed = build_parser().parse_args(agent["args"])
+    assert parsed.cni_conf_dir is not None and parsed.cni_bin_dir is not None
 
 
 AGENT_CAPABILITIES = ("NET_ADMIN", "NET_RAW", "SYS_ADMIN", "SYS_PTRACE")

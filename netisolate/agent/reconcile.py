@@ -12,6 +12,7 @@ backoff and reported once per distinct failure, so a broken pod cannot flood the
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -95,6 +96,8 @@ class Tracked:
     reported_at: float = -OBSERVED_EVENT_S
     cgroup_problem: str = ""  # why cgroup identity was last unavailable for this pod, if it was
     cgroup_wait_since: float = 0.0  # since when the pod's cgroup is looked for (0: found)
+    sandbox: str = ""  # the sandbox ID the CNI plugin handed `ns` over with, if it did
+    preinstalled: tuple[RuleSet, float] | None = None  # loaded into a fresh `ns` outside the lock
 
 
 def _waiting(tracked: Tracked) -> bool:
@@ -173,6 +176,75 @@ class Reconciler:
                 if (tracked.pod.metadata.namespace or "default") == name:
                     self._sync(tracked)
 
+    # --- inputs from the CNI plugin: a sandbox before its first container ----------------------
+
+    def enforce_sandbox(self, pod: Pod, ns: NetNS, sandbox: str) -> tuple[PodState, str]:
+        """The runtime is creating `sandbox` for the pod, in network namespace `ns` (a handle the
+        reconciler now owns), and starts no container before we answer: decide and apply now.
+        Returns the pod's (state, detail) afterwards.
+
+        The rules are loaded before the lock is taken for the bookkeeping: the namespace is new and
+        no one else knows it yet, and sandboxes created at once (a node starting up) are enforced
+        at once instead of one after the other."""
+        uid = pod.metadata.uid or pod.ref
+        # (a dict read: atomic, no lock needed; set_namespace replaces, never mutates, a value)
+        policy = pod_policy(pod, self.namespaces.get(pod.metadata.namespace or "default", {}))
+        desired = build_ruleset(policy, self.settings, ns.user_namespaced()) if policy.isolated else None
+        preinstalled = None
+        if desired is not None and not pod.spec.host_network:
+            started = time.perf_counter()
+            with contextlib.suppress(EnforceError):  # tried again, and reported, under the lock
+                self.backend.apply(ns, desired)
+                preinstalled = (desired, time.perf_counter() - started)
+        with self.lock:
+            tracked = self.pods.setdefault(uid, Tracked(pod))
+            tracked.pod = pod
+            if tracked.ns is not None and tracked.ns.inode != ns.inode:  # a new sandbox
+                if tracked.applied is not None:
+                    self.reporter.event(
+                        pod, "SandboxReplaced", "the pod's sandbox was recreated; enforcing the new one", True
+                    )
+                tracked.ns.close()
+                tracked.ns, tracked.applied = None, None
+            fresh = tracked.ns is None
+            if fresh:
+                tracked.ns, tracked.preinstalled = ns, preinstalled
+            else:
+                ns.close()
+            tracked.sandbox = sandbox
+            self._sync(tracked, adopt=not fresh)
+            tracked.preinstalled = None
+            return tracked.state, tracked.detail
+
+    def release_sandbox(self, uid: str, sandbox: str, inode: int | None) -> None:
+        """The runtime tore the sandbox down (CNI DEL): let its namespace go. Nothing happens for
+        a sandbox we do not hold (another one of the pod, or a pod we never saw)."""
+        with self.lock:
+            tracked = self.pods.get(uid)
+            if tracked is None or tracked.ns is None:
+                return
+            if tracked.ns.inode != inode and not (inode is None and sandbox and tracked.sandbox == sandbox):
+                return
+            tracked.ns.close()
+            tracked.ns, tracked.applied, tracked.sandbox = None, None, ""
+            self._sync(tracked)  # pending until a new sandbox appears, or the pod goes
+
+    def check_sandbox(self, uid: str, inode: int) -> list[str]:
+        """CNI CHECK: what is wrong with the sandbox's rules ([] when they hold, or the pod is
+        not isolated)."""
+        with self.lock:
+            tracked = self.pods.get(uid)
+            if tracked is None or tracked.ns is None or tracked.ns.inode != inode:
+                return ["the agent does not hold this sandbox's network namespace"]
+            if tracked.state in (PodState.OFF, PodState.HOST_NETWORK):
+                return []
+            if tracked.applied is None:
+                return [f"rules not installed: {tracked.detail or tracked.state}"]
+            try:
+                return self.backend.verify(tracked.ns, tracked.applied)
+            except EnforceError as err:
+                return [str(err)]
+
     # --- timers --------------------------------------------------------------------------------
 
     def next_retry(self) -> float:
@@ -211,6 +283,7 @@ class Reconciler:
             return 0
         tracked.checked_at = time.monotonic()
         if self.sandboxes.moved(tracked.pod, tracked.ns):
+            tracked.sandbox = ""  # recreated without a word from the runtime: found in /proc
             self._sync(tracked)  # finds and enforces the pod's new namespace
             return 0
         try:
@@ -240,14 +313,16 @@ class Reconciler:
 
     # --- the decision ----------------------------------------------------------------------------
 
-    def _sync(self, tracked: Tracked) -> None:
+    def _sync(self, tracked: Tracked, adopt: bool = True) -> None:
+        """adopt: rules found in the namespace may be kept as they are (after an agent restart);
+        a namespace the runtime has just created holds none, and is not read first."""
         try:
-            self._decide(tracked)
+            self._decide(tracked, adopt)
         except Exception as err:  # whatever it was: reported and retried with backoff, rules untouched
             log.exception("reconciling failed", extra={"pod": tracked.pod.ref})
             self._failed(tracked, "EnforceFailed", f"unexpected error: {err}")
 
-    def _decide(self, tracked: Tracked) -> None:
+    def _decide(self, tracked: Tracked, adopt: bool = True) -> None:
         pod = tracked.pod
         if pod.spec.host_network:
             tracked.state, tracked.detail = PodState.HOST_NETWORK, PodState.HOST_NETWORK.meaning
@@ -289,7 +364,7 @@ class Reconciler:
         if tracked.applied is not None and fresh and desired.same_but_cgroups(tracked.applied):
             self._update_cgroups(tracked, desired)
             return
-        if tracked.applied is None and self._intact(tracked, desired):
+        if tracked.applied is None and adopt and self._intact(tracked, desired):
             tracked.applied, tracked.state = desired, PodState(desired.mode)
             tracked.detail = "adopted: rules verified intact"
             tracked.failures = tracked.rounds = 0
@@ -346,7 +421,9 @@ class Reconciler:
     def _namespace(self, tracked: Tracked) -> NetNS | None:
         """The pod's current network namespace (found again if its sandbox was recreated), or None
         while it has none yet."""
-        if tracked.ns is not None and self.sandboxes.moved(tracked.pod, tracked.ns):
+        # A namespace the runtime handed over (CNI) is the sandbox's by its word; the next
+        # sandbox will be handed over too. Only namespaces found in /proc are looked after.
+        if tracked.ns is not None and not tracked.sandbox and self.sandboxes.moved(tracked.pod, tracked.ns):
             self.reporter.event(
                 tracked.pod,
                 "SandboxReplaced",
@@ -377,13 +454,18 @@ class Reconciler:
 
     def _apply(self, tracked: Tracked, desired: RuleSet) -> None:
         assert tracked.ns is not None
-        started = time.perf_counter()
-        try:
-            self.backend.apply(tracked.ns, desired)
-        except EnforceError as err:
-            self._failed(tracked, "EnforceFailed", str(err))
-            return
-        self.reporter.applied(tracked.pod, time.perf_counter() - started)
+        pre, tracked.preinstalled = tracked.preinstalled, None
+        if pre is not None and pre[0] == desired:  # what enforce_sandbox loaded is what we want
+            seconds = pre[1]
+        else:
+            started = time.perf_counter()
+            try:
+                self.backend.apply(tracked.ns, desired)
+            except EnforceError as err:
+                self._failed(tracked, "EnforceFailed", str(err))
+                return
+            seconds = time.perf_counter() - started
+        self.reporter.applied(tracked.pod, seconds)
         announce = tracked.applied is None or tracked.state is PodState.FAILED
         tracked.applied, tracked.state, tracked.detail = desired, PodState(desired.mode), ""
         tracked.failures = tracked.rounds = 0

@@ -9,9 +9,11 @@ import signal
 import sys
 import urllib.error
 import urllib.request
+from pathlib import Path
 
 from netisolate.agent.state import NodeStatus, PodState
 from netisolate.backends import BACKENDS, EnforceError, select_backend
+from netisolate.cni.options import DEFAULT_EXEMPT, CniOptions
 from netisolate.commands.common import add_command, add_rule_settings, port, rule_settings, seconds
 from netisolate.logs import setup_logging
 from netisolate.model import InputError
@@ -47,6 +49,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         metavar="SECONDS",
         help="how often every pod's rules are read back and compared; drift is repaired (default 30)",
     )
+    add_cni_arguments(agent)
     agent.add_argument("--proc-root", default="/proc", help=argparse.SUPPRESS)
     agent.add_argument(
         "--host-netns",
@@ -67,7 +70,68 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     status.set_defaults(run=run_status)
 
 
+CNI_DETAILS = """\
+With --cni-conf-dir and --cni-bin-dir the agent also serves netisolate's chained CNI plugin: it
+copies --cni-plugin into the bin dir, appends it as the last plugin of the node's primary conflist
+(the first file of the conf dir, as the runtime picks it; put back within a second whenever the
+node's CNI rewrites that file), and answers it on --cni-socket. The runtime then starts no
+container of an isolated pod before its rules hold; while the agent is down, every pod outside
+--cni-exempt-namespaces waits (fail closed). --cni-uninstall takes the plugin out of the
+conflist first, then removes it, and runs on as an agent without it."""
+
+
+def add_cni_arguments(agent: argparse.ArgumentParser) -> None:
+    cni = agent.add_argument_group(
+        "chained CNI plugin (rules before the first container starts)", CNI_DETAILS
+    )
+    cni.add_argument(
+        "--cni-conf-dir", type=Path, metavar="DIR", help="the node's CNI conf dir (/etc/cni/net.d)"
+    )
+    cni.add_argument("--cni-bin-dir", type=Path, metavar="DIR", help="the node's CNI bin dir (/opt/cni/bin)")
+    cni.add_argument(
+        "--cni-plugin",
+        type=Path,
+        default=Path("/usr/local/lib/netisolate/netisolate-cni"),
+        metavar="PATH",
+        help="the plugin binary to install (default: the image's, %(default)s)",
+    )
+    cni.add_argument(
+        "--cni-socket",
+        type=Path,
+        default=Path("/var/run/netisolate/cni.sock"),
+        metavar="PATH",
+        help="the agent's socket for the plugin, on a hostPath (default %(default)s)",
+    )
+    cni.add_argument(
+        "--cni-exempt-namespaces",
+        default=",".join(DEFAULT_EXEMPT),
+        metavar="NS,...",
+        help="namespaces whose pods always start, agent or not: the agent's own, the webhook's, the "
+        "CNI's and kube-system belong here (default %(default)s; $POD_NAMESPACE is added)",
+    )
+    cni.add_argument(
+        "--cni-uninstall",
+        action="store_true",
+        help="take the plugin out of the node's CNI and run without it",
+    )
+
+
+def cni_options(args: argparse.Namespace) -> CniOptions | None:
+    if args.cni_conf_dir is None and args.cni_bin_dir is None:
+        return None
+    if args.cni_conf_dir is None or args.cni_bin_dir is None:
+        raise InputError("--cni-conf-dir and --cni-bin-dir go together: the plugin needs both")
+    exempt = {n.strip() for n in args.cni_exempt_namespaces.split(",") if n.strip()}
+    if os.environ.get("POD_NAMESPACE"):
+        exempt.add(os.environ["POD_NAMESPACE"])  # the agent must be able to start itself
+    return CniOptions(
+        args.cni_conf_dir, args.cni_bin_dir, args.cni_plugin, args.cni_socket, tuple(sorted(exempt))
+    )
+
+
 def run_agent(args: argparse.Namespace) -> int:
+    from netisolate.agent.cni import start as start_cni
+    from netisolate.agent.cni_conf import CniInstallError, uninstall
     from netisolate.agent.node import Agent
     from netisolate.kube import api_clients
 
@@ -76,6 +140,7 @@ def run_agent(args: argparse.Namespace) -> int:
         raise InputError(
             "no node name: pass --node-name or set NODE_NAME (the DaemonSet sets it from spec.nodeName)"
         )
+    cni = cni_options(args)
     core, _ = api_clients(args.kubeconfig)
     settings = rule_settings(args)
     try:
@@ -101,6 +166,14 @@ def run_agent(args: argparse.Namespace) -> int:
         print(f"netisolate agent: {err}", file=sys.stderr)
         return 1
     signal.signal(signal.SIGTERM, lambda *_: agent.stop.set())
+    if cni is not None and args.cni_uninstall:
+        uninstall(cni.conf_dir, cni.bin_dir)
+    elif cni is not None:
+        try:
+            start_cni(cni, agent.reconciler, core, agent.stop)
+        except (CniInstallError, OSError) as err:
+            print(f"netisolate agent: cannot serve the CNI plugin: {err}", file=sys.stderr)
+            return 1
     agent.run(args.metrics_port)
     return 0
 
