@@ -175,8 +175,8 @@ def connloop() -> Iterator[str]:
         yield binary
 
 
-def connections_per_s(pod: LocalPod, binary: str, seconds: float) -> float:
-    client = pod.spawn(as_uid(UIDS["app"], [binary, "client", "8000", str(seconds)]))
+def connections_per_s(pod: LocalPod, binary: str, seconds: float, container: str | None = None) -> float:
+    client = pod.spawn(as_uid(UIDS["app"], [binary, "client", "8000", str(seconds)]), container=container)
     out, err = client.communicate(timeout=seconds * 3 + 10)
     pod.processes.remove(client)
     rate, failed = out.split()
