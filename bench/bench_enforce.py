@@ -3,11 +3,17 @@
     sudo .venv/bin/python bench/bench_enforce.py [--quick]
 
 apply-new / apply-update  per-namespace apply of a 3-container x 4-port policy, per backend, median
-                          and p95, next to the same text loaded by the raw tool from the same thread
-apply-100                 updating 100 pod namespaces (serial and with apply_many's 8 workers)
-loopback                  connection rate and throughput between two UIDs, without and with rules,
-                          in interleaved rounds: medians, and the spread of the per-round ratios,
-                          next to a control (without rules twice: the machine's own noise)
+                          and p95, next to the same change loaded by the raw tool (`nft -f`,
+                          `iptables-restore`) from the same kind of thread: for nftables an update
+                          is the element delta (and, for scale, the whole-table replace it was);
+                          and the CPU each of our updates took
+apply-100                 changing the policy of 100 pod namespaces (serial and with apply_many's
+                          8 workers), next to the raw tool loading the same change with 8 workers
+loopback                  connection rate from app to proxy (50 grants per container) without, with
+                          and again without rules (the control): many short rounds in rotating
+                          order, of the same C client (bench/connloop.c, built with gcc) against a
+                          C server; the median of the rounds' own ratios with quartiles and
+                          extremes, next to the control's (the machine's own noise)
 """
 
 from __future__ import annotations
@@ -118,7 +124,9 @@ def bench_apply(backend: Backend, rounds: int) -> Iterator[dict[str, object]]:
     with namespaces(rounds) as ours, namespaces(rounds) as raw, namespaces(rounds) as replaced:
         new = [timed(lambda ns=ns: backend.apply(ns, rs)) for ns in ours]  # type: ignore[misc]
         raw_new = [timed(lambda ns=ns: load_new(ns)) for ns in [*raw, *replaced]]  # type: ignore[misc]
+        cpu = time.process_time()
         update = [timed(lambda ns=ns: backend.apply(ns, changed)) for ns in ours]  # type: ignore[misc]
+        cpu_ms = (time.process_time() - cpu) / len(ours) * 1000
         raw_update = [timed(lambda ns=ns: load_change(ns)) for ns in raw]  # type: ignore[misc]
         raw_replace = [timed(lambda ns=ns: load_replace(ns)) for ns in replaced]  # type: ignore[misc]
         drift = [backend.verify(ns, changed) for ns in [*ours, *raw]]
@@ -136,8 +144,10 @@ def bench_apply(backend: Backend, rounds: int) -> Iterator[dict[str, object]]:
             "raw_p95_ms": raw_ms["p95_ms"],
             "ratio_to_raw": round(ours_ms["median_ms"] / raw_ms["median_ms"], 2),
         }
-        if scenario == "apply-update" and backend.name == "nftables":
-            result["raw_whole_table_replace_median_ms"] = ms(raw_replace)["median_ms"]
+        if scenario == "apply-update":
+            result["cpu_ms_each"] = round(cpu_ms, 2)  # this process's CPU: what load cannot inflate much
+            if backend.name == "nftables":
+                result["raw_whole_table_replace_median_ms"] = ms(raw_replace)["median_ms"]
         yield result
 
 
@@ -205,34 +215,37 @@ def _spread(values: list[float]) -> dict[str, float]:
 
 def bench_loopback(backend: Backend, pairs: int, seconds: float) -> dict[str, object]:
     """app (UID 1000, granted 8000 among 50 ports) → proxy (UID 1001, which declares them) on
-    127.0.0.1:8000; TCP-only grants, so no conntrack. Each pair measures without and with rules,
-    in alternating order (ABBA), so drift of a shared machine hits both alike; the result is the
-    median of the pairs' own with/without ratios."""
+    127.0.0.1:8000; TCP-only grants, so no conntrack. Each round measures without rules, with
+    rules and without again (the control, whose ratio to the first is the noise floor), in
+    rotating order, so drift of a shared machine hits all alike; the result is the median of the
+    rounds' own with/without ratios, next to the control's."""
     rs = ruleset(grants=LOOPBACK_GRANTS)
+    runs: dict[str, list[float]] = {"without": [], "with": [], "control": []}
     with connloop() as binary, LocalPod(bench_pod(grants=LOOPBACK_GRANTS)) as pod:
         ns = pod.ns
         assert ns is not None
         server = pod.spawn(as_uid(UIDS["proxy"], [binary, "server", "8000"]))
         assert server.stdout is not None and server.stdout.readline().strip() == "ready"
-        without: list[float] = []
-        with_: list[float] = []
+        order = list(runs)
         for i in range(pairs):
-            for with_rules in (False, True) if i % 2 == 0 else (True, False):
-                if with_rules:
+            for kind in order[i % 3 :] + order[: i % 3]:
+                if kind == "with":
                     backend.apply(ns, rs)
                 else:
                     _without_rules(ns)
-                (with_ if with_rules else without).append(connections_per_s(pod, binary, seconds))
-    ratios = [w / b for w, b in zip(with_, without, strict=True)]
+                runs[kind].append(connections_per_s(pod, binary, seconds))
+    paired = [w / b for w, b in zip(runs["with"], runs["without"], strict=True)]
+    control = [c / b for c, b in zip(runs["control"], runs["without"], strict=True)]
     return {
         "scenario": "loopback",
         "backend": backend.name,
         "grants_in_pod": LOOPBACK_GRANTS * len(UIDS),
-        "pairs": pairs,
+        "rounds": pairs,
         "seconds_each": seconds,
-        "conn_per_s_without_median": round(statistics.median(without)),
-        "conn_per_s_with_median": round(statistics.median(with_)),
-        "conn_rate_ratio_paired": _spread(ratios),
+        "conn_per_s_without_median": round(statistics.median(runs["without"])),
+        "conn_per_s_with_median": round(statistics.median(runs["with"])),
+        "conn_rate_ratio_paired": _spread(paired),
+        "control_ratio_paired": _spread(control),
     }
 
 
@@ -245,7 +258,7 @@ def main() -> None:
         "--loopback-only", action="store_true", help="only the loopback connection rate and throughput"
     )
     parser.add_argument(
-        "--loopback-rounds", type=int, default=0, metavar="N", help="paired rounds of the loopback scenario"
+        "--loopback-rounds", type=int, default=0, metavar="N", help="rounds of the loopback scenario"
     )
     parser.add_argument(
         "--loopback-seconds",
