@@ -437,3 +437,20 @@ def test_udp_ports_beyond_loopback_are_seen_too() -> None:
             pod.listen(container, ports)
         found = exposed(ns_of(pod), pod.pod, ruleset_for(pod.pod))
     assert found == ["53/udp (granted to app)", "8053 (no container declares it)"]
+
+
+def test_what_a_namespace_handle_holds_is_closed_with_it() -> None:
+    """The backend's libnftables session lives inside the pod's namespace and pins it: it must go
+    when the agent lets the namespace go, or dead pods' namespaces would never be freed."""
+
+    class Kept:
+        closed = 0
+
+        def close(self) -> None:
+            Kept.closed += 1
+
+    ns = NetNS.current()
+    first = ns.held("kept", Kept)
+    assert ns.held("kept", Kept) is first, "made once, then kept"
+    ns.close()
+    assert Kept.closed == 1
