@@ -5,12 +5,22 @@ change is an element update, drift is exact."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
+from pathlib import Path
 
 import pytest
 
-from netisolate.agent.cgroups import NodeCgroups, below, container_ids, named, v2_mounts, v2_path
+from netisolate.agent.cgroups import (
+    NodeCgroups,
+    below,
+    container_ids,
+    named,
+    runtime_name,
+    v2_mounts,
+    v2_path,
+)
 from netisolate.agent.reconcile import Reconciler
 from netisolate.backends import EnforceError, select_backend
 from netisolate.localpod import LocalPod
@@ -287,3 +297,34 @@ def test_a_container_reaches_only_its_grants_whatever_its_uid(local: LocalPod) -
     (local.cgroup / "app-restarted").mkdir()
     assert local.probe(0, targets, container="app-restarted") == ["refused", "refused"]
     assert local.probe(1000, targets, container="app-restarted") == ["refused", "refused"]
+
+
+def test_a_new_cgroup_is_named_by_its_runtime_bundle(tmp_path: Path) -> None:
+    """containerd's layout: the container's first process is a child of the pod's shim, which runs
+    in the sandbox's bundle; the container's bundle lies beside it."""
+    pod_uid, sandbox, cid = "pod-uid-1", "a" * 64, "b" * 64
+    state = tmp_path / "k8s.io"
+    for bundle, notes in (
+        (sandbox, {"io.kubernetes.cri.container-type": "sandbox", "io.kubernetes.cri.sandbox-uid": pod_uid}),
+        (cid, {"io.kubernetes.cri.container-name": "app", "io.kubernetes.cri.sandbox-uid": pod_uid}),
+    ):
+        (state / bundle).mkdir(parents=True)
+        config = {"annotations": notes, "linux": {"cgroupsPath": f"/kubepods/pod{pod_uid}/{bundle}"}}
+        (state / bundle / "config.json").write_text(json.dumps(config))
+    proc = tmp_path / "proc"
+    for pid, ppid in ((200, 100), (100, 1)):
+        (proc / str(pid)).mkdir(parents=True)
+        (proc / str(pid) / "stat").write_text(f"{pid} (x y) S {ppid} 0 0\n")
+    (proc / "100" / "cwd").symlink_to(state / sandbox)
+    cgroup = tmp_path / "cg" / cid
+    cgroup.mkdir(parents=True)
+    (cgroup / "cgroup.procs").write_text("")
+    assert runtime_name(str(cgroup), {pod_uid}, str(proc)) is None  # nobody in it yet
+    (cgroup / "cgroup.procs").write_text("200\n")
+    assert runtime_name(str(cgroup), {pod_uid}, str(proc)) == "app"
+    assert runtime_name(str(cgroup), {"another-pod"}, str(proc)) == ""  # never another pod's
+    sandbox_cgroup = tmp_path / "cg" / sandbox
+    sandbox_cgroup.mkdir()
+    (sandbox_cgroup / "cgroup.procs").write_text("200\n")
+    assert runtime_name(str(sandbox_cgroup), {pod_uid}, str(proc)) == ""  # the sandbox: no container
+    assert runtime_name(str(tmp_path / "cg" / "not-a-container"), {pod_uid}, str(proc)) is None

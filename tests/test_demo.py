@@ -30,6 +30,18 @@ def test_demo_prints_both_matrices(backend: str, capsys: pytest.CaptureFixture[s
     assert "Cleaned up" in out
 
 
+def test_demo_of_cgroup_identity(capsys: pytest.CaptureFixture[str]) -> None:
+    """The shared-uid scenario: app and proxy on one UID, the rogue root, told apart by cgroups;
+    under iptables it says why it cannot run rather than show a wrong matrix."""
+    before = set(Path("/sys/fs/cgroup/unified").glob("ni-*"))
+    assert main(["demo", "--scenario", "shared-uid"]) == 0
+    out = capsys.readouterr().out
+    assert "socket cgroupv2 level" in out and "The matrix is exactly what the annotations grant" in out
+    assert set(Path("/sys/fs/cgroup/unified").glob("ni-*")) <= before, "the demo's cgroups are removed"
+    assert main(["demo", "--scenario", "shared-uid", "--backend", "iptables"]) == 1
+    assert "--backend nftables" in capsys.readouterr().err
+
+
 def test_demo_cleans_up_when_terminated() -> None:
     proc = subprocess.Popen([sys.executable, "-m", "netisolate", "demo"], stdout=subprocess.PIPE, text=True)
     assert proc.stdout is not None

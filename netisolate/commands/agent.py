@@ -28,6 +28,12 @@ isolated pod's network namespace from /proc, installs its rules, verifies them a
 the pod. A pod's own `netisolate.io/isolation` annotation is enforced at once, even while the
 namespace list/watch fails; a namespace label can only raise its level. Serves /metrics, /healthz,
 /readyz (ready after the start-up verification, with the namespace labels known) and /status.
+
+Cgroup identity (--identity cgroup, or a pod's netisolate.io/identity): containers are known by
+their cgroup v2, found under the first cgroup2 mount that shows the node's whole hierarchy (the
+DaemonSet mounts the node's /sys/fs/cgroup read-only); a restarted container's new cgroup is put
+in its set as soon as the runtime places its first process there. nftables only: elsewhere such
+pods are enforced with no grants and a CgroupIdentityUnavailable event.
 """
 STATUS_DETAILS = (
     "Asks the agent on this node (its --metrics-port on localhost) for the pods it tracks and "

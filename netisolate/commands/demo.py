@@ -72,11 +72,18 @@ def run(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, _terminate)
     scenario = scenarios.load(args.scenario)
     policy = pod_policy(scenario.parsed_pod(), scenario.namespace_labels)
-    ruleset = build_ruleset(policy, Settings())
-    assert ruleset is not None, "demo scenarios are isolated"
     backend = select_backend(args.backend)
+    if policy.identity.by_cgroup and not backend.cgroups:
+        print(
+            f"netisolate demo: scenario {scenario.name} uses cgroup identity: run it with --backend nftables",
+            file=sys.stderr,
+        )
+        return 1
     print(f"{scenario.name}: {scenario.description.strip()}\n")
     with LocalPod(scenario.parsed_pod()) as pod:
+        # a cgroup pod's rules name the cgroups its containers' processes were started in
+        ruleset = build_ruleset(policy, Settings(), cgroups=pod.cgroups() if pod.cgroup else None)
+        assert ruleset is not None, "demo scenarios are isolated"
         print(
             f"Demo pod: network namespace {pod.name} (its eth0 peer: {pod.peer}), removed on exit\n",
             flush=True,

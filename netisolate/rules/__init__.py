@@ -73,7 +73,9 @@ container has a set of its own holding its cgroup's ID (empty until the agent ha
 so a restart — a new cgroup — is an element update, not a new ruleset. The same decisions as above,
 with the container's cgroup (and, under uid+cgroup, its UID too) in place of the UID:
 
-- 2 and 4: a declared port is served only by the cgroup of a container that declares it;
+- 4: a UDP datagram from a declared port passes only from a declaring container's cgroup;
+- 2: a SYN-ACK leaves from a request socket, which has no cgroup the rules can see, so a declared
+  TCP port is kept to its owners on input (below); under uid+cgroup the UID rule 2 stays too;
 - 7: the runtime exception (UID 0) comes after the grants and after a catch-all that refuses
   every other socket of the pod's own cgroup, one level up. A container whose new cgroup the
   agent has not seen yet is refused, never let through as the runtime or given another's grant;
