@@ -32,22 +32,22 @@ class NftablesBackend:
 
     def _load(self, ns: NetNS, document: str, what: str) -> tuple[int, str]:
         status, _, err = self._run(ns, document)
-        return status, f"loading {what} failed: {err.strip()}"
+        return status, f"{what} failed: {err.strip()}"
 
     def apply(self, ns: NetNS, ruleset: RuleSet) -> None:
         listed = self.listing(ns)
         if listed is None:
-            status, err = self._load(ns, nft.create(ruleset), f"{ruleset.pod}'s new table")
+            status, err = self._load(ns, nft.create(ruleset), f"loading {ruleset.pod}'s new table")
             if status == 0:
                 return
         else:
             delta = nft.update(ruleset, nft.parse(listed))
             if delta == "":
                 return
-            if delta is not None and self._load(ns, delta, f"{ruleset.pod}'s set elements")[0] == 0:
+            if delta is not None and self._load(ns, delta, f"updating {ruleset.pod}'s set elements")[0] == 0:
                 return
         # a layout that changed, or a table that appeared or changed since it was read
-        status, err = self._load(ns, nft.replace(ruleset), f"{ruleset.pod}'s table")
+        status, err = self._load(ns, nft.replace(ruleset), f"loading {ruleset.pod}'s table")
         if status != 0:
             raise EnforceError(err)
 
@@ -57,7 +57,7 @@ class NftablesBackend:
         meanwhile (nft resolves paths as it loads) fails the update, which is retried."""
         for document in nft.elements(ruleset, installed):
             if document:
-                status, err = self._load(ns, document, f"{ruleset.pod}'s cgroups")
+                status, err = self._load(ns, document, f"updating {ruleset.pod}'s cgroups")
                 if status != 0:
                     raise EnforceError(err)
 
