@@ -230,8 +230,11 @@ def test_a_changed_policy_never_drops_a_grant_both_sides_hold(backend: Backend, 
     out, _ = prober.communicate(timeout=10)
     counts: dict[str, int] = json.loads(out)
     assert applied >= 10
-    assert set(counts) <= {"15001:open", "15000:open", "15000:ECONNREFUSED"}, counts
+    # Refused is a reset, so a grant lost for a moment would show as 15001:ECONNREFUSED; a rare
+    # timeout is the listener's accept queue overflowing under this load (the rules never drop TCP).
+    assert set(counts) <= {"15001:open", "15001:timeout", "15000:open", "15000:ECONNREFUSED"}, counts
     assert counts["15001:open"] > 50 and counts.get("15000:open") and counts.get("15000:ECONNREFUSED")
+    assert counts.get("15001:timeout", 0) < counts["15001:open"] / 100
     assert backend.verify(ns, policies[applied % 2]) == []
 
 
