@@ -13,15 +13,9 @@ import fcntl
 import os
 import threading
 from collections.abc import Callable
-from typing import Any, Protocol, TypeVar, cast
-
-
-class Closeable(Protocol):
-    def close(self) -> None: ...
-
+from typing import Any, TypeVar, cast
 
 T = TypeVar("T")
-C = TypeVar("C", bound=Closeable)
 CLONE_NEWNET = 0x40000000
 NS_GET_USERNS = 0xB701  # ioctl on an nsfs file: an fd of the user namespace that owns it
 NS_GET_NSTYPE = 0xB703  # ioctl on an nsfs file: which kind of namespace it is
@@ -49,7 +43,6 @@ class NetNS:
         self.fd = fd
         self.path = path
         self.inode = os.fstat(fd).st_ino
-        self._held: dict[str, Closeable] = {}
 
     @classmethod
     def open(cls, target: str | int) -> NetNS:
@@ -131,17 +124,7 @@ class NetNS:
             raise outcome["error"]
         return cast(T, outcome["value"])
 
-    def held(self, key: str, make: Callable[[], C]) -> C:
-        """The object kept under key for as long as this handle is open, made (inside the namespace)
-        the first time; closed with the handle. For what lives in the namespace, such as a socket."""
-        if key not in self._held:
-            self._held[key] = self.run(make)
-        return cast(C, self._held[key])
-
     def close(self) -> None:
-        for kept in self._held.values():
-            kept.close()
-        self._held.clear()
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1

@@ -5,10 +5,11 @@ elsewhere ends only that table's chain, and a packet must pass every base chain 
 
 A changed policy is an element update of the table's sets: one transaction, so no packet meets
 half a policy, and nothing is rebuilt. Only a table whose layout changed (another mode, the first
-UDP grant, drift in its chains) is replaced by the delete-and-recreate transaction. Everything
-goes through one libnftables session per namespace, kept open while the namespace is: the kernel
-makes whoever closes an nftables socket wait for the last transaction's RCU grace period, which
-is what made every `nft -f` of ours cost 5-20 ms; kept open, an update costs well under 1 ms.
+UDP grant, drift in its chains) is replaced by the delete-and-recreate transaction. Reads go through
+libnftables in-process; writes through `nft -f`, which runs in parallel across namespaces. The
+kernel makes whoever closes an nftables socket wait for the last transaction's RCU grace period
+(~10 ms): a libnftables context kept open per namespace would spare writes that, but with many
+contexts alive libnftables 1.0.6 aborted under pod churn, so none is kept.
 """
 
 from __future__ import annotations
@@ -24,15 +25,18 @@ class NftablesBackend:
     cgroups = True
 
     def _run(self, ns: NetNS, command: str) -> tuple[int, str, str]:
-        """One nft command or script in the namespace: through its session, else by `nft -f`."""
+        """A read in the namespace: in-process through libnftables (a context of its own each
+        time, from a thread inside the namespace), else by `nft`."""
         if libnft.available():
-            return ns.held("libnft", libnft.Session).run(command)
+            return ns.run(lambda: libnft.run(command))
         result = run_tool(ns, ["nft", "-f", "-"], command)
         return result.returncode, result.stdout, result.stderr
 
     def _load(self, ns: NetNS, document: str, what: str) -> tuple[int, str]:
-        status, _, err = self._run(ns, document)
-        return status, f"{what} failed: {err.strip()}"
+        """A write, by `nft -f` in the namespace: each in a process of its own, so writes to many
+        namespaces run in parallel (the RCU wait as the socket closes is the process's, not ours)."""
+        result = run_tool(ns, ["nft", "-f", "-"], document)
+        return result.returncode, f"{what} failed: {result.stderr.strip()}"
 
     def apply(self, ns: NetNS, ruleset: RuleSet) -> None:
         listed = self.listing(ns)
@@ -53,7 +57,7 @@ class NftablesBackend:
 
     def update_cgroups(self, ns: NetNS, ruleset: RuleSet, installed: RuleSet) -> None:
         """Turn the sets of `installed` into those of `ruleset` (a restarted container's new cgroup
-        in, then its old one out), through the namespace's session. A cgroup that vanished
+        in, then its old one out), in-process. A cgroup that vanished
         meanwhile (nft resolves paths as it loads) fails the update, which is retried."""
         for document in nft.elements(ruleset, installed):
             if document:
