@@ -67,7 +67,7 @@ class NftablesBackend:
 
     def listing(self, ns: NetNS, by_id: bool = False) -> str | None:
         """The table as nft lists it; `by_id`: cgroups as IDs (listed from the blind namespace, on
-        a thread of its own: a kept session lists from the agent's mount namespace)."""
+        a thread of its own)."""
         command = f"list table inet {nft.TABLE}"
 
         def read_blind() -> tuple[int, str, str]:
