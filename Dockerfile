@@ -1,34 +1,61 @@
 # One image for the agent and the webhook.
-#   docker build -t ghcr.io/netisolate/netisolate:0.1.0 .
-# Stage 1 builds the wheel (and the wheels it needs), stage 2 the static CNI plugin; the last stage
-# installs them with no compilers.
-FROM python:3.11-slim AS build
+# image: ghcr.io/netisolate/netisolate:0.1.0
+#   docker build -t ghcr.io/netisolate/netisolate:0.1.0 .      (where a Docker engine runs)
+#   sudo bash scripts/build-image.sh                           (no Docker: buildah, a local base)
+# The base names its Debian release so that the local stand-in (debootstrap of that release) is the
+# same system the official image is.
+#
+# build:   the project and its dependencies into a venv (pip, build isolation, sources stay here)
+# cni:     the chained CNI plugin, one static C binary (the host that runs it may have no Python)
+# runtime: the base + nft/iptables + that venv, minus what only installs software (pip, setuptools,
+#          apt lists)
+# final:   the runtime's files as one layer: what is deleted above is gone, not hidden by whiteouts
+FROM python:3.11-slim-bookworm AS build
 WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY netisolate ./netisolate
-RUN pip wheel --no-cache-dir --wheel-dir /wheels .
+# --without-pip: the image runs netisolate, it never installs anything.
+# kubernetes/aio is the client's asyncio twin (65 MB); netisolate imports only the sync client.
+# The client's generated API and model modules (57 MB) ship as bytecode only: what runs is the
+# same, 32 MB of source text is not (a traceback through them shows no source line).
+ARG SITE=/opt/netisolate/lib/python3.11/site-packages
+RUN python3 -m venv --without-pip /opt/netisolate \
+ && pip --python /opt/netisolate/bin/python install --no-cache-dir --no-compile . \
+ && rm -rf $SITE/kubernetes/aio \
+ && /opt/netisolate/bin/python -m compileall -q -j 0 -b $SITE/kubernetes/client/api $SITE/kubernetes/client/models \
+ && find $SITE/kubernetes/client/api $SITE/kubernetes/client/models -name '*.py' -delete \
+ && /opt/netisolate/bin/python -m compileall -q -j 0 /opt/netisolate/lib
 
-# The chained CNI plugin runs on the host, which may have no Python: one static C binary.
-FROM debian:12-slim AS cni
-RUN apt-get update && apt-get install -y --no-install-recommends gcc libc6-dev && rm -rf /var/lib/apt/lists/*
+# On the same base as the others, so there is one base image to fetch (or stand in for).
+FROM python:3.11-slim-bookworm AS cni
+RUN apt-get update && apt-get install -y --no-install-recommends gcc libc6-dev
 COPY cni/netisolate-cni.c /src/
 RUN cc -O2 -static -o /netisolate-cni /src/netisolate-cni.c
 
-FROM python:3.11-slim
+FROM python:3.11-slim-bookworm AS runtime
+# nft and iptables-legacy-restore/-save are what the two backends run inside pod namespaces.
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends nftables iptables \
+ && rm -rf /var/lib/apt/lists/* /var/cache/apt/*.bin /var/cache/debconf/*-old /var/log/apt /var/log/dpkg.log \
+ && pip uninstall -q -y --root-user-action=ignore pip setuptools wheel \
+ && rm -rf /root/.cache
+COPY --from=build /opt/netisolate /opt/netisolate
+# the agent copies it into the node's CNI bin dir (daemonset/base/agent.yaml)
+COPY --from=cni /netisolate-cni /usr/local/lib/netisolate/netisolate-cni
+
+FROM scratch
+COPY --from=runtime / /
 LABEL org.opencontainers.image.title="netisolate" \
       org.opencontainers.image.description="Container-level network isolation for Kubernetes pods: node agent and admission webhook" \
       org.opencontainers.image.version="0.1.0" \
       org.opencontainers.image.licenses="Apache-2.0" \
       org.opencontainers.image.source="https://github.com/netisolate/netisolate"
-# nft and iptables-legacy-restore/-save are what the two backends run inside pod namespaces.
-RUN apt-get update \
- && apt-get install -y --no-install-recommends nftables iptables \
- && rm -rf /var/lib/apt/lists/*
-COPY --from=cni /netisolate-cni /usr/local/lib/netisolate/netisolate-cni
-COPY --from=build /wheels /wheels
-RUN pip install --no-cache-dir --no-index --find-links /wheels netisolate && rm -rf /wheels \
- && netisolate --help > /dev/null
-# The webhook runs as this user; the agent's DaemonSet runs as 0 with three named capabilities.
+ENV PATH=/opt/netisolate/bin:/usr/local/bin:/usr/local/sbin:/usr/sbin:/usr/bin:/sbin:/bin \
+    LANG=C.UTF-8 \
+    PYTHONDONTWRITEBYTECODE=1
+RUN netisolate --help > /dev/null && nft --version > /dev/null && iptables-legacy-restore --version > /dev/null \
+ && echo '{"cniVersion": "1.0.0"}' | CNI_COMMAND=VERSION /usr/local/lib/netisolate/netisolate-cni > /dev/null
+# The webhook runs as this user; the agent's DaemonSet runs as 0 with its named capabilities.
 USER 65532:65532
 ENTRYPOINT ["netisolate"]
 CMD ["--help"]

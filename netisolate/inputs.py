@@ -202,14 +202,22 @@ _MERGE = "tag:yaml.org,2002:merge"
 _POD_KINDS = {"Pod", "Namespace", "AdmissionReview", *_TEMPLATE_PATHS}
 
 
+class _MergedError(Exception):
+    """A mapping on the way uses a merge key (`<<`): only building it says what it holds."""
+
+
 def _child(node: yaml.Node | None, key: str) -> yaml.Node | None:
+    """The value of `key` in a mapping node: the last one, as the safe loader (and the API server's
+    decoder) keeps the last of duplicate keys."""
     if not isinstance(node, yaml.MappingNode):
         return None
+    found: yaml.Node | None = None
     for key_node, value in node.value:
+        if key_node.tag == _MERGE:
+            raise _MergedError
         if isinstance(key_node, yaml.ScalarNode) and key_node.value == key:
-            child: yaml.Node = value
-            return child
-    return None
+            found = value
+    return found
 
 
 def _text_of(node: yaml.Node | None) -> str | None:
@@ -219,6 +227,13 @@ def _text_of(node: yaml.Node | None) -> str | None:
 def _skipped_unbuilt(node: yaml.Node) -> Skipped | None:
     """A document seen to carry no pod before it is built into Python objects: most of a large
     install file is CRDs and RBAC, and building them is most of the time. None: build and read it."""
+    try:
+        return _skipped_by_nodes(node)
+    except _MergedError:
+        return None
+
+
+def _skipped_by_nodes(node: yaml.Node) -> Skipped | None:
     kind = _text_of(_child(node, "kind"))
     if kind is None or kind in _POD_KINDS or (kind.endswith("List") and _child(node, "items") is not None):
         return None

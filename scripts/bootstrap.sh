@@ -12,9 +12,10 @@ cd "$(dirname "$0")/.."
 # python3: the system interpreter runs the stand-in container processes under other UIDs;
 # gcc + libc6-dev: also the static CNI plugin (cni/netisolate-cni.c).
 # containerd runc containernetworking-plugins busybox-static gcc: the real node the tests run pods
-# on (tests/realnode/: CRI, runc, CNI bridge; its pause and toolbox images are built locally).
+# on (tests/realnode/: CRI, runc, CNI bridge; its pause and toolbox images are built locally);
+# buildah debootstrap: the project's image, built without Docker (scripts/build-image.sh) for it.
 APT_PACKAGES=(nftables iptables socat iproute2 conntrack util-linux procps python3 python3-venv
-              containerd runc containernetworking-plugins busybox-static gcc libc6-dev)
+              containerd runc containernetworking-plugins busybox-static gcc libc6-dev buildah debootstrap)
 mode=${1:-test}
 
 if [[ $(id -u) -ne 0 ]]; then

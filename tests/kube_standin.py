@@ -24,6 +24,7 @@ RESOURCES = {
     "v1/namespaces": {"kind": "Namespace", "namespaced": False},
     "v1/pods": {"kind": "Pod", "namespaced": True},
     "v1/secrets": {"kind": "Secret", "namespaced": True},
+    "v1/configmaps": {"kind": "ConfigMap", "namespaced": True},
     "v1/events": {"kind": "Event", "namespaced": True},
     "admissionregistration.k8s.io/v1/validatingwebhookconfigurations": {
         "kind": "ValidatingWebhookConfiguration",

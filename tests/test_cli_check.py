@@ -631,3 +631,24 @@ def test_top_level_help_imports_no_command_module() -> None:
         m for m in loaded if m.startswith("netisolate.commands.") and m != "netisolate.commands.common"
     }
     assert not ({"pydantic"} | HEAVY) & loaded
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        # duplicate keys: the last one counts, for the safe loader as for the API server
+        "kind: Service\nkind: Pod\nmetadata: {name: p}\nspec: {containers: [{name: a, image: a}]}\n",
+        # a merge key may bring in what makes it a workload
+        "base: &b {spec: {template: {spec: {containers: [{name: a, image: a}]}}}}\n"
+        "kind: Rollout\nmetadata: {name: r}\n<<: *b\n",
+    ],
+)
+def test_what_is_skipped_unbuilt_is_what_the_built_document_says(
+    text: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "sneaky.yaml"
+    path.write_text(text)
+    code, out, _ = run(
+        capsys, "check", "-f", str(path), "--namespace-labels", "netisolate.io/isolation=enforce"
+    )
+    assert code == 1 and "DENIED" in out and "skipped" not in out, out

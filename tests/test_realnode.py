@@ -93,8 +93,13 @@ async def test_restart_recreate_delete(kubelet: Kubelet, kmock: Any) -> None:
     app = next(s for s in stored["status"]["containerStatuses"] if s["name"] == "app")
     assert app["containerID"] == f"containerd://{new_id}" and app["restartCount"] == 1
 
-    await asyncio.to_thread(kubelet.recreate_sandbox, pod)
-    assert os.stat(f"/proc/{pod.pid}/ns/net").st_ino != old_ns
+    # held open so the kernel cannot hand the old namespace's inode number to the new one
+    held = os.open(f"/proc/{pod.pid}/ns/net", os.O_RDONLY)
+    try:
+        await asyncio.to_thread(kubelet.recreate_sandbox, pod)
+        assert os.stat(f"/proc/{pod.pid}/ns/net").st_ino != old_ns
+    finally:
+        os.close(held)
     assert await exec_out(kubelet, pod, "proxy", "id -u") == "1001\n"
 
     sandbox = pod.sandbox_id

@@ -175,8 +175,13 @@ async def test_a_recreated_sandbox_is_enforced_before_its_containers_start_again
     pod = await asyncio.to_thread(chained.run, race_pod("recreated", NODE_NAME))
     assert await asyncio.to_thread(first_attempt, chained.kubelet, pod) == "refused"
     old = os.stat(f"/proc/{pod.pid}/ns/net").st_ino
-    await asyncio.to_thread(chained.kubelet.recreate_sandbox, pod)
-    new = os.stat(f"/proc/{pod.pid}/ns/net").st_ino
+    # held open so the kernel cannot hand the old namespace's inode number to the new one
+    held = os.open(f"/proc/{pod.pid}/ns/net", os.O_RDONLY)
+    try:
+        await asyncio.to_thread(chained.kubelet.recreate_sandbox, pod)
+        new = os.stat(f"/proc/{pod.pid}/ns/net").st_ino
+    finally:
+        os.close(held)
     assert new != old
     assert await asyncio.to_thread(first_attempt, chained.kubelet, pod) == "refused"
     tracked = chained.agent.reconciler.pods[pod.uid]

@@ -509,16 +509,16 @@ async def test_other_reviews_and_healthz_answer_while_a_huge_pod_is_judged() -> 
 @pytest.mark.asyncio
 async def test_a_review_over_its_time_is_denied_and_the_worker_replaced() -> None:
     async with http_app(Limits(workers=1, seconds=0.2)) as http:
-        answer = await answer_of(http, many_containers(20000))
-        assert answer == {
-            "uid": "big-20000",
-            "allowed": False,
-            "status": {
-                "code": 400,
-                "reason": "BadRequest",
-                "message": "netisolate: judging it took longer than 0.2 s",
-            },
-        }
+        reply = await http.post("/validate/pods", json=many_containers(20000))
+        reason = "netisolate: judging it took longer than 0.2 s"
+        if reply.status == 400:  # cut while reading the 2.5 MB body: its uid is not known yet
+            assert await reply.json() == {"error": reason}
+        else:
+            assert (await reply.json())["response"] == {
+                "uid": "big-20000",
+                "allowed": False,
+                "status": {"code": 400, "reason": "BadRequest", "message": reason},
+            }
         assert (await judged(http, review("Pod", GOOD)))["allowed"] is True
         assert "uid-root" in (await judged(http, review("Pod", ROOT)))["status"]["message"]
 
@@ -543,8 +543,9 @@ async def test_a_worker_killed_mid_review_denies_that_review_only() -> None:
             if child.name == "netisolate-review":
                 child.kill()
         reply = await huge
-        assert reply.status == 200 and (await reply.json())["response"]["allowed"] is False
         assert "worker ended" in await reply.text()
+        # killed after reading the body: a denial with its uid; before that: an HTTP error
+        assert reply.status == 400 or (await reply.json())["response"]["allowed"] is False
         assert (await judged(http, review("Pod", GOOD)))["allowed"] is True
 
 
@@ -554,8 +555,8 @@ async def test_large_bodies_have_a_worker_of_their_own_at_a_lower_priority() -> 
         huge = asyncio.create_task(answer_of(http, many_containers(20000)))
         await asyncio.sleep(0.3)
         workers = [c for c in multiprocessing.active_children() if c.name == "netisolate-review"]
-        niceness = sorted(os.getpriority(os.PRIO_PROCESS, w.pid or 0) for w in workers)
-        assert niceness == [os.getpriority(os.PRIO_PROCESS, 0), os.getpriority(os.PRIO_PROCESS, 0) + 10]
+        niceness = {os.getpriority(os.PRIO_PROCESS, w.pid or 0) for w in workers if w.is_alive()}
+        assert niceness == {os.getpriority(os.PRIO_PROCESS, 0), os.getpriority(os.PRIO_PROCESS, 0) + 10}
         # a second huge pod queues behind the first; small ones never do
         second = asyncio.create_task(answer_of(http, many_containers(20001)))
         started = time.monotonic()

@@ -181,7 +181,7 @@ class ReviewPool:
         until the pool closes (meanwhile reviews wait, and are denied when none is free)."""
         delay = 0.5
         while True:
-            worker = await asyncio.to_thread(_Worker, self._config, self._limits.memory_mib, large)
+            worker = await self._start_worker(large)
             self._all.add(worker)
             try:
                 await worker.recv(_STARTUP_SECONDS)
@@ -193,6 +193,18 @@ class ReviewPool:
                 continue
             self._idle[large].put_nowait(worker)
             return
+
+    async def _start_worker(self, large: bool) -> _Worker:
+        # Off the loop (the first start launches the fork server); cancelled meanwhile (the pool
+        # closes), the worker that still comes up is killed rather than left behind.
+        started = asyncio.get_running_loop().run_in_executor(
+            None, _Worker, self._config, self._limits.memory_mib, large
+        )
+        try:
+            return await asyncio.shield(started)
+        except asyncio.CancelledError:
+            started.add_done_callback(lambda f: None if f.exception() else f.result().kill())
+            raise
 
     def _discard(self, worker: _Worker) -> None:
         worker.kill()

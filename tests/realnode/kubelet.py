@@ -8,17 +8,27 @@ capabilities, RuntimeDefault seccomp; then the status: podIP(s), containerStatus
 `containerd://<id>` and restartCount. It can restart a container (a new container ID, attempt+1),
 recreate a sandbox (a new network namespace, attempt+1) and delete a pod.
 
-Not modelled: init containers, probes, volumes, image pulls (there is no registry: an image the
-node has not imported runs as the local toolbox image), resource limits beyond the QoS class.
+Also as the kubelet does: `hostPID` (the sandbox's and each container's PID namespace is the
+node's), `readOnlyRootFilesystem`, `env` (values and the fieldRefs spec.nodeName,
+metadata.namespace, metadata.name) and the volumes hostPath (its `...OrCreate` types; the node's
+CNI directories are the fixture's, see `host_paths`), emptyDir and configMap (read from the API).
+What a cluster adds to every pod to reach its API server (a service account) is `api_env` +
+`api_mounts`, set by the test.
+
+Not modelled: init containers, probes, other volume types, image pulls (there is no registry: an
+image the node has not imported runs as the local toolbox image), resource limits beyond the QoS
+class.
 """
 
 from __future__ import annotations
 
 import datetime
 import json
+import shutil
 import subprocess
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from tests.realnode import cri_pb2 as pb
@@ -39,7 +49,7 @@ class RunningPod:
     restarts: dict[str, int] = field(default_factory=dict)
     ips: list[str] = field(default_factory=list)
     pid: int = 0  # the sandbox's (pause) process
-    sandbox_called: float = 0.0  # time.monotonic() of the last RunPodSandbox call, and its return
+    sandbox_called: float = 0.0  # time.time() of the last RunPodSandbox call, and of its return
     sandbox_ready: float = 0.0
 
     @property
@@ -84,6 +94,11 @@ class Kubelet:
         assert node.cri is not None, "start the node first"
         self.node, self.cri, self.core, self.node_name = node, node.cri, core, node_name
         self.pods: dict[str, RunningPod] = {}
+        # the node's paths this fixture keeps in its own directory
+        self.host_paths = {"/etc/cni/net.d": node.cni_conf, "/opt/cni/bin": node.cni_bin}
+        self.api_env: dict[str, str] = {}
+        self.api_mounts: list[pb.Mount] = []
+        self._created: list[Path] = []  # hostPaths made for `...OrCreate`: removed at close
 
     # --- the sync loop's one round -----------------------------------------------------------------
 
@@ -134,15 +149,17 @@ class Kubelet:
                 cgroup_parent=cgroup_parent(pod.manifest),
                 security_context=pb.LinuxSandboxSecurityContext(
                     namespace_options=pb.NamespaceOption(
-                        network=pb.NODE if host_network else pb.POD, pid=pb.CONTAINER, ipc=pb.POD
+                        network=pb.NODE if host_network else pb.POD,
+                        pid=pb.NODE if spec.get("hostPID") else pb.CONTAINER,
+                        ipc=pb.POD,
                     ),
                     seccomp=RUNTIME_DEFAULT,
                 ),
             ),
         )
-        pod.sandbox_called = time.monotonic()
+        pod.sandbox_called = time.time()  # the wall clock, which other processes' logs share
         pod.sandbox_id = self.cri.run_sandbox(pod.sandbox)
-        pod.sandbox_ready = time.monotonic()
+        pod.sandbox_ready = time.time()
         status, info = self.cri.sandbox_status(pod.sandbox_id)
         pod.ips = (
             [status.network.ip, *(ip.ip for ip in status.network.additional_ips)] if status.network.ip else []
@@ -181,6 +198,8 @@ class Kubelet:
             image=pb.ImageSpec(image=self._image(container.get("image", ""))),
             command=container.get("command") or [],
             args=container.get("args") or [],
+            envs=[pb.KeyValue(key=k, value=v) for k, v in self._env(pod, container).items()],
+            mounts=[*self._mounts(pod, container), *self.api_mounts],
             labels={
                 "io.kubernetes.container.name": name,
                 "io.kubernetes.pod.name": pod.name,
@@ -198,6 +217,10 @@ class Kubelet:
                     run_as_user=_user(context, pod_context, "runAsUser"),
                     run_as_group=_user(context, pod_context, "runAsGroup"),
                     no_new_privs=context.get("allowPrivilegeEscalation") is False,
+                    readonly_rootfs=bool(context.get("readOnlyRootFilesystem")),
+                    namespace_options=pb.NamespaceOption(
+                        pid=pb.NODE if pod.manifest["spec"].get("hostPID") else pb.CONTAINER
+                    ),
                     seccomp=RUNTIME_DEFAULT,
                 )
             ),
@@ -205,6 +228,60 @@ class Kubelet:
         container_id = self.cri.create_container(pod.sandbox_id, config, pod.sandbox)
         self.cri.start_container(container_id)
         return container_id
+
+    def _env(self, pod: RunningPod, container: Manifest) -> dict[str, str]:
+        fields = {
+            "spec.nodeName": self.node_name,
+            "metadata.namespace": pod.namespace,
+            "metadata.name": pod.name,
+        }
+        env = dict(self.api_env)
+        for var in container.get("env") or []:
+            if "value" in var:
+                env[var["name"]] = str(var["value"])
+                continue
+            path = ((var.get("valueFrom") or {}).get("fieldRef") or {}).get("fieldPath", "")
+            if path not in fields:
+                raise NodeError(
+                    f"container {container['name']}: env {var['name']} from {var} is not modelled"
+                )
+            env[var["name"]] = fields[path]
+        return env
+
+    def _mounts(self, pod: RunningPod, container: Manifest) -> list[pb.Mount]:
+        volumes = {v["name"]: v for v in pod.manifest["spec"].get("volumes") or []}
+        return [
+            pb.Mount(
+                container_path=m["mountPath"],
+                host_path=str(self._volume(pod, volumes[m["name"]])),
+                readonly=bool(m.get("readOnly")),
+            )
+            for m in container.get("volumeMounts") or []
+        ]
+
+    def _volume(self, pod: RunningPod, volume: Manifest) -> Path:
+        """Where the volume is on this node, made as the kubelet makes it."""
+        if "hostPath" in volume:
+            spec = volume["hostPath"]
+            path = Path(self.host_paths.get(spec["path"], spec["path"]))
+            if not path.exists() and spec.get("type") in ("FileOrCreate", "DirectoryOrCreate"):
+                if spec["type"] == "FileOrCreate":
+                    path.touch()
+                else:
+                    path.mkdir(parents=True)
+                self._created.append(path)
+            return path
+        path = self.node.dir / "pods" / pod.uid / "volumes" / str(volume["name"])
+        path.mkdir(parents=True, exist_ok=True)
+        if "emptyDir" in volume:
+            path.chmod(0o777)  # as the kubelet makes it: any UID in the pod may write
+        elif "configMap" in volume:
+            name = volume["configMap"]["name"]
+            for key, text in (self.core.read_namespaced_config_map(name, pod.namespace).data or {}).items():
+                (path / key).write_text(text)
+        else:
+            raise NodeError(f"pod {pod.name}: volume {volume['name']} of this type is not modelled")
+        return path
 
     def _spec(self, pod: RunningPod, name: str) -> Manifest:
         return next(c for c in pod.manifest["spec"]["containers"] if c["name"] == name)
@@ -245,6 +322,12 @@ class Kubelet:
         for pod in list(self.pods.values()):
             self._stop(pod)
         self.pods.clear()
+        for path in reversed(self._created):
+            if path.is_dir():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
+        self._created.clear()
 
     # --- status, exec ------------------------------------------------------------------------------
 
