@@ -191,6 +191,9 @@ class Cgroups:
     def seen(self, pod: Pod) -> PodCgroups | None:
         return self.seen_now[0]
 
+    def unnamed(self, pod: Pod) -> bool:
+        return False
+
     def forget(self, uid: str) -> None:
         pass
 

@@ -136,29 +136,36 @@ def runtime_name(cgroup_dir: str, pod_uids: set[str], proc: str = "/proc") -> st
     cid = runtime_id(os.path.basename(cgroup_dir))
     try:
         with open(os.path.join(cgroup_dir, "cgroup.procs")) as procs:
-            first = procs.readline().strip()
+            pids = [int(line) for line in procs.read().split() if line.isdigit()]
     except OSError:
         return None
     if cid is None:
         return ""
-    if not first.isdigit():
-        return None
-    pid: int | None = int(first)
-    for _ in range(3):  # runc, then the shim (or conmon)
-        pid = _parent(proc, pid) if pid else None
-        if not pid:
-            return None
-        for candidate in (f"{proc}/{pid}/cwd/config.json", f"{proc}/{pid}/cwd/../{cid}/config.json"):
-            try:
-                with open(candidate) as bundle:
-                    config = json.load(bundle)
-            except (OSError, ValueError):
-                continue
-            annotations = config.get("annotations") if isinstance(config, dict) else None
-            same = isinstance(config, dict) and cid in str(config.get("linux", {}).get("cgroupsPath", ""))
-            if isinstance(annotations, dict) and same:
-                return bundle_name(annotations, pod_uids) or ""
+    for first in pids:  # runc's intermediate processes come and go: try each
+        pid: int | None = first
+        for _ in range(3):  # runc, then the shim (or conmon)
+            pid = _parent(proc, pid) if pid else None
+            if not pid:
+                break
+            found = _bundle(proc, pid, cid, pod_uids)
+            if found is not None:
+                return found
     return None  # no bundle found (yet): the statuses may still say
+
+
+def _bundle(proc: str, pid: int, cid: str, pod_uids: set[str]) -> str | None:
+    """What the bundle of container `cid` in or beside process pid's working directory says."""
+    for candidate in (f"{proc}/{pid}/cwd/config.json", f"{proc}/{pid}/cwd/../{cid}/config.json"):
+        try:
+            with open(candidate) as bundle:
+                config = json.load(bundle)
+        except (OSError, ValueError):
+            continue
+        annotations = config.get("annotations") if isinstance(config, dict) else None
+        same = isinstance(config, dict) and cid in str(config.get("linux", {}).get("cgroupsPath", ""))
+        if isinstance(annotations, dict) and same:
+            return bundle_name(annotations, pod_uids) or ""
+    return None
 
 
 class NodeCgroups:
@@ -173,6 +180,7 @@ class NodeCgroups:
         self.sandbox_cgroup = sandbox_cgroup  # the pod's sandbox's cgroup path, from /proc
         self.proc_root = proc_root
         self._named: dict[str, str] = {}  # cgroup directory -> container, as its bundle says
+        self._unnamed: set[str] = set()  # pod UIDs with a cgroup in use that nobody names yet
         self.mount: Mount | None = None
         self.reason = ""
         try:
@@ -217,6 +225,7 @@ class NodeCgroups:
             statuses = named(entries, container_ids(pod))
             by_name = {name: os.path.join(pod_dir, entry) for name, entry in statuses.items()}
             by_name.update(self._from_bundles(pod, uid, pod_dir, entries))
+            self._note_unnamed(uid, pod_dir, entries, set(by_name.values()))
             containers = {name: self.cgroup_of(directory) for name, directory in by_name.items()}
         except FileNotFoundError:
             return None
@@ -242,7 +251,21 @@ class NodeCgroups:
             del self._named[directory]
         return found
 
+    def _note_unnamed(self, uid: str, pod_dir: str, entries: list[str], known: set[str]) -> None:
+        """Whether some cgroup of the pod has processes but no name yet (its bundle was not found
+        in the instant its first process joined): then the pod is looked at again shortly."""
+        for entry in entries:
+            directory = os.path.join(pod_dir, entry)
+            if directory not in known and self._named.get(directory) is None and _populated(directory):
+                self._unnamed.add(uid)
+                return
+        self._unnamed.discard(uid)
+
+    def unnamed(self, pod: Pod) -> bool:
+        return (pod.metadata.uid or pod.ref) in self._unnamed
+
     def forget(self, uid: str) -> None:
+        self._unnamed.discard(uid)
         self._watch.remove(uid)
         self._named = {d: n for d, n in self._named.items() if os.path.isdir(d)}
 
@@ -250,6 +273,14 @@ class NodeCgroups:
     def cgroup_of(directory: str) -> Cgroup:
         """A cgroup's ID is its directory's inode number; nft finds it under /sys/fs/cgroup."""
         return Cgroup(os.stat(directory).st_ino, os.path.relpath(directory, CGROUP_ROOT))
+
+
+def _populated(directory: str) -> bool:
+    try:
+        with open(os.path.join(directory, "cgroup.procs")) as procs:
+            return bool(procs.read(1))
+    except OSError:
+        return False
 
 
 IN_MODIFY, IN_CREATE, IN_DELETE, IN_ONLYDIR, IN_CLOEXEC = 0x2, 0x100, 0x200, 0x1000000, 0x80000

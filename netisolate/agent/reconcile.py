@@ -64,6 +64,10 @@ class Cgroups(Protocol):
         """The pod's cgroups as they are now, or None when its sandbox's cgroup is not found."""
         ...
 
+    def unnamed(self, pod: Pod) -> bool:
+        """Whether the last `seen` found a cgroup in use that it could not name yet."""
+        ...
+
     def forget(self, uid: str) -> None: ...
 
 
@@ -94,10 +98,10 @@ class Tracked:
     observed: dict[Observed, int] = field(default_factory=dict)  # learning: not granted, seen
     reported: frozenset[Observed] = frozenset()  # what the last ConnectionsObserved event named
     reported_at: float = -OBSERVED_EVENT_S
-    cgroup_problem: str = ""  # why cgroup identity was last unavailable for this pod, if it was
-    cgroup_wait_since: float = 0.0  # since when the pod's cgroup is looked for (0: found)
     sandbox: str = ""  # the sandbox ID the CNI plugin handed `ns` over with, if it did
     preinstalled: tuple[RuleSet, float] | None = None  # loaded into a fresh `ns` outside the lock
+    cgroup_problem: str = ""  # why cgroup identity was last unavailable for this pod, if it was
+    cgroup_wait_since: float = 0.0  # since when the pod's cgroup is looked for (0: found)
 
 
 def _waiting(tracked: Tracked) -> bool:
@@ -188,7 +192,9 @@ class Reconciler:
         at once instead of one after the other."""
         uid = pod.metadata.uid or pod.ref
         # (a dict read: atomic, no lock needed; set_namespace replaces, never mutates, a value)
-        policy = pod_policy(pod, self.namespaces.get(pod.metadata.namespace or "default", {}))
+        # with cgroup identity: empty sets and no runtime exception until the sync below sees them
+        labels = self.namespaces.get(pod.metadata.namespace or "default", {})
+        policy = pod_policy(pod, labels, self.settings.identity)
         desired = build_ruleset(policy, self.settings, ns.user_namespaced()) if policy.isolated else None
         preinstalled = None
         if desired is not None and not pod.spec.host_network:
@@ -385,7 +391,11 @@ class Reconciler:
         else:
             seen = self.cgroups.seen(pod)
             if seen is not None:
-                tracked.cgroup_problem, tracked.cgroup_wait_since = "", 0.0
+                tracked.cgroup_problem = ""
+                if self.cgroups.unnamed(pod):  # its runtime's record shows up a moment later
+                    self._cgroup_soon(tracked)
+                else:
+                    tracked.cgroup_wait_since = 0.0
                 return policy, self.settings, seen
             reason = "the pod's cgroup is not in the cgroup v2 hierarchy the agent sees"
             if self._cgroup_soon(tracked):  # a sandbox joins its cgroups a moment after it starts
