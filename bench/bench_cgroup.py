@@ -26,7 +26,7 @@ from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 
-from bench_enforce import SERVER, UIDS, _without_rules, bench_pod, measure, ms, namespaces, timed
+from bench_enforce import UIDS, _without_rules, bench_pod, connections_per_s, connloop, ms, namespaces, timed
 
 from netisolate.agent.cgroups import NodeCgroups
 from netisolate.backends import libnft, select_backend
@@ -165,11 +165,11 @@ def bench_loopback(rounds: int, seconds: float) -> dict[str, object]:
     their distinct UIDs, so the same pod serves both identities."""
     backend = select_backend("nftables")
     modes = ("none", "uid", "cgroup")
-    results: dict[str, list[dict[str, float]]] = {mode: [] for mode in modes}
-    with LocalPod(bench_pod(identity="cgroup")) as pod:
+    results: dict[str, list[float]] = {mode: [] for mode in modes}
+    with connloop() as binary, LocalPod(bench_pod(identity="cgroup")) as pod:
         assert pod.ns is not None
         sets = rulesets(pod.cgroups())
-        argv = as_uid(UIDS["proxy"], ["/usr/bin/python3", "-c", SERVER, "8000"])
+        argv = as_uid(UIDS["proxy"], [binary, "server", "8000"])
         server = pod.spawn(argv, container="proxy")
         assert server.stdout is not None and server.stdout.readline().strip() == "ready"
         for i in range(rounds):
@@ -178,15 +178,14 @@ def bench_loopback(rounds: int, seconds: float) -> dict[str, object]:
                     _without_rules(pod.ns)
                 else:
                     backend.apply(pod.ns, sets[mode])
-                results[mode].append(measure(pod, seconds, container="app"))
+                results[mode].append(connections_per_s(pod, binary, seconds, container="app"))
     out: dict[str, object] = {"scenario": "loopback", "rounds": rounds, "seconds_each": seconds}
-    for key, name in (("conn_per_s", "conn_rate"), ("mib_per_s", "throughput")):
-        medians = {mode: statistics.median(r[key] for r in results[mode]) for mode in modes}
-        out |= {f"{key}_{mode}": round(value) for mode, value in medians.items()}
-        for a, b in (("cgroup", "uid"), ("uid", "none"), ("cgroup", "none")):
-            paired = [x[key] / y[key] for x, y in zip(results[a], results[b], strict=True)]
-            out[f"{name}_{a}_to_{b}"] = round(medians[a] / medians[b], 3)
-            out[f"{name}_{a}_to_{b}_per_round_min_median_max"] = spread(paired)
+    medians = {mode: statistics.median(results[mode]) for mode in modes}
+    out |= {f"conn_per_s_{mode}": round(value) for mode, value in medians.items()}
+    for a, b in (("cgroup", "uid"), ("uid", "none"), ("cgroup", "none")):
+        paired = [x / y for x, y in zip(results[a], results[b], strict=True)]
+        out[f"conn_rate_{a}_to_{b}"] = round(medians[a] / medians[b], 3)
+        out[f"conn_rate_{a}_to_{b}_per_round_min_median_max"] = spread(paired)
     return out
 
 

@@ -3,24 +3,34 @@
     sudo .venv/bin/python bench/bench_enforce.py [--quick]
 
 apply-new / apply-update  per-namespace apply of a 3-container x 4-port policy, per backend, median
-                          and p95, next to the same text loaded by the raw tool from the same thread
-apply-100                 updating 100 pod namespaces (serial and with apply_many's 8 workers)
-loopback                  connection rate and throughput between two UIDs, without and with rules,
-                          in interleaved rounds: medians, and the spread of the per-round ratios,
-                          next to a control (without rules twice: the machine's own noise)
+                          and p95, next to the same change loaded by the raw tool (`nft -f`,
+                          `iptables-restore`) from the same kind of thread: for nftables an update
+                          is the element delta (and, for scale, the whole-table replace it was);
+                          and the CPU each of our updates took
+apply-100                 changing the policy of 100 pod namespaces (serial and with apply_many's
+                          8 workers), next to the raw tool loading the same change with 8 workers
+loopback                  connection rate from app to proxy (50 grants per container) without, with
+                          and again without rules (the control): many short rounds in rotating
+                          order, of the same C client (bench/connloop.c, built with gcc) against a
+                          C server; the median of the rounds' own ratios with quartiles and
+                          extremes, next to the control's (the machine's own noise)
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
+import tempfile
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack, contextmanager
+from pathlib import Path
 
-from netisolate.backends import Backend, apply_many, run_tool, select_backend
+from netisolate.backends import Backend, apply_many, checked, run_tool, select_backend
 from netisolate.localpod import LocalPod, as_uid
 from netisolate.model import Pod, parse_pod
 from netisolate.netns import NetNS
@@ -30,14 +40,14 @@ from netisolate.rules import RuleSet, Settings, build_ruleset, iptables, nft
 UIDS = {"app": 1000, "proxy": 1001, "worker": 1002}
 
 
-def bench_pod(extra_port: int = 0, identity: str = "uid") -> Pod:
-    """Each container is granted 4 ports, which the next one declares it serves (so the loopback
-    connections, app → proxy on 8000, pass the SYN-ACK ownership rules too)."""
+def bench_pod(extra_port: int = 0, identity: str = "uid", grants: int = 4) -> Pod:
+    """Each container is granted `grants` ports, which the next one declares it serves (so the
+    loopback connections, app → proxy on 8000, pass the SYN-ACK ownership rules too)."""
     annotations = {"netisolate.io/isolation": "enforce", "netisolate.io/identity": identity}
     names = list(UIDS)
     served: dict[str, list[dict[str, int]]] = {}
     for i, name in enumerate(names):
-        ports = [8000 + 100 * i + extra_port + p for p in range(4)]
+        ports = [8000 + 100 * i + extra_port + p for p in range(grants)]
         annotations[f"allow.netisolate.io/{name}"] = ", ".join(map(str, ports))
         served[names[(i + 1) % len(names)]] = [{"containerPort": port} for port in ports]
     containers = [
@@ -48,8 +58,8 @@ def bench_pod(extra_port: int = 0, identity: str = "uid") -> Pod:
     )
 
 
-def ruleset(extra_port: int = 0) -> RuleSet:
-    rs = build_ruleset(pod_policy(bench_pod(extra_port), {}), Settings())
+def ruleset(extra_port: int = 0, grants: int = 4) -> RuleSet:
+    rs = build_ruleset(pod_policy(bench_pod(extra_port, grants=grants), {}), Settings())
     assert rs is not None
     return rs
 
@@ -81,12 +91,16 @@ def namespaces(count: int) -> Iterator[list[NetNS]]:
         yield opened
 
 
-def raw_loader(backend: Backend, rs: RuleSet, new: bool) -> Callable[[NetNS], object]:
-    """The same document our backend loads, by the raw tool from the same kind of thread (for an
-    update, our jumps are in place already: the backend reads OUTPUT to know that, the raw tool not)."""
+def raw_loader(
+    backend: Backend, rs: RuleSet, new: bool, before: RuleSet | None = None
+) -> Callable[[NetNS], object]:
+    """The same change our backend makes, by the raw tool from the same kind of thread: for an
+    nftables update from `before`, its element delta (None: the whole-table replace); for iptables
+    the document, our jumps being in place already (the backend reads OUTPUT to know that)."""
     if backend.name == "nftables":
-        doc = nft.create(rs) if new else nft.replace(rs)
-        return lambda ns: run_tool(ns, ["nft", "-f", "-"], doc)
+        delta = nft.update(rs, nft.parse(nft.table(before))) if before is not None else None
+        doc = nft.create(rs) if new else delta or nft.replace(rs)
+        return lambda ns: checked(run_tool(ns, ["nft", "-f", "-"], doc), "raw nft -f")
     families: tuple[tuple[iptables.Family, str], ...] = (
         (4, "iptables-legacy-restore"),
         (6, "ip6tables-legacy-restore"),
@@ -105,75 +119,80 @@ def raw_loader(backend: Backend, rs: RuleSet, new: bool) -> Callable[[NetNS], ob
 
 def bench_apply(backend: Backend, rounds: int) -> Iterator[dict[str, object]]:
     rs, changed = ruleset(), ruleset(extra_port=50)
-    with namespaces(rounds) as ours, namespaces(rounds) as raw:
+    load_new, load_change = raw_loader(backend, rs, True), raw_loader(backend, changed, False, rs)
+    load_replace = raw_loader(backend, changed, False)
+    with namespaces(rounds) as ours, namespaces(rounds) as raw, namespaces(rounds) as replaced:
         new = [timed(lambda ns=ns: backend.apply(ns, rs)) for ns in ours]  # type: ignore[misc]
-        raw_new = [timed(lambda ns=ns: raw_loader(backend, rs, True)(ns)) for ns in raw]  # type: ignore[misc]
+        raw_new = [timed(lambda ns=ns: load_new(ns)) for ns in [*raw, *replaced]]  # type: ignore[misc]
+        cpu = time.process_time()
         update = [timed(lambda ns=ns: backend.apply(ns, changed)) for ns in ours]  # type: ignore[misc]
-        raw_update = [timed(lambda ns=ns: raw_loader(backend, changed, False)(ns)) for ns in raw]  # type: ignore[misc]
+        cpu_ms = (time.process_time() - cpu) / len(ours) * 1000
+        raw_update = [timed(lambda ns=ns: load_change(ns)) for ns in raw]  # type: ignore[misc]
+        raw_replace = [timed(lambda ns=ns: load_replace(ns)) for ns in replaced]  # type: ignore[misc]
+        drift = [backend.verify(ns, changed) for ns in [*ours, *raw]]
+    assert not any(drift), f"an update left drift: {next(d for d in drift if d)}"
     for scenario, samples, baseline in (("apply-new", new, raw_new), ("apply-update", update, raw_update)):
         ours_ms, raw_ms = ms(samples), ms(baseline)
-        yield {
+        result: dict[str, object] = {
             "scenario": scenario,
             "backend": backend.name,
-            "policy": "3 containers x 4 ports, IPv4+IPv6",
+            "policy": "3 containers x 4 ports, IPv4+IPv6"
+            + ("; all 12 ports changed" if "update" in scenario else ""),
             "namespaces": rounds,
             **ours_ms,
             "raw_median_ms": raw_ms["median_ms"],
+            "raw_p95_ms": raw_ms["p95_ms"],
             "ratio_to_raw": round(ours_ms["median_ms"] / raw_ms["median_ms"], 2),
         }
+        if scenario == "apply-update":
+            result["cpu_ms_each"] = round(cpu_ms, 2)  # this process's CPU: what load cannot inflate much
+            if backend.name == "nftables":
+                result["raw_whole_table_replace_median_ms"] = ms(raw_replace)["median_ms"]
+        yield result
 
 
 def bench_many(backend: Backend, count: int) -> dict[str, object]:
     rs, changed = ruleset(), ruleset(extra_port=50)
-    with namespaces(count) as opened:
+    load_change = raw_loader(backend, changed, False, rs)
+    with namespaces(count) as opened, namespaces(count) as raw:
         apply_many(backend, [(ns, rs) for ns in opened])
         serial = timed(lambda: apply_many(backend, [(ns, changed) for ns in opened], workers=1))
         parallel = timed(lambda: apply_many(backend, [(ns, rs) for ns in opened], workers=8))
+        apply_many(backend, [(ns, rs) for ns in raw])
+        with ThreadPoolExecutor(max_workers=8) as pool:
+            raw_parallel = timed(lambda: list(pool.map(load_change, raw)))
     return {
         "scenario": "apply-100",
         "backend": backend.name,
         "namespaces": count,
         "update_serial_s": round(serial, 3),
         "update_8_workers_s": round(parallel, 3),
+        "raw_update_8_workers_s": round(raw_parallel, 3),
     }
 
 
-SERVER = """
-import socket, sys
-s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-s.bind(("127.0.0.1", int(sys.argv[1]))); s.listen(1024); print("ready", flush=True)
-while True:
-    c, _ = s.accept()
-    while c.recv(1 << 20):
-        pass
-    c.close()
-"""
-CLIENT = """
-import json, socket, sys, time
-port, seconds = int(sys.argv[1]), float(sys.argv[2])
-n, deadline = 0, time.monotonic() + seconds
-while time.monotonic() < deadline:
-    s = socket.create_connection(("127.0.0.1", port)); s.close(); n += 1
-payload, sent = b"x" * (1 << 20), 0
-s = socket.create_connection(("127.0.0.1", port))
-started = time.monotonic()
-while time.monotonic() - started < seconds:
-    s.sendall(payload); sent += len(payload)
-s.close()
-print(json.dumps({"conn_per_s": n / seconds, "mib_per_s": sent / (1 << 20) / (time.monotonic() - started)}))
-"""
+LOOPBACK_GRANTS = 50  # grants in the loopback pod: the lookups a connection's SYN meets
 
 
-def measure(pod: LocalPod, seconds: float, container: str | None = None) -> dict[str, float]:
-    """The app's client, in the app container's cgroup when the pod has them."""
-    argv = as_uid(UIDS["app"], ["/usr/bin/python3", "-c", CLIENT, "8000", str(seconds)])
-    client = pod.spawn(argv, container=container)
+@contextmanager
+def connloop() -> Iterator[str]:
+    """bench/connloop.c, built into a directory the benchmark's UIDs can read."""
+    source = Path(__file__).resolve().parent / "connloop.c"
+    with tempfile.TemporaryDirectory(prefix="ni-bench-") as directory:
+        os.chmod(directory, 0o755)
+        binary = f"{directory}/connloop"
+        subprocess.run(["gcc", "-O2", "-o", binary, str(source)], check=True)
+        yield binary
+
+
+def connections_per_s(pod: LocalPod, binary: str, seconds: float, container: str | None = None) -> float:
+    client = pod.spawn(as_uid(UIDS["app"], [binary, "client", "8000", str(seconds)]), container=container)
     out, err = client.communicate(timeout=seconds * 3 + 10)
     pod.processes.remove(client)
-    if client.returncode != 0:
-        raise RuntimeError(err)
-    result: dict[str, float] = json.loads(out)
-    return result
+    rate, failed = out.split()
+    if client.returncode != 0 or int(failed):
+        raise RuntimeError(f"connloop client: {failed} connections failed {err}")
+    return float(rate)
 
 
 def _without_rules(ns: NetNS) -> None:
@@ -182,52 +201,52 @@ def _without_rules(ns: NetNS) -> None:
         run_tool(ns, [family, "-F", "OUTPUT"])
 
 
-def _ratios(ours: list[dict[str, float]], base: list[dict[str, float]], key: str) -> dict[str, object]:
-    """The ratio of the medians, and min/median/max of the rounds' own ratios."""
-    paired = sorted(o[key] / b[key] for o, b in zip(ours, base, strict=True))
+def _spread(values: list[float]) -> dict[str, float]:
+    ordered = sorted(values)
+    quartiles = statistics.quantiles(ordered, n=4)
     return {
-        "ratio": round(statistics.median(o[key] for o in ours) / statistics.median(b[key] for b in base), 3),
-        "per_round_min_median_max": [
-            round(paired[0], 3),
-            round(statistics.median(paired), 3),
-            round(paired[-1], 3),
-        ],
+        "median": round(statistics.median(ordered), 4),
+        "q1": round(quartiles[0], 4),
+        "q3": round(quartiles[2], 4),
+        "min": round(ordered[0], 4),
+        "max": round(ordered[-1], 4),
     }
 
 
-def bench_loopback(backend: Backend, rounds: int, seconds: float) -> dict[str, object]:
-    """app (UID 1000, granted 8000) → proxy (UID 1001, which declares 8000) on 127.0.0.1:8000;
-    TCP-only grants, so no conntrack. Each round measures without rules, with rules, and without
-    rules again (a control: what the machine's own noise makes of two identical runs), in an order
-    that rotates from round to round, so drift of a shared machine hits all three alike."""
-    arms: dict[str, list[dict[str, float]]] = {"without": [], "with": [], "control": []}
-    with LocalPod(bench_pod()) as pod:
+def bench_loopback(backend: Backend, pairs: int, seconds: float) -> dict[str, object]:
+    """app (UID 1000, granted 8000 among 50 ports) → proxy (UID 1001, which declares them) on
+    127.0.0.1:8000; TCP-only grants, so no conntrack. Each round measures without rules, with
+    rules and without again (the control, whose ratio to the first is the noise floor), in
+    rotating order, so drift of a shared machine hits all alike; the result is the median of the
+    rounds' own with/without ratios, next to the control's."""
+    rs = ruleset(grants=LOOPBACK_GRANTS)
+    runs: dict[str, list[float]] = {"without": [], "with": [], "control": []}
+    with connloop() as binary, LocalPod(bench_pod(grants=LOOPBACK_GRANTS)) as pod:
         ns = pod.ns
         assert ns is not None
-        server = pod.spawn(as_uid(UIDS["proxy"], ["/usr/bin/python3", "-c", SERVER, "8000"]))
+        server = pod.spawn(as_uid(UIDS["proxy"], [binary, "server", "8000"]))
         assert server.stdout is not None and server.stdout.readline().strip() == "ready"
-        names = list(arms)
-        for i in range(rounds):
-            for arm in names[i % 3 :] + names[: i % 3]:
-                if arm == "with":
-                    backend.apply(ns, ruleset())
+        order = list(runs)
+        for i in range(pairs):
+            for kind in order[i % 3 :] + order[: i % 3]:
+                if kind == "with":
+                    backend.apply(ns, rs)
                 else:
                     _without_rules(ns)
-                arms[arm].append(measure(pod, seconds))
-    result: dict[str, object] = {
+                runs[kind].append(connections_per_s(pod, binary, seconds))
+    paired = [w / b for w, b in zip(runs["with"], runs["without"], strict=True)]
+    control = [c / b for c, b in zip(runs["control"], runs["without"], strict=True)]
+    return {
         "scenario": "loopback",
         "backend": backend.name,
-        "rounds": rounds,
+        "grants_in_pod": LOOPBACK_GRANTS * len(UIDS),
+        "rounds": pairs,
         "seconds_each": seconds,
+        "conn_per_s_without_median": round(statistics.median(runs["without"])),
+        "conn_per_s_with_median": round(statistics.median(runs["with"])),
+        "conn_rate_ratio_paired": _spread(paired),
+        "control_ratio_paired": _spread(control),
     }
-    for key, name in (("conn_per_s", "conn_rate"), ("mib_per_s", "throughput")):
-        result |= {
-            f"{key}_without": round(statistics.median(r[key] for r in arms["without"])),
-            f"{key}_with": round(statistics.median(r[key] for r in arms["with"])),
-            f"{name}": _ratios(arms["with"], arms["without"], key),
-            f"{name}_control": _ratios(arms["control"], arms["without"], key),
-        }
-    return result
 
 
 def main() -> None:
@@ -249,7 +268,7 @@ def main() -> None:
         help="seconds of each loopback measurement (on a busy machine: more, shorter rounds)",
     )
     args = parser.parse_args()
-    rounds, many, loop_rounds, seconds = (5, 10, 2, 0.3) if args.quick else (40, 100, 6, 2.0)
+    rounds, many, loop_rounds, seconds = (5, 10, 4, 0.2) if args.quick else (40, 100, 40, 0.5)
     for name in ("nftables", "iptables"):
         backend = select_backend(name)
         if not args.loopback_only:

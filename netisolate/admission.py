@@ -29,12 +29,12 @@ from netisolate.policy import (
     Level,
     PolicyError,
     PortRange,
+    all_grants,
     containers_with_kind,
     declared_ports,
     effective_level,
     effective_uid,
     parse_level,
-    parse_pod_grants,
     pod_identity,
 )
 from netisolate.rules import DEFAULT_SENTINEL_PORT
@@ -401,7 +401,7 @@ def _duplicate_names(pod: Pod) -> Iterator[Finding]:
 def _undeclared_grant_rule(pod: Pod) -> Iterator[Finding]:
     """Only a declared port (containerPort + protocol) is owned: served by its container's UID
     alone. A granted port that nobody declares may be served by whoever binds it first."""
-    grants, _ = parse_pod_grants(pod)
+    grants, _ = all_grants(pod)  # preset grants are checked like hand-written ones
     declared = [port for c in pod.all_containers() for port in declared_ports(c)]
     for name, ranges in sorted(grants.items()):
         for r in ranges:
@@ -491,7 +491,7 @@ def _pod_findings(
     pod: Pod, namespace_labels: Mapping[str, str], config: Config, requester: Requester | None
 ) -> list[Finding]:
     level, level_problems = effective_level(pod, namespace_labels)
-    grants, grant_problems = parse_pod_grants(pod)
+    grants, grant_problems = all_grants(pod)  # an unknown netisolate.io/preset name among them
     _, identity_problems = pod_identity(pod)
 
     def all_findings() -> Iterator[Finding]:

@@ -19,6 +19,7 @@ from netisolate.commands.common import ANNOTATION_HELP
 COMMANDS: dict[str, tuple[str, str]] = {
     "check": ("check", "run the admission checks on manifests, offline"),
     "render": ("render", "print the ruleset the agent would install"),
+    "suggest": ("suggest", "print the grants that allow what a pod was seen doing"),
     "enforce": ("enforce", "install a pod's ruleset into a network namespace"),
     "verify": ("enforce", "check that a network namespace holds exactly a pod's ruleset"),
     "demo": ("demo", "show a pod's loopback connectivity before and after isolation"),

@@ -5,6 +5,7 @@ Annotation grammar (DESIGN.md, "Pod contract"):
     netisolate.io/isolation: enforce | audit | off          (also a namespace label)
     netisolate.io/identity: uid | cgroup | uid+cgroup       (the agent's --identity when absent)
     allow.netisolate.io/<container>: "8080, 9000-9100/tcp, 53/udp"
+    netisolate.io/preset: istio | linkerd | dapr                (netisolate.presets)
 
 Anything that does not parse never opens a port: the policy is then `enforce` with no grants at all
 and `problems` says why (fail closed).
@@ -19,6 +20,7 @@ from dataclasses import dataclass, replace
 from typing import Literal
 
 from netisolate.model import Container, Pod
+from netisolate.presets import PRESET_KEY, PRESETS
 
 ISOLATION_KEY = "netisolate.io/isolation"
 IDENTITY_KEY = "netisolate.io/identity"
@@ -230,6 +232,45 @@ def parse_pod_grants(pod: Pod) -> tuple[dict[str, tuple[PortRange, ...]], list[s
     return grants, problems
 
 
+def preset_grants(pod: Pod) -> tuple[dict[str, tuple[PortRange, ...]], list[str]]:
+    """What the pod's `netisolate.io/preset` grants each container (see netisolate.presets), and
+    what cannot be read: an unknown preset name is a problem, never a guess."""
+    value = pod.metadata.annotations.get(PRESET_KEY)
+    if value is None:
+        return {}, []
+    grants: dict[str, set[PortRange]] = {}
+    problems = []
+    containers = containers_with_kind(pod)
+    for name in [item.strip() for item in value.split(",")]:
+        preset = PRESETS.get(name)
+        if preset is None:
+            problems.append(
+                f"annotation {PRESET_KEY}: {name!r} is not a preset; use {', '.join(PRESETS)} "
+                "(several separated by commas), or write allow.netisolate.io/<container> grants"
+            )
+            continue
+        if not any(c.name == preset.sidecar for c, _ in containers):
+            continue  # not injected: there is nothing to reach
+        others = [c for c, kind in containers if c.name != preset.sidecar and kind in _PRESET_KINDS]
+        for c in others:
+            grants.setdefault(c.name, set()).update(parse_grants(preset.capture))
+        sidecar = grants.setdefault(preset.sidecar, set())
+        sidecar.update(parse_grants(preset.own), *(declared_ports(c) for c in others))
+    return {name: tuple(sorted(ranges)) for name, ranges in grants.items()}, problems
+
+
+_PRESET_KINDS = (ContainerKind.REGULAR, ContainerKind.SIDECAR)  # init and ephemeral: no grants
+
+
+def all_grants(pod: Pod) -> tuple[dict[str, tuple[PortRange, ...]], list[str]]:
+    """Hand-written grants and preset grants together, and the problems of both."""
+    grants, problems = parse_pod_grants(pod)
+    presets, preset_problems = preset_grants(pod)
+    for name, ranges in presets.items():
+        grants[name] = tuple(sorted({*grants.get(name, ()), *ranges}))
+    return grants, [*problems, *preset_problems]
+
+
 def declared_ports(container: Container) -> tuple[PortRange, ...]:
     """The TCP and UDP ports a container declares it serves (its containerPorts), sorted."""
     declared = set()
@@ -244,7 +285,7 @@ def pod_policy(
     pod: Pod, namespace_labels: Mapping[str, str], default_identity: IdentityMode = IdentityMode.UID
 ) -> PodPolicy:
     level, problems = effective_level(pod, namespace_labels)
-    grants, grant_problems = parse_pod_grants(pod)
+    grants, grant_problems = all_grants(pod)
     identity, identity_problems = pod_identity(pod, default_identity)
     problems += grant_problems + identity_problems
     if problems:  # fail closed: isolated, and nobody is granted anything

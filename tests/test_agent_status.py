@@ -14,9 +14,10 @@ from typing import Any
 import pytest
 from prometheus_client import REGISTRY
 
-from netisolate.agent import endpoints
+from netisolate.agent import endpoints, report
 from netisolate.agent.report import record_states
 from netisolate.agent.state import NodeStatus, PodState, PodStatus
+from netisolate.learning import Observed as LearnedFlow
 
 
 @dataclass
@@ -68,14 +69,41 @@ def test_probes_answer_what_they_see(path: str, observed: Observed, code: int, b
 def test_status_rows_keep_their_json_shape() -> None:
     """`netisolate status -o json` and anything that reads /status depend on these keys."""
     row = _row("web", PodState.HOST_NETWORK, detail="shares", netns=4026531840)
-    assert row.to_json() == {
+    assert dict(row.to_json()) == {
         "pod": "shop/web",
         "uid": "uid-web",
         "state": "host-network",
         "detail": "shares",
         "netns": "4026531840",
+        "namespace": "shop",
+        "name": "web",
+        "owner": "",
+        "observed": [],
+        "suggest": {},
     }
     assert _row("new", PodState.PENDING).to_json()["netns"] == ""
+    seen = _row(
+        "web", PodState.AUDIT, observed=((LearnedFlow("app", "udp", 53), 4),), suggest={"a": "53/udp"}
+    )
+    assert seen.to_json()["observed"] == [
+        {"container": "app", "protocol": "udp", "port": 53, "connections": 4}
+    ]
+
+
+def test_observed_connections_are_a_capped_metric(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(report, "OBSERVED_SERIES_CAP", 2)
+    flows = tuple((LearnedFlow("app", "tcp", port), port) for port in (1, 2, 3))
+    report.record_observed([_row("a", PodState.AUDIT, observed=flows)])
+    value = REGISTRY.get_sample_value
+    labels = {"namespace": "shop", "pod": "a", "container": "app", "protocol": "tcp"}
+    assert [value("netisolate_observed_connections", {**labels, "port": str(p)}) for p in (1, 2, 3)] == [
+        1,
+        2,
+        None,
+    ]
+    assert value("netisolate_observed_connections_not_exported") == 1
+    report.record_observed([])  # granted since, or gone: the series goes
+    assert value("netisolate_observed_connections", {**labels, "port": "1"}) is None
 
 
 def test_every_state_is_a_gauge_value_zero_included() -> None:

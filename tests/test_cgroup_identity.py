@@ -268,9 +268,9 @@ def test_loaded_by_path_listed_by_id_and_exact(local: LocalPod, monkeypatch: pyt
     monkeypatch.setattr(backend, "apply", no_new_table)
     backend.update_cgroups(local.ns, after, rs)
     assert backend.verify(local.ns, after) == []
-    assert backend.verify(local.ns, rs) == [
-        f"missing: elements = {{ {old_app.id} }}",
-        f"unexpected: elements = {{ {new_app.id} }}",
+    assert backend.verify(local.ns, rs) == [  # a set's elements are compared as a set
+        f"missing in set c-app: {old_app.id}",
+        f"unexpected in set c-app: {new_app.id}",
     ]
     # a cgroup that vanished before it could be loaded fails the update (the agent retries)
     fresh.rmdir()

@@ -199,7 +199,9 @@ def test_render_fail_closed_is_visible(tmp_path: Path, capsys: pytest.CaptureFix
     }
     code, out, _ = run(capsys, "render", "-f", write(tmp_path, pod))
     assert code == 0
-    assert "fail closed" in out and "isolation enforce" in out and "dport" not in out.split("skuid 0")[1]
+    assert "fail closed" in out and "isolation enforce" in out
+    grants = out.split("set grants {")[1].split("}")[0]
+    assert "elements" not in grants, "no grant may be rendered for a pod that fails closed"
 
 
 def test_help_teaches_the_annotation_format(capsys: pytest.CaptureFixture[str]) -> None:
@@ -253,7 +255,7 @@ def test_pods_as_the_api_server_returns_them(capsys: pytest.CaptureFixture[str])
     code, out, _ = run(capsys, "check", "-f", str(path))
     assert code == 0, out
     code, out, _ = run(capsys, "render", "-f", str(path))
-    assert 'meta skuid 1000 tcp dport 15001 accept comment "app"' in out
+    assert '1000 . tcp . 15001 comment "app"' in out
 
 
 # --- issue 16: whole install files, every pod-carrying kind, no tracebacks --------------------

@@ -19,6 +19,8 @@ FORBIDDEN = {
     "model": SHELL,
     "policy": SHELL,
     "rules": SHELL,
+    "presets": SHELL,
+    "learning": SHELL,
     "admission": ("backends",),
 }
 

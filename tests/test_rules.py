@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 import shutil
 import subprocess
 from typing import Any
@@ -96,22 +95,19 @@ def test_nft_order_of_decisions() -> None:
         "tcp flags ! syn accept",
         "tcp flags syn,ack / syn,ack goto serve",
         "icmp type { destination-unreachable, time-exceeded, parameter-problem } accept",
-        'udp sport 53 meta skuid != 1001 goto refuse comment "proxy"',
+        "meta l4proto . udp sport @owned meta skuid . meta l4proto . udp sport != @owners goto refuse",
         "ct direction reply accept",
         "meta l4proto { tcp, udp } th dport 9 reject with icmpx admin-prohibited",
         "meta skuid 0 accept",
-        'meta skuid 1000 tcp dport 15001 accept comment "app"',
-        'meta skuid 1001 tcp dport { 8080, 9000-9100 } accept comment "proxy"',
-        'meta skuid 1001 udp dport 53 accept comment "proxy"',
+        "meta skuid . meta l4proto . th dport @grants accept",
+        "meta l4proto { tcp, udp } update @observed { meta skuid . meta l4proto . th dport }",
         "goto refuse",
         "chain serve {",
-        'tcp sport 8080 meta skuid { 1001, 1003 } accept comment "proxy,proxy2"',
-        "tcp sport 8080 goto refuse",
-        'tcp sport 15001 meta skuid 1000 accept comment "app"',
-        "tcp sport 15001 goto refuse",
+        "meta skuid . meta l4proto . th sport @owners accept",
+        "meta l4proto . th sport @owned goto refuse",  # a socketless SYN-ACK (SYN cookie) too
         "accept",
         "chain refuse {",
-        'meta skuid 1002 counter goto deny comment "rogue"',
+        "meta skuid @identities goto deny",
         "counter goto deny",
         "chain deny {",
         "meta l4proto tcp reject with tcp reset",
@@ -120,21 +116,119 @@ def test_nft_order_of_decisions() -> None:
     ]
     positions = [lines.index(line) for line in order]
     assert positions == sorted(positions)
-    assert lines[3 : 3 + 6] == order[:6], "the output chain jumps on exactly these"
+    chain = lines.index("chain output {")
+    assert lines[chain + 2 : chain + 2 + 6] == order[:6], "the output chain jumps on exactly these"
+
+
+def _elements(rs: RuleSet) -> dict[str, tuple[str, ...]]:
+    return {s.name: s.elements for s in nft.sets(rs)}
+
+
+def test_identities_are_named_only_in_sets() -> None:
+    """Every UID and port of the policy is a set element, so a changed policy changes no rule."""
+    elements = _elements(ruleset(TYPICAL, SERVING))
+    assert elements["grants"] == (
+        '1000 . tcp . 15001 comment "app"',
+        '1001 . tcp . 8080 comment "proxy"',
+        '1001 . tcp . 9000-9100 comment "proxy"',
+        '1001 . udp . 53 comment "proxy"',
+    )
+    assert elements["owners"] == (
+        '1001 . tcp . 8080 comment "proxy,proxy2"',
+        '1003 . tcp . 8080 comment "proxy,proxy2"',
+        '1000 . tcp . 15001 comment "app"',
+        '1001 . udp . 53 comment "proxy"',
+    )
+    assert elements["owned"] == ("tcp . 8080", "tcp . 15001", "udp . 53")
+    assert elements["identities"][2] == '1002 counter comment "rogue"'
+    chains = nft.parse(nft.table(ruleset(TYPICAL, SERVING))).layout
+    assert (
+        chains
+        == nft.parse(nft.table(ruleset({**ENFORCE, "allow.netisolate.io/app": "1/udp"}, SERVING))).layout
+    )
 
 
 def test_undeclared_ports_have_no_owner() -> None:
-    lines = nft.table(ruleset(TYPICAL))
-    assert "sport" not in lines
-    assert "\tchain serve {\n\t\taccept\n\t}" in lines
+    elements = _elements(ruleset(TYPICAL))
+    assert elements["owners"] == elements["owned"] == ()
 
 
-def test_conntrack_only_where_udp_is_granted() -> None:
+def test_a_changed_policy_is_an_element_update() -> None:
+    old, new = ruleset(TYPICAL), ruleset({**TYPICAL, "allow.netisolate.io/app": "15001, 15005-15010"})
+    assert nft.update(new, nft.parse(nft.table(old))) == (
+        'add element inet netisolate grants { 1000 . tcp . 15005-15010 comment "app" }\n'
+    )
+    assert nft.update(old, nft.parse(nft.table(new))) == (
+        "delete element inet netisolate grants { 1000 . tcp . 15005-15010 }\n"
+    )
+    single = ruleset({**TYPICAL, "allow.netisolate.io/app": ""})
+    # nft finds a single port of an interval set only when it is spelt as a range
+    assert "{ 1000 . tcp . 15001-15001 }" in (nft.update(single, nft.parse(nft.table(old))) or "")
+    assert nft.update(old, nft.parse(nft.table(old))) == ""
+
+
+def test_a_changed_layout_is_not_an_element_update() -> None:
+    tcp_only = ruleset({**ENFORCE, "allow.netisolate.io/app": "15001"})
+    audit = ruleset({**TYPICAL, "netisolate.io/isolation": "audit"})
+    for listed, wanted in ((tcp_only, ruleset(TYPICAL)), (ruleset(TYPICAL), audit)):
+        assert nft.update(wanted, nft.parse(nft.table(listed))) is None
+
+
+def test_drift_names_missing_and_unexpected_elements_and_lines() -> None:
+    rs = ruleset(TYPICAL)
+    table = nft.table(rs)
+    assert nft.drift(rs, nft.parse(table)) == []
+    tampered = table.replace('1000 . tcp . 15001 comment "app"', '1002 . tcp . 15001 comment "app"')
+    assert nft.drift(rs, nft.parse(tampered)) == [
+        'missing in set grants: 1000 . tcp . 15001 comment "app"',
+        'unexpected in set grants: 1002 . tcp . 15001 comment "app"',
+    ]
+    assert nft.drift(rs, nft.parse(table.replace("\t\tgoto refuse\n", "\t\taccept\n"))) == [
+        "missing: goto refuse",
+        "unexpected: accept",
+    ]
+
+
+LISTED = """table inet netisolate {
+\tset identities {
+\t\ttypeof meta skuid
+\t\tcounter
+\t\telements = { 1000 counter packets 3 bytes 180 comment "app",
+\t\t\t     1002 counter packets 0 bytes 0 comment "a,b" }
+\t}
+
+\tset observed {
+\t\ttypeof meta skuid . meta l4proto . th dport
+\t\telements = { 1000 . tcp . 7001 counter packets 1 bytes 60 expires 59m59s952ms,
+\t\t\t     1000 . udp . 53 counter packets 2 bytes 120 expires 59m59s968ms }
+\t}
+
+\tchain refuse {
+\t\tmeta skuid @identities goto deny
+\t\tcounter packets 4 bytes 240 goto deny
+\t}
+}
+"""
+
+
+def test_counters_and_observations_are_read_from_a_listing() -> None:
+    assert nft.refused(LISTED) == {"app": 3, "a,b": 0, "": 4}
+    assert nft.observed(LISTED) == [("1000", "tcp", 7001, 1), ("1000", "udp", 53, 2)]
+    # the kernel's own elements of `observed` are never drift
+    assert not any(
+        line.startswith("unexpected in set observed")
+        for line in nft.drift(ruleset(TYPICAL), nft.parse(LISTED))
+    )
+
+
+def test_conntrack_only_where_udp_is_granted_or_at_audit() -> None:
     tcp_only = ruleset({**ENFORCE, "allow.netisolate.io/app": "15001"})
     assert not tcp_only.stateful
     assert "ct direction" not in nft.table(tcp_only)
     assert not any("conntrack" in r for r in iptables.chains(tcp_only, 4)[iptables.CHAIN])
     assert ruleset(TYPICAL).stateful
+    # at audit every datagram passes: only conntrack tells a reply from a flow worth recording
+    assert ruleset({"netisolate.io/isolation": "audit", "allow.netisolate.io/app": "15001"}).stateful
 
 
 def test_deny_port_forward_drops_the_root_allowance() -> None:
@@ -164,7 +258,7 @@ def test_sentinel_port_is_configurable_and_never_grantable() -> None:
     rs = ruleset({**ENFORCE, "allow.netisolate.io/app": "9, 7000"}, settings=Settings(sentinel_port=7000))
     lines = [line.strip() for line in nft.table(rs).splitlines()]
     sentinel = lines.index("meta l4proto { tcp, udp } th dport 7000 reject with icmpx admin-prohibited")
-    grant = next(i for i, line in enumerate(lines) if "skuid 1000 tcp dport" in line)
+    grant = lines.index("meta skuid . meta l4proto . th dport @grants accept")
     assert sentinel < grant, "the sentinel must answer before any grant can accept"
 
 
@@ -194,7 +288,7 @@ def test_shared_uid_and_missing_uid() -> None:
     assert [(g.uid, g.containers, [str(p) for p in g.ports]) for g in rs.grants] == [
         (1000, "a,b", ["80", "81"])
     ]
-    assert "82" not in nft.table(rs)
+    assert "82" not in nft.table(rs) and '1000 . tcp . 81 comment "a,b"' in nft.table(rs)
 
 
 def test_multiport_is_split_at_fifteen_slots() -> None:
@@ -274,12 +368,17 @@ OVERLAPPING = {**ENFORCE, "allow.netisolate.io/app": "8080, 8000-9000, 9001, 700
 @pytest.mark.kernel
 @pytest.mark.parametrize("case", ["typical", "serving", "overlapping"])
 def test_nft_lists_exactly_what_we_render(case: str) -> None:
-    """Drift detection compares text, so our table must be nft's own listing (less counter values)."""
+    """Drift detection compares text and elements, so our table must be nft's own listing (less
+    counter values, element order and line breaks)."""
     rs = CASES.get(case) or ruleset(OVERLAPPING)
     result = _in_fresh_netns(["sh", "-c", "nft -f - && nft list table inet netisolate"], nft.replace(rs))
     assert result.returncode == 0, result.stderr
-    listed = re.sub(r"counter packets \d+ bytes \d+", "counter", result.stdout)
-    assert listed == nft.table(rs)
+    listed, ours = nft.parse(result.stdout), nft.parse(nft.table(rs))
+    assert listed.layout == ours.layout
+    assert {k: sorted(v) for k, v in listed.elements.items()} == {
+        k: sorted(v) for k, v in ours.elements.items()
+    }
+    assert nft.drift(rs, listed) == []
 
 
 def test_iptables_document_keeps_our_jumps_once_and_first() -> None:

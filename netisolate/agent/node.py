@@ -11,7 +11,7 @@ import time
 from netisolate.agent import discovery, endpoints
 from netisolate.agent.cgroups import NodeCgroups
 from netisolate.agent.reconcile import Reconciler
-from netisolate.agent.report import Reporter, record_states
+from netisolate.agent.report import Reporter, record_observed, record_states
 from netisolate.agent.state import NodeStatus
 from netisolate.agent.watch import ListWatch, Obj
 from netisolate.backends import Backend
@@ -176,7 +176,9 @@ class Agent:
         }
 
     def update_gauges(self) -> None:
-        record_states(self.reconciler.status())
+        pods = self.reconciler.status()
+        record_states(pods)
+        record_observed(pods)
 
     def run(self, metrics_port: int) -> None:
         server = endpoints.serve(self, metrics_port)

@@ -23,10 +23,12 @@ from typing import Protocol
 from netisolate.agent.listeners import exposed, squatted
 from netisolate.agent.state import WAITING, PodState, PodStatus
 from netisolate.backends import Backend, EnforceError
+from netisolate.learning import EVENT_REASON, Observed, learned, suggested, summary, workload
 from netisolate.model import Pod
 from netisolate.netns import NetNS, NetNSError
 from netisolate.policy import PodPolicy, pod_policy
 from netisolate.rules import PodCgroups, RuleSet, Settings, build_ruleset, granted, without_cgroups
+from netisolate.rules.nft import OBSERVED_SIZE
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +75,8 @@ PENDING_FAST_S = 5.0  # a sandbox normally appears within a second or two: look 
 PENDING_SLOW_S = 0.5
 FAILED_BACKOFF_S = (0.5, 30.0)  # first retry, longest wait
 EXPOSED_EARLY_ROUNDS, EXPOSED_EVERY_ROUNDS = 3, 10  # listener checks: verification rounds
+OBSERVED_PER_POD = OBSERVED_SIZE  # what the agent remembers of a pod is what the kernel can hold
+OBSERVED_EVENT_S = 60.0  # at most one ConnectionsObserved event per pod this often
 
 
 @dataclass
@@ -91,6 +95,9 @@ class Tracked:
     exposed: tuple[str, ...] = ()  # ports last reported as listening beyond loopback
     squatted: tuple[str, ...] = ()  # declared ports last reported as bound by a non-owner
     rounds: int = 0  # verifications since the rules were applied or adopted
+    observed: dict[Observed, int] = field(default_factory=dict)  # learning: not granted, seen
+    reported: frozenset[Observed] = frozenset()  # what the last ConnectionsObserved event named
+    reported_at: float = -OBSERVED_EVENT_S
     sandbox: str = ""  # the sandbox ID the CNI plugin handed `ns` over with, if it did
     preinstalled: tuple[RuleSet, float] | None = None  # loaded into a fresh `ns` outside the lock
     cgroup_problem: str = ""  # why cgroup identity was last unavailable for this pod, if it was
@@ -117,6 +124,7 @@ class Reconciler:
         self.namespaces: dict[str, dict[str, str]] = {}
         self.lock = threading.RLock()
         self.workers = 8
+        self.observed_event_s = OBSERVED_EVENT_S
         # Set while some pod waits for its sandbox or a retry: only then do the timers poll fast.
         self.unsettled = threading.Event()
 
@@ -290,6 +298,7 @@ class Reconciler:
             self._failed(tracked, "VerifyFailed", str(err))
             return 0
         tracked.refused = inspection.refused
+        self._learn(tracked, tracked.applied, inspection.observed)
         tracked.rounds += 1
         # Containers listen after their rules are in: look at the first rounds, then now and then.
         if tracked.rounds <= EXPOSED_EARLY_ROUNDS or tracked.rounds % EXPOSED_EVERY_ROUNDS == 0:
@@ -520,6 +529,28 @@ class Reconciler:
         tracked.state, tracked.detail = PodState.FAILED, message
         self.unsettled.set()
 
+    # --- learning ---------------------------------------------------------------------------------
+
+    def _learn(self, tracked: Tracked, applied: RuleSet, seen: list[tuple[str, str, int, int]]) -> None:
+        """Keep what the kernel recorded as not granted (bounded like the kernel's set: new entries
+        beyond it are dropped), forget what is granted by now, and tell the pod's Events when there
+        is something new, at most every OBSERVED_EVENT_S."""
+        tracked.observed = learned(applied, tracked.observed, seen, OBSERVED_PER_POD)
+        now = time.monotonic()
+        keys = frozenset(tracked.observed)
+        if keys - tracked.reported and now - tracked.reported_at >= self.observed_event_s:
+            tracked.reported, tracked.reported_at = keys, now
+            self.reporter.event(
+                tracked.pod,
+                EVENT_REASON,
+                summary(tracked.observed, self.suggestion(tracked), applied.mode, _owner(tracked.pod)),
+            )
+
+    def suggestion(self, tracked: Tracked) -> dict[str, str]:
+        """The grant annotations that would allow what was observed, on top of the current grants."""
+        policy = pod_policy(tracked.pod, self.namespaces.get(tracked.pod.metadata.namespace or "default", {}))
+        return suggested({c.name: c.grants for c in policy.containers}, tracked.observed)
+
     def status(self) -> list[PodStatus]:
         """Every tracked pod, by UID: what /status shows and the gauges count."""
         with self.lock:
@@ -533,6 +564,14 @@ class Reconciler:
                     detail=t.detail,
                     netns=t.ns.inode if t.ns else None,
                     refused=dict(t.refused),
+                    observed=tuple(sorted(t.observed.items())),
+                    suggest=self.suggestion(t) if t.observed else {},
+                    owner=_owner(t.pod),
                 )
                 for uid, t in sorted(self.pods.items())
             ]
+
+
+def _owner(pod: Pod) -> str:
+    found = workload(pod)
+    return f"{found[0]}/{found[1]}" if found else ""

@@ -30,6 +30,18 @@ REFUSED = Gauge(
     "Connection attempts refused (audit: would be refused)",
     ["namespace", "pod", "containers"],
 )
+OBSERVED_SERIES_CAP = 2000  # observed-connection series this node exports at most; the rest are counted
+OBSERVED = Gauge(
+    "netisolate_observed_connections",
+    "Loopback connections a container opened that no grant allows (audit: would be refused; "
+    "enforce: refused), by what it reached, as counted at the last verification",
+    ["namespace", "pod", "container", "port", "protocol"],
+)
+OBSERVED_OVER_CAP = Gauge(
+    "netisolate_observed_connections_not_exported",
+    f"Observed (container, port, protocol) left out of netisolate_observed_connections (at most "
+    f"{OBSERVED_SERIES_CAP} series); /status and the events still have them",
+)
 EVENTS = Counter("netisolate_events_total", "Kubernetes events emitted", ["reason"])
 PORT_SQUATS = Counter(
     "netisolate_port_squats_total",
@@ -116,3 +128,18 @@ def record_states(pods: Iterable[PodStatus]) -> None:
             REFUSED.labels(pod.namespace, pod.name, containers or "unknown-uid").set(packets)
     for state in PodState:
         PODS.labels(state.value).set(states[state])
+
+
+def record_observed(pods: Iterable[PodStatus]) -> None:
+    """The observed-connections gauge from one look at every pod: rebuilt whole, so what a pod no
+    longer has (granted since, or the pod gone) disappears; at most OBSERVED_SERIES_CAP series."""
+    OBSERVED.clear()
+    exported = left_out = 0
+    for pod in pods:
+        for o, connections in pod.observed:
+            if exported >= OBSERVED_SERIES_CAP:
+                left_out += 1
+                continue
+            OBSERVED.labels(pod.namespace, pod.name, o.container, str(o.port), o.protocol).set(connections)
+            exported += 1
+    OBSERVED_OVER_CAP.set(left_out)

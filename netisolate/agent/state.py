@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import TypedDict
 
+from netisolate.learning import Observed
+
 
 class PodState(StrEnum):
     PENDING = "pending"
@@ -48,6 +50,11 @@ class PodStatus:
     detail: str = ""
     netns: int | None = None  # the inode of the namespace its rules are in
     refused: Mapping[str, int] = field(default_factory=dict)  # containers → packets, last verification
+    # learning: (container, protocol, port) seen and not granted → connections, and the
+    # annotations that would allow them; the pod's workload (`Kind/name`), for the patch
+    observed: tuple[tuple[Observed, int], ...] = ()
+    suggest: Mapping[str, str] = field(default_factory=dict)
+    owner: str = ""
 
     def to_json(self) -> PodStatusJSON:
         return {
@@ -56,7 +63,22 @@ class PodStatus:
             "state": self.state.value,
             "detail": self.detail,
             "netns": "" if self.netns is None else str(self.netns),
+            "namespace": self.namespace,
+            "name": self.name,
+            "owner": self.owner,
+            "observed": [
+                {"container": o.container, "protocol": o.protocol, "port": o.port, "connections": n}
+                for o, n in self.observed
+            ],
+            "suggest": dict(self.suggest),
         }
+
+
+class ObservedJSON(TypedDict):
+    container: str
+    protocol: str
+    port: int
+    connections: int  # opening packets the kernel counted (TCP SYNs, UDP datagrams)
 
 
 class PodStatusJSON(TypedDict):
@@ -65,6 +87,11 @@ class PodStatusJSON(TypedDict):
     state: str  # a PodState value
     detail: str
     netns: str  # the inode, or "" while the pod has no namespace
+    namespace: str
+    name: str
+    owner: str  # the pod's workload, `Kind/name`, or ""
+    observed: list[ObservedJSON]  # learning: seen and not granted (audit), or refused (enforce)
+    suggest: dict[str, str]  # the grant annotations that would allow what was observed
 
 
 class NodeStatus(TypedDict):

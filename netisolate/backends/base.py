@@ -6,7 +6,7 @@ import os
 import shutil
 import subprocess
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 from netisolate.netns import NetNS
@@ -19,10 +19,12 @@ class EnforceError(RuntimeError):
 
 @dataclass(frozen=True)
 class Inspection:
-    """One read of a namespace's rules: what drifted ([] when intact) and the refused-packet counters."""
+    """One read of a namespace's rules: what drifted ([] when intact), the refused-packet counters,
+    and what the kernel recorded as not granted: (identity, protocol, port, packets)."""
 
     drift: list[str]
     refused: dict[str, int]
+    observed: list[tuple[str, str, int, int]] = field(default_factory=list)
 
 
 class Backend(Protocol):

@@ -1,6 +1,6 @@
 """Reading nftables in-process through libnftables (the library `nft` itself is built on), with no
 fork and exec: listing a pod's table costs ~0.5 ms instead of ~4 ms, which is what makes verifying
-hundreds of pods cheap. Writes still go through `nft -f`, which runs in parallel across namespaces.
+hundreds of pods cheap, and loads an element update without a fork.
 
 The library opens its netlink socket in the namespace of the calling thread: NetNS.run calls it
 from a thread that has entered the pod's namespace. Calls are serialised: libnftables keeps global state.

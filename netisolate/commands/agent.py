@@ -198,5 +198,7 @@ def run_status(args: argparse.Namespace) -> int:
     if status.get("unready"):
         print(f"  not ready: {status['unready']}")
     for pod in status["pods"]:
-        print(f"  {pod['state']:<12} {pod['pod']:<40} {pod['detail']}")
+        seen = pod.get("observed") or []
+        learned = f" ({len(seen)} not granted seen: netisolate suggest)" if seen else ""
+        print(f"  {pod['state']:<12} {pod['pod']:<40} {pod['detail']}{learned}")
     return 0

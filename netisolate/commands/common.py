@@ -16,6 +16,8 @@ Annotations (on the pod; the isolation level may also be a namespace label):
   allow.netisolate.io/<container>: "PORTS"     loopback ports <container> may open connections to:
                                                comma list of PORT or LOW-HIGH, each optionally
                                                /tcp or /udp (default tcp); empty = nothing
+  netisolate.io/preset: istio|linkerd|dapr     the grants a mesh or sidecar runtime needs
+                                               (`netisolate render --list-presets`)
 
 Example: the app may reach its proxy on 15001, the proxy may reach the app on 8080 and a
 DNS cache on 53/udp, anything else in the pod may reach nothing over loopback:

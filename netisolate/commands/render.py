@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 from netisolate.commands.common import add_command, add_namespace_labels, add_rule_settings, rule_settings
 from netisolate.inputs import load_pods, read_text
-from netisolate.policy import pod_policy
+from netisolate.policy import format_grants, pod_policy, preset_grants
+from netisolate.presets import PRESET_KEY, PRESETS
 from netisolate.rules import DEFAULT_CGROUP_LEVEL, PodCgroups, build_ruleset, iptables, nft, without_cgroups
 
 DETAILS = """\
 Prints, per pod, the nftables script (`nft -f`) or the iptables-restore documents (IPv4 and IPv6,
 for `iptables-restore --noflush`) that `netisolate enforce` and the agent load. Pods whose
-isolation is off get no rules.
+isolation is off get no rules. What a `netisolate.io/preset` annotation grants each container is
+printed first; `--list-presets` prints every preset.
 
 Identity (annotation netisolate.io/identity, else --identity):
   uid         containers are known by their UID: one UID each, never root
@@ -27,14 +30,18 @@ Under --backend iptables a cgroup pod gets what the agent loads there: no grants
 
   netisolate render -f examples/app-with-proxy.yaml
   netisolate render -f examples/app-with-proxy.yaml --backend iptables
+  netisolate render --list-presets
   netisolate render -f examples/app-with-proxy.yaml --identity cgroup
 """
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     parser = add_command(sub, "render", "print the ruleset the agent would install", DETAILS)
+    parser.add_argument("-f", "--filename", metavar="FILE", help="manifest file, or - for stdin (required)")
     parser.add_argument(
-        "-f", "--filename", required=True, metavar="FILE", help="manifest file, or - for stdin"
+        "--list-presets",
+        action="store_true",
+        help=f"print the presets {PRESET_KEY} can name, and their grants",
     )
     parser.add_argument("--backend", choices=("nftables", "iptables"), default="nftables")
     add_namespace_labels(parser)
@@ -50,7 +57,21 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     parser.set_defaults(run=run)
 
 
+def list_presets() -> None:
+    for name, preset in PRESETS.items():
+        print(f"{PRESET_KEY}: {name}")
+        print(f"  every other container -> {preset.sidecar}: {preset.capture}")
+        print(f"  {preset.sidecar} -> itself: {preset.own or 'nothing'}; -> the others' declared ports")
+        print(f"  why: {preset.why}")
+
+
 def run(args: argparse.Namespace) -> int:
+    if args.list_presets:
+        list_presets()
+        return 0
+    if args.filename is None:
+        print("netisolate render: give -f FILE (or - for stdin), or --list-presets", file=sys.stderr)
+        return 2
     settings = rule_settings(args)
     for name, pod in load_pods(read_text(args.filename), "stdin" if args.filename == "-" else args.filename):
         policy, pod_settings = pod_policy(pod, args.namespace_labels, settings.identity), settings
@@ -58,6 +79,8 @@ def run(args: argparse.Namespace) -> int:
             reason = "the iptables backend cannot match cgroups"
             policy, pod_settings = without_cgroups(policy, settings, reason)
         print(f"# {name}: isolation {policy.level}, identity {policy.identity}")
+        for container, ranges in sorted(preset_grants(pod)[0].items()):
+            print(f"# {PRESET_KEY} grants {container}: {format_grants(ranges) or 'nothing'}")
         for problem in policy.problems:
             print(f"# fail closed, no grants: {problem}")
         ruleset = build_ruleset(policy, pod_settings, cgroups=PodCgroups(args.cgroup_level))

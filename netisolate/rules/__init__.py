@@ -28,25 +28,32 @@ THE DECISIONS, in the order both dialects evaluate them for every such packet:
    queue overflows loses those handshakes to the client's retry.
 3. ICMP errors pass: the kernel sends them (our own rejects included); unprivileged processes cannot.
 4. A UDP datagram from a declared port is refused unless its UID is one of the port's owners.
-5. Where the policy grants UDP, conntrack lets replies of accepted flows pass: the reply direction
-   only. A datagram in the original direction is judged again, so a UID that binds the source port
-   of a closed, granted flow does not inherit its conntrack entry.
+5. Where the policy grants UDP, or the pod is at audit, conntrack lets replies of accepted flows
+   pass: the reply direction only. A datagram in the original direction is judged again, so a UID
+   that binds the source port of a closed, granted flow does not inherit its conntrack entry.
 6. The sentinel port is answered with ICMP admin-prohibited, whoever asks: only our rules do that,
    which is how `netisolate gate` knows they are live.
 7. UID 0 (the runtime: `kubectl port-forward`) passes unless the agent denies port-forward, and never
    in a user-namespaced pod, where UID 0 is the pod's own root.
-8. A container's UID passes to the ports granted to it.
-9. Everything else is refused: counted per container UID (the `refuse` chain, so metrics can name
-   the offender, the refusals of 2 and 4 included), then denied: TCP reset, ICMP port-unreachable for
-   UDP, drop for other protocols. In audit mode the deny chain accepts instead, so the counters still
-   show what enforcement would have stopped.
+8. A container's UID passes to the ports granted to it: one lookup of UID . protocol . port in the
+   pod's grant set, however many grants there are.
+9. What is left is recorded, as UID . protocol . port, in a bounded set with timeouts (TCP and UDP
+   only: the learning `netisolate suggest` reads), then refused: counted per container UID (the
+   `refuse` chain, so metrics can name the offender, the refusals of 2 and 4 included), then denied:
+   TCP reset, ICMP port-unreachable for UDP, drop for other protocols. In audit mode the deny chain
+   accepts instead, so the counters and the record still show what enforcement would have stopped.
+
+Rules 2, 4, 8 and 9 name identities only through sets (grants, owners, identities), so a changed
+policy — or a container whose identity changes — is an element update in the same table, in one
+transaction, never a rebuilt table.
 
 CONNECTION STATE: TCP is judged on its opening SYN (and, for declared ports, the SYN-ACK) alone and
 everything else of TCP is accepted. That is sound because admission forbids NET_RAW/NET_ADMIN (no
 unprivileged process can emit a bare ACK or RST) and it keeps conntrack out of namespaces that do
 not otherwise use it (conntrack costs ~14 % of the loopback connection rate). UDP has no opening
-packet, so pods that grant UDP get conntrack to let replies back. This is the only place that
-choice is made.
+packet, so pods that grant UDP get conntrack to let replies back. So do pods at audit: there every
+datagram passes, and without conntrack a reply would be recorded (rule 9) as a flow to the client's
+ephemeral port, which nobody should be granted. This is the only place that choice is made.
 
 WHAT UID IDENTITY CANNOT DO: the input path has no owner match, so a datagram (or the data of a Fast
 Open SYN, where the namespace enables server-side Fast Open) sent to a declared port reaches a
@@ -56,7 +63,7 @@ the packets above only: a squatter's answers to clients beyond the pod (a Servic
 eth0) are not refused — refusing socketless SYN cookies there would let any outside SYN flood cut
 the owner off — and are left to the listener check too.
 
-PORT SETS are kept as nft lists them back (see `_merged`), so drift detection is a text comparison.
+PORT RANGES are kept as nft lists them back (see `_merged`), so drift detection is exact.
 
 CGROUP IDENTITY (`netisolate.io/identity: cgroup`, or `uid+cgroup` where both must match). Each
 container is known by its cgroup (v2) at the containers' level of the hierarchy (`socket cgroupv2
@@ -208,8 +215,10 @@ class RuleSet:
     def stateful(self) -> bool:
         """Conntrack is needed only for UDP replies (see CONNECTION STATE)."""
         members = self.cgroups.members if self.cgroups else ()
-        return any(grant.protocol == "udp" for grant in self.grants) or any(
-            protocol == "udp" for m in members for protocol, _ in m.grants
+        return (
+            self.mode == "audit"
+            or any(grant.protocol == "udp" for grant in self.grants)
+            or any(protocol == "udp" for m in members for protocol, _ in m.grants)
         )
 
     def same_but_cgroups(self, other: RuleSet) -> bool:

@@ -1,13 +1,35 @@
 """The ruleset in nftables: one `inet` table of our own, in `nft list`'s own format (less counter
-values), so what is loaded is what the kernel lists back and drift detection is a text comparison.
-What the rules decide, and why, is explained once, in `netisolate.rules`."""
+values), so what is loaded is what the kernel lists back and drift detection is a comparison.
+What the rules decide, and why, is explained once, in `netisolate.rules`.
+
+Everything that names a container's identity lives in named sets, so the chains are the same for
+every pod of a given shape and a changed policy is an element update inside the existing table:
+
+- `grants`      identity . protocol . port-range  — rule 8, one lookup whatever the number of grants
+- `owners`      identity . protocol . port        — who may serve a declared port (rules 2 and 4)
+- `owned`       protocol . port                   — the declared ports
+- `identities`  identity, with a counter each      — the refusals per container (rule 9)
+- `observed`    identity . protocol . port        — filled by the packet path: what the grants did
+  not allow (learning). Its elements are the kernel's, not ours: never drift, never loaded.
+
+The identity is the key `IDENTITY` names (the socket's UID); the sets are declared with `typeof`
+that key, so an identity of another kind changes the key, not the layout.
+"""
 
 from __future__ import annotations
 
+import difflib
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+
 from netisolate.policy import PortRange
-from netisolate.rules import Cgroup, CgroupOwner, CgroupRules, Member, Owner, RuleSet
+from netisolate.rules import Cgroup, CgroupOwner, CgroupRules, Member, RuleSet
 
 TABLE = "netisolate"
+IDENTITY = "meta skuid"
+OBSERVED_SIZE = 256  # distinct identity . protocol . port per pod the kernel keeps; the rest is not recorded
+OBSERVED_TIMEOUT = "1h"  # an observation not seen again for this long is forgotten by the kernel
 # the packets that stay in the pod, or of which the kernel keeps a copy for it (see WHICH PACKETS)
 _JUDGED = (
     'oif "lo"',
@@ -18,59 +40,100 @@ _JUDGED = (
     "meta l4proto { udp, udplite } ip6 daddr ff00::/8",
 )
 _SYN_ACK = "tcp flags syn,ack / syn,ack"
+# nft lists a port after a protocol match by the protocol's name (`udp sport`), so we write it so
 _FIRST = (  # decisions 1-3, whatever the identity
     "tcp flags ! syn accept",
     f"{_SYN_ACK} goto serve",
     "icmp type { destination-unreachable, time-exceeded, parameter-problem } accept",
     "icmpv6 type { destination-unreachable, packet-too-big, time-exceeded, parameter-problem } accept",
 )
+_UDP_NOT_OWNER = f"meta l4proto . udp sport @owned {IDENTITY} . meta l4proto . udp sport != @owners"
+_FLOW = f"{IDENTITY} . meta l4proto . th dport"
 
 
-def _one_or_set(items: list[str]) -> str:
-    return items[0] if len(items) == 1 else "{ " + ", ".join(items) + " }"
+@dataclass(frozen=True)
+class NftSet:
+    name: str
+    declaration: tuple[str, ...]  # the lines before `elements`, as nft lists them
+    elements: tuple[str, ...] = ()  # each `KEY[ counter][ comment "..."]`, in nft's element syntax
+    dynamic: bool = False  # written by the packet path: its elements are not ours
 
 
-def _ports(ports: tuple[PortRange, ...]) -> str:
-    return _one_or_set([str(p.low) if p.low == p.high else f"{p.low}-{p.high}" for p in ports])
+def _port(p: PortRange) -> str:
+    return str(p.low) if p.low == p.high else f"{p.low}-{p.high}"
 
 
-def _uids(owner: Owner) -> str:
-    return _one_or_set([str(uid) for uid in owner.uids])
+def _comment(containers: str) -> str:
+    return f' comment "{containers}"'
+
+
+def sets(rs: RuleSet) -> tuple[NftSet, ...]:
+    """The table's named sets with the elements this ruleset wants, in a stable order (UID
+    identity; cgroup identity has a set per container, see `_sets`)."""
+    if rs.cgroups is not None:
+        return ()
+    grants = [
+        f"{g.uid} . {g.protocol} . {_port(p)}{_comment(g.containers)}" for g in rs.grants for p in g.ports
+    ]
+    owners = [f"{uid} . {o.protocol} . {o.port}{_comment(o.containers)}" for o in rs.owners for uid in o.uids]
+    return (
+        NftSet("grants", (f"typeof {_FLOW}", "flags interval"), tuple(grants)),
+        NftSet("owners", (f"typeof {IDENTITY} . meta l4proto . th sport",), tuple(owners)),
+        NftSet(
+            "owned", ("typeof meta l4proto . th sport",), tuple(f"{o.protocol} . {o.port}" for o in rs.owners)
+        ),
+        NftSet(
+            "identities",
+            (f"typeof {IDENTITY}", "counter"),
+            tuple(f"{i.uid} counter{_comment(i.containers)}" for i in rs.identities),
+        ),
+        NftSet(
+            "observed",
+            (
+                f"typeof {_FLOW}",
+                f"size {OBSERVED_SIZE}",
+                "flags dynamic,timeout",
+                "counter",
+                f"timeout {OBSERVED_TIMEOUT}",
+            ),
+            dynamic=True,
+        ),
+    )
 
 
 def _judging(rs: RuleSet) -> list[str]:
     if rs.cgroups is not None:
         return _judging_by_cgroup(rs, rs.cgroups)
-    rules = list(_FIRST)
-    rules += [
-        f'udp sport {owner.port} meta skuid != {_uids(owner)} goto refuse comment "{owner.containers}"'
-        for owner in rs.owned("udp")
-    ]
+    rules = [*_FIRST, f"{_UDP_NOT_OWNER} goto refuse"]
     if rs.stateful:
         rules.append("ct direction reply accept")
     rules.append(
         f"meta l4proto {{ tcp, udp }} th dport {rs.sentinel_port} reject with icmpx admin-prohibited"
     )
     if rs.allow_root:
-        rules.append("meta skuid 0 accept")
+        rules.append(f"{IDENTITY} 0 accept")
     rules += [
-        f'meta skuid {g.uid} {g.protocol} dport {_ports(g.ports)} accept comment "{g.containers}"'
-        for g in rs.grants
+        f"{_FLOW} @grants accept",
+        f"meta l4proto {{ tcp, udp }} update @observed {{ {_FLOW} }}",
+        "goto refuse",
     ]
-    rules.append("goto refuse")
     return rules
 
 
 def _serve(rs: RuleSet) -> list[str]:
-    """SYN-ACKs, in a chain of their own so that a SYN never walks the declared ports. By cgroup,
+    """SYN-ACKs, in a chain of their own so that a SYN never meets the declared ports. By UID, an
+    owner's passes and any other from a declared port is refused (two lookups). By cgroup,
     a SYN-ACK's request socket has no cgroup to match (`socket cgroupv2` breaks on it): a declared
     TCP port is kept to its owners on input instead (`_receiving`), where the SYN meets the
     listener; under uid+cgroup the owners' UIDs are held to it here as well."""
     if rs.cgroups is None:
-        owners = [(o.port, o.uids, o.containers) for o in rs.owned("tcp")]
-    else:
-        cg = rs.cgroups
-        owners = [(o.port, cg.uids(o), ",".join(o.members)) for o in cg.owned("tcp")] if cg.by_uid else []
+        return [
+            f"{IDENTITY} . meta l4proto . th sport @owners accept",
+            "meta l4proto . th sport @owned goto refuse",  # a SYN cookie's SYN-ACK, socketless, too
+            "accept",
+        ]
+    cg = rs.cgroups
+    owners = [(o.port, cg.uids(o), ",".join(o.members)) for o in cg.owned("tcp")] if cg.by_uid else []
     rules = []
     for port, uids, containers in owners:
         served = f"tcp sport {port}"
@@ -85,9 +148,16 @@ def _refuse(rs: RuleSet) -> list[str]:
     if rs.cgroups is not None:
         cg = rs.cgroups
         rules = [f'{_in(cg, m.set)} counter goto deny comment "{m.name}"' for m in cg.members]
-    else:
-        rules = [f'meta skuid {i.uid} counter goto deny comment "{i.containers}"' for i in rs.identities]
-    return [*rules, "counter goto deny"]
+        return [*rules, "counter goto deny"]
+    return [f"{IDENTITY} @identities goto deny", "counter goto deny"]
+
+
+def _one_or_set(items: list[str]) -> str:
+    return items[0] if len(items) == 1 else "{ " + ", ".join(items) + " }"
+
+
+def _ports(ports: tuple[PortRange, ...]) -> str:
+    return _one_or_set([_port(p) for p in ports])
 
 
 # --- cgroup identity (see CGROUP IDENTITY) -----------------------------------------------------
@@ -187,9 +257,17 @@ def _deny(rs: RuleSet) -> list[str]:
     return ["meta l4proto tcp reject with tcp reset", "meta l4proto udp reject", "drop"]
 
 
+def _set_block(s: NftSet) -> str:
+    lines = [f"\t\t{line}\n" for line in s.declaration]
+    if s.elements and not s.dynamic:
+        lines.append("\t\telements = { " + ",\n\t\t\t     ".join(s.elements) + " }\n")
+    return f"\tset {s.name} {{\n" + "".join(lines) + "\t}"
+
+
 def table(rs: RuleSet, loading: bool = False) -> str:
-    """The table block as `nft list table inet netisolate` prints it; counters print as `counter`.
-    `loading`: cgroups by path, for `nft -f` (it lists them back by ID, see CGROUP IDENTITY)."""
+    """The table block as `nft list table inet netisolate` prints it, but for the line breaks inside
+    element lists; counters print as `counter`. `loading`: cgroups by path, for `nft -f` (it lists
+    them back by ID, see CGROUP IDENTITY)."""
     chains = {
         "output": [
             "type filter hook output priority filter; policy accept;",
@@ -202,13 +280,12 @@ def table(rs: RuleSet, loading: bool = False) -> str:
     }
     if rs.cgroups is not None and rs.cgroups.owners:
         chains["input"] = _receiving(rs.cgroups)
-    blocks = _sets(rs.cgroups, loading) if rs.cgroups is not None else []
+    blocks = _sets(rs.cgroups, loading) if rs.cgroups is not None else [_set_block(s) for s in sets(rs)]
     blocks += [
         f"\tchain {name} {{\n" + "".join(f"\t\t{line}\n" for line in lines) + "\t}"
         for name, lines in chains.items()
     ]
-    body = "\n\n".join(blocks)
-    return f"table inet {TABLE} {{\n{body}\n}}\n"
+    return f"table inet {TABLE} {{\n" + "\n\n".join(blocks) + "\n}\n"
 
 
 def create(rs: RuleSet) -> str:
@@ -222,3 +299,126 @@ def replace(rs: RuleSet) -> str:
     first apply too), delete, re-create. The kernel applies all of it or none, so there is no moment
     with half a table, and loading it twice leaves the same table: atomic and idempotent."""
     return f"table inet {TABLE}\ndelete table inet {TABLE}\n{table(rs, loading=True)}"
+
+
+# --- reading a listing back ----------------------------------------------------------------------
+
+_ELEMENTS = re.compile(r"\n\t\telements = \{ (.*?) \}(?=\n)", re.DOTALL)
+_SET_NAME = re.compile(r"\tset (\S+) \{\n")
+_COUNTER = re.compile(r"counter packets \d+ bytes \d+")
+_STATE = re.compile(r" (?:counter|comment)\b.*$")
+_ITEM = re.compile(r'(?:[^,"]|"[^"]*")+')
+
+
+@dataclass(frozen=True)
+class Listing:
+    """A table split into its layout (chains and set declarations, counters without values) and the
+    elements of each set, as nft lists them."""
+
+    layout: str
+    elements: Mapping[str, tuple[str, ...]]
+
+
+def parse(text: str) -> Listing:
+    """Parse `nft list table` output (or `table()`); element order and line breaks do not count."""
+    layout = _COUNTER.sub("counter", _ELEMENTS.sub("", text))
+    elements = {
+        name: tuple(_COUNTER.sub("counter", e) for e in items) for name, items in _raw_elements(text).items()
+    }
+    return Listing(layout, elements)
+
+
+def element_key(element: str, interval: bool) -> str:
+    """What identifies an element to `delete element`: the key, without counter and comment. In an
+    interval set a single port is spelt as the range `P-P` (nft 1.0.6 finds no element otherwise)."""
+    key = _STATE.sub("", element)
+    last = key.rsplit(" ", 1)[-1]
+    return f"{key}-{last}" if interval and last.isdigit() else key
+
+
+def _element_changes(rs: RuleSet, listed: Listing) -> list[tuple[str, list[str], list[str]]]:
+    """(set, elements missing, elements unexpected) for each set either side has; the kernel's own
+    (`observed`) never count."""
+    wanted = parse(table(rs)).elements
+    changes = []
+    for name in sorted({*wanted, *listed.elements} - {"observed"}):
+        want, have = wanted.get(name, ()), listed.elements.get(name, ())
+        changes.append((name, [e for e in want if e not in have], sorted(set(have) - set(want))))
+    return changes
+
+
+def update(rs: RuleSet, listed: Listing) -> str | None:
+    """The `nft -f` document that turns a listed table with this ruleset's layout into exactly this
+    ruleset by element updates alone — one transaction, so no packet sees a half-changed policy —
+    or None when the layout differs (then only `replace` will do). "" when nothing is to change."""
+    if rs.cgroups is not None or parse(table(rs)).layout != listed.layout:
+        return None  # cgroup identity: `elements` updates its sets, anything else is a replace
+    interval = {s.name for s in sets(rs) if "flags interval" in s.declaration}
+    lines = []
+    for name, missing, unexpected in _element_changes(rs, listed):
+        if unexpected:
+            keys = ", ".join(sorted({element_key(e, name in interval) for e in unexpected}))
+            lines.append(f"delete element inet {TABLE} {name} {{ {keys} }}\n")
+        if missing:
+            lines.append(f"add element inet {TABLE} {name} {{ {', '.join(missing)} }}\n")
+    return "".join(lines)
+
+
+def drift(rs: RuleSet, listed: Listing) -> list[str]:
+    """What differs between a listed table and this ruleset ([] when exactly equal): layout lines
+    missing or unexpected, and each set's missing or unexpected elements. Counter values and the
+    kernel-written `observed` elements never count."""
+    problems = _line_drift(parse(table(rs)).layout, listed.layout)
+    for name, missing, unexpected in _element_changes(rs, listed):
+        problems += [f"missing in set {name}: {e}" for e in missing]
+        problems += [f"unexpected in set {name}: {e}" for e in unexpected]
+    return problems
+
+
+def _line_drift(expected: str, actual: str) -> list[str]:
+    if expected == actual:
+        return []
+    diff = difflib.unified_diff(expected.splitlines(), actual.splitlines(), n=0, lineterm="")
+    return [
+        f"{'unexpected' if line[0] == '+' else 'missing'}: {line[1:].strip()}"
+        for line in diff
+        if line[:1] in "+-" and line[:3] not in ("+++", "---")
+    ]
+
+
+_OBSERVED = re.compile(r"^(.+?) \. (tcp|udp) \. (\d+) counter packets (\d+)")
+_IDENTITY_COUNTER = re.compile(r'^(.+?) counter packets (\d+) bytes \d+(?: comment "([^"]*)")?')
+_DENY_RULE = re.compile(r'counter packets (\d+) bytes \d+ goto deny(?: comment "([^"]*)")?\n')
+
+
+def observed(text: str) -> list[tuple[str, str, int, int]]:
+    """(identity, protocol, port, packets) of each element of the listed `observed` set."""
+    found = []
+    for element in _raw_elements(text).get("observed", ()):
+        match = _OBSERVED.match(element)
+        if match:
+            found.append((match[1], match[2], int(match[3]), int(match[4])))
+    return found
+
+
+def refused(text: str) -> dict[str, int]:
+    """Refused packets by the containers of each identity ("" for sockets of no known identity)."""
+    counts: dict[str, int] = {}
+    for element in _raw_elements(text).get("identities", ()):
+        match = _IDENTITY_COUNTER.match(element)
+        if match:
+            counts[match[3] or ""] = counts.get(match[3] or "", 0) + int(match[2])
+    for packets, containers in _DENY_RULE.findall(text):  # unknown sockets; cgroup identity's members
+        counts[containers] = counts.get(containers, 0) + int(packets)
+    return counts
+
+
+def _raw_elements(text: str) -> Mapping[str, tuple[str, ...]]:
+    """The elements of each set as listed, counter values kept."""
+    out: dict[str, tuple[str, ...]] = {}
+    for match in _ELEMENTS.finditer(text):
+        names = _SET_NAME.findall(text, 0, match.start())
+        out[names[-1] if names else ""] = tuple(
+            " ".join(i.split()) for i in _ITEM.findall(match[1]) if i.strip()
+        )
+    return out
