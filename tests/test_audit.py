@@ -721,6 +721,11 @@ def test_the_api_server_is_authenticated_and_authenticates_us_over_tls(
         Path(config).write_text(yaml.safe_dump(document))
         assert cli(capsys, "--kubeconfig", config)[:2] == (0, "no findings\n")
         assert clients and set(clients) == {"audit-user"}
+        document["clusters"][0]["cluster"]["tls-server-name"] = "api.example"  # the name to check
+        Path(config).write_text(yaml.safe_dump(document))
+        code, _, err = cli(capsys, "--kubeconfig", config)
+        assert code == 2 and "CERTIFICATE_VERIFY_FAILED" in err and "api.example" in err
+        del document["clusters"][0]["cluster"]["tls-server-name"]
         document["clusters"][0]["cluster"]["certificate-authority-data"] = base64.b64encode(
             _pem(other_ca)
         ).decode()

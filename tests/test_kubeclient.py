@@ -5,7 +5,9 @@ webhook and the commands meet the client through kmock in their own tests."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import socket
 import threading
 import time
 import urllib.parse
@@ -360,3 +362,44 @@ def test_a_failing_list_is_reported_and_retried(serve: Any) -> None:
         until(lambda: not loop.failing, "recovery")
     finally:
         stop.set()
+
+
+def test_a_proxy_url_is_reached_with_connect(serve: Any) -> None:
+    """kubeconfig `proxy-url`: the client opens a CONNECT tunnel through the proxy and speaks to
+    the API server inside it (TLS, where the server is https, also inside)."""
+    server = serve(lambda seen: Reply(body={"kind": "Namespace"}))
+    asked: list[bytes] = []
+    listener = socket.create_server(("127.0.0.1", 0))
+
+    def relay(source: socket.socket, sink: socket.socket) -> None:
+        with contextlib.suppress(OSError):
+            while data := source.recv(65536):
+                sink.sendall(data)
+        sink.close()
+
+    def proxy() -> None:
+        with contextlib.suppress(OSError):
+            while True:
+                conn, _ = listener.accept()
+                head = b""
+                while b"\r\n\r\n" not in head:
+                    head += conn.recv(4096)
+                asked.append(head.split(b"\r\n")[0])
+                host, _, port = head.split()[1].decode().rpartition(":")
+                upstream = socket.create_connection((host, int(port)))
+                conn.sendall(b"HTTP/1.1 200 Connection established\r\n\r\n")
+                threading.Thread(target=relay, args=(upstream, conn), daemon=True).start()
+                threading.Thread(target=relay, args=(conn, upstream), daemon=True).start()
+
+    threading.Thread(target=proxy, daemon=True).start()
+    try:
+        proxied = Endpoint(server.url, proxy=f"http://127.0.0.1:{listener.getsockname()[1]}")
+        assert Client(proxied).get("/api/v1/namespaces/a") == {"kind": "Namespace"}
+        assert [line.rpartition(b" ")[0] for line in asked] == [
+            f"CONNECT 127.0.0.1:{server.http.server_address[1]}".encode()
+        ]
+        assert [s.path for s in server.seen] == ["/api/v1/namespaces/a"]
+        with pytest.raises(KubeError, match="only http:// proxies"):
+            Client(Endpoint(server.url, proxy="socks5://127.0.0.1:1080"))
+    finally:
+        listener.close()
