@@ -20,6 +20,7 @@ from typing import Any
 import pytest
 
 from netisolate.agent.watch import ListWatch
+from netisolate.kube import api_client
 from netisolate.kubeclient import ApiError, Client, KubeError
 from netisolate.kubeconfig import Endpoint
 
@@ -403,3 +404,34 @@ def test_a_proxy_url_is_reached_with_connect(serve: Any) -> None:
             Client(Endpoint(server.url, proxy="socks5://127.0.0.1:1080"))
     finally:
         listener.close()
+
+
+def test_an_exec_plugins_expired_token_is_replaced_by_running_it_again(serve: Any, tmp_path: Path) -> None:
+    """The kubeconfig's exec plugin is run again when the server refuses its token (401)."""
+    server = serve(
+        lambda seen: (
+            Reply(body={"kind": "Pod"})
+            if seen.headers.get("Authorization") == "Bearer token-2"
+            else Reply(401, status(401, "Unauthorized"))
+        )
+    )
+    runs = tmp_path / "runs"
+    plugin = tmp_path / "credential"
+    credential = '{"kind": "ExecCredential", "status": {"token": "token-%s"}}'  # token-<run>
+    plugin.write_text(f"#!/bin/sh\necho x >> {runs}\nprintf '{credential}' $(wc -l < {runs})\n")
+    plugin.chmod(0o755)
+    config = tmp_path / "kubeconfig"
+    config.write_text(
+        json.dumps(
+            {
+                "apiVersion": "v1",
+                "kind": "Config",
+                "clusters": [{"name": "c", "cluster": {"server": server.url}}],
+                "users": [{"name": "u", "user": {"exec": {"apiVersion": "v1", "command": str(plugin)}}}],
+                "contexts": [{"name": "x", "context": {"cluster": "c", "user": "u"}}],
+                "current-context": "x",
+            }
+        )
+    )
+    assert api_client(str(config)).get("/api/v1/namespaces/shop/pods/web") == {"kind": "Pod"}
+    assert [s.headers["Authorization"] for s in server.seen] == ["Bearer token-1", "Bearer token-2"]
