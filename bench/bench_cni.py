@@ -42,7 +42,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from netisolate.model import parse_pod
@@ -257,7 +257,7 @@ def real_node_latency(node: Any, backend: str, pods: int) -> dict[str, Any]:
     agent = realcni.new_agent(None, backend)
     agent.on_namespace_list([{"metadata": {"name": "shop", "labels": {}}}])
     socket = realcni.options(node).socket
-    handler, answered = CniHandler(agent.reconciler, None), list[float]()
+    handler, answered = CniHandler(agent.reconciler, cast(Any, None)), list[float]()
 
     def timed(request: Any, ns: Any) -> bytes:
         started = time.perf_counter()

@@ -23,18 +23,19 @@ from typing import Any
 import pytest
 import pytest_asyncio
 from kubernetes import client
-from kubernetes.client.exceptions import ApiException
 from prometheus_client import REGISTRY
 
 from netisolate.agent import endpoints
 from netisolate.agent.node import Agent
 from netisolate.backends import run_tool, select_backend
+from netisolate.kube import AgentApi
+from netisolate.kubeclient import ApiError, Client, Listing
 from netisolate.model import parse_pod
 from netisolate.policy import pod_policy
 from netisolate.rules import Settings, build_ruleset
 from tests.agent_harness import SimulatedPod, close_all, pod_manifest
 from tests.agent_process import AgentProcess, kubeconfig
-from tests.kube_standin import api_client, as_body, declare, put
+from tests.kube_standin import api_client, as_body, declare, ours, put
 
 pytestmark = [pytest.mark.kernel, pytest.mark.timeout(120)]
 NODE = "node-a"
@@ -47,15 +48,17 @@ class Running:
         self,
         core: client.CoreV1Api,
         backend: str = "nftables",
+        *,
         verify_interval: float = 0.3,
         node: str = NODE,
         settings: Settings | None = None,
+        api: AgentApi | None = None,
     ) -> None:
         self.agent = Agent(
             node,
             select_backend(backend),
             settings or Settings(),
-            core,
+            api or ours(core),  # the agent's own client, of the server `core` drives
             verify_interval=verify_interval,
             host_netns="/proc/self/ns/net",
             pending_interval=0.05,
@@ -489,15 +492,15 @@ async def test_api_outage_enforcement_continues_and_resumes(core: client.CoreV1A
         close_all(sims)
 
 
-class NamespacesDown(client.CoreV1Api):
+class NamespacesDown(Client):
     """The API server answers everything but the Namespace list/watch, until `down` is cleared."""
 
     down = True
 
-    def list_namespace(self, *args: Any, **kwargs: Any) -> Any:
-        if self.down:
-            raise ApiException(status=500, reason="namespaces unavailable")
-        return super().list_namespace(*args, **kwargs)
+    def list(self, path: str, *, field_selector: str | None = None) -> Listing:
+        if self.down and path == "/api/v1/namespaces":
+            raise ApiError("GET", path, 500, "namespaces unavailable")
+        return super().list(path, field_selector=field_selector)
 
 
 def readyz(port: int) -> tuple[int, str]:
@@ -514,10 +517,11 @@ async def test_pod_annotation_is_a_floor_while_the_namespace_watch_fails(kmock: 
     failing watch shows in /readyz and the metrics, and once it recovers the agent is ready."""
     declare(kmock)
     put(kmock, "v1/namespaces", {"metadata": {"name": "shop", "labels": {}}})
-    core = NamespacesDown(api_client(kmock))
+    core = client.CoreV1Api(api_client(kmock))
+    down = NamespacesDown(ours(kmock).endpoint)
     manifest = pod_manifest("web", NODE)
     sim = SimulatedPod(manifest)
-    running = Running(core)
+    running = Running(core, api=down)
     server = endpoints.serve(running.agent, 0, "127.0.0.1")
     port = server.server_address[1]
     try:
@@ -536,7 +540,7 @@ async def test_pod_annotation_is_a_floor_while_the_namespace_watch_fails(kmock: 
             REGISTRY.get_sample_value("netisolate_watch_errors_total", {"resource": "namespaces"}) or 0
         ) > 0
 
-        core.down = False  # the namespace list works again (after the watch's backoff)
+        down.down = False  # the namespace list works again (after the watch's backoff)
         await until(lambda: readyz(port)[0] == 200, timeout=20, what="readiness after recovery")
         assert REGISTRY.get_sample_value("netisolate_watch_up", {"resource": "namespaces"}) == 1
     finally:

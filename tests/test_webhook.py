@@ -23,7 +23,6 @@ from aiohttp.test_utils import TestClient, TestServer
 from cryptography import x509
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from kubernetes import client as kube
 
 from netisolate.admission import review_request
 from netisolate.config import Config
@@ -31,7 +30,7 @@ from netisolate.model import InputError
 from netisolate.webhook import tls
 from netisolate.webhook.review import BadReviewError, parse_review, response
 from netisolate.webhook.server import Limits, NamespaceLabels, NamespaceUnavailableError, build_app
-from tests.kube_standin import api_client, declare, put
+from tests.kube_standin import declare, ours, put
 
 HARDENED = {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}}
 
@@ -408,7 +407,7 @@ async def test_namespace_labels_are_read_from_the_api_and_a_missing_namespace_fa
 ) -> None:
     declare(kmock)
     put(kmock, "v1/namespaces", {"metadata": {"name": "shop", "labels": NAMESPACES["shop"]}})
-    labels = NamespaceLabels(kube.CoreV1Api(api_client(kmock)))
+    labels = NamespaceLabels(ours(kmock))
     assert await labels("shop") == NAMESPACES["shop"]
     with pytest.raises(NamespaceUnavailableError, match="cannot read namespace nowhere"):
         await labels("nowhere")
@@ -424,12 +423,9 @@ async def test_a_namespace_served_without_metadata_has_no_labels() -> None:
     """The API's Namespace model makes metadata optional: read as absent, not a crash (which the
     review would turn into an 'internal error' denial of every pod in it)."""
 
-    class Bare:
-        metadata = None
-
     class Api:
-        def read_namespace(self, name: str) -> Bare:
-            return Bare()
+        def get(self, path: str, *, timeout: float | None = None) -> dict[str, Any]:
+            return {"kind": "Namespace", "metadata": None}
 
     assert await NamespaceLabels(Api())("shop") == {}
 

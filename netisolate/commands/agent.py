@@ -139,7 +139,7 @@ def run_agent(args: argparse.Namespace) -> int:
     from netisolate.agent.cni import start as start_cni
     from netisolate.agent.cni_conf import CniInstallError, uninstall
     from netisolate.agent.node import Agent
-    from netisolate.kube import api_clients
+    from netisolate.kube import api_client
 
     setup_logging()
     if not args.node_name:
@@ -147,7 +147,7 @@ def run_agent(args: argparse.Namespace) -> int:
             "no node name: pass --node-name or set NODE_NAME (the DaemonSet sets it from spec.nodeName)"
         )
     cni = cni_options(args)
-    core, _ = api_clients(args.kubeconfig)
+    core = api_client(args.kubeconfig, "netisolate-agent")
     settings = rule_settings(args)
     try:
         with NetNS.open(args.host_netns) as host:
