@@ -336,7 +336,7 @@ def element_key(element: str, interval: bool) -> str:
     return f"{key}-{last}" if interval and last.isdigit() else key
 
 
-def _element_changes(rs: RuleSet, listed: Listing) -> list[tuple[str, list[str], list[str]]]:
+def element_changes(rs: RuleSet, listed: Listing) -> list[tuple[str, list[str], list[str]]]:
     """(set, elements missing, elements unexpected) for each set either side has; the kernel's own
     (`observed`) never count."""
     wanted = parse(table(rs)).elements
@@ -355,7 +355,7 @@ def update(rs: RuleSet, listed: Listing) -> str | None:
         return None  # cgroup identity: `elements` updates its sets, anything else is a replace
     interval = {s.name for s in sets(rs) if "flags interval" in s.declaration}
     lines = []
-    for name, missing, unexpected in _element_changes(rs, listed):
+    for name, missing, unexpected in element_changes(rs, listed):
         if unexpected:
             keys = ", ".join(sorted({element_key(e, name in interval) for e in unexpected}))
             lines.append(f"delete element inet {TABLE} {name} {{ {keys} }}\n")
@@ -369,7 +369,7 @@ def drift(rs: RuleSet, listed: Listing) -> list[str]:
     missing or unexpected, and each set's missing or unexpected elements. Counter values and the
     kernel-written `observed` elements never count."""
     problems = _line_drift(parse(table(rs)).layout, listed.layout)
-    for name, missing, unexpected in _element_changes(rs, listed):
+    for name, missing, unexpected in element_changes(rs, listed):
         problems += [f"missing in set {name}: {e}" for e in missing]
         problems += [f"unexpected in set {name}: {e}" for e in unexpected]
     return problems
