@@ -29,6 +29,7 @@ from prometheus_client import REGISTRY
 from netisolate.agent import endpoints
 from netisolate.agent.node import Agent
 from netisolate.backends import run_tool, select_backend
+from netisolate.backends.nftables import KEPT
 from netisolate.model import parse_pod
 from netisolate.policy import pod_policy
 from netisolate.rules import Settings, build_ruleset
@@ -330,6 +331,8 @@ async def test_churn_leaves_nothing_unenforced_and_nothing_stale(core: client.Co
             await asyncio.to_thread(core.delete_namespaced_pod, manifest["metadata"]["name"], "shop")
         await until(lambda: len(running.agent.reconciler.pods) == 100, what="deleted pods forgotten")
         assert all(running.state(u) == "enforce" for u in uids[1::2])
+        # the nftables backend keeps a netlink socket per namespace (it pins it): the deleted pods' go
+        await until(lambda: len(KEPT) <= 100, timeout=30, what="the deleted pods' netlink sockets closed")
     finally:
         running.stop()
         close_all(sims)

@@ -27,6 +27,7 @@ import struct
 import threading
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from functools import lru_cache
 
 NETLINK_NETFILTER = 12
 NFNL_SUBSYS_NFTABLES = 10
@@ -114,6 +115,7 @@ def _value(fmt: str, text: str) -> bytes:
     return packed + b"\0" * (-len(packed) % 4)
 
 
+@lru_cache(maxsize=8192)  # a pod's elements come back as its policy changes back and forth
 def _element(key: SetKey, text: str, full: bool) -> bytes:
     """One element in nft's syntax (`1000 . tcp . 80-81 counter comment "app"`) as the kernel takes
     it; `full`: with its counter and comment (an add), else the key alone (a delete)."""

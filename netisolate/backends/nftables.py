@@ -32,7 +32,10 @@ from netisolate.rules import RuleSet, nft
 KEPT = KeptSockets()
 
 
-def _changes(ruleset: RuleSet, listed: nft.Listing) -> list[Change]:
+Changes = list[tuple[str, list[str], list[str]]]  # (set, elements to add, elements to delete)
+
+
+def _encoded(ruleset: RuleSet, changes: Changes) -> list[Change]:
     keys = {s.name: SetKey.of(s.declaration) for s in nft.sets(ruleset)}
     return [
         Change(
@@ -42,17 +45,25 @@ def _changes(ruleset: RuleSet, listed: nft.Listing) -> list[Change]:
             tuple(sorted({nft.element_key(e, keys[name].interval) for e in unexpected})),
             tuple(missing),
         )
-        for name, missing, unexpected in nft.element_changes(ruleset, listed)
+        for name, missing, unexpected in changes
         if missing or unexpected
     ]
 
 
-def _after(ruleset: RuleSet, listed: nft.Listing) -> nft.Listing:
-    """What the table holds once the element update from `listed` to `ruleset` is committed."""
+def _after(listed: nft.Listing, changes: Changes) -> nft.Listing:
+    """What the table holds once `changes` to `listed` are committed."""
     elements = dict(listed.elements)
-    for name, missing, unexpected in nft.element_changes(ruleset, listed):
+    for name, missing, unexpected in changes:
         elements[name] = tuple(e for e in elements.get(name, ()) if e not in unexpected) + tuple(missing)
     return nft.Listing(listed.layout, elements)
+
+
+def _generation(kept: Kept | None) -> int | None:
+    """The namespace's ruleset generation, if a kept socket can tell it."""
+    try:
+        return kept.socket.generation() if kept is not None else None
+    except OSError:
+        return None
 
 
 class NftablesBackend:
@@ -94,43 +105,38 @@ class NftablesBackend:
 
     def _update(self, kept: Kept, ruleset: RuleSet, listed: nft.Listing, generation: int) -> bool:
         """Turn the table, known to be `listed` at `generation`, into `ruleset` by an element update
-        over the kept socket; False (and nothing known any more) when that cannot be done."""
+        over the kept socket (what `nft.update` would load); False, and nothing known any more,
+        when that cannot be done."""
         kept.known = None
-        delta = nft.update(ruleset, listed)
+        if ruleset.cgroups is not None or nft.expected(ruleset).layout != listed.layout:
+            return False
+        changes = [change for change in nft.element_changes(ruleset, listed) if change[1] or change[2]]
         try:
-            if delta is None:
-                return False
-            if delta == "":
-                now = kept.socket.generation()
-                if now == generation:
-                    kept.known = (listed, now)
-                return now == generation
-            after = kept.socket.commit(_changes(ruleset, listed), generation)
+            if not changes:  # done, if nothing changed the table since
+                unchanged = kept.socket.generation() == generation
+                kept.known = (listed, generation) if unchanged else None
+                return unchanged
+            after = kept.socket.commit(_encoded(ruleset, changes), generation)
         except (NetlinkError, UnsupportedError, OSError):  # stale, refused, or not ours to encode
             return False
-        kept.known = (_after(ruleset, listed), after) if after == generation + 1 else None
+        if after == generation + 1:  # ours was the only transaction since
+            kept.known = (_after(listed, changes), after)
         return True
 
     def _apply(self, ns: NetNS, ruleset: RuleSet, kept: Kept | None) -> None:
-        """Read the table, then update it, create it or replace it."""
-        before = kept.socket.generation() if kept is not None else 0
-        listed = self.listing(ns)
-        fresh = kept is not None and listed is not None and kept.socket.generation() == before
-        if (
-            fresh
-            and kept is not None
-            and listed is not None
-            and self._update(kept, ruleset, nft.parse(listed), before)
-        ):
-            return
+        """Read the table, then update it (over the kept socket where there is one), create it
+        or replace it."""
+        listed = self._read(ns, kept)
         if listed is None:
-            if (
-                self._write(ns, kept, ruleset, nft.create(ruleset), f"loading {ruleset.pod}'s new table")[0]
-                == 0
-            ):
+            status, _ = self._write(
+                ns, kept, ruleset, nft.create(ruleset), f"loading {ruleset.pod}'s new table", new=True
+            )
+            if status == 0:
                 return
         else:
-            delta = nft.update(ruleset, nft.parse(listed))
+            if kept is not None and kept.known is not None and self._update(kept, ruleset, *kept.known):
+                return
+            delta = nft.update(ruleset, listed)
             if delta == "":
                 return
             if delta is not None and self._load(ns, delta, f"updating {ruleset.pod}'s set elements")[0] == 0:
@@ -140,16 +146,26 @@ class NftablesBackend:
         if status != 0:
             raise EnforceError(err)
 
+    def _read(self, ns: NetNS, kept: Kept | None) -> nft.Listing | None:
+        """The table, parsed (None: there is none); `kept` knows it too when nothing committed
+        while it was read."""
+        before = _generation(kept)
+        text = self.listing(ns)
+        listed = nft.parse(text) if text is not None else None
+        if kept is not None and listed is not None and before is not None and _generation(kept) == before:
+            kept.known = (listed, before)
+        return listed
+
     def _write(
-        self, ns: NetNS, kept: Kept | None, ruleset: RuleSet, document: str, what: str
+        self, ns: NetNS, kept: Kept | None, ruleset: RuleSet, document: str, what: str, *, new: bool = False
     ) -> tuple[int, str]:
-        """Load a whole table; remember it as what the namespace holds when ours was the only
-        transaction in between (the generation moved by exactly one)."""
-        before = kept.socket.generation() if kept is not None else 0
-        status, err = self._load(ns, document, what, in_process=document.startswith("create "))
-        if kept is not None and status == 0 and ruleset.cgroups is None:
-            after = kept.socket.generation()
-            kept.known = (nft.parse(nft.table(ruleset)), after) if after == before + 1 else None
+        """Load a whole table (`new`: a first one, in-process); remember it as what the namespace
+        holds when ours was the only transaction in between (the generation moved by exactly one)."""
+        before = _generation(kept)
+        status, err = self._load(ns, document, what, in_process=new)
+        if kept is not None and status == 0 and before is not None and ruleset.cgroups is None:
+            after = _generation(kept)
+            kept.known = (nft.expected(ruleset), before + 1) if after == before + 1 else None
         return status, err
 
     def update_cgroups(self, ns: NetNS, ruleset: RuleSet, installed: RuleSet) -> None:
