@@ -1,6 +1,6 @@
 """Enforcement benchmark: prints one JSON object per scenario, each with its baseline from the same run.
 
-    sudo .venv/bin/python bench/bench_enforce.py [--quick]
+    sudo .venv/bin/python bench/bench_enforce.py [--quick] [--backend nftables|iptables]
 
 apply-new / apply-update  per-namespace apply of a 3-container x 4-port policy, per backend, median
                           and p95, next to the same change loaded by the raw tool (`nft -f`,
@@ -267,9 +267,12 @@ def main() -> None:
         metavar="S",
         help="seconds of each loopback measurement (on a busy machine: more, shorter rounds)",
     )
+    parser.add_argument(
+        "--backend", choices=("nftables", "iptables"), action="append", help="only this backend (repeatable)"
+    )
     args = parser.parse_args()
     rounds, many, loop_rounds, seconds = (5, 10, 4, 0.2) if args.quick else (40, 100, 40, 0.5)
-    for name in ("nftables", "iptables"):
+    for name in args.backend or ("nftables", "iptables"):
         backend = select_backend(name)
         if not args.loopback_only:
             for result in bench_apply(backend, rounds):

@@ -218,3 +218,19 @@ def test_a_new_namespace_gets_its_table_without_a_fork(
     assert forks == [] and backend.verify(ns, POLICY_A) == []
     socket = kept.get(ns)
     assert socket is not None and socket.known is not None, "and the next change needs no read"
+
+
+def test_without_libnftables_tables_load_by_nft_and_updates_still_go_over_the_socket(
+    kept: KeptSockets, pods: list[LocalPod], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("netisolate.backends.libnft.available", lambda: False)
+    backend, ns = NftablesBackend(kept), ns_of(pods[0])
+    forks = forked_nft(monkeypatch)
+    backend.apply(ns, POLICY_A)
+    assert [doc.split("\n", 1)[0] for doc in forks] == [
+        "list table inet netisolate",
+        "create table inet netisolate",
+    ]
+    backend.apply(ns, POLICY_B)
+    assert len(forks) == 2, "the change needed neither a read nor nft"
+    assert backend.verify(ns, POLICY_B) == []
