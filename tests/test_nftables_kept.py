@@ -9,6 +9,7 @@ Namespaces are `LocalPod`s (unique `ni-<hex>-` names, removed on exit, also on f
 
 from __future__ import annotations
 
+import errno
 import subprocess
 import sys
 import time
@@ -20,7 +21,7 @@ import pytest
 
 from netisolate.backends import run_tool
 from netisolate.backends.kept import KeptSockets
-from netisolate.backends.nfnetlink import NetlinkError, SetKey, _element
+from netisolate.backends.nfnetlink import Change, NetlinkError, SetKey, _element
 from netisolate.backends.nftables import NftablesBackend, _encoded
 from netisolate.localpod import LocalPod
 from netisolate.netns import NetNS
@@ -234,3 +235,20 @@ def test_without_libnftables_tables_load_by_nft_and_updates_still_go_over_the_so
     backend.apply(ns, POLICY_B)
     assert len(forks) == 2, "the change needed neither a read nor nft"
     assert backend.verify(ns, POLICY_B) == []
+
+
+def test_a_batch_with_one_bad_element_changes_nothing(kept: KeptSockets, pods: list[LocalPod]) -> None:
+    """One transaction: an add that would succeed is not applied when a delete in the same batch
+    fails (the element is not there), and the error says so."""
+    backend, ns = NftablesBackend(kept), ns_of(pods[0])
+    backend.apply(ns, POLICY_A)
+    socket = kept.get(ns)
+    assert socket is not None and socket.known is not None
+    key = SetKey.of(next(s.declaration for s in nft.sets(POLICY_A) if s.name == "grants"))
+    bad = Change(
+        nft.TABLE, "grants", key, delete=("4242 . tcp . 1-1",), add=('1002 . tcp . 8080 comment "rogue"',)
+    )
+    with pytest.raises(NetlinkError) as refused:
+        socket.socket.commit([bad], socket.known[1])
+    assert refused.value.errno == errno.ENOENT
+    assert backend.verify(ns, POLICY_A) == []

@@ -22,9 +22,11 @@ from __future__ import annotations
 import errno
 import os
 import re
+import select
 import socket
 import struct
 import threading
+import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
@@ -34,7 +36,7 @@ NFNL_SUBSYS_NFTABLES = 10
 NFNL_MSG_BATCH_BEGIN, NFNL_MSG_BATCH_END = 16, 17
 NFNL_BATCH_GENID = 1
 NFT_MSG_NEWSETELEM, NFT_MSG_DELSETELEM, NFT_MSG_NEWGEN, NFT_MSG_GETGEN = 12, 14, 15, 16
-NLM_F_REQUEST, NLM_F_ACK, NLM_F_CREATE = 0x1, 0x4, 0x400
+NLM_F_REQUEST, NLM_F_CREATE = 0x1, 0x400
 NLMSG_ERROR = 2
 NFPROTO_INET = 1
 NLA_F_NESTED = 0x8000
@@ -179,9 +181,7 @@ def _set_messages(change: Change, seq: Iterator[int]) -> Iterator[bytes]:
     ):
         for chunk in _chunks([_element(change.key, e, full) for e in elements]):
             payload = head + _nest(NFTA_SET_ELEM_LIST_ELEMENTS, chunk)
-            yield _message(
-                kind | NFNL_SUBSYS_NFTABLES << 8, flags | NLM_F_ACK, next(seq), payload, family=NFPROTO_INET
-            )
+            yield _message(kind | NFNL_SUBSYS_NFTABLES << 8, flags, next(seq), payload, family=NFPROTO_INET)
 
 
 # --- the socket ------------------------------------------------------------------------------
@@ -194,7 +194,10 @@ class Socket:
     def __init__(self) -> None:
         self._sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER)
         self._sock.bind((0, 0))
-        self._sock.settimeout(_TIMEOUT_S)
+        self._sock.setblocking(False)  # waits go through poll() (with a timeout socket, even a
+        # MSG_DONTWAIT recv would wait first)
+        self._poll = select.poll()
+        self._poll.register(self._sock, select.POLLIN)
         self._seq = 0
         self._lock = threading.Lock()
 
@@ -204,51 +207,60 @@ class Socket:
             yield self._seq
 
     def generation(self) -> int:
-        """The namespace's nftables ruleset generation: every committed transaction moves it."""
+        """The namespace's nftables ruleset generation: every committed transaction moves it by one."""
         with self._lock:
-            seq = self._next()
-            return self._exchange(b"", next(seq), seq)
+            asked = next(self._next())
+            self._sock.sendall(_message(NFT_MSG_GETGEN | NFNL_SUBSYS_NFTABLES << 8, 0, asked, b""))
+            deadline = time.monotonic() + _TIMEOUT_S
+            while True:  # answers to an earlier call that timed out are told apart by sequence number
+                for kind, number, payload in _messages(self._receive(deadline)):
+                    if kind == NLMSG_ERROR and number == asked and _code(payload):
+                        code = _code(payload)
+                        raise NetlinkError(
+                            code, f"nf_tables refused a generation request: {os.strerror(code)}"
+                        )
+                    if kind == NFT_MSG_NEWGEN | NFNL_SUBSYS_NFTABLES << 8 and number == asked:
+                        return _generation(payload[4:])
 
     def commit(self, changes: Sequence[Change], generation: int) -> int:
         """Apply `changes` in one transaction, only if the ruleset is still at `generation`; returns
-        the generation after it. Raises NetlinkError (ERESTART: it was not) or UnsupportedError, having
-        changed nothing."""
+        the generation after it. Raises NetlinkError (ERESTART: it was not) or UnsupportedError,
+        having changed nothing.
+
+        The kernel checks the generation with its commit lock taken and keeps it to the commit, so
+        ours is the next generation. It handles a batch as it is sent, so every error is queued by
+        the time the send returns: no acknowledgement is asked for, none to wait for."""
         genid = _attr(NFNL_BATCH_GENID, struct.pack(">I", generation))
         with self._lock:
             seq = self._next()
             first = next(seq)
             begin = _message(NFNL_MSG_BATCH_BEGIN, 0, first, genid, res_id=NFNL_SUBSYS_NFTABLES)
             body = b"".join(m for change in changes for m in _set_messages(change, seq))
-            end = _message(NFNL_MSG_BATCH_END, 0, next(seq), b"", res_id=NFNL_SUBSYS_NFTABLES)
-            return self._exchange(begin + body + end, first, seq)
+            last = next(seq)
+            self._sock.sendall(
+                begin + body + _message(NFNL_MSG_BATCH_END, 0, last, b"", res_id=NFNL_SUBSYS_NFTABLES)
+            )
+            failure = 0
+            while True:
+                try:
+                    data = self._sock.recv(65536)
+                except BlockingIOError:
+                    break
+                for kind, number, payload in _messages(data):
+                    if kind == NLMSG_ERROR and first <= number <= last:
+                        failure = failure or _code(payload)
+        if failure:
+            raise NetlinkError(failure, f"nf_tables refused the update: {os.strerror(failure)}")
+        return generation % 0xFFFFFFFF + 1  # a u32 that skips 0
 
-    def _exchange(self, batch: bytes, first: int, seq: Iterator[int]) -> int:
-        """Send `batch` and a generation request after it; the kernel handles a batch as it is
-        sent, so its errors are queued before the generation's answer, which ends the wait.
-        Answers to earlier exchanges (one that timed out) are told apart by sequence number."""
-        asked = next(seq)
-        request = _message(NFT_MSG_GETGEN | NFNL_SUBSYS_NFTABLES << 8, 0, asked, b"")
-        if batch:  # a message of its own: the kernel reads nothing after a batch's end in its buffer
-            self._sock.sendall(batch)
-        self._sock.sendall(request)
-        failure = 0
+    def _receive(self, deadline: float) -> bytes:
         while True:
-            data = self._sock.recv(65536)
-            offset = 0
-            while offset + 16 <= len(data):
-                length, kind, _, number, _ = struct.unpack_from("=IHHII", data, offset)
-                if kind == NLMSG_ERROR and first <= number <= asked:
-                    code = -struct.unpack_from("=i", data, offset + 16)[0]
-                    if code and number == asked:
-                        raise NetlinkError(
-                            code, f"nf_tables refused a generation request: {os.strerror(code)}"
-                        )
-                    failure = failure or code
-                elif kind == NFT_MSG_NEWGEN | NFNL_SUBSYS_NFTABLES << 8 and number == asked:
-                    if failure:
-                        raise NetlinkError(failure, f"nf_tables refused the update: {os.strerror(failure)}")
-                    return _generation(data[offset + 20 : offset + length])
-                offset += max(length + (-length % 4), 16)
+            try:
+                return self._sock.recv(65536)
+            except BlockingIOError:
+                left = deadline - time.monotonic()
+                if left <= 0 or not self._poll.poll(left * 1000):
+                    raise TimeoutError("nf_tables did not answer") from None
 
     def close(self) -> None:
         """Waits for the namespace's last transactions' RCU grace period: call it off the hot path."""
@@ -257,6 +269,20 @@ class Socket:
     @property
     def closed(self) -> bool:
         return self._sock.fileno() < 0
+
+
+def _messages(data: bytes) -> Iterator[tuple[int, int, bytes]]:
+    """(type, sequence number, payload) of each netlink message in a datagram."""
+    offset = 0
+    while offset + 16 <= len(data):
+        length, kind, _, number, _ = struct.unpack_from("=IHHII", data, offset)
+        yield kind, number, data[offset + 16 : offset + length]
+        offset += max(length + (-length % 4), 16)
+
+
+def _code(error: bytes) -> int:
+    """The errno of an NLMSG_ERROR's payload (0: an acknowledgement)."""
+    return -int(struct.unpack_from("=i", error)[0])
 
 
 def _generation(attributes: bytes) -> int:
