@@ -690,10 +690,11 @@ def test_the_api_server_is_authenticated_and_authenticates_us_over_tls(
     ours (client-certificate-data) required by the server; a wrong CA is exit 2."""
     import base64
     import ssl
-    import threading
-    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+    from http.server import BaseHTTPRequestHandler
 
     from cryptography.hazmat.primitives.asymmetric import ec
+
+    from tests.json_server import serve_json
 
     keys = {name: ec.generate_private_key(ec.SECP256R1()) for name in ("ca", "server", "client", "other")}
     ca = _certificate("test-ca", keys["ca"], None, ca=True)
@@ -703,27 +704,16 @@ def test_the_api_server_is_authenticated_and_authenticates_us_over_tls(
     (tmp_path / "ca.pem").write_bytes(_pem(ca))
     clients: list[str] = []
 
-    class Handler(BaseHTTPRequestHandler):
-        def do_GET(self) -> None:
-            peer = self.connection.getpeercert()
-            clients.append(str(dict(x[0] for x in peer["subject"])["commonName"]))
-            body = b'{"kind": "List", "metadata": {}, "items": []}'
-            self.send_response(200)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, format: str, *args: Any) -> None:
-            pass
+    def answer(request: BaseHTTPRequestHandler) -> bytes:
+        peer = request.connection.getpeercert()
+        clients.append(str(dict(x[0] for x in peer["subject"])["commonName"]))
+        return b'{"kind": "List", "metadata": {}, "items": []}'
 
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.load_cert_chain(tmp_path / "server.pem", tmp_path / "server.key")
     context.load_verify_locations(tmp_path / "ca.pem")
     context.verify_mode = ssl.CERT_REQUIRED
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    server.socket = context.wrap_socket(server.socket, server_side=True)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
+    server = serve_json(answer, context)
     try:
         url = f"https://127.0.0.1:{server.server_address[1]}"
         client = _certificate("audit-user", keys["client"], (ca, keys["ca"]))

@@ -13,7 +13,8 @@ every pod of a given shape and a changed policy is an element update inside the 
   not allow (learning). Its elements are the kernel's, not ours: never drift, never loaded.
 
 The identity is the key `IDENTITY` names (the socket's UID); the sets are declared with `typeof`
-that key, so an identity of another kind changes the key, not the layout.
+that key, so an identity of another kind changes the key, not the layout. Cgroup identity has a set
+per container instead (`_sets`) and the same `observed`, keyed by the container's cgroup ID.
 """
 
 from __future__ import annotations
@@ -50,6 +51,7 @@ _FIRST = (  # decisions 1-3, whatever the identity
 )
 _UDP_NOT_OWNER = f"meta l4proto . udp sport @owned {IDENTITY} . meta l4proto . udp sport != @owners"
 _FLOW = f"{IDENTITY} . meta l4proto . th dport"
+_RECORDED = "meta l4proto { tcp, udp } update @observed"
 
 
 @dataclass(frozen=True)
@@ -88,18 +90,20 @@ def sets(rs: RuleSet) -> tuple[NftSet, ...]:
             (f"typeof {IDENTITY}", "counter"),
             tuple(f"{i.uid} counter{_comment(i.containers)}" for i in rs.identities),
         ),
-        NftSet(
-            "observed",
-            (
-                f"typeof {_FLOW}",
-                f"size {OBSERVED_SIZE}",
-                "flags dynamic,timeout",
-                "counter",
-                f"timeout {OBSERVED_TIMEOUT}",
-            ),
-            dynamic=True,
-        ),
+        _observed(f"typeof {_FLOW}"),
     )
+
+
+def _observed(key: str) -> NftSet:
+    """The learning record (rule 9), its elements written by the packet path."""
+    declaration = (
+        key,
+        f"size {OBSERVED_SIZE}",
+        "flags dynamic,timeout",
+        "counter",
+        f"timeout {OBSERVED_TIMEOUT}",
+    )
+    return NftSet("observed", declaration, dynamic=True)
 
 
 def _judging(rs: RuleSet) -> list[str]:
@@ -115,7 +119,7 @@ def _judging(rs: RuleSet) -> list[str]:
         rules.append(f"{IDENTITY} 0 accept")
     rules += [
         f"{_FLOW} @grants accept",
-        f"meta l4proto {{ tcp, udp }} update @observed {{ {_FLOW} }}",
+        f"{_RECORDED} {{ {_FLOW} }}",
         "goto refuse",
     ]
     return rules
@@ -179,7 +183,6 @@ def _not_owner(cg: CgroupRules, owner: CgroupOwner) -> str:
 
 
 def _judging_by_cgroup(rs: RuleSet, cg: CgroupRules) -> list[str]:
-    usable = [m for m in cg.members if m.uid is not None or not cg.by_uid]
     rules = list(_FIRST)
     for owner in cg.owned("udp"):
         comment = f'comment "{",".join(owner.members)}"'
@@ -195,10 +198,12 @@ def _judging_by_cgroup(rs: RuleSet, cg: CgroupRules) -> list[str]:
     )
     rules += [
         f'{_member(cg, m)} {protocol} dport {_ports(ports)} accept comment "{m.name}"'
-        for m in usable
+        for m in cg.usable()
         for protocol, ports in m.grants
     ]
-    rules.append(f"{_in(cg, 'pod', level=cg.level - 1)} goto refuse")
+    in_pod = _in(cg, "pod", level=cg.level - 1)
+    rules.append(f"{in_pod} {_RECORDED} {{ socket cgroupv2 level {cg.level} . meta l4proto . th dport }}")
+    rules.append(f"{in_pod} goto refuse")
     if rs.allow_root:
         rules.append("meta skuid 0 accept")
     rules.append("goto refuse")
@@ -229,7 +234,8 @@ def _sets(cg: CgroupRules, loading: bool) -> list[str]:
     for name, cgroup in cg.elements():
         lines = ["type cgroupsv2", *([f"elements = {{ {_element(cgroup, loading)} }}"] if cgroup else [])]
         blocks.append(f"\tset {name} {{\n" + "".join(f"\t\t{line}\n" for line in lines) + "\t}")
-    return blocks
+    # `type`, not `typeof`: nft 1.0.6 lists a `typeof socket cgroupv2 level N` key back as level 0
+    return [*blocks, _set_block(_observed("type cgroupsv2 . inet_proto . inet_service"))]
 
 
 def elements(rs: RuleSet, installed: RuleSet) -> tuple[str, str]:
