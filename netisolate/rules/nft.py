@@ -23,6 +23,7 @@ import difflib
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
+from functools import lru_cache
 
 from netisolate.policy import PortRange
 from netisolate.rules import Cgroup, CgroupOwner, CgroupRules, Member, RuleSet
@@ -334,6 +335,13 @@ def parse(text: str) -> Listing:
     return Listing(layout, elements)
 
 
+@lru_cache(maxsize=1024)
+def expected(rs: RuleSet) -> Listing:
+    """What the kernel lists for this ruleset, parsed: the one side of every comparison (cached: the
+    agent compares each pod's ruleset on every round and update)."""
+    return parse(table(rs))
+
+
 def element_key(element: str, interval: bool) -> str:
     """What identifies an element to `delete element`: the key, without counter and comment. In an
     interval set a single port is spelt as the range `P-P` (nft 1.0.6 finds no element otherwise)."""
@@ -342,10 +350,10 @@ def element_key(element: str, interval: bool) -> str:
     return f"{key}-{last}" if interval and last.isdigit() else key
 
 
-def _element_changes(rs: RuleSet, listed: Listing) -> list[tuple[str, list[str], list[str]]]:
+def element_changes(rs: RuleSet, listed: Listing) -> list[tuple[str, list[str], list[str]]]:
     """(set, elements missing, elements unexpected) for each set either side has; the kernel's own
     (`observed`) never count."""
-    wanted = parse(table(rs)).elements
+    wanted = expected(rs).elements
     changes = []
     for name in sorted({*wanted, *listed.elements} - {"observed"}):
         want, have = wanted.get(name, ()), listed.elements.get(name, ())
@@ -357,11 +365,11 @@ def update(rs: RuleSet, listed: Listing) -> str | None:
     """The `nft -f` document that turns a listed table with this ruleset's layout into exactly this
     ruleset by element updates alone — one transaction, so no packet sees a half-changed policy —
     or None when the layout differs (then only `replace` will do). "" when nothing is to change."""
-    if rs.cgroups is not None or parse(table(rs)).layout != listed.layout:
+    if rs.cgroups is not None or expected(rs).layout != listed.layout:
         return None  # cgroup identity: `elements` updates its sets, anything else is a replace
     interval = {s.name for s in sets(rs) if "flags interval" in s.declaration}
     lines = []
-    for name, missing, unexpected in _element_changes(rs, listed):
+    for name, missing, unexpected in element_changes(rs, listed):
         if unexpected:
             keys = ", ".join(sorted({element_key(e, name in interval) for e in unexpected}))
             lines.append(f"delete element inet {TABLE} {name} {{ {keys} }}\n")
@@ -374,8 +382,8 @@ def drift(rs: RuleSet, listed: Listing) -> list[str]:
     """What differs between a listed table and this ruleset ([] when exactly equal): layout lines
     missing or unexpected, and each set's missing or unexpected elements. Counter values and the
     kernel-written `observed` elements never count."""
-    problems = _line_drift(parse(table(rs)).layout, listed.layout)
-    for name, missing, unexpected in _element_changes(rs, listed):
+    problems = _line_drift(expected(rs).layout, listed.layout)
+    for name, missing, unexpected in element_changes(rs, listed):
         problems += [f"missing in set {name}: {e}" for e in missing]
         problems += [f"unexpected in set {name}: {e}" for e in unexpected]
     return problems
