@@ -5,7 +5,10 @@ What the rules decide, and why, is explained once, in `netisolate.rules`.
 Everything that names a container's identity lives in named sets, so the chains are the same for
 every pod of a given shape and a changed policy is an element update inside the existing table:
 
-- `grants`      identity . protocol . port-range  — rule 8, one lookup whatever the number of grants
+- `grants`      identity . protocol . port        — rule 8, one hash lookup whatever the number of
+                grants: the single ports, which a SYN to a granted port meets first
+- `grant_ranges` identity . protocol . port-range — rule 8's port ranges: an interval set, whose
+                lookup costs a loopback connection ~3 % where the hash costs ~0.1 % (measured)
 - `owners`      identity . protocol . port        — who may serve a declared port (rules 2 and 4)
 - `owned`       protocol . port                   — the declared ports
 - `identities`  identity, with a counter each      — the refusals per container (rule 9)
@@ -76,11 +79,18 @@ def sets(rs: RuleSet) -> tuple[NftSet, ...]:
     if rs.cgroups is not None:
         return ()
     grants = [
-        f"{g.uid} . {g.protocol} . {_port(p)}{_comment(g.containers)}" for g in rs.grants for p in g.ports
+        (p.low == p.high, f"{g.uid} . {g.protocol} . {_port(p)}{_comment(g.containers)}")
+        for g in rs.grants
+        for p in g.ports
     ]
     owners = [f"{uid} . {o.protocol} . {o.port}{_comment(o.containers)}" for o in rs.owners for uid in o.uids]
     return (
-        NftSet("grants", (f"typeof {_FLOW}", "flags interval"), tuple(grants)),
+        NftSet("grants", (f"typeof {_FLOW}",), tuple(e for single, e in grants if single)),
+        NftSet(
+            "grant_ranges",
+            (f"typeof {_FLOW}", "flags interval"),
+            tuple(e for single, e in grants if not single),
+        ),
         NftSet("owners", (f"typeof {IDENTITY} . meta l4proto . th sport",), tuple(owners)),
         NftSet(
             "owned", ("typeof meta l4proto . th sport",), tuple(f"{o.protocol} . {o.port}" for o in rs.owners)
@@ -119,6 +129,7 @@ def _judging(rs: RuleSet) -> list[str]:
         rules.append(f"{IDENTITY} 0 accept")
     rules += [
         f"{_FLOW} @grants accept",
+        f"{_FLOW} @grant_ranges accept",
         f"{_RECORDED} {{ {_FLOW} }}",
         "goto refuse",
     ]
