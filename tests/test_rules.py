@@ -85,6 +85,7 @@ def test_nft_order_of_decisions() -> None:
     """The order of netisolate.rules' docstring, rule by rule."""
     lines = [line.strip() for line in nft.table(ruleset(TYPICAL, SERVING)).splitlines()]
     order = [
+        "tcp flags ! syn accept",  # whatever the destination: only what follows picks the judged packets
         'oif "lo" jump loopback',
         "ip daddr 127.0.0.0/8 jump loopback",
         "ip6 daddr ::1 jump loopback",
@@ -92,12 +93,11 @@ def test_nft_order_of_decisions() -> None:
         "meta l4proto { udp, udplite } fib daddr type { broadcast, multicast } jump loopback",
         "meta l4proto { udp, udplite } ip6 daddr ff00::/8 jump loopback",
         "chain loopback {",
-        "tcp flags ! syn accept",
         "tcp flags syn,ack / syn,ack goto serve",
         "icmp type { destination-unreachable, time-exceeded, parameter-problem } accept",
         "meta l4proto . udp sport @owned meta skuid . meta l4proto . udp sport != @owners goto refuse",
         "ct direction reply accept",
-        "meta l4proto { tcp, udp } th dport 9 reject with icmpx admin-prohibited",
+        "th dport 9 meta l4proto { tcp, udp } reject with icmpx admin-prohibited",
         "meta skuid 0 accept",
         "meta skuid . meta l4proto . th dport @grants accept",
         "meta skuid . meta l4proto . th dport @grant_ranges accept",
@@ -118,7 +118,7 @@ def test_nft_order_of_decisions() -> None:
     positions = [lines.index(line) for line in order]
     assert positions == sorted(positions)
     chain = lines.index("chain output {")
-    assert lines[chain + 2 : chain + 2 + 6] == order[:6], "the output chain jumps on exactly these"
+    assert lines[chain + 2 : chain + 2 + 7] == order[:7], "the output chain jumps on exactly these"
 
 
 def _elements(rs: RuleSet) -> dict[str, tuple[str, ...]]:
@@ -260,7 +260,7 @@ def test_user_namespaced_pods_get_no_root_allowance() -> None:
 def test_sentinel_port_is_configurable_and_never_grantable() -> None:
     rs = ruleset({**ENFORCE, "allow.netisolate.io/app": "9, 7000"}, settings=Settings(sentinel_port=7000))
     lines = [line.strip() for line in nft.table(rs).splitlines()]
-    sentinel = lines.index("meta l4proto { tcp, udp } th dport 7000 reject with icmpx admin-prohibited")
+    sentinel = lines.index("th dport 7000 meta l4proto { tcp, udp } reject with icmpx admin-prohibited")
     grants = [
         lines.index(f"meta skuid . meta l4proto . th dport @{s} accept") for s in ("grants", "grant_ranges")
     ]
