@@ -249,7 +249,7 @@ def real_node_latency(node: Any, backend: str, pods: int) -> dict[str, Any]:
     pod so that both see the same machine (this VM's load moves by the second)."""
     from netisolate.agent.cni import CniHandler
     from netisolate.agent.cni_conf import install_binary, write_atomically
-    from netisolate.agent.cni_server import CniServer
+    from netisolate.agent.cni_server import Answer, CniServer
     from netisolate.cni import conflist
     from tests.cni_harness import plugin_binary
     from tests.realnode import cni as realcni
@@ -259,7 +259,7 @@ def real_node_latency(node: Any, backend: str, pods: int) -> dict[str, Any]:
     socket = realcni.options(node).socket
     handler, answered = CniHandler(agent.reconciler, None), list[float]()
 
-    def timed(request: Any, ns: Any) -> bytes:
+    def timed(request: Any, ns: Any) -> Answer:
         started = time.perf_counter()
         reply = handler(request, ns)
         answered.append(time.perf_counter() - started)
