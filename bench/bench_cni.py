@@ -262,18 +262,22 @@ def timed_plugin(real: Path, bin_dir: Path, log: Path) -> Path:
 
 
 class Stopwatch:
-    """Durations of calls to a function, in seconds, in the order they ended."""
+    """Calls to a function: (start, end) on the monotonic clock, in the order they ended."""
 
     def __init__(self) -> None:
-        self.seconds: list[float] = []
+        self.calls: list[tuple[float, float]] = []
+
+    @property
+    def seconds(self) -> list[float]:
+        return [end - start for start, end in self.calls]
 
     def wrap(self, fn: Callable[P, R]) -> Callable[P, R]:
         def timed(*args: P.args, **kwargs: P.kwargs) -> R:
-            started = time.perf_counter()
+            started = time.monotonic()
             try:
                 return fn(*args, **kwargs)
             finally:
-                self.seconds.append(time.perf_counter() - started)
+                self.calls.append((started, time.monotonic()))
 
         return timed
 
@@ -322,8 +326,10 @@ def real_node_latency(node: Any, backend: str, pods: int) -> dict[str, Any]:
             binary.unlink(missing_ok=True)
         socket.unlink(missing_ok=True)
         agent.host.close()
-    execs = [float(line.split()[1]) for line in times.read_text().splitlines() if line.startswith("ADD ")]
+    lines = [line.split() for line in times.read_text().splitlines()]
+    execs = [(float(start), float(end)) for command, start, end in lines if command == "ADD"]
     times.unlink()
+    assert len(execs) == len(answer.calls) == pods, "one answer per exec"
     with_plugin, plain_runtime = summary(seconds[True]), summary(seconds[False])
     paired = [w - p for w, p in zip(seconds[True], seconds[False], strict=True)]
     return {
@@ -332,10 +338,15 @@ def real_node_latency(node: Any, backend: str, pods: int) -> dict[str, Any]:
         "pods": pods,
         "load_average": [round(x, 2) for x in (*load, *os.getloadavg())],  # 1/5/15 min, before, after
         # what the plugin adds: its exec in the chain, as containerd runs it (timed from outside)
-        "added_plugin_exec": summary(execs),
-        # inside it: the agent's answer (pod looked up, rules installed) ...
+        "added_plugin_exec": summary([end - start for start, end in execs]),
+        # inside it: from the exec to the agent holding the request (the process starting, its
+        # connect and send, the agent's accept, thread and read) ...
+        "plugin_to_agent": summary([a[0] - e[0] for e, a in zip(execs, answer.calls, strict=True)]),
+        # ... the agent's answer (pod looked up, rules installed) ...
         "agent_answer": summary(answer.seconds),
-        # ... and inside that, the rules going in (policy, ruleset, the backend's write)
+        # ... and from the answer to the plugin's exit (reply sent and read, output, exit)
+        "agent_to_exit": summary([e[1] - a[1] for e, a in zip(execs, answer.calls, strict=True)]),
+        # inside the answer, the rules going in (policy, ruleset, the backend's write)
         "rules_in": summary(rules_in.seconds),
         "run_pod_sandbox_with_plugin": with_plugin,
         "run_pod_sandbox_plain_runtime": plain_runtime,

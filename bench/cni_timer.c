@@ -1,7 +1,8 @@
 /* The CNI plugin's exec as the runtime sees it, timed from outside: installed in the plugin's
  * place, it runs the real plugin (same argv, environment, stdin and stdout) and appends
- * "<command> <seconds>" to a log once it has exited. What it adds itself (a fork) is outside the
- * interval, in place of the runtime's own exec of the plugin. libc only.
+ * a line to a log once it has exited. What it adds itself (a fork) is outside the
+ * interval, in place of the runtime's own exec of the plugin. The log's line is
+ * "<command> <start> <end>", CLOCK_MONOTONIC seconds (the agent's clock too). libc only.
  *
  *   cc -O2 -static -DPLUGIN='"/path/netisolate-cni.timed"' -DLOG='"/path/times"' -o netisolate-cni bench/cni_timer.c */
 #include <stdio.h>
@@ -28,10 +29,10 @@ int main(int argc, char **argv) {
     }
     if (child < 0 || waitpid(child, &status, 0) < 0)
         return 1;
-    double elapsed = now() - started;
+    double ended = now();
     FILE *log = fopen(LOG, "a");
     if (log) {
-        fprintf(log, "%s %.6f\n", command ? command : "?", elapsed);
+        fprintf(log, "%s %.6f %.6f\n", command ? command : "?", started, ended);
         fclose(log);
     }
     return WIFEXITED(status) ? WEXITSTATUS(status) : 1;
