@@ -21,9 +21,11 @@ import pytest
 import pytest_asyncio
 from kubernetes import client
 
+from netisolate.agent.cni import CniHandler
 from netisolate.agent.reconcile import Handover
 from netisolate.agent.state import PodState
 from netisolate.backends import EnforceError, run_tool
+from netisolate.cni.protocol import PodRef
 from netisolate.localpod import LocalPod
 from netisolate.model import parse_pod
 from netisolate.netns import NetNS
@@ -410,6 +412,9 @@ async def test_a_del_before_the_takeover_lets_the_namespace_go(
         try:
             assert (await add(node, pod)).code == 0
             assert uid in reconciler.handovers  # its takeover waits for the lock
+            # a DEL without K8S_POD_UID finds the pod by name among the handed-over ones too
+            handler = cast(CniHandler, node.server.handler)
+            assert handler._cached_uid(PodRef("shop", "torn-down", "")) == uid
             reconciler.release_sandbox(uid, "c0ffee" * 10, pod.ns.inode)  # the DEL, first (same thread)
         finally:
             reconciler.lock.release()

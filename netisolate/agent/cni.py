@@ -108,9 +108,12 @@ class CniHandler:
         log.info("sandbox admitted", extra={"pod": str(ref), "state": state, "detail": detail})
 
     def _cached_uid(self, ref: protocol.PodRef) -> str:
+        """The UID of the pod by that name the agent holds (or was handed, not taken over yet)."""
         with self.reconciler.lock:
-            for uid, tracked in self.reconciler.pods.items():
-                meta = tracked.pod.metadata
+            held = [(uid, t.pod) for uid, t in self.reconciler.pods.items()]
+            held += [(uid, h.pod) for uid, h in self.reconciler.handovers.items()]
+            for uid, pod in held:
+                meta = pod.metadata
                 if (meta.namespace or "default", meta.name) == (ref.namespace, ref.name):
                     return uid
         return ""
