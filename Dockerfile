@@ -14,16 +14,11 @@ FROM python:3.11-slim-bookworm AS build
 WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY netisolate ./netisolate
-# --without-pip: the image runs netisolate, it never installs anything.
-# kubernetes/aio is the client's asyncio twin (65 MB); netisolate imports only the sync client.
-# The client's generated API and model modules (57 MB) ship as bytecode only: what runs is the
-# same, 32 MB of source text is not (a traceback through them shows no source line).
-ARG SITE=/opt/netisolate/lib/python3.11/site-packages
+# --without-pip: the image runs netisolate, it never installs anything. No kubernetes client:
+# netisolate speaks to the API server itself (the `kubernetes` extra is for kubeconfigs with
+# auth-provider plugins, which the agent and the webhook, in-cluster, never have).
 RUN python3 -m venv --without-pip /opt/netisolate \
  && pip --python /opt/netisolate/bin/python install --no-cache-dir --no-compile . \
- && rm -rf $SITE/kubernetes/aio \
- && /opt/netisolate/bin/python -m compileall -q -j 0 -b $SITE/kubernetes/client/api $SITE/kubernetes/client/models \
- && find $SITE/kubernetes/client/api $SITE/kubernetes/client/models -name '*.py' -delete \
  && /opt/netisolate/bin/python -m compileall -q -j 0 /opt/netisolate/lib
 
 # On the same base as the others, so there is one base image to fetch (or stand in for).

@@ -17,12 +17,14 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Callable
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from tests.json_server import serve_json
 
 HARDENED = {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}, "runAsUser": 1000}
 
@@ -99,22 +101,7 @@ def serve(objects: dict[str, list[dict[str, Any]]]) -> ThreadingHTTPServer:
         for path, items in bodies.items()
     }
 
-    class Handler(BaseHTTPRequestHandler):
-        def do_GET(self) -> None:
-            body = encoded.get(self.path.split("?")[0])
-            self.send_response(200 if body is not None else 404)
-            body = body or b'{"kind": "Status", "code": 404}'
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, format: str, *args: Any) -> None:
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    return server
+    return serve_json(lambda request: encoded.get(request.path.split("?")[0]))
 
 
 def kubeconfig(directory: Path, port: int) -> Path:

@@ -121,7 +121,7 @@ def bench_restart(root: Path, rounds: int) -> dict[str, object]:
                     documents = nft.elements(target, installed)
                     for document, samples in zip(documents, (added, deleted), strict=True):
                         started = time.perf_counter()
-                        status, _, err = ns.run(lambda doc=document: libnft.run(doc))  # type: ignore[misc]
+                        status, _, err = ns.run(lambda doc=document: libnft.load(doc))  # type: ignore[misc]
                         samples.append(time.perf_counter() - started)
                         assert status == 0, err
                 else:

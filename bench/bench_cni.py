@@ -45,7 +45,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, ParamSpec, TypeVar
+from typing import Any, ParamSpec, TypeVar, cast
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from netisolate.cni import conflist
@@ -299,7 +299,7 @@ def real_node_latency(node: Any, backend: str, pods: int) -> dict[str, Any]:
     answer, rules_in = Stopwatch(), Stopwatch()
     reconciler = agent.reconciler
     reconciler.hand_over = rules_in.wrap(reconciler.hand_over)  # type: ignore[method-assign]
-    untimed = CniHandler(reconciler, None)
+    untimed = CniHandler(reconciler, cast(Any, None))
     handler = answer.wrap(untimed)  # ADDs only: a DEL waits for the lock (the sandbox is gone)
     loop = threading.Thread(target=agent.loop, args=(_listed(),), daemon=True)
     loop.start()

@@ -1,6 +1,6 @@
 """Enforcement benchmark: prints one JSON object per scenario, each with its baseline from the same run.
 
-    sudo .venv/bin/python bench/bench_enforce.py [--quick]
+    sudo .venv/bin/python bench/bench_enforce.py [--quick] [--backend nftables|iptables]
 
 apply-new / apply-update  per-namespace apply of a 3-container x 4-port policy, per backend, median
                           and p95, next to the same change loaded by the raw tool (`nft -f`,
@@ -218,7 +218,9 @@ def bench_loopback(backend: Backend, pairs: int, seconds: float) -> dict[str, ob
     127.0.0.1:8000; TCP-only grants, so no conntrack. Each round measures without rules, with
     rules and without again (the control, whose ratio to the first is the noise floor), in
     rotating order, so drift of a shared machine hits all alike; the result is the median of the
-    rounds' own with/without ratios, next to the control's."""
+    rounds' own with/without ratios, next to the control's. Every measurement follows the same
+    removal of all rules (three tool processes, and the kernel freeing what they removed), the
+    "with" ones then the apply: else only the "without" ones would follow those processes."""
     rs = ruleset(grants=LOOPBACK_GRANTS)
     runs: dict[str, list[float]] = {"without": [], "with": [], "control": []}
     with connloop() as binary, LocalPod(bench_pod(grants=LOOPBACK_GRANTS)) as pod:
@@ -229,10 +231,9 @@ def bench_loopback(backend: Backend, pairs: int, seconds: float) -> dict[str, ob
         order = list(runs)
         for i in range(pairs):
             for kind in order[i % 3 :] + order[: i % 3]:
+                _without_rules(ns)  # before every measurement alike (see above)
                 if kind == "with":
                     backend.apply(ns, rs)
-                else:
-                    _without_rules(ns)
                 runs[kind].append(connections_per_s(pod, binary, seconds))
     paired = [w / b for w, b in zip(runs["with"], runs["without"], strict=True)]
     control = [c / b for c, b in zip(runs["control"], runs["without"], strict=True)]
@@ -267,9 +268,12 @@ def main() -> None:
         metavar="S",
         help="seconds of each loopback measurement (on a busy machine: more, shorter rounds)",
     )
+    parser.add_argument(
+        "--backend", choices=("nftables", "iptables"), action="append", help="only this backend (repeatable)"
+    )
     args = parser.parse_args()
     rounds, many, loop_rounds, seconds = (5, 10, 4, 0.2) if args.quick else (40, 100, 40, 0.5)
-    for name in ("nftables", "iptables"):
+    for name in args.backend or ("nftables", "iptables"):
         backend = select_backend(name)
         if not args.loopback_only:
             for result in bench_apply(backend, rounds):

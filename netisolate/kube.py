@@ -1,133 +1,91 @@
-"""Kubernetes API clients: a kubeconfig file when given, else in-cluster configuration, else the
-kubeconfig kubectl would use — and the calls netisolate makes of them, as Protocols.
+"""The calls netisolate makes of the Kubernetes API, as Protocols, and the client that makes them.
 
-The Protocols name exactly the methods, arguments and fields the code uses, so the type checker
-holds every call; each consumer asks only for the calls it makes, so a stand-in needs only those.
-The `kubernetes` client satisfies them structurally (tests/test_kube.py). Two things its
-annotations do not say: a call with `_preload_content=False` returns the raw HTTP response, not
-the model its annotation names (hence `object` and `decoded`), and a request body may be a plain
-dict, which the client validates into its model (hence `body: Any`)."""
+Each consumer asks only for the calls it makes (the webhook reads namespaces, the agent lists,
+watches and posts events, ...), so the type checker holds every call and a stand-in needs only
+those. netisolate.kubeclient.Client satisfies them all; objects are the API's own JSON (camelCase
+dicts), as the rest of netisolate reads pods."""
 
 from __future__ import annotations
 
-import json
-from collections.abc import Mapping, Sequence
-from typing import Any, Protocol, cast
+import urllib.parse
+from collections.abc import Iterator
+from typing import Protocol
 
+from netisolate.kubeclient import Client, KubeError, Listing, Obj, WatchEvent
+from netisolate.kubeconfig import endpoint
 from netisolate.model import InputError
 
 
-class ObjectMeta(Protocol):
-    @property
-    def labels(self) -> Mapping[str, str] | None: ...
-
-
-class Namespace(Protocol):
-    @property
-    def metadata(self) -> ObjectMeta | None: ...
-
-
-class Secret(Protocol):
-    @property
-    def data(self) -> Mapping[str, bytes | str] | None: ...  # base64 text, as the API serves it
-
-
-class ClientConfig(Protocol):
-    @property
-    def ca_bundle(self) -> bytes | str | None: ...
-
-
-class ValidatingWebhook(Protocol):
-    @property
-    def client_config(self) -> ClientConfig: ...
-
-
-class ValidatingWebhookConfiguration(Protocol):
-    @property
-    def webhooks(self) -> Sequence[ValidatingWebhook] | None: ...
+class Reader(Protocol):
+    def get(self, path: str, *, timeout: float | None = ...) -> Obj: ...
 
 
 class Lister(Protocol):
-    """A list call: with _preload_content=False (always, here) it returns the raw response; the
-    watch calls it with its own arguments on top."""
-
-    def __call__(self, *, field_selector: str | None = ..., _preload_content: bool = ...) -> object: ...
+    def list(self, path: str, *, field_selector: str | None = ...) -> Listing: ...
 
 
-class Listings(Protocol):
-    """What the agent's watches list (the audit lists with netisolate.kubelist)."""
+class Watcher(Lister, Protocol):
+    """What the agent's list+watch loops use."""
 
-    def list_namespace(self, *, field_selector: str | None = ..., _preload_content: bool = ...) -> object: ...
-    def list_pod_for_all_namespaces(
-        self, *, field_selector: str | None = ..., _preload_content: bool = ...
-    ) -> object: ...
+    def watch(
+        self,
+        path: str,
+        *,
+        resource_version: str | None,
+        field_selector: str | None = ...,
+        timeout_seconds: int = ...,
+    ) -> Iterator[WatchEvent]: ...
 
 
-class Namespaces(Protocol):
+class Creator(Protocol):
+    def create(self, path: str, body: Obj) -> Obj: ...
+
+
+class Patcher(Protocol):
+    def patch(self, path: str, operations: list[Obj]) -> Obj: ...
+
+
+class Namespaces(Reader, Protocol):
     """What the webhook reads for a pod's isolation floor."""
 
-    def read_namespace(self, name: str) -> Namespace: ...
 
-
-class Secrets(Protocol):
+class Secrets(Reader, Creator, Protocol):
     """What the webhook's TLS bootstrap reads and writes."""
 
-    def read_namespaced_secret(self, name: str, namespace: str) -> Secret: ...
-    def create_namespaced_secret(self, namespace: str, body: Any) -> object: ...
+
+class WebhookConfigurations(Reader, Patcher, Protocol):
+    """What the webhook's TLS bootstrap reads and patches (its own caBundle)."""
 
 
-class Events(Protocol):
+class Events(Creator, Protocol):
     """What the agent posts."""
 
-    def create_namespaced_event(self, namespace: str, body: Any) -> object: ...
 
-
-class EventReader(Protocol):
+class EventReader(Reader, Lister, Protocol):
     """What `netisolate suggest` reads: the agents' ConnectionsObserved events, and pods."""
 
-    def list_event_for_all_namespaces(
-        self, *, field_selector: str | None = ..., _preload_content: bool = ...
-    ) -> object: ...
-    def list_namespaced_event(
-        self, namespace: str, *, field_selector: str | None = ..., _preload_content: bool = ...
-    ) -> object: ...
-    def read_namespaced_pod(self, name: str, namespace: str, *, _preload_content: bool = ...) -> object: ...
+
+class AgentApi(Watcher, Events, Reader, Protocol):
+    """Every call the agent makes."""
 
 
-class CoreApi(Listings, Namespaces, Secrets, Events, Protocol):
-    """Every call netisolate makes of the core API (kubernetes.client.CoreV1Api)."""
+class WebhookApi(Namespaces, Secrets, WebhookConfigurations, Protocol):
+    """Every call the webhook makes."""
 
 
-class AdmissionApi(Protocol):
-    """Every call netisolate makes of kubernetes.client.AdmissionregistrationV1Api."""
-
-    def read_validating_webhook_configuration(self, name: str) -> ValidatingWebhookConfiguration: ...
-    def patch_validating_webhook_configuration(self, name: str, body: list[dict[str, Any]]) -> object: ...
-
-
-class RawResponse(Protocol):
-    data: bytes
+def resource_path(
+    api_version: str, plural: str, namespace: str | None = None, name: str | None = None
+) -> str:
+    """`/api/v1/namespaces/shop/pods/web` from ("v1", "pods", "shop", "web"); groups under /apis."""
+    root = "/api/v1" if api_version == "v1" else f"/apis/{api_version}"
+    parts = [*(("namespaces", namespace) if namespace else ()), plural, *((name,) if name else ())]
+    return "/".join([root, *(urllib.parse.quote(part, safe="") for part in parts)])
 
 
-def decoded(response: object) -> Any:
-    """The JSON body of a call made with _preload_content=False (a urllib3 response)."""
-    return json.loads(cast(RawResponse, response).data)
-
-
-def api_clients(kubeconfig: str | None) -> tuple[CoreApi, AdmissionApi]:
-    from kubernetes import client, config
-
+def api_client(kubeconfig: str | None, user_agent: str = "netisolate") -> Client:
+    """A client of the API server `kubeconfig` names, else in-cluster, else kubectl's kubeconfig;
+    InputError says what is missing."""
     try:
-        if kubeconfig:
-            config.load_kube_config(config_file=kubeconfig)  # type: ignore[no-untyped-call]
-        else:
-            try:
-                config.load_incluster_config()  # type: ignore[no-untyped-call]
-            except config.ConfigException:  # not in a pod: $KUBECONFIG or ~/.kube/config, as kubectl
-                config.load_kube_config()  # type: ignore[no-untyped-call]
-    except (config.ConfigException, OSError) as err:
-        where = kubeconfig or "the in-cluster service account, $KUBECONFIG or ~/.kube/config"
-        raise InputError(
-            f"cannot load Kubernetes credentials from {where}: {err}; pass --kubeconfig"
-        ) from None
-    return client.CoreV1Api(), client.AdmissionregistrationV1Api()
+        return Client(endpoint(kubeconfig), user_agent=user_agent)
+    except (OSError, KubeError) as err:  # an unreadable CA or key pair, a server that is no URL
+        raise InputError(f"cannot use the Kubernetes credentials: {err}; pass --kubeconfig") from None

@@ -5,6 +5,10 @@ them. Pure: the agent feeds it, `netisolate suggest` prints it.
 At `audit` a pod's connections all pass, so what is recorded is what enforcement would refuse; at
 `enforce` it is what was refused. Either way, the grants suggested are the pod's current grants
 plus what was seen, so applying them changes nothing else.
+
+The kernel records a socket's identity: its UID, or under cgroup identity its container's cgroup ID,
+which the agent maps back through the cgroups it tracks — the current ones, and a restarted
+container's former ones for as long as the kernel still lists them.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ from dataclasses import dataclass
 
 from netisolate.model import Pod
 from netisolate.policy import GRANT_PREFIX, ISOLATION_KEY, PortRange, Protocol, format_grants
-from netisolate.rules import RuleSet
+from netisolate.rules import RuleSet, granted
 
 EVENT_REASON = "ConnectionsObserved"
 
@@ -34,48 +38,63 @@ class Observed:
         return f"{self.container}→{self.port}/{self.protocol}"
 
 
-def observations(rs: RuleSet, seen: Iterable[tuple[str, str, int, int]]) -> dict[Observed, int]:
-    """The kernel's elements (identity, protocol, port, packets) by container. Sockets of no known
-    container (the node's, an unmapped UID) name nobody to grant; what the ruleset grants by now
-    (applied since it was recorded) is no longer news."""
-    names = {str(i.uid): i.containers for i in rs.identities}
+def identities(rs: RuleSet) -> dict[str, tuple[str, ...]]:
+    """Each identity as the kernel lists it in the record → the containers it names: a UID, or
+    under cgroup identity a container's cgroup ID (those the agent has named so far)."""
+    if rs.cgroups is not None:
+        return {str(m.cgroup.id): (m.name,) for m in rs.cgroups.usable() if m.cgroup is not None}
+    return {str(i.uid): tuple(i.containers.split(",")) for i in rs.identities}
+
+
+def observations(
+    rs: RuleSet, seen: Iterable[tuple[str, str, int, int]], former: Mapping[str, tuple[str, ...]]
+) -> dict[Observed, int]:
+    """The kernel's elements (identity, protocol, port, packets) by container; `former`: identities
+    the ruleset no longer names (a restarted container's old cgroup). Sockets of no known container
+    (the node's, an unmapped UID, a cgroup not named yet) name nobody to grant; what the ruleset
+    grants by now (applied since it was recorded) is no longer news."""
+    names = {**former, **identities(rs)}
     found: dict[Observed, int] = {}
     for identity, protocol, port, packets in seen:
-        containers = names.get(identity)
-        if (
-            containers is None
-            or protocol not in ("tcp", "udp")
-            or _granted(rs, int(identity), protocol, port)
-        ):
+        if protocol not in ("tcp", "udp"):
             continue
-        for name in containers.split(","):
+        for name in names.get(identity, ()):
             key = Observed(name, "tcp" if protocol == "tcp" else "udp", port)
-            found[key] = found.get(key, 0) + packets
+            if not _granted(rs, key):
+                found[key] = found.get(key, 0) + packets
     return found
 
 
 def learned(
-    rs: RuleSet, remembered: Mapping[Observed, int], seen: Iterable[tuple[str, str, int, int]], cap: int
+    rs: RuleSet,
+    remembered: Mapping[Observed, int],
+    seen: Iterable[tuple[str, str, int, int]],
+    cap: int,
+    former: Mapping[str, tuple[str, ...]] | None = None,
 ) -> dict[Observed, int]:
     """What the agent keeps: what it remembered, less what is granted by now or names a container
     that is gone, plus what the kernel lists now (at most `cap` entries: beyond, new ones are
     dropped). Counts are the highest seen: the kernel's counter restarts when its element expires."""
-    uid_of = {name: i.uid for i in rs.identities for name in i.containers.split(",")}
-    kept = {
-        o: n
-        for o, n in remembered.items()
-        if o.container in uid_of and not _granted(rs, uid_of[o.container], o.protocol, o.port)
-    }
-    for o, count in observations(rs, seen).items():
+    names = _containers(rs)
+    kept = {o: n for o, n in remembered.items() if o.container in names and not _granted(rs, o)}
+    for o, count in observations(rs, seen, former or {}).items():
         if o in kept or len(kept) < cap:
             kept[o] = max(count, kept.get(o, 0))
     return kept
 
 
-def _granted(rs: RuleSet, uid: int, protocol: str, port: int) -> bool:
+def _containers(rs: RuleSet) -> set[str]:
+    """The containers the rules can name, seen or not (a cgroup the agent has not named yet)."""
+    if rs.cgroups is not None:
+        return {m.name for m in rs.cgroups.usable()}
+    return {name for i in rs.identities for name in i.containers.split(",")}
+
+
+def _granted(rs: RuleSet, o: Observed) -> bool:
     return any(
-        g.uid == uid and g.protocol == protocol and any(p.low <= port <= p.high for p in g.ports)
-        for g in rs.grants
+        o.container in who.split(",")
+        and any(p.protocol == o.protocol and p.low <= o.port <= p.high for p in ports)
+        for who, ports in granted(rs)
     )
 
 

@@ -22,7 +22,7 @@ import shutil
 import subprocess
 import time
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -75,6 +75,9 @@ class LocalPod:
     ns: NetNS | None = None
     processes: list[subprocess.Popen[str]] = field(default_factory=list)
     cgroup: Path | None = None  # the pod's cgroup, with cgroup identity
+    # each container's cgroup, where the caller lays them out itself (as a node does): then every
+    # process of a container starts in it, whatever the identity, and no cgroup of ours is made
+    container_cgroup: Callable[[str], Path] | None = None
 
     @property
     def name(self) -> str:
@@ -117,7 +120,7 @@ class LocalPod:
             check=True,
         )
         self.ns = NetNS.open(f"/run/netns/{self.name}")
-        if pod_identity(self.pod)[0].by_cgroup:
+        if pod_identity(self.pod)[0].by_cgroup and self.container_cgroup is None:
             self._add_cgroups()
         return self
 
@@ -141,9 +144,15 @@ class LocalPod:
 
     def _in_cgroup(self, container: str | None, argv: list[str]) -> list[str]:
         """argv started in the container's cgroup (by a root shell, before it changes UID)."""
-        if self.cgroup is None or container is None:
+        if container is None:
             return argv
-        procs = str(self.cgroup / container / "cgroup.procs")
+        if self.container_cgroup is not None:
+            directory = self.container_cgroup(container)
+        elif self.cgroup is not None:
+            directory = self.cgroup / container
+        else:
+            return argv
+        procs = str(directory / "cgroup.procs")
         return ["/bin/sh", "-c", 'echo $$ > "$0" && exec "$@"', procs, *argv]
 
     def _add_user_namespaced(self, name: str) -> None:

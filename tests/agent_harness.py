@@ -65,7 +65,21 @@ class SimulatedPod:
         else:
             self.pod_dir = V1_ROOT / "kubepods" / "besteffort" / f"pod{uid}"
             self.scope = lambda cid: self.pod_dir / cid
-        self.local = LocalPod(parse_pod(manifest), user_namespace=user_namespace)
+        # every process of a container starts in its cgroup, as the runtime starts them
+        self.local = LocalPod(
+            parse_pod(manifest), user_namespace=user_namespace, container_cgroup=self.cgroup
+        )
+
+    @staticmethod
+    def container_id(name: str) -> str:
+        """The runtime ID of the pod's container `name` (64 hex digits, as containerd's)."""
+        return uuid.uuid5(uuid.NAMESPACE_OID, name).hex + uuid.uuid5(uuid.NAMESPACE_URL, name).hex
+
+    def cgroup(self, name: str) -> Path:
+        """Container `name`'s cgroup directory, made when first asked for."""
+        scope = self.scope(self.container_id(name))
+        scope.mkdir(parents=True, exist_ok=True)
+        return scope
 
     def start_sandbox(self) -> None:
         self.local.create()
@@ -73,21 +87,13 @@ class SimulatedPod:
 
     def start_container(self, name: str, ports: list[str]) -> None:
         self.local.listen(name, ports)
-        self._move(self.local.processes[-1].pid, name)
 
     def run_as(self, container: str, argv: list[str]) -> Any:
-        proc = self.local.spawn(as_uid(self.local.node_uid(self.local.uid(container)), argv))
-        self._move(proc.pid, container)
-        return proc
+        uid = self.local.node_uid(self.local.uid(container))
+        return self.local.spawn(as_uid(uid, argv), container=container)
 
     def _run_in_cgroup(self, cid: str, argv: list[str]) -> None:
-        proc = self.local.spawn(argv)
-        self._move(proc.pid, cid)
-
-    def _move(self, pid: int, cid: str) -> None:
-        scope = self.scope(uuid.uuid5(uuid.NAMESPACE_OID, cid).hex + uuid.uuid5(uuid.NAMESPACE_URL, cid).hex)
-        scope.mkdir(parents=True, exist_ok=True)
-        (scope / "cgroup.procs").write_text(str(pid))
+        self.local.spawn(argv, container=cid)
 
     def close(self) -> None:
         self.local.close()

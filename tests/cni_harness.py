@@ -11,7 +11,7 @@ import subprocess
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from netisolate.agent.cni import start
 from netisolate.agent.node import Agent
@@ -19,6 +19,7 @@ from netisolate.backends import select_backend
 from netisolate.cni import conflist
 from netisolate.cni.options import CniOptions
 from netisolate.rules import Settings
+from tests.kube_standin import ours
 
 ROOT = Path(__file__).parent.parent
 SOURCE = ROOT / "cni" / "netisolate-cni.c"
@@ -130,11 +131,13 @@ class CniNode:
         self.options = CniOptions(
             self.tmp / "net.d", self.tmp / "bin", plugin_binary(), self.tmp / "run" / "cni.sock", self.exempt
         )
+        # the agent's own client; None: no API server (pods only from the agent's cache)
+        self.api = cast(Any, None if self.core is None else ours(self.core))
         self.agent = Agent(
-            "node-a", select_backend(self.backend), Settings(), self.core, host_netns="/proc/self/ns/net"
+            "node-a", select_backend(self.backend), Settings(), self.api, host_netns="/proc/self/ns/net"
         )
         self.agent.namespaces_known.set()
-        self.server = start(self.options, self.agent.reconciler, self.core, self.stop).server
+        self.server = start(self.options, self.agent.reconciler, self.api, self.stop).server
 
     @property
     def binary(self) -> Path:
@@ -156,7 +159,7 @@ class CniNode:
         from netisolate.agent.cni import CniHandler
         from netisolate.agent.cni_server import CniServer
 
-        self.server = CniServer(self.options.socket, CniHandler(self.agent.reconciler, self.core))
+        self.server = CniServer(self.options.socket, CniHandler(self.agent.reconciler, self.api))
         self.server.start()
 
     def close(self) -> None:

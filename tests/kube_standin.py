@@ -20,6 +20,9 @@ from typing import Any
 from kmock._internal import parsing
 from kubernetes import client
 
+from netisolate.kubeclient import Client
+from netisolate.kubeconfig import Endpoint
+
 RESOURCES = {
     "v1/namespaces": {"kind": "Namespace", "namespaced": False},
     "v1/pods": {"kind": "Pod", "namespaced": True},
@@ -63,6 +66,15 @@ def api_client(kmock: Any) -> client.ApiClient:
     config = client.Configuration()
     config.host = str(kmock.url).rstrip("/")
     return client.ApiClient(config)
+
+
+def ours(server: Any) -> Client:
+    """netisolate's own client (what the agent and the webhook run with) of the stand-in `server`
+    (kmock, or the kubernetes client the test drives it with). The tests create and patch objects
+    with the kubernetes client: another client than the one under test."""
+    if isinstance(server, client.CoreV1Api | client.AdmissionregistrationV1Api):
+        return Client(Endpoint(str(server.api_client.configuration.host)))
+    return Client(Endpoint(str(server.url).rstrip("/")))
 
 
 def as_body(manifest: dict[str, Any]) -> Any:

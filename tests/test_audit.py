@@ -22,7 +22,6 @@ from hypothesis import strategies as st
 from netisolate.audit import AuditFinding, audit
 from netisolate.cli import main
 from netisolate.config import Config
-from netisolate.kubelist import KubeReadError, list_items
 from netisolate.matchconditions import evaluate, pod_request
 from netisolate.selector import SelectorError, parse_selector
 from netisolate.webhookconfig import read_configurations
@@ -485,21 +484,6 @@ def test_fuzz_selectors_parse_or_say_why(raw: Any) -> None:
 # --- the client: paging, and the command over HTTP ------------------------------------------------
 
 
-def test_lists_are_read_page_by_page() -> None:
-    pages = {"": {"items": [1, 2], "metadata": {"continue": "t1"}}, "t1": {"items": [3], "metadata": {}}}
-    asked = []
-
-    def get(path: str) -> bytes:
-        asked.append(path)
-        token = path.partition("continue=")[2]
-        return json.dumps(pages[token]).encode()
-
-    assert list_items(get, "/api/v1/pods") == [1, 2, 3]
-    assert asked == ["/api/v1/pods?limit=500", "/api/v1/pods?limit=500&continue=t1"]
-    with pytest.raises(KubeReadError, match="not a Kubernetes list"):
-        list_items(lambda path: b'{"items": {"a": 1}}', "/api/v1/pods")
-
-
 def serve_cluster(kmock: Any, webhooks: list[dict[str, Any]] = WEBHOOKS) -> None:
     declare(kmock)
     put(kmock, "admissionregistration.k8s.io/v1/validatingwebhookconfigurations", SHIPPED)
@@ -577,7 +561,7 @@ async def test_an_exec_credential_plugin_supplies_the_token(
 
 @pytest.mark.timeout(60)
 @pytest.mark.asyncio
-@pytest.mark.parametrize("user", [{"token": "t"}, {"username": "u", "password": "p"}], ids=["ours", "client"])
+@pytest.mark.parametrize("user", [{"token": "t"}, {"username": "u", "password": "p"}], ids=["token", "basic"])
 async def test_a_refused_list_is_exit_2_with_an_error_object(
     kmock: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str], user: dict[str, str]
 ) -> None:
@@ -690,10 +674,11 @@ def test_the_api_server_is_authenticated_and_authenticates_us_over_tls(
     ours (client-certificate-data) required by the server; a wrong CA is exit 2."""
     import base64
     import ssl
-    import threading
-    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+    from http.server import BaseHTTPRequestHandler
 
     from cryptography.hazmat.primitives.asymmetric import ec
+
+    from tests.json_server import serve_json
 
     keys = {name: ec.generate_private_key(ec.SECP256R1()) for name in ("ca", "server", "client", "other")}
     ca = _certificate("test-ca", keys["ca"], None, ca=True)
@@ -703,27 +688,16 @@ def test_the_api_server_is_authenticated_and_authenticates_us_over_tls(
     (tmp_path / "ca.pem").write_bytes(_pem(ca))
     clients: list[str] = []
 
-    class Handler(BaseHTTPRequestHandler):
-        def do_GET(self) -> None:
-            peer = self.connection.getpeercert()
-            clients.append(str(dict(x[0] for x in peer["subject"])["commonName"]))
-            body = b'{"kind": "List", "metadata": {}, "items": []}'
-            self.send_response(200)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, format: str, *args: Any) -> None:
-            pass
+    def answer(request: BaseHTTPRequestHandler) -> bytes:
+        peer = request.connection.getpeercert()
+        clients.append(str(dict(x[0] for x in peer["subject"])["commonName"]))
+        return b'{"kind": "List", "metadata": {}, "items": []}'
 
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.load_cert_chain(tmp_path / "server.pem", tmp_path / "server.key")
     context.load_verify_locations(tmp_path / "ca.pem")
     context.verify_mode = ssl.CERT_REQUIRED
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    server.socket = context.wrap_socket(server.socket, server_side=True)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
+    server = serve_json(answer, context)
     try:
         url = f"https://127.0.0.1:{server.server_address[1]}"
         client = _certificate("audit-user", keys["client"], (ca, keys["ca"]))
@@ -737,6 +711,11 @@ def test_the_api_server_is_authenticated_and_authenticates_us_over_tls(
         Path(config).write_text(yaml.safe_dump(document))
         assert cli(capsys, "--kubeconfig", config)[:2] == (0, "no findings\n")
         assert clients and set(clients) == {"audit-user"}
+        document["clusters"][0]["cluster"]["tls-server-name"] = "api.example"  # the name to check
+        Path(config).write_text(yaml.safe_dump(document))
+        code, _, err = cli(capsys, "--kubeconfig", config)
+        assert code == 2 and "CERTIFICATE_VERIFY_FAILED" in err and "api.example" in err
+        del document["clusters"][0]["cluster"]["tls-server-name"]
         document["clusters"][0]["cluster"]["certificate-authority-data"] = base64.b64encode(
             _pem(other_ca)
         ).decode()
@@ -751,12 +730,17 @@ def test_the_api_server_is_authenticated_and_authenticates_us_over_tls(
 @pytest.mark.timeout(60)
 @pytest.mark.asyncio
 async def test_credentials_only_the_kubernetes_client_reads_go_through_it(
-    kmock: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    kmock: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Basic auth (as auth-provider plugins) is left to the kubernetes client: same lists, same verdict."""
+    """Several files in $KUBECONFIG (as auth-provider plugins) are read by the kubernetes client's
+    loader; the requests are still ours: same lists, same verdict."""
     serve_cluster(kmock)
     config = kubeconfig(tmp_path, str(kmock.url).rstrip("/"), {"username": "admin", "password": "s3cret"})
-    code, out, err = await asyncio.to_thread(cli, capsys, "--kubeconfig", config, "-o", "json")
+    other = tmp_path / "more"
+    other.mkdir()
+    monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
+    monkeypatch.setenv("KUBECONFIG", f"{config}{os.pathsep}{kubeconfig(other, 'http://127.0.0.1:9', {})}")
+    code, out, err = await asyncio.to_thread(cli, capsys, "-o", "json")
     assert code == 1, err
     assert {(f["rule"], f["severity"], f["object"]) for f in json.loads(out)["findings"]} == found(
         run_audit()
@@ -767,7 +751,7 @@ async def test_credentials_only_the_kubernetes_client_reads_go_through_it(
 def test_credentials_from_files_the_in_cluster_account_and_what_goes_to_the_kubernetes_client(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from netisolate import kubelist
+    from netisolate import kubeconfig as credentials
 
     (tmp_path / "token").write_text("file-token\n")
     (tmp_path / "ca.pem").write_bytes(b"CA")
@@ -778,26 +762,33 @@ def test_credentials_from_files_the_in_cluster_account_and_what_goes_to_the_kube
     document = yaml.safe_load(Path(config).read_text())
     document["clusters"][0]["cluster"]["certificate-authority"] = "ca.pem"  # relative to the file
     Path(config).write_text(yaml.safe_dump(document))
-    assert kubelist.load_endpoint(config) == kubelist.Endpoint(
-        server="https://api.example:6443", ca_pem=b"CA", token="file-token", client_pem=(b"CERT", b"KEY")
+    endpoint = credentials.load_endpoint(config)
+    assert endpoint == credentials.Endpoint(
+        server="https://api.example:6443",
+        ca_pem=b"CA",
+        token_file=tmp_path / "token",
+        client_pem=(b"CERT", b"KEY"),
     )
-    for cluster in ({"proxy-url": "http://proxy:3128"}, {"tls-server-name": "api"}):
-        document["clusters"][0]["cluster"].update(cluster)
-        Path(config).write_text(yaml.safe_dump(document))
-        with pytest.raises(kubelist.NeedsClientError):
-            kubelist.load_endpoint(config)
-        del document["clusters"][0]["cluster"][next(iter(cluster))]
+    assert endpoint.authorization() == "Bearer file-token"
+    document["clusters"][0]["cluster"].update({"proxy-url": "http://proxy:3128", "tls-server-name": "api"})
+    Path(config).write_text(yaml.safe_dump(document))
+    endpoint = credentials.load_endpoint(config)
+    assert (endpoint.proxy, endpoint.server_name) == ("http://proxy:3128", "api")
+    document["users"][0]["user"] = {"auth-provider": {"name": "oidc", "config": {}}}
+    Path(config).write_text(yaml.safe_dump(document))
+    with pytest.raises(credentials.NeedsClientError):
+        credentials.load_endpoint(config)
     monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
     monkeypatch.setenv("KUBECONFIG", f"{config}{os.pathsep}{config}")
-    with pytest.raises(kubelist.NeedsClientError):  # several files: kubectl merges them
-        kubelist.load_endpoint(None)
+    with pytest.raises(credentials.NeedsClientError):  # several files: kubectl merges them
+        credentials.load_endpoint(None)
     account = tmp_path / "serviceaccount"
     account.mkdir()
     (account / "token").write_text("sa-token")
     (account / "ca.crt").write_bytes(b"SA-CA")
-    monkeypatch.setattr(kubelist, "SERVICE_ACCOUNT", account)
+    monkeypatch.setattr(credentials, "SERVICE_ACCOUNT", account)
     monkeypatch.setenv("KUBERNETES_SERVICE_HOST", "fd00::1")
     monkeypatch.setenv("KUBERNETES_SERVICE_PORT", "443")
-    assert kubelist.load_endpoint(None) == kubelist.Endpoint(
-        "https://[fd00::1]:443", b"SA-CA", token="sa-token"
+    assert credentials.load_endpoint(None) == credentials.Endpoint(
+        "https://[fd00::1]:443", b"SA-CA", token_file=account / "token"
     )

@@ -23,6 +23,7 @@ from netisolate.agent.cgroups import (
 )
 from netisolate.agent.reconcile import Reconciler
 from netisolate.backends import EnforceError, select_backend
+from netisolate.learning import Observed, learned
 from netisolate.localpod import LocalPod
 from netisolate.model import Pod, parse_pod
 from netisolate.netns import NetNS
@@ -216,6 +217,35 @@ def test_a_restart_is_an_element_update_not_a_new_ruleset(here: NetNS) -> None:
     assert members == {"app": Cgroup(201, "a2"), "proxy": None, "rogue": None}
 
 
+def test_a_restarted_containers_old_cgroup_still_names_it_to_learning(here: NetNS) -> None:
+    backend, cgroups = Backend(), Cgroups([SEEN])
+    rec, _ = cgroup_reconciler(here, cgroups, backend)
+    pod = shared_uid_pod(**{"netisolate.io/isolation": "audit"})
+    rec.upsert_pod(pod)
+    # the app (cgroup 101) opened a flow and restarted (now 201) before the agent's next read
+    cgroups.seen_now[0] = replace(SEEN, containers=(("app", Cgroup(201, "a2")), SEEN.containers[1]))
+    rec.cgroups_changed(pod.metadata.uid or "")
+    backend.observed = [
+        ("101", "tcp", 9999, 1),  # the app, before its restart
+        ("201", "tcp", 9998, 1),  # the app, since
+        ("102", "tcp", 9090, 2),  # the proxy
+        ("102", "tcp", 8080, 5),  # the proxy's grant (recorded before it came): no news
+        ("100", "tcp", 1, 1),  # the pod's own cgroup: no container's
+        ("777", "udp", 53, 1),  # a cgroup nobody has named
+    ]
+    rec.verify_all(fresh=0)
+    tracked = rec.pods[pod.metadata.uid or ""]
+    assert tracked.observed == {
+        Observed("app", "tcp", 9999): 1,
+        Observed("app", "tcp", 9998): 1,
+        Observed("proxy", "tcp", 9090): 2,
+    }
+    assert "101" in tracked.former
+    backend.observed = []  # the kernel forgot the old cgroup's records: so does the agent
+    rec.verify_all(fresh=0)
+    assert tracked.former == {} and len(tracked.observed) == 3
+
+
 @pytest.mark.parametrize("where", ["no cgroup v2", "iptables", "pod not found"])
 def test_fail_closed_where_cgroups_cannot_be_matched(here: NetNS, where: str) -> None:
     backend = Backend(cgroups=where != "iptables", name="iptables" if where == "iptables" else "fake")
@@ -300,6 +330,22 @@ def test_a_container_reaches_only_its_grants_whatever_its_uid(local: LocalPod) -
     (local.cgroup / "app-restarted").mkdir()
     assert local.probe(0, targets, container="app-restarted") == ["refused", "refused"]
     assert local.probe(1000, targets, container="app-restarted") == ["refused", "refused"]
+    # what was refused is recorded by cgroup ID, only for the pod's own cgroups; never drift
+    inspection = select_backend("nftables").inspect(local.ns, rs)
+    assert inspection.drift == []
+    ids = {name: str(c.id) for name, c in local.cgroups().containers}
+    ids["app-restarted"] = str(NodeCgroups.cgroup_of(str(local.cgroup / "app-restarted")).id)
+    refused = {
+        ("app", 15002),
+        *((name, port) for name in ("proxy", "rogue", "app-restarted") for port in (15001, 15002)),
+    }
+    assert {(i, proto, port) for i, proto, port, _ in inspection.observed} == {
+        (ids[name], "tcp", port) for name, port in refused
+    }
+    # learning names the containers it knows; the unnamed cgroup waits until the agent names it
+    assert set(learned(rs, {}, inspection.observed, cap=10)) == {
+        Observed(name, "tcp", port) for name, port in refused if name != "app-restarted"
+    }
 
 
 def test_a_new_cgroup_is_named_by_its_runtime_bundle(tmp_path: Path) -> None:

@@ -232,10 +232,18 @@ def test_a_changed_policy_never_drops_a_grant_both_sides_hold(backend: Backend, 
     counts: dict[str, int] = json.loads(out)
     assert applied >= 10
     # Refused is a reset, so a grant lost for a moment would show as 15001:ECONNREFUSED; a rare
-    # timeout is the listener's accept queue overflowing under this load (the rules never drop TCP).
-    assert set(counts) <= {"15001:open", "15001:timeout", "15000:open", "15000:ECONNREFUSED"}, counts
+    # timeout is a listener's accept queue overflowing under this load (the rules never drop TCP),
+    # on either port while it is open (element updates are fast: 15000 is open half the time).
+    assert set(counts) <= {
+        "15001:open",
+        "15001:timeout",
+        "15000:open",
+        "15000:ECONNREFUSED",
+        "15000:timeout",
+    }, counts
     assert counts["15001:open"] > 50 and counts.get("15000:open") and counts.get("15000:ECONNREFUSED"), counts
     assert counts.get("15001:timeout", 0) < counts["15001:open"] / 100, counts
+    assert counts.get("15000:timeout", 0) < counts["15000:open"] / 100, counts
     assert backend.verify(ns, policies[applied % 2]) == []
 
 

@@ -15,7 +15,6 @@ import pytest
 import pytest_asyncio
 
 from netisolate import scenarios
-from netisolate.policy import pod_policy
 from tests.agent_process import AgentProcess
 from tests.kube_standin import put
 from tests.realnode import pods
@@ -69,11 +68,9 @@ async def check_matrix(
     kubelet: Kubelet, pod: RunningPod, scenario: scenarios.Scenario, backend: str = "nftables"
 ) -> None:
     """Cgroup scenarios under iptables get what the agent loads there: no grants, all blocked."""
-    policy = pod_policy(scenario.parsed_pod(), scenario.namespace_labels)
-    fail_closed = policy.identity.by_cgroup and backend == "iptables"
     await asyncio.to_thread(wait_listening, pod, scenario.listeners)
     got = await asyncio.to_thread(matrix, kubelet, pod, scenario.listeners, list(scenario.expect_open))
-    wrong = pods.mismatches(scenario, got, fail_closed)
+    wrong = pods.mismatches(scenario, got, pods.fails_closed(scenario, backend))
     assert not wrong, f"{scenario.name}: {wrong}"
 
 

@@ -25,7 +25,7 @@ from kubernetes import client
 
 from netisolate import scenarios
 from netisolate.backends import select_backend
-from netisolate.backends.libnft import run as nft_run
+from netisolate.backends.libnft import load as nft_load
 from netisolate.netns import NetNS
 from netisolate.policy import IdentityMode
 from netisolate.rules import RuleSet, Settings
@@ -221,7 +221,7 @@ async def test_rules_list_back_exactly_and_drift_is_repaired(
             "flush set inet netisolate c-app\n"
             f'add element inet netisolate c-app {{ "{rogue.cgroup.path}" }}\n'
         )
-        assert ns.run(lambda: nft_run(swap))[0] == 0
+        assert ns.run(lambda: nft_load(swap))[0] == 0
         drift = backend.verify(ns, rs)
         assert drift and all("in set c-app" in line for line in drift), drift
         await until(lambda: backend.verify(ns, rs) == [], what="the drift repaired")

@@ -66,9 +66,10 @@ class Chained:
     def agent_up(self) -> None:
         from netisolate.agent.cni import CniHandler
         from netisolate.agent.cni_server import CniServer
+        from tests.kube_standin import ours
         from tests.realnode.cni import options
 
-        server = CniServer(options(self.node).socket, CniHandler(self.agent.reconciler, self.core))
+        server = CniServer(options(self.node).socket, CniHandler(self.agent.reconciler, ours(self.core)))
         server.start()
         self.service.server = server
 

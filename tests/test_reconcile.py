@@ -51,6 +51,7 @@ class Backend:
     failure: Exception | None = None
     applied: list[tuple[int, RuleSet]] = field(default_factory=list)
     updated: list[tuple[int, RuleSet]] = field(default_factory=list)  # element updates (cgroups)
+    observed: list[tuple[str, str, int, int]] = field(default_factory=list)  # what inspect lists as learned
     name: str = "fake"
     cgroups: bool = True
 
@@ -68,7 +69,7 @@ class Backend:
         return ["nothing installed"]
 
     def inspect(self, ns: NetNS, ruleset: RuleSet) -> Inspection:
-        return Inspection([], {})
+        return Inspection([], {}, list(self.observed))
 
     def installed(self, ns: NetNS) -> bool:
         return False

@@ -129,7 +129,7 @@ def test_agent_flags_reach_the_agent(monkeypatch: pytest.MonkeyPatch) -> None:
             seen["metrics_port"] = metrics_port
 
     monkeypatch.setattr(netisolate.agent.node, "Agent", Agent)
-    monkeypatch.setattr(netisolate.kube, "api_clients", lambda kubeconfig: (None, None))
+    monkeypatch.setattr(netisolate.kube, "api_client", lambda kubeconfig, user_agent: None)
     monkeypatch.setattr(netisolate.commands.agent, "select_backend", lambda name, host: object())
     monkeypatch.setattr(netisolate.commands.agent, "setup_logging", lambda: None)
     monkeypatch.setattr("signal.signal", lambda *_: None)

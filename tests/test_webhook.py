@@ -23,7 +23,6 @@ from aiohttp.test_utils import TestClient, TestServer
 from cryptography import x509
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from kubernetes import client as kube
 
 from netisolate.admission import review_request
 from netisolate.config import Config
@@ -31,7 +30,7 @@ from netisolate.model import InputError
 from netisolate.webhook import tls
 from netisolate.webhook.review import BadReviewError, parse_review, response
 from netisolate.webhook.server import Limits, NamespaceLabels, NamespaceUnavailableError, build_app
-from tests.kube_standin import api_client, declare, put
+from tests.kube_standin import declare, ours, put
 
 HARDENED = {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}}
 
@@ -408,7 +407,7 @@ async def test_namespace_labels_are_read_from_the_api_and_a_missing_namespace_fa
 ) -> None:
     declare(kmock)
     put(kmock, "v1/namespaces", {"metadata": {"name": "shop", "labels": NAMESPACES["shop"]}})
-    labels = NamespaceLabels(kube.CoreV1Api(api_client(kmock)))
+    labels = NamespaceLabels(ours(kmock))
     assert await labels("shop") == NAMESPACES["shop"]
     with pytest.raises(NamespaceUnavailableError, match="cannot read namespace nowhere"):
         await labels("nowhere")
@@ -424,12 +423,9 @@ async def test_a_namespace_served_without_metadata_has_no_labels() -> None:
     """The API's Namespace model makes metadata optional: read as absent, not a crash (which the
     review would turn into an 'internal error' denial of every pod in it)."""
 
-    class Bare:
-        metadata = None
-
     class Api:
-        def read_namespace(self, name: str) -> Bare:
-            return Bare()
+        def get(self, path: str, *, timeout: float | None = None) -> dict[str, Any]:
+            return {"kind": "Namespace", "metadata": None}
 
     assert await NamespaceLabels(Api())("shop") == {}
 
@@ -476,12 +472,30 @@ async def judged(http: TestClient[web.Request, web.Application], body: dict[str,
         await asyncio.sleep(0.05)
 
 
+async def took(http: TestClient[web.Request, web.Application], body: dict[str, Any]) -> tuple[float, Any]:
+    started = time.monotonic()
+    answer = await answer_of(http, body)
+    return time.monotonic() - started, answer
+
+
+def judging_cpu_seconds() -> float:
+    """The CPU time (user and system) used so far by this process (the server, and the client
+    that sends it reviews) and by the review workers."""
+    ticks = 0
+    for child in multiprocessing.active_children():
+        if child.name == "netisolate-review" and child.pid:
+            stat = Path(f"/proc/{child.pid}/stat").read_text().rsplit(")", 1)[1].split()
+            ticks += int(stat[11]) + int(stat[12])  # utime, stime
+    return time.process_time() + ticks / os.sysconf("SC_CLK_TCK")
+
+
 @pytest.mark.asyncio
 async def test_a_2000_container_pod_is_judged_quickly_and_capped() -> None:
-    async with http_app() as http:
-        started = time.monotonic()
+    async with http_app(Limits(seconds=20)) as http:  # (the CPU it takes is what is judged here)
+        before = judging_cpu_seconds()
         answer = await answer_of(http, many_containers(2000))
-        assert time.monotonic() - started < 3.0  # quadratic, in the loop: 16 s
+        # CPU, not wall time, which a loaded machine stretches: quadratic, in the loop: 16 s
+        assert judging_cpu_seconds() - before < 3.0
     assert answer["uid"] == "big-2000" and answer["allowed"] is True  # audit: warnings only
     assert len(answer["warnings"]) <= 11 and "more warnings" in answer["warnings"][-1]
 
@@ -503,7 +517,11 @@ async def test_other_reviews_and_healthz_answer_while_a_huge_pod_is_judged() -> 
         huge_took = time.monotonic() - huge_started
     # Judged on the event loop, every one of them would wait for the huge review to end.
     assert len(latencies) >= 3, "the huge review finished before the others could be measured"
-    assert statistics.median(latencies) < 0.1 and max(latencies) < huge_took / 2, (huge_took, latencies)
+    # (relative to the huge review, which takes ~1 s on a quiet machine and longer under load)
+    assert statistics.median(latencies) < huge_took / 10 and max(latencies) < huge_took / 2, (
+        huge_took,
+        latencies,
+    )
 
 
 @pytest.mark.asyncio
@@ -556,10 +574,14 @@ async def test_large_bodies_have_a_worker_of_their_own_at_a_lower_priority() -> 
         await asyncio.sleep(0.3)
         workers = [c for c in multiprocessing.active_children() if c.name == "netisolate-review"]
         niceness = {os.getpriority(os.PRIO_PROCESS, w.pid or 0) for w in workers if w.is_alive()}
-        assert niceness == {os.getpriority(os.PRIO_PROCESS, 0), os.getpriority(os.PRIO_PROCESS, 0) + 10}
-        # a second huge pod queues behind the first; small ones never do
-        second = asyncio.create_task(answer_of(http, many_containers(20001)))
+        ours = os.getpriority(os.PRIO_PROCESS, 0)  # the suite may itself run under `nice`
+        assert niceness == {ours, min(ours + 10, 19)}  # (nice values end at 19)
+        # a second huge pod queues behind the first (judged after it or, when a loaded machine
+        # starves the first past the time limit, refused as overloaded); small ones never queue
         started = time.monotonic()
-        assert (await answer_of(http, review("Pod", GOOD)))["allowed"] is True
-        assert time.monotonic() - started < 1.0
-        await asyncio.gather(huge, second)
+        second = asyncio.create_task(http.post("/validate/pods", json=many_containers(20001)))
+        small, answer = await took(http, review("Pod", GOOD))
+        assert answer["allowed"] is True
+        await huge
+        assert (await second).status in (200, 429)
+        assert small < (time.monotonic() - started) / 2, small  # it waited for neither

@@ -9,11 +9,10 @@ from typing import Any
 import pytest
 from cryptography import x509
 from kubernetes import client
-from kubernetes.client.exceptions import ApiException
 
-from netisolate.kube import ValidatingWebhookConfiguration
+from netisolate.kubeclient import ApiError, Client
 from netisolate.webhook import tls
-from tests.kube_standin import api_client, declare, put
+from tests.kube_standin import api_client, declare, ours, put
 
 VWC = "admissionregistration.k8s.io/v1/validatingwebhookconfigurations"
 
@@ -32,15 +31,17 @@ def webhook_configuration(name: str) -> dict[str, Any]:
     }
 
 
-def _ca_bundles(config: ValidatingWebhookConfiguration) -> list[bytes]:
+def _ca_bundles(config: client.V1ValidatingWebhookConfiguration) -> list[bytes]:
     """Each webhook's caBundle, decoded (b"" where it has none)."""
     return [base64.b64decode(h.client_config.ca_bundle or "") for h in config.webhooks or []]
 
 
 def run_bootstrap(api: client.ApiClient) -> tls.CertBundle:
+    """The bootstrap with the webhook's own client, of the stand-in `api` drives."""
+    theirs = ours(client.CoreV1Api(api))
     return tls.bootstrap(
-        client.CoreV1Api(api),
-        client.AdmissionregistrationV1Api(api),
+        theirs,
+        theirs,
         namespace="netisolate-system",
         secret="netisolate-webhook-tls",
         service="netisolate-webhook",
@@ -51,17 +52,17 @@ def run_bootstrap(api: client.ApiClient) -> tls.CertBundle:
 class LateReader:
     """A replica that read "no Secret" just before another replica created it."""
 
-    def __init__(self, core: client.CoreV1Api) -> None:
-        self.core, self.missed = core, False
+    def __init__(self, api: Client) -> None:
+        self.api, self.missed = api, False
 
-    def read_namespaced_secret(self, name: str, namespace: str) -> Any:
+    def get(self, path: str, *, timeout: float | None = None) -> dict[str, Any]:
         if not self.missed:
             self.missed = True
-            raise ApiException(status=404, reason="Not Found")
-        return self.core.read_namespaced_secret(name, namespace)
+            raise ApiError("GET", path, 404, "secrets not found")
+        return self.api.get(path)
 
-    def create_namespaced_secret(self, namespace: str, body: Any) -> Any:
-        return self.core.create_namespaced_secret(namespace, body)  # the stand-in answers 409
+    def create(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
+        return self.api.create(path, body)  # the stand-in answers 409
 
 
 @pytest.mark.timeout(60)
@@ -72,11 +73,11 @@ async def test_first_writer_wins_and_only_our_configuration_is_patched(kmock: An
     put(kmock, VWC, webhook_configuration("someone-else"))
     api = api_client(kmock)
     first = await asyncio.to_thread(run_bootstrap, api)
-    late = LateReader(client.CoreV1Api(api))
+    late = LateReader(ours(kmock))
     second = await asyncio.to_thread(
         tls.bootstrap,
         late,
-        client.AdmissionregistrationV1Api(api),
+        ours(kmock),
         namespace="netisolate-system",
         secret="netisolate-webhook-tls",
         service="netisolate-webhook",
@@ -91,8 +92,8 @@ async def test_first_writer_wins_and_only_our_configuration_is_patched(kmock: An
     assert "netisolate-webhook.netisolate-system.svc" in names
     # (sync client calls go to a thread: kmock serves from this test's event loop)
     read = client.AdmissionregistrationV1Api(api).read_validating_webhook_configuration
-    ours = await asyncio.to_thread(read, "netisolate")
-    assert _ca_bundles(ours) == [first.ca_pem] * 2
+    own = await asyncio.to_thread(read, "netisolate")
+    assert _ca_bundles(own) == [first.ca_pem] * 2
     theirs = await asyncio.to_thread(read, "someone-else")
     assert all(h.client_config.ca_bundle is None for h in theirs.webhooks or [])
     patched = {str(r.url.path) for r in kmock if r.method == "PATCH"}
@@ -154,13 +155,13 @@ async def test_a_configuration_recreated_without_our_ca_gets_it_back(kmock: Any)
     bundle = await asyncio.to_thread(run_bootstrap, api)
     put(kmock, VWC, webhook_configuration("netisolate"))  # GitOps re-applies the manifest: no caBundle
     admission = client.AdmissionregistrationV1Api(api)
-    keeper = asyncio.create_task(tls.keep_ca_bundle(admission, "netisolate", bundle.ca_pem, interval=0.05))
+    keeper = asyncio.create_task(tls.keep_ca_bundle(ours(kmock), "netisolate", bundle.ca_pem, interval=0.05))
     try:
         for _ in range(100):
-            ours = await asyncio.to_thread(admission.read_validating_webhook_configuration, "netisolate")
-            if all(h.client_config.ca_bundle for h in ours.webhooks or []):
+            own = await asyncio.to_thread(admission.read_validating_webhook_configuration, "netisolate")
+            if all(h.client_config.ca_bundle for h in own.webhooks or []):
                 break
             await asyncio.sleep(0.05)
     finally:
         keeper.cancel()
-    assert set(_ca_bundles(ours)) == {bundle.ca_pem}
+    assert set(_ca_bundles(own)) == {bundle.ca_pem}

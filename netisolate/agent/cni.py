@@ -10,12 +10,10 @@ has run. DEL always succeeds. CHECK reads the rules back.
 
 from __future__ import annotations
 
-import json
 import logging
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any
 
 from prometheus_client import Counter, Histogram
 
@@ -26,6 +24,7 @@ from netisolate.agent.reconcile import Reconciler
 from netisolate.agent.state import PodState
 from netisolate.cni import conflist, protocol
 from netisolate.cni.options import CniOptions
+from netisolate.kube import Reader, resource_path
 from netisolate.model import InputError, Pod, parse_pod
 from netisolate.netns import NetNS
 from netisolate.policy import Level, pod_policy
@@ -50,7 +49,7 @@ class RefusalError(Exception):
 
 
 class CniHandler:
-    def __init__(self, reconciler: Reconciler, core: Any, api_timeout: float = API_TIMEOUT_S) -> None:
+    def __init__(self, reconciler: Reconciler, core: Reader, api_timeout: float = API_TIMEOUT_S) -> None:
         self.reconciler, self.core, self.api_timeout = reconciler, core, api_timeout
 
     def __call__(self, request: protocol.Request, ns: NetNS | None) -> Answer:
@@ -124,10 +123,8 @@ class CniHandler:
         if tracked is not None:
             return tracked.pod
         try:
-            response = self.core.read_namespaced_pod(
-                ref.name, ref.namespace, _preload_content=False, _request_timeout=self.api_timeout
-            )
-            pod = parse_pod(json.loads(response.data), f"pod {ref}")
+            path = resource_path("v1", "pods", ref.namespace, ref.name)
+            pod = parse_pod(self.core.get(path, timeout=self.api_timeout), f"pod {ref}")
         except InputError as err:
             raise RefusalError(protocol.E_TRY_AGAIN, f"netisolate: {err}") from None
         except Exception as err:
@@ -155,10 +152,8 @@ class CniHandler:
         if name in self.reconciler.namespaces or pod_policy(pod, {}).level is Level.ENFORCE:
             return
         try:
-            response = self.core.read_namespace(
-                name, _preload_content=False, _request_timeout=self.api_timeout
-            )
-            labels = (json.loads(response.data).get("metadata") or {}).get("labels") or {}
+            namespace = self.core.get(resource_path("v1", "namespaces", name=name), timeout=self.api_timeout)
+            labels = (namespace.get("metadata") or {}).get("labels") or {}
         except Exception as err:
             raise RefusalError(
                 protocol.E_TRY_AGAIN,
@@ -180,7 +175,7 @@ class CniService:
         self.server.server_close()
 
 
-def start(options: CniOptions, reconciler: Reconciler, core: Any, stop: threading.Event) -> CniService:
+def start(options: CniOptions, reconciler: Reconciler, core: Reader, stop: threading.Event) -> CniService:
     """Serve first, then install the binary, then chain it: the plugin never runs before the
     agent can answer it."""
     server = CniServer(options.socket, CniHandler(reconciler, core))

@@ -13,9 +13,10 @@ from netisolate.agent.cgroups import NodeCgroups
 from netisolate.agent.reconcile import Reconciler
 from netisolate.agent.report import Reporter, record_observed, record_states
 from netisolate.agent.state import NodeStatus
-from netisolate.agent.watch import ListWatch, Obj
+from netisolate.agent.watch import ListWatch
 from netisolate.backends import Backend
-from netisolate.kube import CoreApi
+from netisolate.kube import AgentApi, resource_path
+from netisolate.kubeclient import Obj
 from netisolate.model import InputError, Pod, parse_pod
 from netisolate.netns import NetNS
 from netisolate.rules import Settings
@@ -30,7 +31,7 @@ class Agent:
         node: str,
         backend: Backend,
         settings: Settings,
-        core: CoreApi | None,
+        core: AgentApi | None,
         *,
         proc_root: str = "/proc",
         host_netns: str = "/proc/1/ns/net",
@@ -104,7 +105,8 @@ class Agent:
         assert self.core is not None
         self.namespace_watch = ListWatch(
             "namespaces",
-            self.core.list_namespace,
+            self.core,
+            resource_path("v1", "namespaces"),
             self.on_namespace_list,
             self.on_namespace_event,
             stop=self.stop,
@@ -112,7 +114,8 @@ class Agent:
         )
         pods = ListWatch(
             "pods",
-            self.core.list_pod_for_all_namespaces,
+            self.core,
+            resource_path("v1", "pods"),
             self.on_pod_list,
             self.on_pod_event,
             stop=self.stop,

@@ -23,7 +23,7 @@ from typing import Protocol
 from netisolate.agent.listeners import exposed, squatted
 from netisolate.agent.state import WAITING, PodState, PodStatus
 from netisolate.backends import Backend, EnforceError
-from netisolate.learning import EVENT_REASON, Observed, learned, suggested, summary, workload
+from netisolate.learning import EVENT_REASON, Observed, identities, learned, suggested, summary, workload
 from netisolate.model import Pod
 from netisolate.netns import NetNS, NetNSError
 from netisolate.policy import PodPolicy, pod_policy
@@ -97,6 +97,8 @@ class Tracked:
     rounds: int = 0  # verifications since the rules were applied or adopted
     observed: dict[Observed, int] = field(default_factory=dict)  # learning: not granted, seen
     reported: frozenset[Observed] = frozenset()  # what the last ConnectionsObserved event named
+    # learning: identities the rules named before (restarted containers' cgroups) → their containers
+    former: dict[str, tuple[str, ...]] = field(default_factory=dict)
     reported_at: float = -OBSERVED_EVENT_S
     sandbox: str = ""  # the sandbox ID the CNI plugin handed `ns` over with, if it did
     preinstalled: tuple[RuleSet, float] | None = None  # loaded into a fresh `ns` outside the lock
@@ -469,6 +471,7 @@ class Reconciler:
             self._failed(tracked, "EnforceFailed", str(err))
             return
         self.reporter.applied(tracked.pod, time.perf_counter() - started)
+        tracked.former.update(identities(tracked.applied))  # what they recorded is still theirs
         tracked.applied, tracked.checked_at = desired, time.monotonic()
 
     def _namespace(self, tracked: Tracked) -> NetNS | None:
@@ -577,8 +580,11 @@ class Reconciler:
     def _learn(self, tracked: Tracked, applied: RuleSet, seen: list[tuple[str, str, int, int]]) -> None:
         """Keep what the kernel recorded as not granted (bounded like the kernel's set: new entries
         beyond it are dropped), forget what is granted by now, and tell the pod's Events when there
-        is something new, at most every OBSERVED_EVENT_S."""
-        tracked.observed = learned(applied, tracked.observed, seen, OBSERVED_PER_POD)
+        is something new, at most every OBSERVED_EVENT_S. A former identity is kept while the
+        kernel lists something it recorded (at most OBSERVED_SIZE of them)."""
+        tracked.observed = learned(applied, tracked.observed, seen, OBSERVED_PER_POD, tracked.former)
+        listed = {identity for identity, *_ in seen}
+        tracked.former = {i: names for i, names in tracked.former.items() if i in listed}
         now = time.monotonic()
         keys = frozenset(tracked.observed)
         if keys - tracked.reported and now - tracked.reported_at >= self.observed_event_s:

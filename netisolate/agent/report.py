@@ -12,7 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 from prometheus_client import Counter, Gauge, Histogram
 
 from netisolate.agent.state import PodState, PodStatus
-from netisolate.kube import Events
+from netisolate.kube import Events, resource_path
 from netisolate.model import Pod
 
 log = logging.getLogger("netisolate.agent")
@@ -90,7 +90,7 @@ class Reporter:
             "count": 1,
         }
         try:
-            core.create_namespaced_event(pod.metadata.namespace or "default", body)
+            core.create(resource_path("v1", "events", pod.metadata.namespace or "default"), body)
         except Exception as err:  # best effort: an event lost is logged, never fatal
             log.warning("could not post event", extra={"pod": pod.ref, "reason": reason, "error": str(err)})
 

@@ -1,4 +1,4 @@
-"""List+watch with the plain `kubernetes` client, one thread per resource.
+"""List+watch of one resource (netisolate.kubeclient), one thread per resource.
 
 Pods are listed and watched with the server-side field selector `spec.nodeName=<node>`, so the
 agent's API load grows with its node, not the cluster (and they are filtered by node here too).
@@ -14,28 +14,20 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable
-from typing import Any
-
-from kubernetes import watch
-from kubernetes.client.exceptions import ApiException
-from urllib3.exceptions import ReadTimeoutError
 
 from netisolate.agent.report import WATCH_ERRORS, WATCH_UP
-from netisolate.kube import Lister, decoded
+from netisolate.kube import Watcher
+from netisolate.kubeclient import ApiError, Obj
 
 log = logging.getLogger(__name__)
-Obj = dict[str, Any]
-
-
-class Gone(Exception):  # noqa: N818 - the HTTP status' own name
-    """HTTP 410: the resourceVersion is too old; relist."""
 
 
 class ListWatch:
     def __init__(
         self,
         name: str,
-        list_fn: Lister,
+        api: Watcher,
+        path: str,
         on_list: Callable[[list[Obj]], None],
         on_event: Callable[[str, Obj], None],
         *,
@@ -43,7 +35,7 @@ class ListWatch:
         timeout_seconds: int = 240,
         field_selector: str | None = None,
     ) -> None:
-        self.name, self.list_fn, self.on_list, self.on_event = name, list_fn, on_list, on_event
+        self.name, self.api, self.path, self.on_list, self.on_event = name, api, path, on_list, on_event
         self.stop, self.field_selector, self.timeout_seconds = stop, field_selector, timeout_seconds
         self.resource_version: str | None = None
         self.synced = threading.Event()
@@ -66,35 +58,27 @@ class ListWatch:
         self.stop.wait(backoff)
 
     def _list(self) -> None:
-        data = decoded(self.list_fn(field_selector=self.field_selector, _preload_content=False))
-        self.resource_version = data["metadata"].get("resourceVersion")
+        listing = self.api.list(self.path, field_selector=self.field_selector)
+        self.resource_version = listing.resource_version
         self._succeeded()
-        self.on_list(data.get("items") or [])
+        self.on_list(listing.items)
         self.synced.set()
 
     def _watch(self) -> None:
-        stream = watch.Watch().stream(  # type: ignore[no-untyped-call]
-            self.list_fn,
+        events = self.api.watch(
+            self.path,
             resource_version=self.resource_version,
-            allow_watch_bookmarks=True,
-            timeout_seconds=self.timeout_seconds,
-            # the server ends a watch after timeout_seconds; a connection silent for longer is dead
-            _request_timeout=(10, self.timeout_seconds + 2),
-            deserialize=False,
             field_selector=self.field_selector,
+            timeout_seconds=self.timeout_seconds,
         )
-        for event in stream:
+        for event in events:
             if self.stop.is_set():
                 return
-            kind, obj = event["type"], event["object"]
-            if kind == "ERROR":
-                if obj.get("code") == 410:
-                    raise Gone()
-                raise ApiException(status=obj.get("code"), reason=obj.get("message"))
-            self.resource_version = (obj.get("metadata") or {}).get("resourceVersion", self.resource_version)
+            meta = event.object.get("metadata") or {}
+            self.resource_version = meta.get("resourceVersion", self.resource_version)
             self._succeeded()
-            if kind != "BOOKMARK":
-                self.on_event(kind, obj)
+            if event.type != "BOOKMARK":
+                self.on_event(event.type, event.object)
 
     def run(self, max_backoff: float = 30.0) -> None:
         backoff = 0.5
@@ -102,21 +86,17 @@ class ListWatch:
             try:
                 if self.resource_version is None:
                     self._list()
-                self._watch()
+                self._watch()  # ends when the server ends it, or a silent connection timed out
                 backoff = 0.5
-            except ReadTimeoutError:
-                continue  # a quiet watch outlived its timeout: resume from the same resourceVersion
-            except Gone:
-                log.info("watch expired, relisting", extra={"resource": self.name})
-                self.resource_version = None
-            except ApiException as err:
-                if err.status == 410:
+            except ApiError as err:
+                if err.status == 410:  # the resourceVersion is too old (compacted): relist
+                    log.info("watch expired, relisting", extra={"resource": self.name})
                     self.resource_version = None
                     continue
-                self._failed(f"API error {err.status}: {err.reason}", backoff)
+                self._failed(f"API error {err.status}: {err.message}", backoff)
                 backoff = min(backoff * 2, max_backoff)
-            except Exception as err:  # connection refused, reset, timeouts: the API server is away
-                self._failed(f"API unreachable: {err!r}", backoff)
+            except Exception as err:  # connection refused, reset, garbled: the API server is away
+                self._failed(f"API unreachable: {err}", backoff)
                 backoff = min(backoff * 2, max_backoff)
 
     def start(self) -> threading.Thread:

@@ -5,24 +5,73 @@ elsewhere ends only that table's chain, and a packet must pass every base chain 
 
 A changed policy is an element update of the table's sets: one transaction, so no packet meets
 half a policy, and nothing is rebuilt. Only a table whose layout changed (another mode, the first
-UDP grant, drift in its chains) is replaced by the delete-and-recreate transaction. Reads go through
-libnftables in-process; writes through `nft -f`, which runs in parallel across namespaces. The
-kernel makes whoever closes an nftables socket wait for the last transaction's RCU grace period
-(~10 ms): a libnftables context kept open per namespace would spare writes that, but with many
-contexts alive libnftables 1.0.6 aborted under pod churn, so none is kept.
+UDP grant, drift in its chains) is replaced by the delete-and-recreate transaction.
+
+Where the time goes, and why it is spent so: the kernel makes whoever *closes* an nftables socket
+wait for the RCU grace period of the transactions that deleted something (~10 ms, on any
+namespace's close), which was most of every `nft -f` element update. So element updates go over a
+netlink socket kept open per namespace (`kept`, `nfnetlink`), computed from what the table is
+known to hold: its listing as last read or written, at the ruleset generation it had then. The
+batch names that generation, and the kernel refuses it whole if anything committed since, so no
+read is needed and the update stays exact; a refusal falls back to reading the table. A namespace's
+first table is loaded in-process by libnftables (no fork; creating deletes nothing, so its close
+waits for nobody's grace period unless another namespace just deleted something); a whole-table
+replace by `nft -f`, a process of its own, which runs in parallel across namespaces. Reads go
+through libnftables in-process (`nft` without it), and every verification reads the kernel.
 """
 
 from __future__ import annotations
 
 from netisolate.backends import blind, libnft
 from netisolate.backends.base import EnforceError, Inspection, run_tool
+from netisolate.backends.kept import Kept, KeptSockets
+from netisolate.backends.nfnetlink import Change, NetlinkError, SetKey, UnsupportedError
 from netisolate.netns import NetNS
 from netisolate.rules import RuleSet, nft
+
+KEPT = KeptSockets()
+
+
+Changes = list[tuple[str, list[str], list[str]]]  # (set, elements to add, elements to delete)
+
+
+def _encoded(ruleset: RuleSet, changes: Changes) -> list[Change]:
+    keys = {s.name: SetKey.of(s.declaration) for s in nft.sets(ruleset)}
+    return [
+        Change(
+            nft.TABLE,
+            name,
+            keys[name],
+            tuple(sorted({nft.element_key(e, keys[name].interval) for e in unexpected})),
+            tuple(missing),
+        )
+        for name, missing, unexpected in changes
+        if missing or unexpected
+    ]
+
+
+def _after(listed: nft.Listing, changes: Changes) -> nft.Listing:
+    """What the table holds once `changes` to `listed` are committed."""
+    elements = dict(listed.elements)
+    for name, missing, unexpected in changes:
+        elements[name] = tuple(e for e in elements.get(name, ()) if e not in unexpected) + tuple(missing)
+    return nft.Listing(listed.layout, elements)
+
+
+def _generation(kept: Kept | None) -> int | None:
+    """The namespace's ruleset generation, if a kept socket can tell it."""
+    try:
+        return kept.socket.generation() if kept is not None else None
+    except OSError:
+        return None
 
 
 class NftablesBackend:
     name = "nftables"
     cgroups = True
+
+    def __init__(self, kept: KeptSockets | None = None) -> None:
+        self._kept = KEPT if kept is None else kept
 
     def _run(self, ns: NetNS, command: str) -> tuple[int, str, str]:
         """A read in the namespace: in-process through libnftables (a context of its own each
@@ -32,33 +81,97 @@ class NftablesBackend:
         result = run_tool(ns, ["nft", "-f", "-"], command)
         return result.returncode, result.stdout, result.stderr
 
-    def _load(self, ns: NetNS, document: str, what: str) -> tuple[int, str]:
-        """A write, by `nft -f` in the namespace: each in a process of its own, so writes to many
-        namespaces run in parallel (the RCU wait as the socket closes is the process's, not ours)."""
+    def _load(self, ns: NetNS, document: str, what: str, in_process: bool = False) -> tuple[int, str]:
+        """A write: `in_process` through libnftables where it can (see libnft.load), else by
+        `nft -f` in a process of its own, so writes to many namespaces run in parallel (the RCU
+        wait as its socket closes is the process's, and holds no lock of ours)."""
+        if in_process and libnft.available():
+            try:
+                status, _, err = ns.run(lambda: libnft.load(document))
+                return status, f"{what} failed: {err.strip()}"
+            except libnft.TooManyFilesError:
+                pass
         result = run_tool(ns, ["nft", "-f", "-"], document)
         return result.returncode, f"{what} failed: {result.stderr.strip()}"
 
     def apply(self, ns: NetNS, ruleset: RuleSet) -> None:
-        listed = self.listing(ns)
+        kept = self._kept.get(ns) if ruleset.cgroups is None else None
+        if kept is None:
+            self._apply(ns, ruleset, None)
+            return
+        with kept.lock:
+            if kept.known is None or not self._update(kept, ruleset, *kept.known):
+                self._apply(ns, ruleset, kept)
+
+    def _update(self, kept: Kept, ruleset: RuleSet, listed: nft.Listing, generation: int) -> bool:
+        """Turn the table, known to be `listed` at `generation`, into `ruleset` by an element update
+        over the kept socket (what `nft.update` would load); False, and nothing known any more,
+        when that cannot be done."""
+        kept.known = None
+        if ruleset.cgroups is not None or nft.expected(ruleset).layout != listed.layout:
+            return False
+        changes = [change for change in nft.element_changes(ruleset, listed) if change[1] or change[2]]
+        try:
+            if not changes:  # done, if nothing changed the table since
+                unchanged = kept.socket.generation() == generation
+                kept.known = (listed, generation) if unchanged else None
+                return unchanged
+            after = kept.socket.commit(_encoded(ruleset, changes), generation)
+        except (NetlinkError, UnsupportedError, OSError):  # stale, refused, or not ours to encode
+            return False
+        if after == generation + 1:  # ours was the only transaction since
+            kept.known = (_after(listed, changes), after)
+        return True
+
+    def _apply(self, ns: NetNS, ruleset: RuleSet, kept: Kept | None) -> None:
+        """Read the table, then update it (over the kept socket where there is one), create it
+        or replace it."""
+        listed = self._read(ns, kept)
         if listed is None:
-            status, err = self._load(ns, nft.create(ruleset), f"loading {ruleset.pod}'s new table")
+            status, _ = self._write(
+                ns, kept, ruleset, nft.create(ruleset), f"loading {ruleset.pod}'s new table", new=True
+            )
             if status == 0:
                 return
         else:
-            delta = nft.update(ruleset, nft.parse(listed))
+            if kept is not None and kept.known is not None and self._update(kept, ruleset, *kept.known):
+                return
+            delta = nft.update(ruleset, listed)
             if delta == "":
                 return
             if delta is not None and self._load(ns, delta, f"updating {ruleset.pod}'s set elements")[0] == 0:
                 return
         # a layout that changed, or a table that appeared or changed since it was read
-        status, err = self._load(ns, nft.replace(ruleset), f"loading {ruleset.pod}'s table")
+        status, err = self._write(ns, kept, ruleset, nft.replace(ruleset), f"loading {ruleset.pod}'s table")
         if status != 0:
             raise EnforceError(err)
 
+    def _read(self, ns: NetNS, kept: Kept | None) -> nft.Listing | None:
+        """The table, parsed (None: there is none); `kept` knows it too when nothing committed
+        while it was read."""
+        before = _generation(kept)
+        text = self.listing(ns)
+        listed = nft.parse(text) if text is not None else None
+        if kept is not None and listed is not None and before is not None and _generation(kept) == before:
+            kept.known = (listed, before)
+        return listed
+
+    def _write(
+        self, ns: NetNS, kept: Kept | None, ruleset: RuleSet, document: str, what: str, *, new: bool = False
+    ) -> tuple[int, str]:
+        """Load a whole table (`new`: a first one, in-process); remember it as what the namespace
+        holds when ours was the only transaction in between (the generation moved by exactly one)."""
+        before = _generation(kept)
+        status, err = self._load(ns, document, what, in_process=new)
+        if kept is not None and status == 0 and before is not None and ruleset.cgroups is None:
+            after = _generation(kept)
+            kept.known = (nft.expected(ruleset), before + 1) if after == before + 1 else None
+        return status, err
+
     def update_cgroups(self, ns: NetNS, ruleset: RuleSet, installed: RuleSet) -> None:
         """Turn the sets of `installed` into those of `ruleset` (a restarted container's new cgroup
-        in, then its old one out), in-process. A cgroup that vanished
-        meanwhile (nft resolves paths as it loads) fails the update, which is retried."""
+        in, then its old one out). A cgroup that vanished meanwhile (nft resolves paths as it
+        loads) fails the update, which is retried."""
         for document in nft.elements(ruleset, installed):
             if document:
                 status, err = self._load(ns, document, f"updating {ruleset.pod}'s cgroups")

@@ -139,7 +139,7 @@ def run_agent(args: argparse.Namespace) -> int:
     from netisolate.agent.cni import start as start_cni
     from netisolate.agent.cni_conf import CniInstallError, uninstall
     from netisolate.agent.node import Agent
-    from netisolate.kube import api_clients
+    from netisolate.kube import api_client
 
     setup_logging()
     if not args.node_name:
@@ -147,7 +147,7 @@ def run_agent(args: argparse.Namespace) -> int:
             "no node name: pass --node-name or set NODE_NAME (the DaemonSet sets it from spec.nodeName)"
         )
     cni = cni_options(args)
-    core, _ = api_clients(args.kubeconfig)
+    core = api_client(args.kubeconfig, "netisolate-agent")
     settings = rule_settings(args)
     try:
         with NetNS.open(args.host_netns) as host:
@@ -162,15 +162,12 @@ def run_agent(args: argparse.Namespace) -> int:
             verify_interval=args.verify_interval,
         )
     except NetNSError as err:  # nothing to tell pods from the node with: say why, and let it restart
-        print(
-            f"netisolate agent: {err}: the agent needs the node's own network namespace; run it with "
-            "hostPID (and SYS_PTRACE), or name that namespace with --host-netns",
-            file=sys.stderr,
+        return _failed(
+            f"{err}: the agent needs the node's own network namespace; run it with hostPID (and "
+            "SYS_PTRACE), or name that namespace with --host-netns"
         )
-        return 1
     except EnforceError as err:  # nothing to enforce with
-        print(f"netisolate agent: {err}", file=sys.stderr)
-        return 1
+        return _failed(str(err))
     signal.signal(signal.SIGTERM, lambda *_: agent.stop.set())
     if cni is not None and args.cni_uninstall:
         uninstall(cni.conf_dir, cni.bin_dir)
@@ -178,10 +175,15 @@ def run_agent(args: argparse.Namespace) -> int:
         try:
             start_cni(cni, agent.reconciler, core, agent.stop)
         except (CniInstallError, OSError) as err:
-            print(f"netisolate agent: cannot serve the CNI plugin: {err}", file=sys.stderr)
-            return 1
+            return _failed(f"cannot serve the CNI plugin: {err}")
     agent.run(args.metrics_port)
     return 0
+
+
+def _failed(why: str) -> int:
+    """The agent cannot start: why, on stderr, and the exit code that lets it be restarted."""
+    print(f"netisolate agent: {why}", file=sys.stderr)
+    return 1
 
 
 def run_status(args: argparse.Namespace) -> int:

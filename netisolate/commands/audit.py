@@ -9,7 +9,8 @@ import sys
 from netisolate.audit import DEFAULT_NETISOLATE_NAMESPACE, AuditFinding, audit
 from netisolate.commands.common import add_command
 from netisolate.config import load_config
-from netisolate.kubelist import Get, KubeReadError, getter, list_items
+from netisolate.kube import Lister, api_client
+from netisolate.kubeclient import KubeError
 from netisolate.model import InputError
 
 DETAILS = f"""\
@@ -59,10 +60,10 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     parser.set_defaults(run=run)
 
 
-def fetch(get: Get) -> tuple[list[object], ...]:
+def fetch(api: Lister) -> tuple[list[object], ...]:
     """The raw API JSON (camelCase, as admission sees it) of mutating webhook configurations,
     namespaces, pods and validating webhook configurations."""
-    return tuple(list_items(get, path) for path in PATHS)
+    return tuple(list[object](api.list(path).items) for path in PATHS)
 
 
 def _text(findings: list[AuditFinding]) -> str:
@@ -82,7 +83,7 @@ def _failed(args: argparse.Namespace, message: str) -> int:
 def run(args: argparse.Namespace) -> int:
     try:
         config = load_config(args.config)
-        webhooks, namespaces, pods, validating = fetch(getter(args.kubeconfig))
+        webhooks, namespaces, pods, validating = fetch(api_client(args.kubeconfig, "netisolate-audit"))
         findings = audit(
             webhooks,
             namespaces,
@@ -91,7 +92,7 @@ def run(args: argparse.Namespace) -> int:
             netisolate_namespace=args.netisolate_namespace,
             validating=validating,
         )
-    except KubeReadError as err:
+    except KubeError as err:
         return _failed(args, f"cannot read the cluster: {err}")
     except InputError as err:
         return _failed(args, str(err))

@@ -9,9 +9,10 @@ import urllib.error
 import urllib.request
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any
 
 from netisolate.commands.common import add_command, port
+from netisolate.kube import EventReader, api_client, resource_path
 from netisolate.learning import EVENT_REASON, Observed, commands, parse_summary, suggested, workload
 from netisolate.model import InputError, parse_pod
 from netisolate.policy import Protocol, pod_policy
@@ -86,24 +87,15 @@ def from_agent(port_: int) -> list[Suggestion]:
     ]
 
 
-def _core(kubeconfig: str | None) -> Any:
-    from netisolate.kube import api_clients
-
-    return api_clients(kubeconfig)[0]
+def _api(kubeconfig: str | None) -> EventReader:
+    return api_client(kubeconfig, "netisolate-suggest")
 
 
 def from_events(kubeconfig: str | None, namespace: str | None) -> list[Suggestion]:
-    from netisolate.kube import EventReader, decoded
-
-    core = cast(EventReader, _core(kubeconfig))
-    selector = f"reason={EVENT_REASON}"
-    listed = (
-        core.list_namespaced_event(namespace, field_selector=selector, _preload_content=False)
-        if namespace
-        else core.list_event_for_all_namespaces(field_selector=selector, _preload_content=False)
-    )
+    path = resource_path("v1", "events", namespace)
+    listed = _api(kubeconfig).list(path, field_selector=f"reason={EVENT_REASON}")
     newest: dict[str, dict[str, Any]] = {}
-    for event in decoded(listed).get("items") or []:
+    for event in listed.items:
         obj = event.get("involvedObject") or {}
         if event.get("reason") != EVENT_REASON or obj.get("kind") != "Pod":
             continue  # a server that ignores the field selector (and the API stand-in) sends all
@@ -130,8 +122,6 @@ def _samples(text: str) -> Iterable[tuple[dict[str, str], float]]:
 
 
 def from_metrics(url: str, kubeconfig: str | None, namespace: str | None) -> list[Suggestion]:
-    from netisolate.kube import EventReader, decoded
-
     seen: dict[str, dict[Observed, int]] = {}
     for labels, value in _samples(_get(url).decode()):
         if namespace and labels.get("namespace") != namespace:
@@ -139,12 +129,12 @@ def from_metrics(url: str, kubeconfig: str | None, namespace: str | None) -> lis
         protocol: Protocol = "udp" if labels.get("protocol") == "udp" else "tcp"
         o = Observed(labels.get("container", ""), protocol, int(labels.get("port", "0")))
         seen.setdefault(f"{labels.get('namespace')}/{labels.get('pod')}", {})[o] = int(value)
-    core = cast(EventReader, _core(kubeconfig)) if seen else None
+    api = _api(kubeconfig) if seen else None
     found = []
     for key, observed in sorted(seen.items()):
         ns, _, name = key.partition("/")
-        assert core is not None
-        pod = parse_pod(decoded(core.read_namespaced_pod(name, ns, _preload_content=False)), key)
+        assert api is not None
+        pod = parse_pod(api.get(resource_path("v1", "pods", ns, name)), key)
         current = {c.name: c.grants for c in pod_policy(pod, {}).containers}
         owner = workload(pod)
         found.append(

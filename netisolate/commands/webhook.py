@@ -15,7 +15,7 @@ from aiohttp import web
 
 from netisolate.commands.common import add_command, seconds
 from netisolate.config import load_config
-from netisolate.kube import AdmissionApi, CoreApi, api_clients
+from netisolate.kube import WebhookApi, api_client
 from netisolate.logs import setup_logging
 from netisolate.model import InputError
 from netisolate.webhook import tls
@@ -93,20 +93,16 @@ def _count(text: str) -> int:
     return int(text)
 
 
-Clients = tuple[CoreApi, AdmissionApi]
-
-
-def _cert_files(args: argparse.Namespace, clients: Clients | None) -> tuple[str, str, bytes | None]:
+def _cert_files(args: argparse.Namespace, api: WebhookApi | None) -> tuple[str, str, bytes | None]:
     """The serving certificate's files, and the CA to keep in our configuration when we made it."""
     if args.tls_cert_file and args.tls_key_file:
         return args.tls_cert_file, args.tls_key_file, None
     if args.no_bootstrap_tls:
         raise InputError("--no-bootstrap-tls needs --tls-cert-file and --tls-key-file")
-    assert clients is not None  # serve() re-raises missing credentials when no files are given
-    core, admission = clients
+    assert api is not None  # serve() re-raises missing credentials when no files are given
     bundle = tls.bootstrap(
-        core,
-        admission,
+        api,
+        api,
         namespace=args.namespace,
         secret=args.secret,
         service=args.service,
@@ -125,10 +121,10 @@ def _unreadable(reason: str) -> LabelLookup:
 
 async def serve(args: argparse.Namespace) -> None:
     host, _, port = args.listen.rpartition(":")
-    clients: Clients | None = None
+    api: WebhookApi | None = None
     try:
-        clients = api_clients(args.kubeconfig)
-        labels: LabelLookup = NamespaceLabels(clients[0])
+        api = api_client(args.kubeconfig, "netisolate-webhook")
+        labels: LabelLookup = NamespaceLabels(api)
     except InputError as err:
         if not (args.tls_cert_file and args.tls_key_file):
             raise
@@ -137,7 +133,7 @@ async def serve(args: argparse.Namespace) -> None:
             "no cluster access: pods will be denied until namespaces can be read", extra={"error": str(err)}
         )
         labels = _unreadable(str(err))
-    cert_file, key_file, ca = _cert_files(args, clients)
+    cert_file, key_file, ca = _cert_files(args, api)
     cert = tls.ReloadingCert(cert_file, key_file)
     limits = Limits(args.review_workers, args.review_timeout, args.review_memory)
     app = build_app(load_config(args.config), labels, limits)
@@ -145,11 +141,7 @@ async def serve(args: argparse.Namespace) -> None:
     await runner.setup()
     await web.TCPSite(runner, host or "0.0.0.0", int(port), ssl_context=cert.context).start()
     log.info("webhook serving", extra={"listen": args.listen, "paths": list(PATHS)})
-    keep = (
-        []
-        if ca is None or clients is None
-        else [tls.keep_ca_bundle(clients[1], args.webhook_configuration, ca)]
-    )
+    keep = [] if ca is None or api is None else [tls.keep_ca_bundle(api, args.webhook_configuration, ca)]
     await asyncio.gather(cert.watch(), *keep)
 
 

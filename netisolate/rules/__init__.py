@@ -80,6 +80,9 @@ with the container's cgroup (and, under uid+cgroup, its UID too) in place of the
   every other socket of the pod's own cgroup, one level up. A container whose new cgroup the
   agent has not seen yet is refused, never let through as the runtime or given another's grant;
 - 8: a container's cgroup passes to its grants;
+- 9: what is left of the pod's own cgroup is recorded by the container's cgroup ID (under
+  uid+cgroup too: the cgroup is what tells containers apart), then refused; sockets of other
+  cgroups are not recorded, so nothing outside the pod fills its record;
 - and on input: a packet that opens a flow to a declared port (a TCP SYN, any UDP datagram) is
   refused when the socket it would be delivered to is not in an owner's cgroup, so a squatter
   never receives what is meant for the owner (the hole UID identity can only report).
@@ -191,6 +194,10 @@ class CgroupRules:
 
     def owned(self, protocol: Protocol) -> tuple[CgroupOwner, ...]:
         return tuple(owner for owner in self.owners if owner.protocol == protocol)
+
+    def usable(self) -> tuple[Member, ...]:
+        """The members the rules can name: every one, or under uid+cgroup those with a UID."""
+        return tuple(m for m in self.members if m.uid is not None or not self.by_uid)
 
     def uids(self, owner: CgroupOwner) -> tuple[int, ...]:
         return tuple(sorted({m.uid for m in self.members if m.name in owner.members and m.uid is not None}))

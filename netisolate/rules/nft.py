@@ -13,7 +13,8 @@ every pod of a given shape and a changed policy is an element update inside the 
   not allow (learning). Its elements are the kernel's, not ours: never drift, never loaded.
 
 The identity is the key `IDENTITY` names (the socket's UID); the sets are declared with `typeof`
-that key, so an identity of another kind changes the key, not the layout.
+that key, so an identity of another kind changes the key, not the layout. Cgroup identity has a set
+per container instead (`_sets`) and the same `observed`, keyed by the container's cgroup ID.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import difflib
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
+from functools import lru_cache
 
 from netisolate.policy import PortRange
 from netisolate.rules import Cgroup, CgroupOwner, CgroupRules, Member, RuleSet
@@ -49,6 +51,7 @@ _FIRST = (  # decisions 1-3, whatever the identity
 )
 _UDP_NOT_OWNER = f"meta l4proto . udp sport @owned {IDENTITY} . meta l4proto . udp sport != @owners"
 _FLOW = f"{IDENTITY} . meta l4proto . th dport"
+_RECORDED = "meta l4proto { tcp, udp } update @observed"
 
 
 @dataclass(frozen=True)
@@ -87,18 +90,20 @@ def sets(rs: RuleSet) -> tuple[NftSet, ...]:
             (f"typeof {IDENTITY}", "counter"),
             tuple(f"{i.uid} counter{_comment(i.containers)}" for i in rs.identities),
         ),
-        NftSet(
-            "observed",
-            (
-                f"typeof {_FLOW}",
-                f"size {OBSERVED_SIZE}",
-                "flags dynamic,timeout",
-                "counter",
-                f"timeout {OBSERVED_TIMEOUT}",
-            ),
-            dynamic=True,
-        ),
+        _observed(f"typeof {_FLOW}"),
     )
+
+
+def _observed(key: str) -> NftSet:
+    """The learning record (rule 9), its elements written by the packet path."""
+    declaration = (
+        key,
+        f"size {OBSERVED_SIZE}",
+        "flags dynamic,timeout",
+        "counter",
+        f"timeout {OBSERVED_TIMEOUT}",
+    )
+    return NftSet("observed", declaration, dynamic=True)
 
 
 def _judging(rs: RuleSet) -> list[str]:
@@ -114,7 +119,7 @@ def _judging(rs: RuleSet) -> list[str]:
         rules.append(f"{IDENTITY} 0 accept")
     rules += [
         f"{_FLOW} @grants accept",
-        f"meta l4proto {{ tcp, udp }} update @observed {{ {_FLOW} }}",
+        f"{_RECORDED} {{ {_FLOW} }}",
         "goto refuse",
     ]
     return rules
@@ -178,7 +183,6 @@ def _not_owner(cg: CgroupRules, owner: CgroupOwner) -> str:
 
 
 def _judging_by_cgroup(rs: RuleSet, cg: CgroupRules) -> list[str]:
-    usable = [m for m in cg.members if m.uid is not None or not cg.by_uid]
     rules = list(_FIRST)
     for owner in cg.owned("udp"):
         comment = f'comment "{",".join(owner.members)}"'
@@ -194,10 +198,12 @@ def _judging_by_cgroup(rs: RuleSet, cg: CgroupRules) -> list[str]:
     )
     rules += [
         f'{_member(cg, m)} {protocol} dport {_ports(ports)} accept comment "{m.name}"'
-        for m in usable
+        for m in cg.usable()
         for protocol, ports in m.grants
     ]
-    rules.append(f"{_in(cg, 'pod', level=cg.level - 1)} goto refuse")
+    in_pod = _in(cg, "pod", level=cg.level - 1)
+    rules.append(f"{in_pod} {_RECORDED} {{ socket cgroupv2 level {cg.level} . meta l4proto . th dport }}")
+    rules.append(f"{in_pod} goto refuse")
     if rs.allow_root:
         rules.append("meta skuid 0 accept")
     rules.append("goto refuse")
@@ -228,7 +234,8 @@ def _sets(cg: CgroupRules, loading: bool) -> list[str]:
     for name, cgroup in cg.elements():
         lines = ["type cgroupsv2", *([f"elements = {{ {_element(cgroup, loading)} }}"] if cgroup else [])]
         blocks.append(f"\tset {name} {{\n" + "".join(f"\t\t{line}\n" for line in lines) + "\t}")
-    return blocks
+    # `type`, not `typeof`: nft 1.0.6 lists a `typeof socket cgroupv2 level N` key back as level 0
+    return [*blocks, _set_block(_observed("type cgroupsv2 . inet_proto . inet_service"))]
 
 
 def elements(rs: RuleSet, installed: RuleSet) -> tuple[str, str]:
@@ -328,6 +335,13 @@ def parse(text: str) -> Listing:
     return Listing(layout, elements)
 
 
+@lru_cache(maxsize=1024)
+def expected(rs: RuleSet) -> Listing:
+    """What the kernel lists for this ruleset, parsed: the one side of every comparison (cached: the
+    agent compares each pod's ruleset on every round and update)."""
+    return parse(table(rs))
+
+
 def element_key(element: str, interval: bool) -> str:
     """What identifies an element to `delete element`: the key, without counter and comment. In an
     interval set a single port is spelt as the range `P-P` (nft 1.0.6 finds no element otherwise)."""
@@ -336,10 +350,10 @@ def element_key(element: str, interval: bool) -> str:
     return f"{key}-{last}" if interval and last.isdigit() else key
 
 
-def _element_changes(rs: RuleSet, listed: Listing) -> list[tuple[str, list[str], list[str]]]:
+def element_changes(rs: RuleSet, listed: Listing) -> list[tuple[str, list[str], list[str]]]:
     """(set, elements missing, elements unexpected) for each set either side has; the kernel's own
     (`observed`) never count."""
-    wanted = parse(table(rs)).elements
+    wanted = expected(rs).elements
     changes = []
     for name in sorted({*wanted, *listed.elements} - {"observed"}):
         want, have = wanted.get(name, ()), listed.elements.get(name, ())
@@ -351,11 +365,11 @@ def update(rs: RuleSet, listed: Listing) -> str | None:
     """The `nft -f` document that turns a listed table with this ruleset's layout into exactly this
     ruleset by element updates alone — one transaction, so no packet sees a half-changed policy —
     or None when the layout differs (then only `replace` will do). "" when nothing is to change."""
-    if rs.cgroups is not None or parse(table(rs)).layout != listed.layout:
+    if rs.cgroups is not None or expected(rs).layout != listed.layout:
         return None  # cgroup identity: `elements` updates its sets, anything else is a replace
     interval = {s.name for s in sets(rs) if "flags interval" in s.declaration}
     lines = []
-    for name, missing, unexpected in _element_changes(rs, listed):
+    for name, missing, unexpected in element_changes(rs, listed):
         if unexpected:
             keys = ", ".join(sorted({element_key(e, name in interval) for e in unexpected}))
             lines.append(f"delete element inet {TABLE} {name} {{ {keys} }}\n")
@@ -368,8 +382,8 @@ def drift(rs: RuleSet, listed: Listing) -> list[str]:
     """What differs between a listed table and this ruleset ([] when exactly equal): layout lines
     missing or unexpected, and each set's missing or unexpected elements. Counter values and the
     kernel-written `observed` elements never count."""
-    problems = _line_drift(parse(table(rs)).layout, listed.layout)
-    for name, missing, unexpected in _element_changes(rs, listed):
+    problems = _line_drift(expected(rs).layout, listed.layout)
+    for name, missing, unexpected in element_changes(rs, listed):
         problems += [f"missing in set {name}: {e}" for e in missing]
         problems += [f"unexpected in set {name}: {e}" for e in unexpected]
     return problems

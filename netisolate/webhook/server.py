@@ -13,7 +13,7 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, Counter, Histogram, generate_latest
 
 from netisolate.config import Config
-from netisolate.kube import Namespaces
+from netisolate.kube import Namespaces, resource_path
 from netisolate.webhook.review import MAX_BODY, PATHS
 from netisolate.webhook.workers import LabelLookup, Limits, NamespaceUnavailableError, ReviewPool
 
@@ -42,12 +42,12 @@ class NamespaceLabels:
         if hit and time.monotonic() - hit[0] < self._ttl:
             return hit[1]
         try:
-            ns = await asyncio.to_thread(self._core.read_namespace, namespace)
+            ns = await asyncio.to_thread(self._core.get, resource_path("v1", "namespaces", name=namespace))
         except Exception as err:  # API error, timeout, refused connection alike: the floor is unknown, deny
             raise NamespaceUnavailableError(
                 f"cannot read namespace {namespace} for its isolation label: {err}"
             ) from None
-        labels = dict((ns.metadata and ns.metadata.labels) or {})
+        labels = {str(k): str(v) for k, v in ((ns.get("metadata") or {}).get("labels") or {}).items()}
         self._cache[namespace] = (time.monotonic(), labels)
         return labels
 

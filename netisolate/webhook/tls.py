@@ -12,15 +12,18 @@ import ssl
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from netisolate.kube import AdmissionApi, Secrets
+from netisolate.kube import Secrets, WebhookConfigurations, resource_path
+from netisolate.kubeclient import ApiError
 
 log = logging.getLogger(__name__)
+ADMISSION = "admissionregistration.k8s.io/v1"
 
 
 class ReloadingCert:
@@ -140,7 +143,13 @@ class CertificateError(RuntimeError):
 
 
 def bootstrap(
-    core: Secrets, admission: AdmissionApi, *, namespace: str, secret: str, service: str, webhook_config: str
+    core: Secrets,
+    admission: WebhookConfigurations,
+    *,
+    namespace: str,
+    secret: str,
+    service: str,
+    webhook_config: str,
 ) -> CertBundle:
     """First writer wins: read the Secret; if absent, create it (a replica that loses the race reads
     the winner's). Then point our own ValidatingWebhookConfiguration — and only it — at the CA."""
@@ -150,11 +159,10 @@ def bootstrap(
 
 
 def _secret_bundle(core: Secrets, *, namespace: str, secret: str, service: str) -> CertBundle:
-    from kubernetes.client.exceptions import ApiException
-
+    path = resource_path("v1", "secrets", namespace)
     try:
-        data = core.read_namespaced_secret(secret, namespace).data
-    except ApiException as err:
+        data = core.get(f"{path}/{secret}").get("data")
+    except ApiError as err:
         if err.status != 404:
             raise
         bundle = generate(service, namespace)
@@ -165,13 +173,13 @@ def _secret_bundle(core: Secrets, *, namespace: str, secret: str, service: str) 
         }
         body = {"metadata": {"name": secret}, "type": "kubernetes.io/tls", "data": created}
         try:
-            core.create_namespaced_secret(namespace, body)
+            core.create(path, body)
             log.info("created the webhook's TLS secret", extra={"secret": f"{namespace}/{secret}"})
             data = created
-        except ApiException as race:
+        except ApiError as race:
             if race.status != 409:
                 raise
-            data = core.read_namespaced_secret(secret, namespace).data
+            data = core.get(f"{path}/{secret}").get("data")
     renew = f"delete Secret {namespace}/{secret} and restart the webhook to have a new one created"
     data = data or {}
     missing = [key for key in ("ca.crt", "tls.crt", "tls.key") if key not in data]
@@ -198,23 +206,26 @@ def _check_serving(cert_pem: bytes, name: str, renew: str) -> None:
         log.warning("the webhook's certificate expires soon", extra={"days_left": left.days, "todo": renew})
 
 
-def patch_ca_bundle(admission: AdmissionApi, webhook_config: str, ca_pem: bytes) -> int:
+def patch_ca_bundle(admission: WebhookConfigurations, webhook_config: str, ca_pem: bytes) -> int:
     """Set our CA on every webhook of our own configuration that lacks it; how many were patched."""
-    config = admission.read_validating_webhook_configuration(webhook_config)
+    path = resource_path(
+        "admissionregistration.k8s.io/v1", "validatingwebhookconfigurations", name=webhook_config
+    )
+    config = admission.get(path)
     ca = _b64(ca_pem)
-    patch = [
+    patch: list[dict[str, Any]] = [
         {"op": "add", "path": f"/webhooks/{i}/clientConfig/caBundle", "value": ca}
-        for i, hook in enumerate(config.webhooks or [])
-        if hook.client_config.ca_bundle != ca
+        for i, hook in enumerate(config.get("webhooks") or [])
+        if (hook.get("clientConfig") or {}).get("caBundle") != ca
     ]
     if patch:
-        admission.patch_validating_webhook_configuration(webhook_config, patch)
+        admission.patch(path, patch)
         log.info("patched caBundle", extra={"webhook_configuration": webhook_config, "webhooks": len(patch)})
     return len(patch)
 
 
 async def keep_ca_bundle(
-    admission: AdmissionApi, webhook_config: str, ca_pem: bytes, interval: float = 60.0
+    admission: WebhookConfigurations, webhook_config: str, ca_pem: bytes, interval: float = 60.0
 ) -> None:
     """Put our CA back when the configuration is re-created without it (GitOps re-applying the
     manifests): with failurePolicy Fail, an empty caBundle would deny every pod."""

@@ -13,7 +13,7 @@ import threading
 import time
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from netisolate.agent.cni import CniService, start
 from netisolate.agent.cni_conf import uninstall
@@ -24,6 +24,7 @@ from netisolate.cni.options import CniOptions
 from netisolate.rules import Settings
 from tests.agent_harness import HARDENED
 from tests.cni_harness import plugin_binary
+from tests.kube_standin import ours
 from tests.realnode.kubelet import Kubelet, RunningPod
 from tests.realnode.node import NodeError, RealNode
 
@@ -89,7 +90,9 @@ def first_attempt(kubelet: Kubelet, pod: RunningPod, timeout: float = 20.0) -> s
 
 
 def new_agent(core: Any, backend: str) -> Agent:
-    agent = Agent("real-node", select_backend(backend), Settings(), core, host_netns="/proc/self/ns/net")
+    """An agent of the API server the kubernetes client `core` drives (None: no API server)."""
+    api = None if core is None else ours(core)
+    agent = Agent("real-node", select_backend(backend), Settings(), api, host_netns="/proc/self/ns/net")
     agent.namespaces_known.set()
     return agent
 
@@ -121,7 +124,7 @@ def options(node: RealNode) -> CniOptions:
 
 def serve(node: RealNode, agent: Agent, core: Any, stop: threading.Event) -> CniService:
     """The agent's CNI side on the node: plugin installed and chained, containerd reloaded."""
-    service = start(options(node), agent.reconciler, core, stop)
+    service = start(options(node), agent.reconciler, cast(Any, core and ours(core)), stop)
     until_loaded(node, chained=True)
     return service
 

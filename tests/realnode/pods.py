@@ -8,6 +8,7 @@ import uuid
 from typing import Any
 
 from netisolate import scenarios
+from netisolate.policy import pod_policy
 
 NODE_NAME = "real-node"  # the kubelet stand-in's node: pods bound to it run on the real node
 
@@ -21,6 +22,12 @@ def scenario_pod(name: str, pod_name: str | None = None, namespace: str | None =
     meta["namespace"] = namespace or meta.get("namespace") or "default"
     manifest["spec"]["nodeName"] = NODE_NAME
     return manifest
+
+
+def fails_closed(scenario: scenarios.Scenario, backend: str) -> bool:
+    """Cgroup identity under iptables, which has none: the agent loads no grants, all blocked."""
+    policy = pod_policy(scenario.parsed_pod(), scenario.namespace_labels)
+    return policy.identity.by_cgroup and backend == "iptables"
 
 
 def mismatches(
