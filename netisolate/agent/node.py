@@ -44,6 +44,7 @@ class Agent:
         self.cgroups = NodeCgroups(self.sandboxes.cgroup)
         self.reconciler = Reconciler(backend, settings, Reporter(core, node), self.sandboxes, self.cgroups)
         self.cgroups.on_change(self.reconciler.cgroups_changed)
+        self.sandboxes.on_change(self.reconciler.cgroups_changed)  # a pending pod's sandbox appeared
         self.heartbeat = time.monotonic()  # the timer loop's last round: /healthz fails when it stalls
         self.stop = threading.Event()
         self.ready = threading.Event()

@@ -52,6 +52,10 @@ class Sandboxes(Protocol):
         """The pod's processes now live in another network namespace than ns."""
         ...
 
+    def forget(self, uid: str) -> None:
+        """The pod is gone: stop looking for its sandbox."""
+        ...
+
 
 class Cgroups(Protocol):
     """Containers' cgroups (netisolate.agent.cgroups.NodeCgroups on a node), for cgroup identity."""
@@ -145,11 +149,13 @@ class Reconciler:
             tracked = self.pods.pop(uid, None)
             if tracked and tracked.ns:
                 tracked.ns.close()
+            self.sandboxes.forget(uid)
             if self.cgroups is not None:
                 self.cgroups.forget(uid)
 
     def cgroups_changed(self, uid: str) -> None:
-        """A pod's container cgroups came or went (a container restarted): its sets follow."""
+        """A pod's cgroups came or went: a container restarted (its sets follow), or the sandbox
+        a pending pod waits for appeared."""
         with self.lock:
             tracked = self.pods.get(uid)
             if tracked is not None:
