@@ -6,7 +6,8 @@ plain-runtime     baseline, no agent: RunPodSandbox's own duration (p50/p99) ove
 agent-start       N real pods running without rules: `netisolate agent` started → every one enforced
 footprint         the agent's RSS, and its CPU while idle with those N pods (verify every 30 s)
 sandbox-to-rules  the agent running: RunPodSandbox returns → the new pod's rules hold (p50/p99 over N
-                  more pods), and RunPodSandbox's duration meanwhile, against the plain-runtime one
+                  more pods; 0 when they held before it returned, and rules_minus_return signed),
+                  and RunPodSandbox's duration meanwhile, against the plain-runtime one
 
 Pods are the app-proxy-rogue scenario's (3 containers), run by the kubelet stand-in through CRI;
 the API server is the kmock stand-in on loopback. "Rules hold" is the end of the agent's apply
@@ -146,12 +147,13 @@ def bench(standin: Any, count: int, backend: str, idle_s: float) -> None:
                 }
             )
 
-            latencies, with_agent, before_return = [], [], 0
+            latencies, signed, with_agent, before_return = [], [], [], 0
             for manifest in pods_for("after", count):
                 pod, enforced = sandbox_to_rules(agent, kubelet, manifest)
                 confirm_rules(pod, manifest, backend)
                 before_return += enforced <= pod.sandbox_ready
                 latencies.append(max(0.0, enforced - pod.sandbox_ready))
+                signed.append(enforced - pod.sandbox_ready)
                 with_agent.append(pod.sandbox_ready - pod.sandbox_called)
             report(
                 {
@@ -160,6 +162,7 @@ def bench(standin: Any, count: int, backend: str, idle_s: float) -> None:
                     "backend": backend,
                     "after_run_pod_sandbox_returns": percentiles(latencies),
                     "enforced_before_it_returned": before_return,
+                    "rules_minus_return": percentiles(signed),  # negative: in place before it returned
                     "run_pod_sandbox_with_agent": percentiles(with_agent),
                     "run_pod_sandbox_plain": percentiles(plain),
                 }

@@ -445,3 +445,40 @@ def test_a_pending_pod_is_woken_when_its_cgroup_appears(
     assert ns is not None
     ns.close()
     assert sandboxes._watch.watching(UID) == set(), "found: no longer watched"
+
+
+FIB_TRIE = """Main:
+  +-- 0.0.0.0/0 3 0 5
+     +-- 127.0.0.0/8 2 0 2
+        +-- 127.0.0.0/31 1 0 0
+           |-- 127.0.0.1
+              /32 host LOCAL
+        |-- 127.255.255.255
+           /32 link BROADCAST
+     +-- 198.18.0.0/24 2 0 2
+           |-- 198.18.0.0
+              /24 link UNICAST
+           |-- 198.18.0.7
+              /32 host LOCAL
+Local:
+  +-- 0.0.0.0/0 3 0 5
+           |-- 198.18.0.7
+              /32 host LOCAL
+"""
+IF_INET6 = (
+    "00000000000000000000000000000001 01 80 10 80       lo\n"
+    "fd000198001800000000000000000007 02 40 00 80     eth0\n"
+)
+
+
+def test_a_namespaces_own_addresses_from_its_proc_net() -> None:
+    assert discovery.local_addresses(FIB_TRIE, IF_INET6) == {
+        "127.0.0.1",
+        "198.18.0.7",
+        "::1",
+        "fd00:198:18::7",
+    }
+    assert discovery.local_addresses("", "") == set()
+    manifest = pod_manifest("p", "node-a")
+    manifest["status"]["podIPs"] = [{"ip": "fd00:198:18:0::7"}, {"ip": "not-an-ip"}, {"ip": "198.18.0.7"}]
+    assert discovery.pod_addresses(parse_pod(manifest)) == {"fd00:198:18::7", "198.18.0.7"}

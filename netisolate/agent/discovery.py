@@ -23,16 +23,14 @@ one.
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import logging
 import os
 import re
-import socket
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-
-from pyroute2 import IPRoute, NetlinkError  # imported up front: its first import costs ~130 ms
 
 from netisolate.agent.hierarchy import IN_CREATE, IN_MODIFY, Watch, below, whole_mounts
 from netisolate.model import Pod
@@ -106,16 +104,47 @@ def netns_inodes(processes: list[Process], proc_root: str = "/proc") -> set[int]
     return inodes
 
 
-def _has_address(ns: NetNS, addresses: set[str]) -> bool:
-    def read() -> set[str]:
-        with IPRoute() as ipr:
-            return {
-                a.get_attr("IFA_ADDRESS")
-                for a in ipr.get_addr()
-                if a["family"] in (socket.AF_INET, socket.AF_INET6)
-            }
+def local_addresses(fib_trie: str, if_inet6: str) -> set[str]:
+    """A network namespace's own addresses, from its /proc/net/fib_trie (IPv4: the `host LOCAL`
+    entries) and /proc/net/if_inet6 (IPv6), in ipaddress' compressed form."""
+    found, last = set(), ""
+    for line in fib_trie.splitlines():
+        text = line.strip()
+        if text.startswith(("|--", "+--")):
+            last = text.split()[1]
+        elif text.endswith(" host LOCAL") and last:
+            found.add(last)
+    for line in if_inet6.splitlines():
+        fields = line.split()
+        if fields and len(fields[0]) == 32:
+            found.add(ipaddress.IPv6Address(int(fields[0], 16)).compressed)
+    return found
 
-    return bool(ns.run(read) & addresses)
+
+def pod_addresses(pod: Pod) -> set[str]:
+    """The pod's IPs as local_addresses writes them (what the kubelet posts is not checked: an
+    address that does not parse cannot confirm a namespace and is left out)."""
+    found = set()
+    for ip in pod.status.pod_ips if pod.status else []:
+        with contextlib.suppress(ValueError):
+            found.add(ipaddress.ip_address(ip.ip).compressed)
+    return found
+
+
+def _holds(proc_root: str, pid: int, ns: NetNS, addresses: set[str]) -> bool:
+    """Whether namespace ns, opened from process pid, holds one of the addresses: read from the
+    process's own view of /proc/net (no setns, no netlink), then checked to still be ns's."""
+    net = f"{proc_root}/{pid}/net"
+    with open(f"{net}/fib_trie") as trie:
+        fib_trie = trie.read()
+    try:
+        with open(f"{net}/if_inet6") as inet6:
+            if_inet6 = inet6.read()
+    except FileNotFoundError:  # IPv6 off in the namespace
+        if_inet6 = ""
+    if os.stat(f"{proc_root}/{pid}/ns/net").st_ino != ns.inode:  # it moved, or the PID was reused
+        return False
+    return bool(local_addresses(fib_trie, if_inet6) & addresses)
 
 
 def find_netns(
@@ -134,9 +163,9 @@ def find_netns(
             continue
         seen.add(ns.inode)
         try:
-            if not pod_ips or _has_address(ns, pod_ips):
+            if not pod_ips or _holds(proc_root, process.pid, ns, pod_ips):
                 return ns
-        except (OSError, NetNSError, NetlinkError):  # it went away while we looked: not this one
+        except OSError:  # it went away while we looked: not this one
             pass
         ns.close()
     return None
@@ -260,7 +289,7 @@ class Sandboxes:
 
     def find(self, pod: Pod) -> NetNS | None:
         """The pod's network namespace (kept open by fd), or None while its sandbox does not exist."""
-        ips = {ip.ip for ip in pod.status.pod_ips} if pod.status else set()
+        ips = pod_addresses(pod)
         ns = find_netns(self._processes(pod, look_again=True), self.host_inode, ips, self.proc_root)
         if ns is None:
             self._wait_for(pod)

@@ -77,7 +77,12 @@ class Agent:
 
     def on_pod_list(self, items: list[Obj]) -> None:
         if self._namespace_labels_or_failure():
+            started = time.monotonic()
             self.reconciler.replace_pods([p for p in map(self._pod, items) if p is not None])
+            log.info(
+                "pod list adopted",
+                extra={"pods": len(items), "ms": round(1000 * (time.monotonic() - started), 1)},
+            )
 
     def on_pod_event(self, kind: str, obj: Obj) -> None:
         if kind == "DELETED":

@@ -450,6 +450,9 @@ class Reconciler:
             tracked.ns, tracked.applied = None, None
         if tracked.ns is None:
             tracked.ns = self.sandboxes.find(tracked.pod)
+            if tracked.ns is not None and tracked.state is PodState.PENDING and tracked.pending_since:
+                waited = round(1000 * (time.monotonic() - tracked.pending_since), 1)
+                log.info("sandbox found", extra={"pod": tracked.pod.ref, "waited_ms": waited})
         if tracked.ns is None:
             now = time.monotonic()
             if tracked.state is not PodState.PENDING or not tracked.pending_since:
