@@ -274,7 +274,8 @@ class Sandboxes:
                 extra={"mountinfo": mountinfo, "error": err.strerror},
             )
             self.mounts = []
-        self._learned: set[str] = set()  # kubepods roots found by a /proc scan (directories)
+        # kubepods roots found by a /proc scan (directories); replaced whole, read by many threads
+        self._learned: frozenset[str] = frozenset()
         self._missing_since: dict[str, float] = {}  # pod UID -> since when its cgroup is not found
         self._fallback_at: dict[str, float] = {}  # pod UID -> when a scan last looked for it
         self._said_unknown = False
@@ -399,7 +400,7 @@ class Sandboxes:
                     if parts:
                         learned.add(os.path.join(mount.point, *parts))
         new = learned - self._learned
-        self._learned |= learned
+        self._learned = self._learned | learned
         return new
 
     def _scanned(self, uid: str, look_again: bool) -> list[Process]:

@@ -188,6 +188,7 @@ class Agent:
 
     def run(self, metrics_port: int) -> None:
         server = endpoints.serve(self, metrics_port)
+        log.info("agent running", extra={"node": self.node, "backend": self.reconciler.backend.name})
         namespaces, pods = self.watches()
         namespaces.start()
         pods.start()
