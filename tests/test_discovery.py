@@ -482,3 +482,30 @@ def test_a_namespaces_own_addresses_from_its_proc_net() -> None:
     manifest = pod_manifest("p", "node-a")
     manifest["status"]["podIPs"] = [{"ip": "fd00:198:18:0::7"}, {"ip": "not-an-ip"}, {"ip": "198.18.0.7"}]
     assert discovery.pod_addresses(parse_pod(manifest)) == {"fd00:198:18::7", "198.18.0.7"}
+
+
+def test_a_directory_several_pods_wait_on_wakes_each(tmp_path: Path) -> None:
+    """One inotify watch per directory, several keys on it: removing one key keeps the others'."""
+    from netisolate.agent.hierarchy import IN_CREATE, Watch
+
+    watch, woken, wake = Watch("test-watch"), set[str](), threading.Event()
+
+    def on_change(key: str) -> None:
+        woken.add(key)
+        wake.set()
+
+    watch.callback = on_change
+    watch.add("a", str(tmp_path), IN_CREATE)
+    watch.add("b", str(tmp_path), IN_CREATE)
+    (tmp_path / "one").mkdir()
+    assert wake.wait(5)
+    deadline = time.monotonic() + 5
+    while woken != {"a", "b"} and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert woken == {"a", "b"}
+    watch.remove("a")
+    woken.clear()
+    wake.clear()
+    (tmp_path / "two").mkdir()
+    assert wake.wait(5) and woken == {"b"}
+    assert watch.watching("a") == set() and watch.watching("b") == {str(tmp_path)}
