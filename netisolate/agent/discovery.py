@@ -32,7 +32,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from netisolate.agent.hierarchy import IN_CREATE, IN_DELETE, IN_MODIFY, Watch, below, whole_mounts
+from netisolate.agent.hierarchy import IN_CREATE, IN_MODIFY, Watch, below, whole_mounts
 from netisolate.model import Pod
 from netisolate.netns import NetNS, NetNSError
 
@@ -252,9 +252,9 @@ class Sandboxes:
 
     A pod's processes are read from its own cgroup (`cgroup.procs` of the pod's cgroup and its
     containers'), which the kubelet puts in one of a few places (pod_cgroup_dirs) below a kubepods
-    root of any hierarchy the agent sees whole. inotify on those directories wakes the reconciler
-    the moment a pod's cgroups appear, fill or go (cgroup v2; cgroup v1 has no such events, and
-    the reconciler's polling finds them): a pending pod's sandbox, or a sandbox recreated.
+    root of any hierarchy the agent sees whole. While a pod waits for its sandbox, inotify on
+    those directories wakes the reconciler the moment its cgroups appear and fill (cgroup v2;
+    cgroup v1 has no such events, and the reconciler's polling finds them).
 
     Scanning every process's cgroup in /proc is the fallback, logged: on a node where no kubepods
     root is found (a layout the agent does not know), and for a pod whose cgroup has been missing
@@ -285,15 +285,17 @@ class Sandboxes:
         self._scan: tuple[float, dict[str, list[Process]]] = (0.0, {})
 
     def on_change(self, callback: Callable[[str], None]) -> None:
-        """callback(pod UID) when the pod's cgroups change: a pod waiting for its sandbox may have
-        one now, a pod's sandbox may have been recreated."""
+        """callback(pod UID) when a pod still waiting for its sandbox may have one now."""
         self._watch.callback = callback
 
     def find(self, pod: Pod) -> NetNS | None:
         """The pod's network namespace (kept open by fd), or None while its sandbox does not exist."""
         ips = pod_addresses(pod)
         ns = find_netns(self._processes(pod, look_again=True), self.host_inode, ips, self.proc_root)
-        self._watch_pod(pod)  # found: a recreated sandbox is noticed at once, not at verification
+        if ns is None:
+            self._wait_for(pod)
+        else:
+            self.forget(pod.metadata.uid or pod.ref)
         return ns
 
     def moved(self, pod: Pod, ns: NetNS) -> bool:
@@ -305,7 +307,6 @@ class Sandboxes:
             if inodes:
                 break
             self._scan = (0.0, self._scan[1])  # stale: the second pass scans afresh
-        self._watch_pod(pod)  # new containers' cgroups too
         return bool(inodes) and ns.inode not in inodes
 
     def cgroup(self, pod: Pod) -> str | None:
@@ -322,7 +323,7 @@ class Sandboxes:
         return None
 
     def forget(self, uid: str) -> None:
-        """The pod is gone: stop watching its cgroups."""
+        """The pod is found, or gone: stop waiting for its cgroups."""
         self._watch.remove(uid)
         self._missing_since.pop(uid, None)
         self._fallback_at.pop(uid, None)
@@ -412,15 +413,14 @@ class Sandboxes:
             self._scan = (time.monotonic(), found)
         return found.get(uid, [])
 
-    def _watch_pod(self, pod: Pod) -> None:
-        """inotify on where the pod's cgroups are or will be: the QoS levels' directories until the
-        pod's own exists, then it (containers' cgroups come and go: a sandbox recreated, its old
-        processes gone) and its containers' (whose `cgroup.events` says when the first process
-        joins)."""
+    def _wait_for(self, pod: Pod) -> None:
+        """inotify on where the pod's cgroups will appear: the QoS levels' directories until the
+        pod's own exists, then it and its containers' (whose `cgroup.events` says when the first
+        process joins)."""
         uid, roots = pod.metadata.uid or pod.ref, self.roots()
         existing = [d for d in self._candidates(pod, roots) if os.path.isdir(d)]
         if existing:
-            wanted = {(d, IN_CREATE | IN_DELETE) for d in existing}
+            wanted = {(d, IN_CREATE) for d in existing}
             for directory in existing:
                 with contextlib.suppress(OSError):
                     wanted |= {
