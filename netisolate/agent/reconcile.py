@@ -52,6 +52,10 @@ class Sandboxes(Protocol):
         """The pod's processes now live in another network namespace than ns."""
         ...
 
+    def forget(self, uid: str) -> None:
+        """The pod is gone: stop looking for its sandbox."""
+        ...
+
 
 class Cgroups(Protocol):
     """Containers' cgroups (netisolate.agent.cgroups.NodeCgroups on a node), for cgroup identity."""
@@ -169,11 +173,13 @@ class Reconciler:
             tracked = self.pods.pop(uid, None)
             if tracked and tracked.ns:
                 tracked.ns.close()
+            self.sandboxes.forget(uid)
             if self.cgroups is not None:
                 self.cgroups.forget(uid)
 
     def cgroups_changed(self, uid: str) -> None:
-        """A pod's container cgroups came or went (a container restarted): its sets follow."""
+        """A pod's cgroups came or went: a container restarted (its sets follow), or the sandbox
+        a pending pod waits for appeared."""
         with self.lock:
             tracked = self.pods.get(uid)
             if tracked is not None:
@@ -490,6 +496,9 @@ class Reconciler:
             tracked.ns, tracked.applied = None, None
         if tracked.ns is None:
             tracked.ns = self.sandboxes.find(tracked.pod)
+            if tracked.ns is not None and tracked.state is PodState.PENDING and tracked.pending_since:
+                waited = round(1000 * (time.monotonic() - tracked.pending_since), 1)
+                log.info("sandbox found", extra={"pod": tracked.pod.ref, "waited_ms": waited})
         if tracked.ns is None:
             now = time.monotonic()
             if tracked.state is not PodState.PENDING or not tracked.pending_since:
