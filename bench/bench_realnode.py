@@ -3,10 +3,12 @@
     sudo .venv/bin/python bench/bench_realnode.py [--pods 30] [--backend nftables|iptables] [--quick]
 
 plain-runtime     baseline, no agent: RunPodSandbox's own duration (p50/p99) over N pods
-agent-start       N real pods running without rules: `netisolate agent` started → every one enforced
+agent-start       N real pods running without rules: `netisolate agent` started → every one enforced;
+                  of that, exec → the agent running (interpreter, imports, set-up; its log says when)
 footprint         the agent's RSS, and its CPU while idle with those N pods (verify every 30 s)
 sandbox-to-rules  the agent running: RunPodSandbox returns → the new pod's rules hold (p50/p99 over N
-                  more pods), and RunPodSandbox's duration meanwhile, against the plain-runtime one
+                  more pods; 0 when they held before it returned, and rules_minus_return signed),
+                  and RunPodSandbox's duration meanwhile, against the plain-runtime one
 
 Pods are the app-proxy-rogue scenario's (3 containers), run by the kubelet stand-in through CRI;
 the API server is the kmock stand-in on loopback. "Rules hold" is the end of the agent's apply
@@ -72,11 +74,11 @@ def pods_for(prefix: str, count: int) -> list[dict[str, Any]]:
     return [scenario_pod("app-proxy-rogue", f"{prefix}-{i}", namespace="bench") for i in range(count)]
 
 
-def applied_at(agent: AgentProcess, pod: str) -> float | None:
-    """When the agent's log says it installed pod's ("namespace/name") rules: the end of the
-    apply, on the wall clock (ms precision). Read from the log, so nothing polls the agent."""
-    for line in agent.logs[-1].read_text(errors="replace").splitlines():  # the first apply
-        if '"rules applied"' in line and f'"pod": "{pod}"' in line:
+def logged_at(agent: AgentProcess, message: str, pod: str | None = None) -> float | None:
+    """When the agent's log first says message (of pod, "namespace/name"), on the wall clock (ms
+    precision). Read from the log, so nothing polls the agent."""
+    for line in agent.logs[-1].read_text(errors="replace").splitlines():
+        if f'"{message}"' in line and (pod is None or f'"pod": "{pod}"' in line):
             stamp = json.loads(line)["time"]
             return (
                 datetime.datetime.strptime(stamp, "%Y-%m-%dT%H:%M:%S.%fZ")
@@ -84,6 +86,11 @@ def applied_at(agent: AgentProcess, pod: str) -> float | None:
                 .timestamp()
             )
     return None
+
+
+def applied_at(agent: AgentProcess, pod: str) -> float | None:
+    """When the agent's log says it installed pod's rules: the end of the (first) apply."""
+    return logged_at(agent, "rules applied", pod)
 
 
 def sandbox_to_rules(
@@ -119,6 +126,7 @@ def bench(standin: Any, count: int, backend: str, idle_s: float) -> None:
             refs = [f"bench/{m['metadata']['name']}" for m in manifests]
             agent.wait(lambda: all(applied_at(agent, r) for r in refs), 60, "all enforced")
             took = max(applied_at(agent, r) or 0.0 for r in refs) - started
+            until_running = (logged_at(agent, "agent running") or started) - started
             for pod, manifest in zip(running, manifests, strict=True):
                 confirm_rules(pod, manifest, backend)
             report(
@@ -128,6 +136,7 @@ def bench(standin: Any, count: int, backend: str, idle_s: float) -> None:
                     "backend": backend,
                     "all_enforced_s": round(took, 3),
                     "of_which_interpreter_and_imports_s": round(up, 3),  # exec → /status answers
+                    "of_which_until_the_agent_runs_s": round(until_running, 3),  # exec → its log says so
                 }
             )
 
@@ -146,12 +155,13 @@ def bench(standin: Any, count: int, backend: str, idle_s: float) -> None:
                 }
             )
 
-            latencies, with_agent, before_return = [], [], 0
+            latencies, signed, with_agent, before_return = [], [], [], 0
             for manifest in pods_for("after", count):
                 pod, enforced = sandbox_to_rules(agent, kubelet, manifest)
                 confirm_rules(pod, manifest, backend)
                 before_return += enforced <= pod.sandbox_ready
                 latencies.append(max(0.0, enforced - pod.sandbox_ready))
+                signed.append(enforced - pod.sandbox_ready)
                 with_agent.append(pod.sandbox_ready - pod.sandbox_called)
             report(
                 {
@@ -160,6 +170,7 @@ def bench(standin: Any, count: int, backend: str, idle_s: float) -> None:
                     "backend": backend,
                     "after_run_pod_sandbox_returns": percentiles(latencies),
                     "enforced_before_it_returned": before_return,
+                    "rules_minus_return": percentiles(signed),  # negative: in place before it returned
                     "run_pod_sandbox_with_agent": percentiles(with_agent),
                     "run_pod_sandbox_plain": percentiles(plain),
                 }

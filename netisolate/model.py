@@ -210,6 +210,7 @@ class PodStatus(K8s):
     pod_ip: str | None = Field(default=None, alias="podIP")
     pod_ips: list[PodIP] = Field(default_factory=list, alias="podIPs")
     phase: str | None = None
+    qos_class: str | None = None  # where the kubelet puts its cgroup
     init_container_statuses: list[ContainerStatus] = Field(default_factory=list)
     container_statuses: list[ContainerStatus] = Field(default_factory=list)
     ephemeral_container_statuses: list[ContainerStatus] = Field(default_factory=list)

@@ -12,15 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from netisolate.agent.cgroups import (
-    NodeCgroups,
-    below,
-    container_ids,
-    named,
-    runtime_name,
-    v2_mounts,
-    v2_path,
-)
+from netisolate.agent.cgroups import NodeCgroups, container_ids, named, runtime_name, v2_path
+from netisolate.agent.hierarchy import below, v2_mounts
 from netisolate.agent.reconcile import Reconciler
 from netisolate.backends import EnforceError, select_backend
 from netisolate.learning import Observed, learned

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import threading
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -20,9 +21,15 @@ import pytest
 import pytest_asyncio
 from kubernetes import client
 
-from netisolate.backends import run_tool
+from netisolate.agent.cni import CniHandler
+from netisolate.agent.reconcile import Handover
+from netisolate.agent.state import PodState
+from netisolate.backends import EnforceError, run_tool
+from netisolate.cni.protocol import PodRef
 from netisolate.localpod import LocalPod
 from netisolate.model import parse_pod
+from netisolate.netns import NetNS
+from netisolate.rules import RuleSet
 from tests.agent_harness import close_all, pod_manifest
 from tests.cni_harness import PREV_RESULT, CniNode, call, runtime_config
 from tests.kube_standin import api_client, declare, put
@@ -177,8 +184,9 @@ async def test_del_for_a_pod_the_agent_never_saw_succeeds(node: CniNode, core: c
         assert (await add(node, pod)).code == 0
         uid = pod.pod.metadata.uid or ""
         assert (await add(node, pod, command="DEL")).code == 0
-        tracked = node.agent.reconciler.pods[uid]
-        assert tracked.ns is None, "the torn-down sandbox's namespace is let go"
+        tracked = node.agent.reconciler.pods.get(uid)  # None: the DEL came before the takeover
+        assert tracked is None or tracked.ns is None, "the torn-down sandbox's namespace is let go"
+        assert uid not in node.agent.reconciler.handovers
     finally:
         pod.close()
 
@@ -353,28 +361,101 @@ async def test_the_agent_process_chains_serves_keeps_the_chain_on_exit_and_unins
 
 
 @pytest.mark.asyncio
-async def test_sandboxes_created_at_once_are_not_enforced_one_after_the_other(
-    node: CniNode, core: client.CoreV1Api
-) -> None:
-    """The rules go into a new sandbox's namespace before the reconciler's lock is taken: with the
-    lock held elsewhere (another pod's apply, a verification), they are in all the same."""
+async def test_the_answer_waits_for_the_rules_not_for_the_lock(node: CniNode, core: client.CoreV1Api) -> None:
+    """The rules go into a new sandbox's namespace before the reconciler's lock is taken, and the
+    answer follows them: with the lock held elsewhere (another pod's apply, a verification round,
+    a /proc scan), the sandbox starts all the same, enforced; the bookkeeping follows the lock."""
     pod = await new_pod(core, "in-parallel")
     await asyncio.to_thread(node.agent.reconciler.set_namespace, "shop", {})  # known: no API read
+    uid = pod.pod.metadata.uid or ""
     try:
         assert pod.ns is not None
         node.agent.reconciler.lock.acquire()
         try:
-            pending = asyncio.ensure_future(add(node, pod))
-            deadline = time.monotonic() + 10
-            while not await asyncio.to_thread(node.agent.reconciler.backend.installed, pod.ns):
-                assert time.monotonic() < deadline, "rules waited for the lock"
-                await asyncio.sleep(0.01)
-            assert not pending.done(), "the answer waits for the bookkeeping"
+            result = await asyncio.wait_for(add(node, pod), 20)
+            assert result.code == 0, result.stdout
+            assert await asyncio.to_thread(node.agent.reconciler.backend.installed, pod.ns)
+            assert uid not in node.agent.reconciler.pods, "taken over only once the lock is free"
         finally:
             node.agent.reconciler.lock.release()
-        result = await pending
-        assert result.code == 0, result.stdout
-        assert node.agent.reconciler.pods[pod.pod.metadata.uid or ""].state == "enforce"
+        deadline = time.monotonic() + 10
+        while uid not in node.agent.reconciler.pods or node.agent.reconciler.pods[uid].state != "enforce":
+            assert time.monotonic() < deadline, "the handed-over sandbox was never taken over"
+            await asyncio.sleep(0.01)
+        assert node.agent.reconciler.pods[uid].ns is not None and not node.agent.reconciler.handovers
+    finally:
+        pod.close()
+
+
+@pytest.mark.asyncio
+async def test_a_del_before_the_takeover_lets_the_namespace_go(
+    node: CniNode, core: client.CoreV1Api, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A sandbox torn down between the answer and the bookkeeping (its DEL reached the reconciler
+    first) is not adopted afterwards: the agent holds no handle to a namespace the runtime has
+    deleted."""
+    pod = await new_pod(core, "torn-down")
+    await asyncio.to_thread(node.agent.reconciler.set_namespace, "shop", {})
+    uid, reconciler, taken = pod.pod.metadata.uid or "", node.agent.reconciler, threading.Event()
+    take_over = reconciler.take_over
+
+    def observed(handover: Handover) -> tuple[PodState, str]:
+        try:
+            return take_over(handover)
+        finally:
+            taken.set()
+
+    monkeypatch.setattr(reconciler, "take_over", observed)
+    try:
+        assert pod.ns is not None
+        reconciler.lock.acquire()
+        try:
+            assert (await add(node, pod)).code == 0
+            assert uid in reconciler.handovers  # its takeover waits for the lock
+            # a DEL without K8S_POD_UID finds the pod by name among the handed-over ones too
+            handler = cast(CniHandler, node.server.handler)
+            assert handler._cached_uid(PodRef("shop", "torn-down", "")) == uid
+            reconciler.release_sandbox(uid, "c0ffee" * 10, pod.ns.inode)  # the DEL, first (same thread)
+        finally:
+            reconciler.lock.release()
+        assert await asyncio.to_thread(taken.wait, 20)
+        tracked = reconciler.pods.get(uid)
+        assert tracked is None or tracked.ns is None, "a torn-down sandbox's namespace was adopted"
+        assert not reconciler.handovers
+    finally:
+        pod.close()
+
+
+@pytest.mark.asyncio
+async def test_rules_that_fail_to_load_are_retried_before_the_answer(
+    node: CniNode, core: client.CoreV1Api, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Fail closed: when the first load fails, the answer waits for the retry under the lock, and
+    the sandbox starts only once that one holds (it fails, and is retried, when that fails too)."""
+    pod = await new_pod(core, "first-load-fails")
+    await asyncio.to_thread(node.agent.reconciler.set_namespace, "shop", {})
+    backend, calls = node.agent.reconciler.backend, list[int]()
+    apply = backend.apply
+
+    def flaky(ns: NetNS, ruleset: RuleSet) -> None:
+        calls.append(1)
+        if len(calls) == 1 or failing:
+            raise EnforceError("injected: the load fails")
+        apply(ns, ruleset)
+
+    failing = False
+    monkeypatch.setattr(backend, "apply", flaky)
+    try:
+        assert pod.ns is not None
+        assert (await add(node, pod)).code == 0
+        assert len(calls) == 2 and await asyncio.to_thread(backend.installed, pod.ns)
+        failing = True
+        again = await new_pod(core, "every-load-fails")
+        try:
+            result = await add(node, again)
+            assert result.code != 0 and "could not be installed" in result.error["msg"]
+        finally:
+            again.close()
     finally:
         pod.close()
 

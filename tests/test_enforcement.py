@@ -18,6 +18,7 @@ import pytest
 
 from netisolate import scenarios
 from netisolate.backends import Backend, apply_many, run_tool, select_backend
+from netisolate.backends.iptables import empty_outputs
 from netisolate.cli import main
 from netisolate.localpod import (
     ALL_ADDRESSES,
@@ -350,6 +351,21 @@ def test_iptables_jump_stays_unique_and_first(local_pod: LocalPod) -> None:
         "-A OUTPUT -p udplite -m addrtype --dst-type BROADCAST,MULTICAST -j NETISOLATE",
         "-A OUTPUT -j ACCEPT",
     ]
+
+
+def test_iptables_reads_output_only_where_it_holds_rules(local_pod: LocalPod) -> None:
+    """A new namespace's OUTPUT is known empty without a tool (the write goes alone); a rule in
+    OUTPUT, anyone's, is seen, so the table is read and that rule kept behind our jumps."""
+    backend, ns, rs = select_backend("iptables"), ns_of(local_pod), ruleset_for(local_pod.pod)
+    assert empty_outputs(ns) == {4, 6}
+    run_tool(ns, ["iptables-legacy", "-A", "INPUT", "-j", "ACCEPT"])  # not OUTPUT: still empty
+    run_tool(ns, ["ip6tables-legacy", "-A", "OUTPUT", "-j", "ACCEPT"])
+    assert empty_outputs(ns) == {4}
+    backend.apply(ns, rs)
+    assert empty_outputs(ns) == set()
+    saved = run_tool(ns, ["ip6tables-legacy-save"]).stdout.splitlines()
+    assert [line for line in saved if line.startswith("-A OUTPUT")][-1] == "-A OUTPUT -j ACCEPT"
+    assert backend.verify(ns, rs) == []
 
 
 def test_cli_enforce_and_verify(

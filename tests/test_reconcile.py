@@ -99,6 +99,9 @@ class Sandboxes:
     def moved(self, pod: Pod, ns: NetNS) -> bool:
         return self.moved_away[0]
 
+    def forget(self, uid: str) -> None:
+        pass
+
 
 def reconciler(backend: Backend, events: Events, find: list[NetNS | None], moved: list[bool]) -> Reconciler:
     return Reconciler(backend, Settings(), events, Sandboxes(find, moved))

@@ -2,11 +2,8 @@
 when a pod's cgroups change (a restarted container gets a new one).
 
 Where cgroup v2 is: the first cgroup2 mount of the agent's mount namespace that shows the whole
-hierarchy (its top has no `cgroup.events`, which only non-root cgroups carry): `/sys/fs/cgroup` on
-a pure v2 node, `/sys/fs/cgroup/unified` on a hybrid one, or the node's hierarchy mounted into the
-agent's container. /proc/PID/cgroup and mountinfo both name cgroups relative to the root of the
-agent's own cgroup namespace (`/../..` above it), so a process's cgroup is found under the mount by
-taking one path from the other, and its level is its depth below the hierarchy's root.
+hierarchy (netisolate.agent.hierarchy). A process's cgroup is found under it by taking the mount's
+root from the process's cgroup path, and its level is its depth below the hierarchy's root.
 
 Which cgroup is whose: a pod's containers' cgroups are the children of the pod's cgroup (the
 sandbox's parent), each named after its container's ID (`<id>`, `cri-containerd-<id>.scope`,
@@ -29,17 +26,14 @@ yet belongs to nobody: its container is refused until the agent knows it.
 
 from __future__ import annotations
 
-import ctypes
 import json
 import logging
 import os
 import re
-import struct
-import threading
 from collections.abc import Callable
-from dataclasses import dataclass
 
 from netisolate.agent.discovery import MIRROR_ANNOTATION
+from netisolate.agent.hierarchy import IN_CREATE, IN_DELETE, IN_MODIFY, Mount, Watch, below, v2_mounts
 from netisolate.backends.blind import CGROUP_ROOT
 from netisolate.model import Pod
 from netisolate.rules import Cgroup, PodCgroups
@@ -53,29 +47,6 @@ def v2_path(proc_cgroup: str) -> str | None:
         if line.startswith("0::"):
             return line[3:]
     return None
-
-
-@dataclass(frozen=True)
-class Mount:
-    root: str  # the mount's top, as a cgroup path (relative to our cgroup namespace)
-    point: str
-
-
-def v2_mounts(mountinfo: str) -> list[Mount]:
-    mounts = []
-    for line in mountinfo.splitlines():
-        fields = line.split()
-        if " - cgroup2 " in line and len(fields) > 4:
-            mounts.append(Mount(fields[3].replace("\\040", " "), fields[4].replace("\\040", " ")))
-    return mounts
-
-
-def below(path: str, root: str) -> list[str] | None:
-    """The parts of cgroup `path` below `root` (both as the kernel prints them, `..` allowed), or
-    None when path is not under root."""
-    p = [part for part in path.split("/") if part]
-    r = [part for part in root.split("/") if part]
-    return p[len(r) :] if p[: len(r)] == r and ".." not in p[len(r) :] else None
 
 
 def container_ids(pod: Pod) -> dict[str, str]:
@@ -188,17 +159,14 @@ class NodeCgroups:
                 mounts = v2_mounts(info.read())
         except OSError as err:
             mounts, self.reason = [], f"cannot read {mountinfo}: {err.strerror}"
-        for mount in mounts:
-            if not os.path.exists(os.path.join(mount.point, "cgroup.events")):
-                self.mount = mount
-                break
+        self.mount = next((mount for mount in mounts if mount.whole), None)
         if self.mount is None and not self.reason:
             self.reason = (
                 "no cgroup v2 hierarchy is mounted whole in the agent's mount namespace "
                 f"(cgroup2 mounts: {[m.point for m in mounts] or 'none'}); mount the node's "
                 "/sys/fs/cgroup (or /sys/fs/cgroup/unified) into the agent"
             )
-        self._watch = _Watch()
+        self._watch = Watch("cgroup-watch")
 
     def unavailable(self) -> str | None:
         return None if self.mount else self.reason
@@ -281,63 +249,3 @@ def _populated(directory: str) -> bool:
             return bool(procs.read(1))
     except OSError:
         return False
-
-
-IN_MODIFY, IN_CREATE, IN_DELETE, IN_ONLYDIR, IN_CLOEXEC = 0x2, 0x100, 0x200, 0x1000000, 0x80000
-_EVENT = struct.Struct("iIII")
-
-
-class _Watch:
-    """inotify on pods' cgroup directories: a container's cgroup appearing is reported within a
-    millisecond, with no polling. One thread reads all watches."""
-
-    def __init__(self) -> None:
-        self.callback: Callable[[str], None] = lambda uid: None
-        self._libc = ctypes.CDLL(None, use_errno=True)
-        self._fd = -1
-        self._pods: dict[int, str] = {}  # watch descriptor -> pod UID
-        self._dirs: dict[str, dict[str, int]] = {}  # pod UID -> {directory: watch descriptor}
-        self._lock = threading.Lock()
-
-    def add(self, uid: str, directory: str, mask: int) -> None:
-        with self._lock:
-            if directory in self._dirs.get(uid, {}):
-                return
-            if self._fd < 0:
-                self._fd = self._libc.inotify_init1(IN_CLOEXEC)
-                if self._fd < 0:
-                    log.error("inotify unavailable: cgroup changes are seen at verification only")
-                    return
-                threading.Thread(target=self._read, name="cgroup-watch", daemon=True).start()
-            wd = self._libc.inotify_add_watch(self._fd, directory.encode(), mask | IN_ONLYDIR)
-            if wd < 0:
-                return  # gone already; the next sync finds the pod's new cgroup
-            self._pods[wd] = uid
-            self._dirs.setdefault(uid, {})[directory] = wd
-
-    def remove(self, uid: str) -> None:
-        with self._lock:
-            for wd in self._dirs.pop(uid, {}).values():
-                if self._pods.pop(wd, None) is not None:
-                    self._libc.inotify_rm_watch(self._fd, wd)
-
-    def _read(self) -> None:
-        while True:
-            try:
-                data = os.read(self._fd, 65536)
-            except OSError as err:
-                log.error("cgroup watch ended", extra={"error": str(err)})
-                return
-            changed, offset = set(), 0
-            while offset + _EVENT.size <= len(data):
-                wd, _mask, _cookie, length = _EVENT.unpack_from(data, offset)
-                offset += _EVENT.size + length
-                with self._lock:
-                    uid = self._pods.get(wd)
-                if uid is not None:
-                    changed.add(uid)
-            for uid in changed:
-                try:
-                    self.callback(uid)
-                except Exception:  # one pod's trouble must not end the watch for every pod
-                    log.exception("reacting to a cgroup change failed", extra={"pod_uid": uid})

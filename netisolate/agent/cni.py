@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from prometheus_client import Counter, Histogram
 
 from netisolate.agent.cni_conf import Chain, install_binary
-from netisolate.agent.cni_server import CniServer
+from netisolate.agent.cni_server import Answer, CniServer, Then
 from netisolate.agent.discovery import MIRROR_ANNOTATION
 from netisolate.agent.reconcile import Reconciler
 from netisolate.agent.state import PodState
@@ -52,10 +52,10 @@ class CniHandler:
     def __init__(self, reconciler: Reconciler, core: Reader, api_timeout: float = API_TIMEOUT_S) -> None:
         self.reconciler, self.core, self.api_timeout = reconciler, core, api_timeout
 
-    def __call__(self, request: protocol.Request, ns: NetNS | None) -> bytes:
-        started = time.perf_counter()
+    def __call__(self, request: protocol.Request, ns: NetNS | None) -> Answer:
+        started, then = time.perf_counter(), None
         try:
-            reply = self._answer(request, ns)
+            reply, then = self._answer(request, ns)
         except RefusalError as refusal:
             log.warning("sandbox refused", extra={"pod": str(request.pod), "reason": str(refusal)})
             reply = protocol.failure(refusal.code, str(refusal), request.cni_version)
@@ -71,37 +71,48 @@ class CniHandler:
             reply = protocol.OK  # DEL never fails
         REQUESTS.labels(request.command, "ok" if reply == protocol.OK else "fail").inc()
         SECONDS.labels(request.command).observe(time.perf_counter() - started)
-        return reply
+        return Answer(reply, then)
 
-    def _answer(self, request: protocol.Request, ns: NetNS | None) -> bytes:
+    def _answer(self, request: protocol.Request, ns: NetNS | None) -> tuple[bytes, Then | None]:
+        """The reply, and what is left to do once it is sent."""
         ref = request.pod
         if request.command == "DEL":
             uid = ref.uid or self._cached_uid(ref)
             self.reconciler.release_sandbox(uid, request.container_id, ns.inode if ns else None)
-            return protocol.OK
+            return protocol.OK, None
         if ns is None:
             raise RefusalError(protocol.E_ENV, f"netisolate: pod {ref}: the plugin sent no network namespace")
         if request.command == "CHECK":
             problems = self.reconciler.check_sandbox(ref.uid or self._cached_uid(ref), ns.inode)
             if problems:
                 raise RefusalError(protocol.E_TRY_AGAIN, f"netisolate: pod {ref}: " + "; ".join(problems[:5]))
-            return protocol.OK
+            return protocol.OK, None
         pod = self._pod(ref)
         self._namespace_labels(pod, ref)
-        state, detail = self.reconciler.enforce_sandbox(pod, ns.dup(), request.container_id)
+        handover = self.reconciler.hand_over(pod, ns.dup(), request.container_id)
+        if handover.ready:  # the rules hold (or none are due): answer now, bookkeeping after
+            return protocol.OK, lambda: self._admitted(ref, *self.reconciler.take_over(handover))
+        state, detail = self.reconciler.take_over(handover)
         if state is not PodState.PENDING and state is not PodState.FAILED:
-            log.info("sandbox admitted", extra={"pod": str(ref), "state": state})
-            return protocol.OK
+            self._admitted(ref, state, detail)
+            return protocol.OK, None
         raise RefusalError(
             protocol.E_TRY_AGAIN,
             f"netisolate: pod {ref}: its rules could not be installed ({detail or state}), so its "
             "sandbox does not start; the runtime retries. See the pod's events and the agent's log",
         )
 
+    @staticmethod
+    def _admitted(ref: protocol.PodRef, state: PodState, detail: str) -> None:
+        log.info("sandbox admitted", extra={"pod": str(ref), "state": state, "detail": detail})
+
     def _cached_uid(self, ref: protocol.PodRef) -> str:
+        """The UID of the pod by that name the agent holds (or was handed, not taken over yet)."""
         with self.reconciler.lock:
-            for uid, tracked in self.reconciler.pods.items():
-                meta = tracked.pod.metadata
+            held = [(uid, t.pod) for uid, t in self.reconciler.pods.items()]
+            held += [(uid, h.pod) for uid, h in self.reconciler.handovers.items()]
+            for uid, pod in held:
+                meta = pod.metadata
                 if (meta.namespace or "default", meta.name) == (ref.namespace, ref.name):
                     return uid
         return ""

@@ -1,5 +1,7 @@
 """The agent's Unix socket for the CNI plugin: one thread per call, the pod's network namespace
-received as a file descriptor, only root on this node may call (SO_PEERCRED).
+received as a file descriptor, only root on this node may call (SO_PEERCRED). An answer may
+carry work for after it is sent (bookkeeping the runtime need not wait for), done on the same
+thread.
 
 The socket lives in a directory only root can enter; the plugin runs as the runtime, as root.
 """
@@ -13,13 +15,25 @@ import socketserver
 import struct
 import threading
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 from netisolate.cni import protocol
 from netisolate.netns import NetNS, NetNSError
 
 log = logging.getLogger(__name__)
-Handler = Callable[[protocol.Request, NetNS | None], bytes]
+
+
+Then = Callable[[], object]  # what is left to do once the reply is sent (or could not be)
+
+
+@dataclass(frozen=True)
+class Answer:
+    reply: bytes
+    then: Then | None = None
+
+
+Handler = Callable[[protocol.Request, NetNS | None], Answer]
 READ_TIMEOUT_S = 5.0  # the plugin sends everything at once; a caller that stalls is dropped
 
 
@@ -86,23 +100,30 @@ class _Connection(socketserver.BaseRequestHandler):
         conn: socket.socket = self.request
         conn.settimeout(READ_TIMEOUT_S)
         try:
-            reply = self._answer(conn)
+            answer = self._answer(conn)
         except protocol.ProtocolError as err:
             log.warning("malformed CNI call", extra={"error": str(err)})
             reply = protocol.failure(protocol.E_DECODE, f"netisolate agent: malformed request: {err}")
+            answer = Answer(reply)
         except (OSError, TimeoutError) as err:
             log.warning("CNI call dropped", extra={"error": str(err)})
             return
         try:
-            conn.sendall(reply)
+            conn.sendall(answer.reply)
+            conn.shutdown(socket.SHUT_WR)  # the plugin reads until EOF: it need not wait for the rest
         except OSError as err:  # the plugin gave up (its timeout): it has failed the sandbox itself
             log.warning("CNI caller gone before the answer", extra={"error": str(err)})
+        if answer.then is not None:
+            try:
+                answer.then()
+            except Exception:  # the answer is out; what follows is logged, never raised into socketserver
+                log.exception("CNI bookkeeping after the answer failed")
 
-    def _answer(self, conn: socket.socket) -> bytes:
+    def _answer(self, conn: socket.socket) -> Answer:
         uid = _peer_uid(conn)
         if uid != self.server.allowed_uid:
             log.warning("CNI call refused: not from root", extra={"peer_uid": uid})
-            return protocol.failure(protocol.E_ENV, "netisolate agent: only root may call it")
+            return Answer(protocol.failure(protocol.E_ENV, "netisolate agent: only root may call it"))
         data, fds = read_request(conn)
         ns = _namespace(fds)
         try:

@@ -45,6 +45,7 @@ class Agent:
         self.cgroups = NodeCgroups(self.sandboxes.cgroup)
         self.reconciler = Reconciler(backend, settings, Reporter(core, node), self.sandboxes, self.cgroups)
         self.cgroups.on_change(self.reconciler.cgroups_changed)
+        self.sandboxes.on_change(self.reconciler.cgroups_changed)  # a pending pod's sandbox appeared
         self.heartbeat = time.monotonic()  # the timer loop's last round: /healthz fails when it stalls
         self.stop = threading.Event()
         self.ready = threading.Event()
@@ -77,7 +78,12 @@ class Agent:
 
     def on_pod_list(self, items: list[Obj]) -> None:
         if self._namespace_labels_or_failure():
+            started = time.monotonic()
             self.reconciler.replace_pods([p for p in map(self._pod, items) if p is not None])
+            log.info(
+                "pod list adopted",
+                extra={"pods": len(items), "ms": round(1000 * (time.monotonic() - started), 1)},
+            )
 
     def on_pod_event(self, kind: str, obj: Obj) -> None:
         if kind == "DELETED":
@@ -185,6 +191,7 @@ class Agent:
 
     def run(self, metrics_port: int) -> None:
         server = endpoints.serve(self, metrics_port)
+        log.info("agent running", extra={"node": self.node, "backend": self.reconciler.backend.name})
         namespaces, pods = self.watches()
         namespaces.start()
         pods.start()

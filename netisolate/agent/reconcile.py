@@ -52,6 +52,10 @@ class Sandboxes(Protocol):
         """The pod's processes now live in another network namespace than ns."""
         ...
 
+    def forget(self, uid: str) -> None:
+        """The pod is gone: stop looking for its sandbox."""
+        ...
+
 
 class Cgroups(Protocol):
     """Containers' cgroups (netisolate.agent.cgroups.NodeCgroups on a node), for cgroup identity."""
@@ -106,6 +110,24 @@ class Tracked:
     cgroup_wait_since: float = 0.0  # since when the pod's cgroup is looked for (0: found)
 
 
+@dataclass
+class Handover:
+    """A sandbox's network namespace the runtime handed over (CNI ADD), and what was loaded into
+    it before the answer. `ready`: the sandbox may start on this alone (its rules hold, or it is
+    not isolated); otherwise the answer waits for take_over."""
+
+    pod: Pod
+    ns: NetNS
+    sandbox: str
+    preinstalled: tuple[RuleSet, float] | None
+    ready: bool
+
+
+def _same_sandbox(ns: NetNS, held: str, sandbox: str, inode: int | None) -> bool:
+    """Whether a DEL (sandbox ID, namespace inode if it sent one) names the sandbox we hold."""
+    return ns.inode == inode or (inode is None and bool(sandbox) and held == sandbox)
+
+
 def _waiting(tracked: Tracked) -> bool:
     """Retried by the timer: pending, failed, or enforced closed while its cgroup is looked for."""
     return tracked.state in WAITING or bool(tracked.cgroup_wait_since)
@@ -124,6 +146,7 @@ class Reconciler:
         self.cgroups = cgroups
         self.pods: dict[str, Tracked] = {}
         self.namespaces: dict[str, dict[str, str]] = {}
+        self.handovers: dict[str, Handover] = {}  # by pod UID: answered, not taken over yet
         self.lock = threading.RLock()
         self.workers = 8
         self.observed_event_s = OBSERVED_EVENT_S
@@ -144,14 +167,19 @@ class Reconciler:
 
     def forget(self, uid: str) -> None:
         with self.lock:
+            pending = self.handovers.pop(uid, None)
+            if pending is not None:
+                pending.ns.close()
             tracked = self.pods.pop(uid, None)
             if tracked and tracked.ns:
                 tracked.ns.close()
+            self.sandboxes.forget(uid)
             if self.cgroups is not None:
                 self.cgroups.forget(uid)
 
     def cgroups_changed(self, uid: str) -> None:
-        """A pod's container cgroups came or went (a container restarted): its sets follow."""
+        """A pod's cgroups came or went: a container restarted (its sets follow), or the sandbox
+        a pending pod waits for appeared."""
         with self.lock:
             tracked = self.pods.get(uid)
             if tracked is not None:
@@ -187,24 +215,41 @@ class Reconciler:
     def enforce_sandbox(self, pod: Pod, ns: NetNS, sandbox: str) -> tuple[PodState, str]:
         """The runtime is creating `sandbox` for the pod, in network namespace `ns` (a handle the
         reconciler now owns), and starts no container before we answer: decide and apply now.
-        Returns the pod's (state, detail) afterwards.
+        Returns the pod's (state, detail) afterwards."""
+        return self.take_over(self.hand_over(pod, ns, sandbox))
 
-        The rules are loaded before the lock is taken for the bookkeeping: the namespace is new and
-        no one else knows it yet, and sandboxes created at once (a node starting up) are enforced
-        at once instead of one after the other."""
+    def hand_over(self, pod: Pod, ns: NetNS, sandbox: str) -> Handover:
+        """The first half of enforce_sandbox, without the lock: the pod's rules loaded into `ns`.
+        When the handover is `ready` the sandbox may start at once, and take_over does the
+        bookkeeping after the runtime has its answer: an answer never waits behind a verification
+        round or a /proc scan holding the lock. The namespace is new and no one else knows it
+        yet, and sandboxes created at once (a node starting up) are enforced at once."""
         uid = pod.metadata.uid or pod.ref
         # (a dict read: atomic, no lock needed; set_namespace replaces, never mutates, a value)
         # with cgroup identity: empty sets and no runtime exception until the sync below sees them
         labels = self.namespaces.get(pod.metadata.namespace or "default", {})
         policy = pod_policy(pod, labels, self.settings.identity)
         desired = build_ruleset(policy, self.settings, ns.user_namespaced()) if policy.isolated else None
-        preinstalled = None
-        if desired is not None and not pod.spec.host_network:
+        handover = Handover(pod, ns, sandbox, None, desired is None or bool(pod.spec.host_network))
+        if not handover.ready:
             started = time.perf_counter()
             with contextlib.suppress(EnforceError):  # tried again, and reported, under the lock
+                assert desired is not None
                 self.backend.apply(ns, desired)
-                preinstalled = (desired, time.perf_counter() - started)
+                handover.preinstalled, handover.ready = (desired, time.perf_counter() - started), True
+        self.handovers[uid] = handover  # (atomic) a DEL before take_over lets the namespace go
+        return handover
+
+    def take_over(self, handover: Handover) -> tuple[PodState, str]:
+        """The second half: the handed-over namespace becomes the pod's, under the lock, and the
+        pod is synced (a failed preinstall is retried here). Returns the pod's (state, detail)."""
+        pod, ns = handover.pod, handover.ns
+        uid = pod.metadata.uid or pod.ref
         with self.lock:
+            if self.handovers.get(uid) is not handover:  # released, forgotten or superseded meanwhile
+                ns.close()
+                return PodState.PENDING, "the sandbox was torn down before its rules were taken over"
+            del self.handovers[uid]
             tracked = self.pods.setdefault(uid, Tracked(pod))
             tracked.pod = pod
             if tracked.ns is not None and tracked.ns.inode != ns.inode:  # a new sandbox
@@ -216,10 +261,10 @@ class Reconciler:
                 tracked.ns, tracked.applied = None, None
             fresh = tracked.ns is None
             if fresh:
-                tracked.ns, tracked.preinstalled = ns, preinstalled
+                tracked.ns, tracked.preinstalled = ns, handover.preinstalled
             else:
                 ns.close()
-            tracked.sandbox = sandbox
+            tracked.sandbox = handover.sandbox
             self._sync(tracked, adopt=not fresh)
             tracked.preinstalled = None
             return tracked.state, tracked.detail
@@ -228,10 +273,14 @@ class Reconciler:
         """The runtime tore the sandbox down (CNI DEL): let its namespace go. Nothing happens for
         a sandbox we do not hold (another one of the pod, or a pod we never saw)."""
         with self.lock:
+            pending = self.handovers.get(uid)
+            if pending is not None and _same_sandbox(pending.ns, pending.sandbox, sandbox, inode):
+                del self.handovers[uid]
+                pending.ns.close()
             tracked = self.pods.get(uid)
             if tracked is None or tracked.ns is None:
                 return
-            if tracked.ns.inode != inode and not (inode is None and sandbox and tracked.sandbox == sandbox):
+            if not _same_sandbox(tracked.ns, tracked.sandbox, sandbox, inode):
                 return
             tracked.ns.close()
             tracked.ns, tracked.applied, tracked.sandbox = None, None, ""
@@ -447,6 +496,9 @@ class Reconciler:
             tracked.ns, tracked.applied = None, None
         if tracked.ns is None:
             tracked.ns = self.sandboxes.find(tracked.pod)
+            if tracked.ns is not None and tracked.state is PodState.PENDING and tracked.pending_since:
+                waited = round(1000 * (time.monotonic() - tracked.pending_since), 1)
+                log.info("sandbox found", extra={"pod": tracked.pod.ref, "waited_ms": waited})
         if tracked.ns is None:
             now = time.monotonic()
             if tracked.state is not PodState.PENDING or not tracked.pending_since:

@@ -4,6 +4,11 @@ Loaded with `iptables-legacy-restore --noflush`: declaring our chains flushes on
 filter table is committed in one replace (a reader never sees half a chain), and chains and
 policies we do not own are never touched. The jumps are kept unique and first in the same commit.
 
+Reading OUTPUT first is what keeps the jumps unique and first (a re-apply deletes the old ones).
+A namespace the runtime has just created has no rule in OUTPUT, and the kernel says so without
+a tool: its table info (IPT_SO_GET_INFO) puts OUTPUT's first rule at its policy. Then the rules
+are written at once, without an `-save` in front.
+
 A user-namespaced pod (`hostUsers: false`) owns its network namespace through its user namespace,
 and the kernel's owner match takes UIDs only from a writer inside that user namespace. There the
 tools run as its root (`nsenter --user`); that root cannot open the node's /run/xtables.lock, so
@@ -13,9 +18,12 @@ they take a lock file of ours: legacy tables are per network namespace, and only
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
 import re
+import socket
 import stat
+import struct
 import subprocess
 import tempfile
 from collections.abc import Sequence
@@ -39,6 +47,16 @@ _DENY_COUNTER = re.compile(rf"^\[(\d+):\d+\] -A {REFUSE_CHAIN} (.*)-g {DENY_CHAI
 _COMMENT = re.compile(r"-m comment --comment (\S+)")
 _COUNTERS = re.compile(r"^\[\d+:\d+\] ")
 _LOCK_WAIT = "10"  # seconds a write waits for the xtables lock before it fails (and is retried)
+# struct ipt_getinfo (= ip6t_getinfo): name[32], valid_hooks, hook_entry[5], underflow[5],
+# num_entries, size; asked for with IPT_SO_GET_INFO (= IP6T_SO_GET_INFO) on a raw socket.
+_GETINFO = struct.Struct("=32sI5I5III")
+_SO_GET_INFO = 64
+_LOCAL_OUT = 3  # NF_INET_LOCAL_OUT: the OUTPUT hook
+_LIBC = ctypes.CDLL(None, use_errno=True)
+_SOCKET: dict[Family, tuple[int, int]] = {
+    4: (socket.AF_INET, socket.IPPROTO_IP),
+    6: (socket.AF_INET6, socket.IPPROTO_IPV6),
+}
 
 
 def _tool(ns: NetNS, argv: Sequence[str], stdin: str = "") -> subprocess.CompletedProcess[str]:
@@ -75,6 +93,28 @@ def _user_ns_lock() -> str:
     return path
 
 
+def empty_outputs(ns: NetNS) -> set[Family]:
+    """The families whose filter table holds no rule in OUTPUT, from the kernel's table info (the
+    chain's first rule is its policy); a family the kernel does not answer for is left out (its
+    tool reads the table then)."""
+
+    def empty(family: Family) -> bool:
+        domain, level = _SOCKET[family]
+        with socket.socket(domain, socket.SOCK_RAW, socket.IPPROTO_RAW) as raw:
+            buffer = ctypes.create_string_buffer(b"filter", _GETINFO.size)
+            size = ctypes.c_uint32(_GETINFO.size)
+            if _LIBC.getsockopt(raw.fileno(), level, _SO_GET_INFO, buffer, ctypes.byref(size)) != 0:
+                return False
+        fields = _GETINFO.unpack(buffer.raw)
+        hook_entry, underflow = fields[2:7], fields[7:12]
+        return bool(hook_entry[_LOCAL_OUT] == underflow[_LOCAL_OUT])
+
+    try:
+        return ns.run(lambda: {family for family in _SOCKET if empty(family)})
+    except (OSError, NetNSError):
+        return set()
+
+
 class IptablesBackend:
     """Cgroup identity is nftables' alone: `-m cgroup --path` matches a cgroup by path, but no
     iptables set holds cgroups, so each container restart would be a new ruleset (README)."""
@@ -93,8 +133,10 @@ class IptablesBackend:
         if ruleset.cgroups is not None:
             raise EnforceError("cgroup identity needs the nftables backend")
         # IPv6 first: the gate probes the IPv4 sentinel, so once it answers, ::1 is guarded too.
+        empty = empty_outputs(ns)
         for family in (6, 4):
-            text = document(ruleset, family, _output_rules(self._save(ns, family)))
+            output = [] if family in empty else _output_rules(self._save(ns, family))
+            text = document(ruleset, family, output)
             argv = [f"{_TOOLS[family]}-restore", "--noflush", f"--wait={_LOCK_WAIT}"]
             checked(_tool(ns, argv, text), f"loading {ruleset.pod}'s IPv{family} rules")
 
