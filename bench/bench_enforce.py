@@ -9,11 +9,13 @@ apply-new / apply-update  per-namespace apply of a 3-container x 4-port policy, 
                           and the CPU each of our updates took
 apply-100                 changing the policy of 100 pod namespaces (serial and with apply_many's
                           8 workers), next to the raw tool loading the same change with 8 workers
-loopback                  connection rate from app to proxy (50 grants per container) without, with
-                          and again without rules (the control): many short rounds in rotating
-                          order, of the same C client (bench/connloop.c, built with gcc) against a
-                          C server; the median of the rounds' own ratios with quartiles and
-                          extremes, next to the control's (the machine's own noise)
+loopback                  connection rate from app to proxy (50 grants per container) with and
+                          without rules: many short A B B A rounds of one C client
+                          (bench/connloop.c, built with gcc) against a C server, pinned to one CPU,
+                          test rounds (B with rules) alternating with A/A control rounds (B without
+                          them too); the median of the rounds' own ratios with its 95 % interval,
+                          quartiles and extremes, next to the control's (the benchmark's resolution),
+                          by wall time and per CPU-second of client and server
 """
 
 from __future__ import annotations
@@ -186,10 +188,12 @@ def connloop() -> Iterator[str]:
 
 
 def connections_per_s(pod: LocalPod, binary: str, seconds: float, container: str | None = None) -> float:
-    client = pod.spawn(as_uid(UIDS["app"], [binary, "client", "8000", str(seconds)]), container=container)
-    out, err = client.communicate(timeout=seconds * 3 + 10)
+    """One measurement by a client of its own (bench_cgroup's rounds)."""
+    argv = as_uid(UIDS["app"], [binary, "client", "8000"])
+    client = pod.spawn(argv, stdin=True, container=container)
+    out, err = client.communicate(f"{seconds}\n", timeout=seconds * 3 + 10)
     pod.processes.remove(client)
-    rate, failed = out.split()
+    rate, failed, _ = out.split()
     if client.returncode != 0 or int(failed):
         raise RuntimeError(f"connloop client: {failed} connections failed {err}")
     return float(rate)
@@ -201,11 +205,48 @@ def _without_rules(ns: NetNS) -> None:
         run_tool(ns, [family, "-F", "OUTPUT"])
 
 
+class Client:
+    """One connloop client for the whole run (no process start between measurements), with the
+    server it connects to; both pinned to `cpu` when it is >= 0."""
+
+    def __init__(self, pod: LocalPod, binary: str, cpu: int) -> None:
+        self.server = pod.spawn(as_uid(UIDS["proxy"], [binary, "server", "8000", str(cpu)]))
+        assert self.server.stdout is not None and self.server.stdout.readline().strip() == "ready"
+        self.client = pod.spawn(as_uid(UIDS["app"], [binary, "client", "8000", str(cpu)]), stdin=True)
+
+    def measure(self, seconds: float) -> tuple[float, float]:
+        """(connections per second of wall time, per second of CPU the client and the server ran
+        for): the second leaves out the time other processes held the CPU."""
+        assert self.client.stdin is not None and self.client.stdout is not None
+        ran = _runtime_ns(self.client.pid) + _runtime_ns(self.server.pid)
+        self.client.stdin.write(f"{seconds}\n")
+        self.client.stdin.flush()
+        line = self.client.stdout.readline()
+        ran = _runtime_ns(self.client.pid) + _runtime_ns(self.server.pid) - ran
+        rate, failed, count = line.split()
+        if int(failed):
+            raise RuntimeError(f"connloop client: {failed} connections failed")
+        return float(rate), int(count) / (ran / 1e9)
+
+
+def _runtime_ns(pid: int) -> int:
+    """The time the process ran on a CPU (the kernel charges a packet's softirq work to the process
+    that sends it: this kernel has no IRQ time accounting)."""
+    return int(Path(f"/proc/{pid}/schedstat").read_text().split()[0])
+
+
 def _spread(values: list[float]) -> dict[str, float]:
+    """Median, quartiles, extremes, and the median's 95 % confidence interval (order statistics:
+    ranks n/2 ± 0.98 √n), which is what the benchmark can resolve."""
     ordered = sorted(values)
+    n = len(ordered)
     quartiles = statistics.quantiles(ordered, n=4)
+    half = 0.98 * n**0.5
+    low, high = max(0, int(n / 2 - half)), min(n - 1, int(n / 2 + half + 0.5))
     return {
         "median": round(statistics.median(ordered), 4),
+        "ci95_low": round(ordered[low], 4),
+        "ci95_high": round(ordered[high], 4),
         "q1": round(quartiles[0], 4),
         "q3": round(quartiles[2], 4),
         "min": round(ordered[0], 4),
@@ -213,40 +254,65 @@ def _spread(values: list[float]) -> dict[str, float]:
     }
 
 
-def bench_loopback(backend: Backend, pairs: int, seconds: float) -> dict[str, object]:
+SETTLE_S = 0.03  # after each change of the rules, before measuring: the kernel frees what was removed
+WARMUP_ROUNDS = 4  # discarded: caches, the first connections' allocations, the first apply
+
+
+def bench_loopback(backend: Backend, rounds: int, seconds: float, cpu: int) -> dict[str, object]:
     """app (UID 1000, granted 8000 among 50 ports) → proxy (UID 1001, which declares them) on
-    127.0.0.1:8000; TCP-only grants, so no conntrack. Each round measures without rules, with
-    rules and without again (the control, whose ratio to the first is the noise floor), in
-    rotating order, so drift of a shared machine hits all alike; the result is the median of the
-    rounds' own with/without ratios, next to the control's. Every measurement follows the same
-    removal of all rules (three tool processes, and the kernel freeing what they removed), the
-    "with" ones then the apply: else only the "without" ones would follow those processes."""
+    127.0.0.1:8000; TCP-only grants, so no conntrack. Rounds alternate between a test round and
+    a control round, each four short measurements of the same client in the order A B B A (so a
+    linear drift of a shared machine cancels): A without rules, B with them (test) or without them
+    as well (control, the A/A: its spread is the benchmark's own resolution). A round's ratio is
+    B/A of its sums; the result is the median of the rounds' ratios with its confidence interval,
+    both for the wall-time rate and for connections per CPU-second of client and server (immune to
+    other processes taking the CPU, the same as the wall rate on a quiet machine with both pinned
+    to one CPU)."""
     rs = ruleset(grants=LOOPBACK_GRANTS)
-    runs: dict[str, list[float]] = {"without": [], "with": [], "control": []}
+    ratios: dict[str, list[float]] = {"test": [], "control": [], "test_cpu": [], "control_cpu": []}
+    rates: dict[str, list[float]] = {"without": [], "with": []}
+    load = os.getloadavg()
     with connloop() as binary, LocalPod(bench_pod(grants=LOOPBACK_GRANTS)) as pod:
         ns = pod.ns
         assert ns is not None
-        server = pod.spawn(as_uid(UIDS["proxy"], [binary, "server", "8000"]))
-        assert server.stdout is not None and server.stdout.readline().strip() == "ready"
-        order = list(runs)
-        for i in range(pairs):
-            for kind in order[i % 3 :] + order[: i % 3]:
-                _without_rules(ns)  # before every measurement alike (see above)
-                if kind == "with":
+        client, installed = Client(pod, binary, cpu), False
+
+        def measured(rules: bool) -> tuple[float, float]:
+            nonlocal installed
+            if rules != installed:
+                if rules:
                     backend.apply(ns, rs)
-                runs[kind].append(connections_per_s(pod, binary, seconds))
-    paired = [w / b for w, b in zip(runs["with"], runs["without"], strict=True)]
-    control = [c / b for c, b in zip(runs["control"], runs["without"], strict=True)]
+                else:
+                    checked(run_tool(ns, ["nft", "delete", "table", "inet", nft.TABLE]), "nft delete")
+                installed = rules
+            time.sleep(SETTLE_S)
+            return client.measure(seconds)
+
+        for i in range(2 * (rounds + WARMUP_ROUNDS)):
+            kind = "test" if i % 2 == 0 else "control"
+            a1, b1, b2, a2 = (measured(b and kind == "test") for b in (False, True, True, False))
+            if i < 2 * WARMUP_ROUNDS:
+                continue
+            ratios[kind].append((b1[0] + b2[0]) / (a1[0] + a2[0]))
+            ratios[f"{kind}_cpu"].append((b1[1] + b2[1]) / (a1[1] + a2[1]))
+            rates["without"] += [a1[0], a2[0]]
+            if kind == "test":
+                rates["with"] += [b1[0], b2[0]]
     return {
         "scenario": "loopback",
         "backend": backend.name,
         "grants_in_pod": LOOPBACK_GRANTS * len(UIDS),
-        "rounds": pairs,
+        "rounds": {"test": rounds, "control": rounds, "warm_up_discarded": 2 * WARMUP_ROUNDS},
         "seconds_each": seconds,
-        "conn_per_s_without_median": round(statistics.median(runs["without"])),
-        "conn_per_s_with_median": round(statistics.median(runs["with"])),
-        "conn_rate_ratio_paired": _spread(paired),
-        "control_ratio_paired": _spread(control),
+        "pinned_cpu": cpu,
+        "conn_per_s_without_median": round(statistics.median(rates["without"])),
+        "conn_per_s_with_median": round(statistics.median(rates["with"])),
+        "conn_rate_ratio_paired": _spread(ratios["test"]),
+        "control_ratio_paired": _spread(ratios["control"]),
+        "conn_per_cpu_s_ratio_paired": _spread(ratios["test_cpu"]),
+        "control_per_cpu_s_ratio_paired": _spread(ratios["control_cpu"]),
+        "load_average_before": [round(x, 2) for x in load],
+        "load_average_after": [round(x, 2) for x in os.getloadavg()],
     }
 
 
@@ -269,10 +335,17 @@ def main() -> None:
         help="seconds of each loopback measurement (on a busy machine: more, shorter rounds)",
     )
     parser.add_argument(
+        "--loopback-cpu",
+        type=int,
+        default=max(os.sched_getaffinity(0)),
+        metavar="N",
+        help="the CPU the loopback client and server are pinned to (-1: not pinned; default the last)",
+    )
+    parser.add_argument(
         "--backend", choices=("nftables", "iptables"), action="append", help="only this backend (repeatable)"
     )
     args = parser.parse_args()
-    rounds, many, loop_rounds, seconds = (5, 10, 4, 0.2) if args.quick else (40, 100, 40, 0.5)
+    rounds, many, loop_rounds, seconds = (5, 10, 4, 0.1) if args.quick else (40, 100, 100, 0.1)
     for name in args.backend or ("nftables", "iptables"):
         backend = select_backend(name)
         if not args.loopback_only:
@@ -280,7 +353,7 @@ def main() -> None:
                 print(json.dumps(result), flush=True)
             print(json.dumps(bench_many(backend, many)), flush=True)
         loopback = bench_loopback(
-            backend, args.loopback_rounds or loop_rounds, args.loopback_seconds or seconds
+            backend, args.loopback_rounds or loop_rounds, args.loopback_seconds or seconds, args.loopback_cpu
         )
         print(json.dumps(loopback), flush=True)
 

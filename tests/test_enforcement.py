@@ -128,6 +128,23 @@ def test_unknown_uid_and_root(backend: Backend, local_pod: LocalPod) -> None:
     assert local_pod.probe(0, targets) == ["refused", "refused"]
 
 
+def test_port_ranges_and_single_ports_grant_alike(backend: Backend, local_pod: LocalPod) -> None:
+    """A range grants each port in it and no other, next to single ports (nftables keeps the two
+    in sets of their own), and a grant that moves from one kind to the other is an update."""
+    ns, targets = (
+        ns_of(local_pod),
+        [("127.0.0.1", 15000, "tcp"), ("::1", 15001, "tcp"), ("127.0.0.1", 8080, "tcp")],
+    )
+    ranged = ruleset_for(make_pod({**GRANTS, "allow.netisolate.io/app": "14999-15001"}))
+    backend.apply(ns, ranged)
+    assert local_pod.probe(APP, targets) == ["open", "open", "refused"]
+    assert local_pod.probe(ROGUE, targets) == ["refused", "refused", "refused"]
+    single = ruleset_for(make_pod({**GRANTS, "allow.netisolate.io/app": "15001, 8080"}))
+    backend.apply(ns, single)
+    assert local_pod.probe(APP, targets) == ["refused", "open", "open"]
+    assert backend.verify(ns, single) == []
+
+
 def test_sentinel_answers_admin_prohibited(backend: Backend, local_pod: LocalPod) -> None:
     """Over IPv4 connect() fails with EHOSTUNREACH, which only our rules produce. (Over ::1 the
     kernel does not hand the ICMPv6 error of an output-hook reject to the connecting TCP socket — it

@@ -246,7 +246,7 @@ def test_a_batch_with_one_bad_element_changes_nothing(kept: KeptSockets, pods: l
     assert socket is not None and socket.known is not None
     key = SetKey.of(next(s.declaration for s in nft.sets(POLICY_A) if s.name == "grants"))
     bad = Change(
-        nft.TABLE, "grants", key, delete=("4242 . tcp . 1-1",), add=('1002 . tcp . 8080 comment "rogue"',)
+        nft.TABLE, "grants", key, delete=("4242 . tcp . 1",), add=('1002 . tcp . 8080 comment "rogue"',)
     )
     with pytest.raises(NetlinkError) as refused:
         socket.socket.commit([bad], socket.known[1])

@@ -18,7 +18,8 @@ packet is finally delivered to, after NAT. Traffic through other interfaces is n
 THE DECISIONS, in the order both dialects evaluate them for every such packet:
 
 1. TCP packets without SYN pass — see CONNECTION STATE below. First, because every packet of an
-   open connection takes this path.
+   open connection takes this path; nftables decides it even before the matches above (any TCP
+   packet without SYN passes whatever its destination, so it need not know whether it is judged).
 2. A SYN-ACK from a port a container declares (`containerPort` + protocol: an Owner) passes only
    from a UID of a container that declares it; from anyone else it is refused, so a container that
    listens on another's port while that one restarts never completes a connection. Any other SYN-ACK

@@ -5,7 +5,10 @@ What the rules decide, and why, is explained once, in `netisolate.rules`.
 Everything that names a container's identity lives in named sets, so the chains are the same for
 every pod of a given shape and a changed policy is an element update inside the existing table:
 
-- `grants`      identity . protocol . port-range  — rule 8, one lookup whatever the number of grants
+- `grants`      identity . protocol . port        — rule 8, one hash lookup whatever the number of
+                grants: the single ports, which a SYN to a granted port meets first
+- `grant_ranges` identity . protocol . port-range — rule 8's port ranges: an interval set, whose
+                lookup costs a loopback connection ~3 % where the hash costs ~0.1 % (measured)
 - `owners`      identity . protocol . port        — who may serve a declared port (rules 2 and 4)
 - `owned`       protocol . port                   — the declared ports
 - `identities`  identity, with a counter each      — the refusals per container (rule 9)
@@ -42,9 +45,12 @@ _JUDGED = (
     "meta l4proto { udp, udplite } ip6 daddr ff00::/8",
 )
 _SYN_ACK = "tcp flags syn,ack / syn,ack"
+# Decision 1, first in the output chain, before the matches that pick the judged packets: it passes
+# a packet whatever its destination, and the ACKs and FINs of every connection (half of a loopback
+# connection's packets) then meet one rule, not a jump and a rule.
+_NOT_OPENING = "tcp flags ! syn accept"
 # nft lists a port after a protocol match by the protocol's name (`udp sport`), so we write it so
-_FIRST = (  # decisions 1-3, whatever the identity
-    "tcp flags ! syn accept",
+_FIRST = (  # decisions 2-3, whatever the identity
     f"{_SYN_ACK} goto serve",
     "icmp type { destination-unreachable, time-exceeded, parameter-problem } accept",
     "icmpv6 type { destination-unreachable, packet-too-big, time-exceeded, parameter-problem } accept",
@@ -76,11 +82,18 @@ def sets(rs: RuleSet) -> tuple[NftSet, ...]:
     if rs.cgroups is not None:
         return ()
     grants = [
-        f"{g.uid} . {g.protocol} . {_port(p)}{_comment(g.containers)}" for g in rs.grants for p in g.ports
+        (p.low == p.high, f"{g.uid} . {g.protocol} . {_port(p)}{_comment(g.containers)}")
+        for g in rs.grants
+        for p in g.ports
     ]
     owners = [f"{uid} . {o.protocol} . {o.port}{_comment(o.containers)}" for o in rs.owners for uid in o.uids]
     return (
-        NftSet("grants", (f"typeof {_FLOW}", "flags interval"), tuple(grants)),
+        NftSet("grants", (f"typeof {_FLOW}",), tuple(e for single, e in grants if single)),
+        NftSet(
+            "grant_ranges",
+            (f"typeof {_FLOW}", "flags interval"),
+            tuple(e for single, e in grants if not single),
+        ),
         NftSet("owners", (f"typeof {IDENTITY} . meta l4proto . th sport",), tuple(owners)),
         NftSet(
             "owned", ("typeof meta l4proto . th sport",), tuple(f"{o.protocol} . {o.port}" for o in rs.owners)
@@ -112,17 +125,22 @@ def _judging(rs: RuleSet) -> list[str]:
     rules = [*_FIRST, f"{_UDP_NOT_OWNER} goto refuse"]
     if rs.stateful:
         rules.append("ct direction reply accept")
-    rules.append(
-        f"meta l4proto {{ tcp, udp }} th dport {rs.sentinel_port} reject with icmpx admin-prohibited"
-    )
+    rules.append(_sentinel(rs))
     if rs.allow_root:
         rules.append(f"{IDENTITY} 0 accept")
     rules += [
         f"{_FLOW} @grants accept",
+        f"{_FLOW} @grant_ranges accept",
         f"{_RECORDED} {{ {_FLOW} }}",
         "goto refuse",
     ]
     return rules
+
+
+def _sentinel(rs: RuleSet) -> str:
+    """Rule 6, the port compared before the protocol: every SYN meets this rule, and a compare that
+    fails costs less than the lookup in `{ tcp, udp }`."""
+    return f"th dport {rs.sentinel_port} meta l4proto {{ tcp, udp }} reject with icmpx admin-prohibited"
 
 
 def _serve(rs: RuleSet) -> list[str]:
@@ -193,9 +211,7 @@ def _judging_by_cgroup(rs: RuleSet, cg: CgroupRules) -> list[str]:
             rules.append(f"udp sport {owner.port} {others}goto refuse {comment}")
     if rs.stateful:
         rules.append("ct direction reply accept")
-    rules.append(
-        f"meta l4proto {{ tcp, udp }} th dport {rs.sentinel_port} reject with icmpx admin-prohibited"
-    )
+    rules.append(_sentinel(rs))
     rules += [
         f'{_member(cg, m)} {protocol} dport {_ports(ports)} accept comment "{m.name}"'
         for m in cg.usable()
@@ -278,6 +294,7 @@ def table(rs: RuleSet, loading: bool = False) -> str:
     chains = {
         "output": [
             "type filter hook output priority filter; policy accept;",
+            _NOT_OPENING,
             *(f"{match} jump loopback" for match in _JUDGED),
         ],
         "loopback": _judging(rs),
