@@ -23,13 +23,15 @@ class AgentProcessError(RuntimeError):
     pass
 
 
-def kubeconfig(server: str, directory: Path) -> Path:
+def kubeconfig(server: str, directory: Path, user: dict[str, str] | None = None) -> Path:
+    """A kubeconfig for the API stand-in at `server`, its user's credentials `user` (none: the
+    stand-in asks for none)."""
     path = directory / "kubeconfig"
     config = {
         "apiVersion": "v1",
         "kind": "Config",
         "clusters": [{"name": "standin", "cluster": {"server": server.rstrip("/")}}],
-        "users": [{"name": "agent", "user": {}}],
+        "users": [{"name": "agent", "user": user or {}}],
         "contexts": [{"name": "standin", "context": {"cluster": "standin", "user": "agent"}}],
         "current-context": "standin",
     }

@@ -31,6 +31,8 @@ from netisolate.model import parse_pod
 from netisolate.netns import NetNS
 from netisolate.rules import RuleSet
 from tests.agent_harness import close_all, pod_manifest
+from tests.agent_process import free_port
+from tests.agent_process import kubeconfig as agent_kubeconfig
 from tests.cni_harness import PREV_RESULT, CniNode, call, runtime_config
 from tests.kube_standin import api_client, declare, put
 
@@ -283,7 +285,6 @@ async def test_the_agent_process_chains_serves_keeps_the_chain_on_exit_and_unins
 ) -> None:
     """`netisolate agent --cni-*` as the DaemonSet runs it, against the API stand-in."""
     import signal
-    import socket
     import subprocess
     import sys
 
@@ -294,22 +295,8 @@ async def test_the_agent_process_chains_serves_keeps_the_chain_on_exit_and_unins
     conf.mkdir()
     bin_dir.mkdir()
     (conf / "10-bridge.conflist").write_text(json.dumps(PRIMARY))
-    kubeconfig = tmp_path / "kubeconfig"
-    kubeconfig.write_text(
-        json.dumps(
-            {
-                "apiVersion": "v1",
-                "kind": "Config",
-                "clusters": [{"name": "k", "cluster": {"server": str(kmock.url).rstrip("/")}}],
-                "contexts": [{"name": "k", "context": {"cluster": "k", "user": "u"}}],
-                "current-context": "k",
-                "users": [{"name": "u", "user": {}}],
-            }
-        )
-    )
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    kubeconfig = agent_kubeconfig(str(kmock.url), tmp_path)
+    port = free_port()
     argv = [
         sys.executable, "-m", "netisolate", "agent", "--node-name", "node-a", "--kubeconfig", str(kubeconfig),
         "--host-netns", "/proc/self/ns/net", "--metrics-port", str(port),

@@ -27,9 +27,9 @@ from typing import Any
 
 import pytest
 import pytest_asyncio
-import yaml
 
 from netisolate import scenarios
+from tests.agent_process import kubeconfig as agent_kubeconfig
 from tests.kube_standin import put
 from tests.realnode import cri_pb2 as pb
 from tests.realnode import pods
@@ -89,19 +89,7 @@ async def cluster(
 ) -> AsyncIterator[Kubelet]:
     """The kubelet, with what a cluster gives every pod to reach the API (here a kubeconfig for
     the stand-in), and the objects daemonset/ creates that the pods read."""
-    kubeconfig = tmp_path / "kubeconfig"
-    kubeconfig.write_text(
-        yaml.safe_dump(
-            {
-                "apiVersion": "v1",
-                "kind": "Config",
-                "clusters": [{"name": "standin", "cluster": {"server": str(kmock.url).rstrip("/")}}],
-                "users": [{"name": "pod", "user": {"token": "stand-in"}}],
-                "contexts": [{"name": "pod", "context": {"cluster": "standin", "user": "pod"}}],
-                "current-context": "pod",
-            }
-        )
-    )
+    kubeconfig = agent_kubeconfig(str(kmock.url), tmp_path, user={"token": "stand-in"})
     kubelet.api_env = {"KUBECONFIG": "/var/run/secrets/stand-in/kubeconfig"}
     kubelet.api_mounts = [
         pb.Mount(
