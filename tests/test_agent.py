@@ -360,7 +360,7 @@ async def test_churn_leaves_nothing_unenforced_and_nothing_stale(core: client.Co
         await until(lambda: len(running.agent.reconciler.pods) == 100, what="deleted pods forgotten")
         assert all(running.state(u) == "enforce" for u in uids[1::2])
         # the nftables backend keeps a netlink socket per namespace (it pins it): the deleted pods' go
-        await until(lambda: len(KEPT) <= 100, timeout=30, what="the deleted pods' netlink sockets closed")
+        await until(lambda: len(KEPT) <= 100, timeout=90, what="the deleted pods' netlink sockets closed")
     finally:
         running.stop()
         close_all(sims)
