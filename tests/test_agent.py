@@ -355,12 +355,21 @@ async def test_churn_leaves_nothing_unenforced_and_nothing_stale(core: client.Co
         await asyncio.gather(*(start(m, sim) for m, sim in zip(manifests, sims, strict=True)))
         uids = [m["metadata"]["uid"] for m in manifests]
         await until(lambda: all(running.state(u) == "enforce" for u in uids), timeout=60, what="all enforced")
+        inodes = {uid: ns.inode for uid in uids if (ns := running.agent.reconciler.pods[uid].ns) is not None}
+        assert all(inode in KEPT for inode in inodes.values())
         for manifest in manifests[::2]:
             await asyncio.to_thread(delete_pod, core, manifest["metadata"]["name"])
         await until(lambda: len(running.agent.reconciler.pods) == 100, what="deleted pods forgotten")
         assert all(running.state(u) == "enforce" for u in uids[1::2])
         # the nftables backend keeps a netlink socket per namespace (it pins it): the deleted pods' go
-        await until(lambda: len(KEPT) <= 100, timeout=90, what="the deleted pods' netlink sockets closed")
+        # (counted by their own namespaces: sockets other tests' agents kept are not this test's)
+        deleted = [inodes[u] for u in uids[::2]]
+        await until(lambda: not any(i in KEPT for i in deleted), what="the deleted pods' sockets closed")
+        assert all(inodes[u] in KEPT for u in uids[1::2]), "the running pods keep theirs"
+        running.stop()
+        # and a stopped agent holds nothing open: its namespaces, and their sockets, can go
+        every = list(inodes.values())
+        await until(lambda: not any(i in KEPT for i in every), what="a stopped agent's sockets closed")
     finally:
         running.stop()
         close_all(sims)

@@ -156,6 +156,7 @@ class Agent:
             except Exception:  # a bug must not end enforcement: log it and go on with the next round
                 log.exception("agent loop round failed")
                 self.stop.wait(1.0)
+        self.reconciler.close()
 
     def alive(self) -> bool:
         """The timer loop still turns (a verification round included); /healthz says so."""

@@ -177,6 +177,13 @@ class Reconciler:
             if self.cgroups is not None:
                 self.cgroups.forget(uid)
 
+    def close(self) -> None:
+        """The agent stops: every namespace handle it holds is closed (the rules stay where they
+        are), so nothing it kept open, a netlink socket included, outlives it."""
+        with self.lock:
+            for uid in [*self.pods, *self.handovers]:
+                self.forget(uid)
+
     def cgroups_changed(self, uid: str) -> None:
         """A pod's cgroups came or went: a container restarted (its sets follow), or the sandbox
         a pending pod waits for appeared."""

@@ -60,6 +60,10 @@ class KeptSockets:
     def __len__(self) -> int:
         return len(self._kept)
 
+    def __contains__(self, inode: object) -> bool:
+        """Whether a socket is kept for the namespace with this inode."""
+        return inode in self._kept
+
     def get(self, ns: NetNS) -> Kept | None:
         """The namespace's kept socket, opened (inside it) the first time; None past the limit or
         when no socket can be opened there."""
