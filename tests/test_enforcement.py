@@ -6,18 +6,19 @@ when a test fails; traffic stays inside those namespaces.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from netisolate import scenarios
-from netisolate.backends import Backend, apply_many, run_tool, select_backend
+from netisolate.backends import Backend, EnforceError, apply_many, run_tool, select_backend
 from netisolate.backends.iptables import empty_outputs
 from netisolate.cli import main
 from netisolate.localpod import (
@@ -35,11 +36,13 @@ from netisolate.model import Pod, parse_pod
 from netisolate.netns import NetNS, NetNSError
 from netisolate.policy import pod_policy
 from netisolate.rules import RuleSet, Settings, build_ruleset
+from netisolate.rules import iptables as iptables_rules
 from tests.agent_harness import close_all
 
 pytestmark = pytest.mark.kernel
 BACKENDS = ["nftables", "iptables"]
 APP, PROXY, ROGUE = 1000, 1001, 1002
+NODE_LOCK = "/run/xtables.lock"  # the node's legacy iptables lock
 
 
 def make_pod(annotations: dict[str, str]) -> Pod:
@@ -366,6 +369,45 @@ def test_iptables_reads_output_only_where_it_holds_rules(local_pod: LocalPod) ->
     saved = run_tool(ns, ["ip6tables-legacy-save"]).stdout.splitlines()
     assert [line for line in saved if line.startswith("-A OUTPUT")][-1] == "-A OUTPUT -j ACCEPT"
     assert backend.verify(ns, rs) == []
+
+
+def test_iptables_commits_ipv4_only_once_ipv6_is_in(
+    local_pod: LocalPod, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The two families load at once, but IPv4 commits after IPv6 and not at all when IPv6 fails:
+    the gate's IPv4 probe must never answer while ::1 is still open."""
+    backend, ns, rs = select_backend("iptables"), ns_of(local_pod), ruleset_for(local_pod.pod)
+    real = iptables_rules.document
+
+    def ipv6_refused(rs: RuleSet, family: int, output: Sequence[str] = ()) -> str:
+        return real(rs, 4, output) if family == 4 else "*filter\n-A NOWHERE -j ACCEPT\nCOMMIT\n"
+
+    monkeypatch.setattr("netisolate.backends.iptables.document", ipv6_refused)
+    with pytest.raises(EnforceError, match="IPv6 rules failed"):
+        backend.apply(ns, rs)
+    assert not backend.installed(ns), "IPv4 was committed although IPv6 failed"
+    assert local_pod.probe(ROGUE, [("127.0.0.1", 8080, "tcp")]) == ["open"]
+    monkeypatch.undo()
+    backend.apply(ns, rs)
+    assert backend.verify(ns, rs) == []
+
+
+def test_iptables_writes_a_pods_rules_while_the_node_lock_is_held(local_pod: LocalPod) -> None:
+    """Whoever holds the node's /run/xtables.lock (kube-proxy, for seconds on a big node) writes the
+    node's tables, not the pod's: it must not hold a sandbox's rules (and its CNI ADD) back."""
+    backend, ns, rs = select_backend("iptables"), ns_of(local_pod), ruleset_for(local_pod.pod)
+    existed = os.path.exists(NODE_LOCK)
+    try:
+        with open(NODE_LOCK, "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            started = time.monotonic()
+            backend.apply(ns, rs)
+            assert time.monotonic() - started < 5, "the write waited for the node's lock"
+    finally:
+        if not existed:
+            os.unlink(NODE_LOCK)
+    assert backend.verify(ns, rs) == []
+    assert local_pod.probe(ROGUE, [("127.0.0.1", 8080, "tcp")]) == ["refused"]
 
 
 def test_cli_enforce_and_verify(

@@ -71,7 +71,6 @@ def test_agent_daemonset_holds_only_what_it_needs() -> None:
     assert agent["readinessProbe"]["httpGet"]["path"] == "/readyz"
     host_paths = {v["name"]: v["hostPath"]["path"] for v in pod["volumes"] if "hostPath" in v}
     assert host_paths == {
-        "xtables-lock": "/run/xtables.lock",
         "cni-conf": "/etc/cni/net.d",
         "cni-bin": "/opt/cni/bin",
         "cni-socket": "/var/run/netisolate",

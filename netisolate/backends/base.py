@@ -51,6 +51,19 @@ class Backend(Protocol):
         """verify() and deny_counters() from a single read, for the agent's periodic round."""
 
 
+def tool_command(argv: Sequence[str], user_ns: int | None = None) -> tuple[list[str], tuple[int, ...]]:
+    """The command line that runs a netfilter tool (inside the user namespace `user_ns`, an fd,
+    as its root, when given) and the fds it must inherit; raises EnforceError when a tool is
+    missing."""
+    if shutil.which(argv[0]) is None:
+        raise EnforceError(f"{argv[0]} is not installed: install the nftables and iptables packages")
+    if user_ns is None:
+        return list(argv), ()
+    if shutil.which("nsenter") is None:
+        raise EnforceError("nsenter is not installed: install util-linux")
+    return ["nsenter", f"--user=/proc/self/fd/{user_ns}", "--", *argv], (user_ns,)
+
+
 def run_tool(
     ns: NetNS | None,
     argv: Sequence[str],
@@ -61,13 +74,7 @@ def run_tool(
 ) -> subprocess.CompletedProcess[str]:
     """Run a netfilter tool inside `ns` (or here), and inside the user namespace `user_ns` (an fd)
     when given, as its root; raises EnforceError when a tool is missing."""
-    if shutil.which(argv[0]) is None:
-        raise EnforceError(f"{argv[0]} is not installed: install the nftables and iptables packages")
-    command, fds = list(argv), tuple[int, ...]()
-    if user_ns is not None:
-        if shutil.which("nsenter") is None:
-            raise EnforceError("nsenter is not installed: install util-linux")
-        command, fds = ["nsenter", f"--user=/proc/self/fd/{user_ns}", "--", *argv], (user_ns,)
+    command, fds = tool_command(argv, user_ns)
     environment = {**os.environ, **env} if env else None
 
     def call() -> subprocess.CompletedProcess[str]:

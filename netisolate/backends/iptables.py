@@ -9,10 +9,17 @@ A namespace the runtime has just created has no rule in OUTPUT, and the kernel s
 a tool: its table info (IPT_SO_GET_INFO) puts OUTPUT's first rule at its policy. Then the rules
 are written at once, without an `-save` in front.
 
+The two families load at once: iptables-restore is sent all of its document but the final COMMIT
+while ip6tables-restore runs, and the COMMIT once IPv6 is in, so the two execs, their loading and
+parsing overlap, and IPv4 still commits last (the gate probes the IPv4 sentinel: once it answers,
+::1 is guarded too). Each family takes a lock file of ours (XTABLES_LOCKFILE), not the node's
+/run/xtables.lock: legacy tables are per network namespace and only we write a pod's filter table,
+so the node's lock would only serialise the two families and put a sandbox's CNI ADD behind
+whoever writes the node's own tables (kube-proxy's restores of a big node take seconds).
+
 A user-namespaced pod (`hostUsers: false`) owns its network namespace through its user namespace,
 and the kernel's owner match takes UIDs only from a writer inside that user namespace. There the
-tools run as its root (`nsenter --user`); that root cannot open the node's /run/xtables.lock, so
-they take a lock file of ours: legacy tables are per network namespace, and only we write these.
+tools run as its root (`nsenter --user`); the lock files are readable by it.
 """
 
 from __future__ import annotations
@@ -26,9 +33,9 @@ import stat
 import struct
 import subprocess
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Iterator, Mapping, Sequence
 
-from netisolate.backends.base import EnforceError, Inspection, checked, run_tool
+from netisolate.backends.base import EnforceError, Inspection, checked, run_tool, tool_command
 from netisolate.netns import NetNS, NetNSError
 from netisolate.rules import RuleSet
 from netisolate.rules.iptables import (
@@ -46,6 +53,7 @@ _TOOLS: dict[Family, str] = {4: "iptables-legacy", 6: "ip6tables-legacy"}
 _DENY_COUNTER = re.compile(rf"^\[(\d+):\d+\] -A {REFUSE_CHAIN} (.*)-g {DENY_CHAIN}$")
 _COMMENT = re.compile(r"-m comment --comment (\S+)")
 _COUNTERS = re.compile(r"^\[\d+:\d+\] ")
+_COMMIT = "COMMIT\n"
 _LOCK_WAIT = "10"  # seconds a write waits for the xtables lock before it fails (and is retried)
 # struct ipt_getinfo (= ip6t_getinfo): name[32], valid_hooks, hook_entry[5], underflow[5],
 # num_entries, size; asked for with IPT_SO_GET_INFO (= IP6T_SO_GET_INFO) on a raw socket.
@@ -59,22 +67,86 @@ _SOCKET: dict[Family, tuple[int, int]] = {
 }
 
 
-def _tool(ns: NetNS, argv: Sequence[str], stdin: str = "") -> subprocess.CompletedProcess[str]:
+def _tool(ns: NetNS, argv: Sequence[str]) -> subprocess.CompletedProcess[str]:
+    """A tool that only reads (`-save` takes no lock), as the namespace's owner."""
+    with _owner(ns, argv[0]) as owner:
+        return run_tool(ns, argv, user_ns=owner)
+
+
+@contextlib.contextmanager
+def _owner(ns: NetNS, tool: str) -> Iterator[int | None]:
+    """The user namespace (an fd) a tool must run in to write the namespace's rules, or None."""
     try:
         owner = ns.foreign_owner()
-        if owner is None:
-            return run_tool(ns, argv, stdin)
-        try:
-            return run_tool(ns, argv, stdin, user_ns=owner, env={"XTABLES_LOCKFILE": _user_ns_lock()})
-        finally:
-            os.close(owner)
     except (NetNSError, OSError) as err:
-        raise EnforceError(f"cannot run {argv[0]} in {ns.path}: {err}") from None
+        raise EnforceError(f"cannot run {tool} in {ns.path}: {err}") from None
+    try:
+        yield owner
+    finally:
+        if owner is not None:
+            os.close(owner)
 
 
-def _user_ns_lock() -> str:
-    """A lock file the root of a pod's user namespace can open (the node's is root's, 0600), in a
-    directory only we can write to: a shared /tmp must not let anyone point our writes elsewhere."""
+def _restore(ns: NetNS, documents: Mapping[Family, str], what: str) -> None:
+    """Load each family's `-restore` document, both at once, IPv4's COMMIT only after IPv6's
+    tool succeeded (the module's docstring says why); raises EnforceError naming `what`."""
+    with _owner(ns, _TOOLS[4]) as owner:
+        commands = {
+            family: tool_command([f"{_TOOLS[family]}-restore", "--noflush", f"--wait={_LOCK_WAIT}"], owner)
+            for family in documents
+        }
+        locks = {family: _lock_file(family) for family in documents}
+        try:
+            failed = ns.run(lambda: _load_in_order(commands, locks, documents))
+        except (NetNSError, OSError) as err:
+            raise EnforceError(f"cannot run {_TOOLS[4]}-restore in {ns.path}: {err}") from None
+    for family, error in failed.items():
+        command = " ".join(commands[family][0])
+        raise EnforceError(f"loading {what}'s IPv{family} rules failed ({command}): {error}")
+
+
+def _load_in_order(
+    commands: Mapping[Family, tuple[list[str], tuple[int, ...]]],
+    locks: Mapping[Family, str],
+    documents: Mapping[Family, str],
+) -> dict[Family, str]:
+    """Run both tools (the caller is inside the namespace); what failed, by family. IPv4 gets no
+    COMMIT when IPv6 failed: then it changes nothing."""
+    tools = {family: _started(*commands[family], locks[family]) for family in (6, 4)}
+    try:
+        ipv4 = tools[4].stdin
+        assert ipv4 is not None and documents[4].endswith(_COMMIT)
+        ipv4.write(documents[4].removesuffix(_COMMIT))  # a few KiB: the pipe holds it
+        ipv4.flush()
+        failed: dict[Family, str] = {}
+        steps: tuple[tuple[Family, str], ...] = ((6, documents[6]), (4, _COMMIT))
+        for family, rest in steps:
+            _, err = tools[family].communicate("" if failed else rest)
+            if tools[family].returncode != 0:
+                failed[family] = err.strip() or f"exit code {tools[family].returncode}"
+        return failed
+    finally:
+        for tool in tools.values():
+            if tool.poll() is None:
+                tool.kill()
+                tool.wait()
+
+
+def _started(command: list[str], fds: tuple[int, ...], lock: str) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        command,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        pass_fds=fds,
+        env={**os.environ, "XTABLES_LOCKFILE": lock},
+    )
+
+
+def _lock_file(family: Family) -> str:
+    """The family's lock file, in a directory only we can write to (a shared /tmp must not let
+    anyone point our writes elsewhere), readable by the root of a pod's user namespace."""
     directory = os.path.join(tempfile.gettempdir(), "netisolate")
     with contextlib.suppress(FileExistsError):
         os.mkdir(directory, 0o700)
@@ -84,7 +156,7 @@ def _user_ns_lock() -> str:
             f"{directory} is not a directory that only this user can write to: remove it and retry"
         )
     os.chmod(directory, 0o755)  # ours (checked above), and the pod's root must reach the file
-    path = os.path.join(directory, "xtables-userns.lock")
+    path = os.path.join(directory, f"xtables-ipv{family}.lock")
     fd = os.open(path, os.O_CREAT | os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
     try:
         os.fchmod(fd, 0o644)  # iptables opens it read-only; whatever the umask, it must be readable
@@ -126,19 +198,21 @@ class IptablesBackend:
         argv = [f"{_TOOLS[family]}-save", "-t", "filter", *(["-c"] if counters else [])]
         return checked(_tool(ns, argv), "reading the filter table").splitlines()
 
+    def _output(self, ns: NetNS, family: Family) -> list[str]:
+        return _output_rules(self._save(ns, family))
+
     def update_cgroups(self, ns: NetNS, ruleset: RuleSet, installed: RuleSet) -> None:
         raise EnforceError("cgroup identity needs the nftables backend")
 
     def apply(self, ns: NetNS, ruleset: RuleSet) -> None:
         if ruleset.cgroups is not None:
             raise EnforceError("cgroup identity needs the nftables backend")
-        # IPv6 first: the gate probes the IPv4 sentinel, so once it answers, ::1 is guarded too.
         empty = empty_outputs(ns)
-        for family in (6, 4):
-            output = [] if family in empty else _output_rules(self._save(ns, family))
-            text = document(ruleset, family, output)
-            argv = [f"{_TOOLS[family]}-restore", "--noflush", f"--wait={_LOCK_WAIT}"]
-            checked(_tool(ns, argv, text), f"loading {ruleset.pod}'s IPv{family} rules")
+        documents: dict[Family, str] = {
+            family: document(ruleset, family, [] if family in empty else self._output(ns, family))
+            for family in (6, 4)
+        }
+        _restore(ns, documents, ruleset.pod)
 
     def verify(self, ns: NetNS, ruleset: RuleSet) -> list[str]:
         return self.inspect(ns, ruleset).drift
