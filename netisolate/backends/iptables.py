@@ -34,6 +34,7 @@ import struct
 import subprocess
 import tempfile
 from collections.abc import Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 
 from netisolate.backends.base import EnforceError, Inspection, checked, run_tool, tool_command
 from netisolate.netns import NetNS, NetNSError
@@ -207,12 +208,12 @@ class IptablesBackend:
     def apply(self, ns: NetNS, ruleset: RuleSet) -> None:
         if ruleset.cgroups is not None:
             raise EnforceError("cgroup identity needs the nftables backend")
+        families: tuple[Family, ...] = (6, 4)
         empty = empty_outputs(ns)
-        documents: dict[Family, str] = {
-            family: document(ruleset, family, [] if family in empty else self._output(ns, family))
-            for family in (6, 4)
-        }
-        _restore(ns, documents, ruleset.pod)
+        read = [family for family in families if family not in empty]
+        with ThreadPoolExecutor(max_workers=2) as pool:  # the two `-save` execs at once, too
+            outputs = dict(zip(read, pool.map(lambda family: self._output(ns, family), read), strict=True))
+        _restore(ns, {f: document(ruleset, f, outputs.get(f, [])) for f in families}, ruleset.pod)
 
     def verify(self, ns: NetNS, ruleset: RuleSet) -> list[str]:
         return self.inspect(ns, ruleset).drift
