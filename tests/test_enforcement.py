@@ -160,6 +160,17 @@ def test_sentinel_answers_admin_prohibited(backend: Backend, local_pod: LocalPod
         assert local_pod.probe(uid, [("::1", 9, "udp")]) == ["eperm"]
 
 
+def test_sentinel_answers_a_container_granted_its_port(backend: Backend, local_pod: LocalPod) -> None:
+    """A grant that covers the sentinel port (no admission, or a node's other --sentinel-port)
+    grants nothing there: the gate must still see the sentinel's answer."""
+    pod = make_pod({**GRANTS, "allow.netisolate.io/app": "9, 15001"})
+    backend.apply(ns_of(local_pod), ruleset_for(pod))
+    assert local_pod.probe(APP, [("127.0.0.1", 9, "tcp"), ("127.0.0.1", 15001, "tcp")]) == [
+        "unreachable",
+        "open",
+    ]
+
+
 ECHO_CLIENT = """
 import socket, sys
 s = socket.create_connection(("127.0.0.1", int(sys.argv[1])), timeout=3)

@@ -86,6 +86,8 @@ def test_nft_order_of_decisions() -> None:
     lines = [line.strip() for line in nft.table(ruleset(TYPICAL, SERVING)).splitlines()]
     order = [
         "tcp flags ! syn accept",  # whatever the destination: only what follows picks the judged packets
+        "tcp flags syn / syn,ack meta skuid . meta l4proto . tcp dport @grants accept",  # 8, early
+        "tcp flags syn,ack / syn,ack meta skuid . meta l4proto . tcp sport @owners accept",  # 2's accept
         'oif "lo" jump loopback',
         "ip daddr 127.0.0.0/8 jump loopback",
         "ip6 daddr ::1 jump loopback",
@@ -265,6 +267,11 @@ def test_sentinel_port_is_configurable_and_never_grantable() -> None:
         lines.index(f"meta skuid . meta l4proto . th dport @{s} accept") for s in ("grants", "grant_ranges")
     ]
     assert sentinel < min(grants), "the sentinel must answer before any grant can accept"
+    # the early SYN accept, before the sentinel's rule, finds no grant of it
+    early = lines.index("tcp flags syn / syn,ack meta skuid . meta l4proto . tcp dport @grants accept")
+    assert early < sentinel
+    granted = next(s for s in nft.sets(rs) if s.name == "grants").elements
+    assert granted and not any(" . 7000" in e for e in granted), granted
 
 
 def test_audit_counts_but_accepts() -> None:

@@ -37,7 +37,10 @@ THE DECISIONS, in the order both dialects evaluate them for every such packet:
 7. UID 0 (the runtime: `kubectl port-forward`) passes unless the agent denies port-forward, and never
    in a user-namespaced pod, where UID 0 is the pod's own root.
 8. A container's UID passes to the ports granted to it: one lookup of UID . protocol . port in the
-   pod's grant set, however many grants there are.
+   pod's grant set, however many grants there are. nftables decides this for a TCP SYN, and 2's
+   "owner: accept" for a SYN-ACK, right after 1 and, like 1, whatever the destination: what they
+   accept passes anyway, judged or not, so the two most frequent openings skip the jump and the
+   rules between (a grant of the sentinel port, dead behind 6, is left out of the set for that).
 9. What is left is recorded, as UID . protocol . port, in a bounded set with timeouts (TCP and UDP
    only: the learning `netisolate suggest` reads), then refused: counted per container UID (the
    `refuse` chain, so metrics can name the offender, the refusals of 2 and 4 included), then denied:

@@ -49,6 +49,15 @@ _SYN_ACK = "tcp flags syn,ack / syn,ack"
 # a packet whatever its destination, and the ACKs and FINs of every connection (half of a loopback
 # connection's packets) then meet one rule, not a jump and a rule.
 _NOT_OPENING = "tcp flags ! syn accept"
+# Decisions 8 and 2 for TCP, next, also whatever the destination: a SYN to a port granted to its UID
+# and a SYN-ACK from a port's owner pass anyway, judged or not, so they meet two or three rules
+# instead of a jump and up to nine (+1.1 % of the loopback connection rate, 95 % CI 0.4-1.9 %,
+# measured). A grant of the sentinel port is kept out of `grants` (`sets`): decision 6 comes first,
+# so it never counted, and here it would keep the sentinel from answering.
+_EARLY = (
+    f"tcp flags syn / syn,ack {IDENTITY} . meta l4proto . tcp dport @grants accept",
+    f"{_SYN_ACK} {IDENTITY} . meta l4proto . tcp sport @owners accept",
+)
 # nft lists a port after a protocol match by the protocol's name (`udp sport`), so we write it so
 _FIRST = (  # decisions 2-3, whatever the identity
     f"{_SYN_ACK} goto serve",
@@ -85,6 +94,7 @@ def sets(rs: RuleSet) -> tuple[NftSet, ...]:
         (p.low == p.high, f"{g.uid} . {g.protocol} . {_port(p)}{_comment(g.containers)}")
         for g in rs.grants
         for p in g.ports
+        if not p.low == p.high == rs.sentinel_port  # see _EARLY
     ]
     owners = [f"{uid} . {o.protocol} . {o.port}{_comment(o.containers)}" for o in rs.owners for uid in o.uids]
     return (
@@ -295,6 +305,7 @@ def table(rs: RuleSet, loading: bool = False) -> str:
         "output": [
             "type filter hook output priority filter; policy accept;",
             _NOT_OPENING,
+            *(_EARLY if rs.cgroups is None else ()),
             *(f"{match} jump loopback" for match in _JUDGED),
         ],
         "loopback": _judging(rs),
