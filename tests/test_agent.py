@@ -65,7 +65,8 @@ class Running:
             host_netns="/proc/self/ns/net",
             pending_interval=0.05,
         )
-        # the agent's own watches, but ending every second (the stand-in ignores timeoutSeconds)
+        # the agent's own watches, but ending every few seconds (the stand-in ignores timeoutSeconds:
+        # the client's read timeout, 2 s past it, ends them), and each new one replays every pod
         self.namespace_watch, self.pod_watch = self.agent.watches(timeout_seconds=1)
         self.threads = [
             self.namespace_watch.start(),
@@ -256,16 +257,21 @@ async def test_namespace_label_through_the_watch_turns_isolation_on(core: client
 @pytest.mark.asyncio
 async def test_recreated_sandbox_is_found_and_enforced(core: client.CoreV1Api, kmock: Any) -> None:
     """The kubelet recreates a pod's sandbox under the same pod UID: a new network namespace. The
-    agent must not keep guarding the old one it still holds open."""
+    agent must not keep guarding the old one it still holds open, and must not wait for its next
+    verification round to find the new one (here a minute away): the pod's cgroups tell it."""
     manifest = pod_manifest("web", NODE)
     uid = manifest["metadata"]["uid"]
     first, second = SimulatedPod(manifest), SimulatedPod(manifest)
-    running = Running(core)
+    running = Running(core, verify_interval=60.0)
     try:
         await asyncio.to_thread(first.start_sandbox)
         await create(core, manifest)
         await until(lambda: running.state(uid) == "enforce", what="enforcement")
-        await asyncio.to_thread(first.close)  # the sandbox and its namespace go away...
+        # no verification round comes within the test, nor (from here) the pod again by its watch
+        running.pod_watch.on_event = lambda kind, obj: None
+        # the sandbox, its containers and its namespace go away; the pod's cgroup stays (the
+        # kubelet keeps it for the pod's lifetime)...
+        await asyncio.to_thread(first.local.close)
         await asyncio.to_thread(second.start_sandbox)  # ...and a new one takes its place
         await asyncio.to_thread(second.start_container, "app", ["8080"])
         assert second.local.ns is not None

@@ -416,7 +416,7 @@ def test_a_pending_pod_is_woken_when_its_cgroup_appears(
     fake_proc: FakeProc, hierarchies: FakeHierarchies
 ) -> None:
     """inotify: the QoS level's directory until the pod's cgroup exists, then the pod's cgroup
-    and its containers' (cgroup.events changes when the first process joins)."""
+    and its containers' (a process written into cgroup.procs), also once the sandbox is found."""
     hierarchies.layout("unified", "cgroupfs")
     sandboxes = discovery.Sandboxes(HOST_INODE, str(fake_proc.root), str(hierarchies.mountinfo))
     woken: list[str] = []
@@ -444,7 +444,10 @@ def test_a_pending_pod_is_woken_when_its_cgroup_appears(
     ns = sandboxes.find(_pod(UID))
     assert ns is not None
     ns.close()
-    assert sandboxes._watch.watching(UID) == set(), "found: no longer watched"
+    # found, it stays watched (a recreated sandbox is new cgroups), until the pod is gone
+    assert sandboxes._watch.watching(UID) == {str(pod_dir), str(pod_dir / "sandbox")}
+    sandboxes.forget(UID)
+    assert sandboxes._watch.watching(UID) == set(), "gone: no longer watched"
 
 
 FIB_TRIE = """Main:

@@ -254,7 +254,9 @@ class Sandboxes:
     containers'), which the kubelet puts in one of a few places (pod_cgroup_dirs) below a kubepods
     root of any hierarchy the agent sees whole. While a pod waits for its sandbox, inotify on
     those directories wakes the reconciler the moment its cgroups appear and fill (cgroup v2;
-    cgroup v1 has no such events, and the reconciler's polling finds them).
+    cgroup v1 has no such events, and the reconciler's polling finds them); while it runs, on its
+    own cgroup's, so a sandbox recreated without a word from the runtime (no CNI plugin) is met
+    at once, not at the next verification round.
 
     Scanning every process's cgroup in /proc is the fallback, logged: on a node where no kubepods
     root is found (a layout the agent does not know), and for a pod whose cgroup has been missing
@@ -289,17 +291,27 @@ class Sandboxes:
         self._watch.callback = callback
 
     def find(self, pod: Pod) -> NetNS | None:
-        """The pod's network namespace (kept open by fd), or None while its sandbox does not exist."""
+        """The pod's network namespace (kept open by fd), or None while its sandbox does not exist.
+        Its cgroups stay watched either way (see `moved`)."""
         ips = pod_addresses(pod)
         ns = find_netns(self._processes(pod, look_again=True), self.host_inode, ips, self.proc_root)
         if ns is None:
-            self._wait_for(pod)
-        else:
-            self.forget(pod.metadata.uid or pod.ref)
+            self._wait_for(pod, self.roots())
+            return None
+        uid = pod.metadata.uid or pod.ref
+        self._missing_since.pop(uid, None)
+        self._fallback_at.pop(uid, None)
+        self._wait_for(pod, self.roots()[:1])
         return ns
 
     def moved(self, pod: Pod, ns: NetNS) -> bool:
-        """The pod's processes live in other namespaces than ns: its sandbox was recreated."""
+        """The pod's processes live in other namespaces than ns: its sandbox was recreated. The
+        pod's cgroups stay watched while it runs, so a new sandbox (its containers' cgroups
+        created, then filled) wakes the reconciler at once, not at its next verification round."""
+        # The cgroups as they are now (a new sandbox's are new directories), watched before they
+        # are read, so what changes after the read wakes us; in the first hierarchy only (v2 where
+        # there is one): every hierarchy holds the pod's processes, and a v1 node has a dozen.
+        self._wait_for(pod, self.roots()[:1])
         inodes = set[int]()
         for look_again in (False, True):  # a scan from before a new sandbox shows only dead processes
             procs = self._processes(pod, look_again=look_again)
@@ -323,7 +335,7 @@ class Sandboxes:
         return None
 
     def forget(self, uid: str) -> None:
-        """The pod is found, or gone: stop waiting for its cgroups."""
+        """The pod is gone: stop watching its cgroups."""
         self._watch.remove(uid)
         self._missing_since.pop(uid, None)
         self._fallback_at.pop(uid, None)
@@ -413,11 +425,12 @@ class Sandboxes:
             self._scan = (time.monotonic(), found)
         return found.get(uid, [])
 
-    def _wait_for(self, pod: Pod) -> None:
+    def _wait_for(self, pod: Pod, roots: list[str]) -> None:
         """inotify on where the pod's cgroups will appear: the QoS levels' directories until the
-        pod's own exists, then it and its containers' (whose `cgroup.events` says when the first
-        process joins)."""
-        uid, roots = pod.metadata.uid or pod.ref, self.roots()
+        pod's own exists, then it and its containers' (the runtime's write of a process into a
+        container's `cgroup.procs` says when one joins; `cgroup.events` says nothing to a watch
+        until someone has opened it)."""
+        uid = pod.metadata.uid or pod.ref
         existing = [d for d in self._candidates(pod, roots) if os.path.isdir(d)]
         if existing:
             wanted = {(d, IN_CREATE) for d in existing}
