@@ -113,8 +113,10 @@ def _load_in_order(
 ) -> dict[Family, str]:
     """Run both tools (the caller is inside the namespace); what failed, by family. IPv4 gets no
     COMMIT when IPv6 failed: then it changes nothing."""
-    tools = {family: _started(*commands[family], locks[family]) for family in (6, 4)}
+    tools: dict[Family, subprocess.Popen[str]] = {}
     try:
+        for family in (6, 4):  # one by one: if the second cannot start, the first is killed below
+            tools[family] = _started(*commands[family], locks[family])
         ipv4 = tools[4].stdin
         assert ipv4 is not None and documents[4].endswith(_COMMIT)
         ipv4.write(documents[4].removesuffix(_COMMIT))  # a few KiB: the pipe holds it
