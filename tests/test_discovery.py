@@ -450,6 +450,32 @@ def test_a_pending_pod_is_woken_when_its_cgroup_appears(
     assert sandboxes._watch.watching(UID) == set(), "gone: no longer watched"
 
 
+def test_a_running_pods_other_cgroup_files_wake_no_one(
+    fake_proc: FakeProc, hierarchies: FakeHierarchies
+) -> None:
+    """Found, the pod stays watched, but only a change of who is in its cgroups wakes the
+    reconciler: memory.events under pressure, or a systemd reload's rewrites, do not."""
+    hierarchies.layout("unified", "cgroupfs")
+    sandboxes = discovery.Sandboxes(HOST_INODE, str(fake_proc.root), str(hierarchies.mountinfo))
+    wake = threading.Event()
+    sandboxes.on_change(lambda uid: wake.set())
+    pod_dir = hierarchies.pod_dir("unified", "cgroupfs")
+    pod_dir.mkdir(parents=True)
+    hierarchies.container(pod_dir, "sandbox", [10])
+    fake_proc.add(10, UID, "/proc/self/ns/net")
+    ns = sandboxes.find(_pod(UID))
+    assert ns is not None
+    try:
+        wake.clear()
+        (pod_dir / "sandbox" / "memory.events").write_text("high 1\n")
+        assert not wake.wait(0.5), "a memory event woke the reconciler"
+        (pod_dir / "sandbox" / "cgroup.procs").write_text("10\n11\n")  # a process joined
+        assert wake.wait(5), "a process joining woke no one"
+    finally:
+        ns.close()
+        sandboxes.forget(UID)
+
+
 FIB_TRIE = """Main:
   +-- 0.0.0.0/0 3 0 5
      +-- 127.0.0.0/8 2 0 2

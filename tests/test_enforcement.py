@@ -19,7 +19,7 @@ import pytest
 
 from netisolate import scenarios
 from netisolate.backends import Backend, EnforceError, apply_many, run_tool, select_backend
-from netisolate.backends.iptables import empty_outputs
+from netisolate.backends.iptables import empty_outputs, lock_file
 from netisolate.cli import main
 from netisolate.localpod import (
     ALL_ADDRESSES,
@@ -403,20 +403,39 @@ def test_iptables_commits_ipv4_only_once_ipv6_is_in(
     assert backend.verify(ns, rs) == []
 
 
+def test_iptables_holds_ipv4_back_while_ipv6_waits_for_its_lock(
+    local_pod: LocalPod, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """While IPv6 waits for its lock, IPv4 (loaded meanwhile) waits for its COMMIT; a tool that
+    waits past the timeout is killed and the write fails, IPv4 still not in."""
+    backend, ns, rs = select_backend("iptables"), ns_of(local_pod), ruleset_for(local_pod.pod)
+    with open(lock_file(6)) as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        monkeypatch.setattr("netisolate.backends.iptables._TOOL_TIMEOUT_S", 1.0)
+        with pytest.raises(EnforceError, match=r"IPv6 rules failed.*no answer within"):
+            backend.apply(ns, rs)
+        assert empty_outputs(ns) == {4, 6}, "IPv4 went in although IPv6 never did"
+        monkeypatch.undo()
+        writing = threading.Thread(target=backend.apply, args=(ns, rs))
+        writing.start()
+        time.sleep(1.0)
+        assert empty_outputs(ns) == {4, 6}, "IPv4 went in while IPv6 waited"
+        fcntl.flock(lock, fcntl.LOCK_UN)
+        writing.join(timeout=15)
+    assert not writing.is_alive()
+    assert backend.verify(ns, rs) == []
+
+
 def test_iptables_writes_a_pods_rules_while_the_node_lock_is_held(local_pod: LocalPod) -> None:
     """Whoever holds the node's /run/xtables.lock (kube-proxy, for seconds on a big node) writes the
     node's tables, not the pod's: it must not hold a sandbox's rules (and its CNI ADD) back."""
     backend, ns, rs = select_backend("iptables"), ns_of(local_pod), ruleset_for(local_pod.pod)
-    existed = os.path.exists(NODE_LOCK)
-    try:
-        with open(NODE_LOCK, "a") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            started = time.monotonic()
-            backend.apply(ns, rs)
-            assert time.monotonic() - started < 5, "the write waited for the node's lock"
-    finally:
-        if not existed:
-            os.unlink(NODE_LOCK)
+    # (never removed: the node's iptables tools make it too, and others may hold it open)
+    with open(NODE_LOCK, "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        started = time.monotonic()
+        backend.apply(ns, rs)
+        assert time.monotonic() - started < 5, "the write waited for the node's lock"
     assert backend.verify(ns, rs) == []
     assert local_pod.probe(ROGUE, [("127.0.0.1", 8080, "tcp")]) == ["refused"]
 

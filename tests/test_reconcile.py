@@ -294,3 +294,17 @@ def test_pods_wait_for_the_namespace_labels() -> None:
     assert [rs.mode for _, rs in backend.applied] == ["enforce"]
     agent.stop.set()
     here.close()
+
+
+def test_a_closed_reconciler_holds_nothing_and_takes_nothing_on() -> None:
+    """The agent stops: every namespace handle is closed, and a pod event or a full list still in
+    flight does not take a new one."""
+    ns = NetNS.open("/proc/self/ns/net")
+    rec = reconciler(Backend(), Events(), [ns], [False])
+    rec.upsert_pod(pod())
+    assert ns.fd >= 0 and len(rec.pods) == 1
+    rec.close()
+    assert ns.fd < 0 and rec.pods == {}
+    rec.upsert_pod(pod())
+    rec.replace_pods([pod()])
+    assert rec.pods == {}

@@ -91,6 +91,10 @@ def below(path: str, root: str) -> list[str] | None:
 IN_MODIFY, IN_CREATE, IN_DELETE, IN_IGNORED = 0x2, 0x100, 0x200, 0x8000
 IN_ONLYDIR, IN_MASK_ADD, IN_CLOEXEC = 0x1000000, 0x20000000, 0x80000
 _EVENT = struct.Struct("iIII")
+# The files whose change means a process joined or left (a runtime writes cgroup.procs, or tasks on
+# cgroup v1; cgroup.events changes with it): a running container's other files (memory.events
+# under pressure, a systemd reload's rewrites) change often and wake no one.
+_MEMBERSHIP = frozenset({b"cgroup.procs", b"cgroup.events", b"tasks"})
 
 
 class Watch:
@@ -162,9 +166,11 @@ class Watch:
             offset = 0
             while offset + _EVENT.size <= len(data):
                 wd, mask, _cookie, length = _EVENT.unpack_from(data, offset)
+                name = data[offset + _EVENT.size : offset + _EVENT.size + length].rstrip(b"\0")
                 offset += _EVENT.size + length
                 with self._lock:
-                    changed |= self._keys.get(wd, set())
+                    if not mask & IN_MODIFY or name in _MEMBERSHIP:
+                        changed |= self._keys.get(wd, set())
                     if mask & IN_IGNORED:  # the directory is gone: its descriptor may be reused
                         self._forget(wd)
             for key in changed:

@@ -152,12 +152,15 @@ class Reconciler:
         self.observed_event_s = OBSERVED_EVENT_S
         # Set while some pod waits for its sandbox or a retry: only then do the timers poll fast.
         self.unsettled = threading.Event()
+        self.closed = False  # the agent stopped (close)
 
     # --- inputs from the watches ------------------------------------------------------------
 
     def upsert_pod(self, pod: Pod) -> None:
         uid = pod.metadata.uid or pod.ref
         with self.lock:
+            if self.closed:
+                return
             if pod.status and pod.status.phase in ("Succeeded", "Failed"):
                 self.forget(uid)
                 return
@@ -179,8 +182,10 @@ class Reconciler:
 
     def close(self) -> None:
         """The agent stops: every namespace handle it holds is closed (the rules stay where they
-        are), so nothing it kept open, a netlink socket included, outlives it."""
+        are), so nothing it kept open, a netlink socket included, outlives it; a pod or sandbox
+        that arrives afterwards is not taken on."""
         with self.lock:
+            self.closed = True
             for uid in [*self.pods, *self.handovers]:
                 self.forget(uid)
 
@@ -196,6 +201,8 @@ class Reconciler:
         """A full list (start-up, relist after 410 Gone): adopt these, forget the rest. Pods are
         synced in parallel: adopting one is mostly waiting on a netfilter tool, not CPU."""
         with self.lock:
+            if self.closed:
+                return
             keep = {p.metadata.uid or p.ref for p in pods}
             for uid in set(self.pods) - keep:
                 self.forget(uid)
@@ -253,7 +260,7 @@ class Reconciler:
         pod, ns = handover.pod, handover.ns
         uid = pod.metadata.uid or pod.ref
         with self.lock:
-            if self.handovers.get(uid) is not handover:  # released, forgotten or superseded meanwhile
+            if self.closed or self.handovers.get(uid) is not handover:  # released, forgotten or superseded
                 ns.close()
                 return PodState.PENDING, "the sandbox was torn down before its rules were taken over"
             del self.handovers[uid]

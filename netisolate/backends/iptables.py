@@ -55,7 +55,10 @@ _DENY_COUNTER = re.compile(rf"^\[(\d+):\d+\] -A {REFUSE_CHAIN} (.*)-g {DENY_CHAI
 _COMMENT = re.compile(r"-m comment --comment (\S+)")
 _COUNTERS = re.compile(r"^\[\d+:\d+\] ")
 _COMMIT = "COMMIT\n"
-_LOCK_WAIT = "10"  # seconds a write waits for the xtables lock before it fails (and is retried)
+# Seconds each tool may take, its lock wait included, before it is killed and the write fails (and
+# is retried). Ours, not `--wait=N`: the tool's alarm would also cut IPv4 short while it waits for
+# its COMMIT (it is not cancelled once the lock is held, and ends the read of stdin).
+_TOOL_TIMEOUT_S = 10.0
 # struct ipt_getinfo (= ip6t_getinfo): name[32], valid_hooks, hook_entry[5], underflow[5],
 # num_entries, size; asked for with IPT_SO_GET_INFO (= IP6T_SO_GET_INFO) on a raw socket.
 _GETINFO = struct.Struct("=32sI5I5III")
@@ -93,10 +96,10 @@ def _restore(ns: NetNS, documents: Mapping[Family, str], what: str) -> None:
     tool succeeded (the module's docstring says why); raises EnforceError naming `what`."""
     with _owner(ns, _TOOLS[4]) as owner:
         commands = {
-            family: tool_command([f"{_TOOLS[family]}-restore", "--noflush", f"--wait={_LOCK_WAIT}"], owner)
+            family: tool_command([f"{_TOOLS[family]}-restore", "--noflush", "--wait"], owner)
             for family in documents
         }
-        locks = {family: _lock_file(family) for family in documents}
+        locks = {family: lock_file(family) for family in documents}
         try:
             failed = ns.run(lambda: _load_in_order(commands, locks, documents))
         except (NetNSError, OSError) as err:
@@ -117,15 +120,18 @@ def _load_in_order(
     try:
         for family in (6, 4):  # one by one: if the second cannot start, the first is killed below
             tools[family] = _started(*commands[family], locks[family])
-        ipv4 = tools[4].stdin
-        assert ipv4 is not None and documents[4].endswith(_COMMIT)
-        ipv4.write(documents[4].removesuffix(_COMMIT))  # a few KiB: the pipe holds it
-        ipv4.flush()
+        assert documents[4].endswith(_COMMIT)
         failed: dict[Family, str] = {}
+        if not _sent(tools[4], documents[4].removesuffix(_COMMIT)):  # gone already: its stderr says why
+            failed[4] = ""
         steps: tuple[tuple[Family, str], ...] = ((6, documents[6]), (4, _COMMIT))
         for family, rest in steps:
-            _, err = tools[family].communicate("" if failed else rest)
-            if tools[family].returncode != 0:
+            try:
+                _, err = tools[family].communicate("" if failed else rest, timeout=_TOOL_TIMEOUT_S)
+            except subprocess.TimeoutExpired:
+                failed[family] = f"no answer within {_TOOL_TIMEOUT_S:.0f} s (waiting for its lock file?)"
+                break
+            if tools[family].returncode != 0 or family in failed:
                 failed[family] = err.strip() or f"exit code {tools[family].returncode}"
         return failed
     finally:
@@ -133,6 +139,17 @@ def _load_in_order(
             if tool.poll() is None:
                 tool.kill()
                 tool.wait()
+
+
+def _sent(tool: subprocess.Popen[str], text: str) -> bool:
+    """Write to the tool's stdin (a few KiB: the pipe holds it); False when it has exited."""
+    assert tool.stdin is not None
+    try:
+        tool.stdin.write(text)
+        tool.stdin.flush()
+    except BrokenPipeError:
+        return False
+    return True
 
 
 def _started(command: list[str], fds: tuple[int, ...], lock: str) -> subprocess.Popen[str]:
@@ -147,7 +164,7 @@ def _started(command: list[str], fds: tuple[int, ...], lock: str) -> subprocess.
     )
 
 
-def _lock_file(family: Family) -> str:
+def lock_file(family: Family) -> str:
     """The family's lock file, in a directory only we can write to (a shared /tmp must not let
     anyone point our writes elsewhere), readable by the root of a pod's user namespace."""
     directory = os.path.join(tempfile.gettempdir(), "netisolate")
