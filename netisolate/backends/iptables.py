@@ -33,6 +33,7 @@ import stat
 import struct
 import subprocess
 import tempfile
+import threading
 from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
@@ -117,6 +118,15 @@ def _load_in_order(
     """Run both tools (the caller is inside the namespace); what failed, by family. IPv4 gets no
     COMMIT when IPv6 failed: then it changes nothing."""
     tools: dict[Family, subprocess.Popen[str]] = {}
+    expired = threading.Event()
+
+    def expire() -> None:  # a watchdog, not communicate(timeout=): its wait polls, adding ms
+        expired.set()
+        for tool in list(tools.values()):
+            tool.kill()
+
+    watchdog = threading.Timer(_TOOL_TIMEOUT_S, expire)
+    watchdog.start()
     try:
         for family in (6, 4):  # one by one: if the second cannot start, the first is killed below
             tools[family] = _started(*commands[family], locks[family])
@@ -126,15 +136,15 @@ def _load_in_order(
             failed[4] = ""
         steps: tuple[tuple[Family, str], ...] = ((6, documents[6]), (4, _COMMIT))
         for family, rest in steps:
-            try:
-                _, err = tools[family].communicate("" if failed else rest, timeout=_TOOL_TIMEOUT_S)
-            except subprocess.TimeoutExpired:
+            _, err = tools[family].communicate("" if failed else rest)
+            if expired.is_set():
                 failed[family] = f"no answer within {_TOOL_TIMEOUT_S:.0f} s (waiting for its lock file?)"
                 break
             if tools[family].returncode != 0 or family in failed:
                 failed[family] = err.strip() or f"exit code {tools[family].returncode}"
         return failed
     finally:
+        watchdog.cancel()
         for tool in tools.values():
             if tool.poll() is None:
                 tool.kill()
