@@ -385,9 +385,12 @@ def test_iptables_reads_output_only_where_it_holds_rules(local_pod: LocalPod) ->
 def test_iptables_commits_ipv4_only_once_ipv6_is_in(
     local_pod: LocalPod, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The two families load at once, but IPv4 commits after IPv6 and not at all when IPv6 fails:
-    the gate's IPv4 probe must never answer while ::1 is still open."""
+    """The two tools load at once, but IPv4 commits after IPv6 and not at all when IPv6 fails:
+    the gate's IPv4 probe must never answer while ::1 is still open. (A table holding anyone's
+    rule goes to the tools; tests/test_xtables.py covers the in-process writer's order.)"""
     backend, ns, rs = select_backend("iptables"), ns_of(local_pod), ruleset_for(local_pod.pod)
+    for tool in ("iptables-legacy", "ip6tables-legacy"):
+        assert run_tool(ns, [tool, "-A", "INPUT", "-j", "ACCEPT"]).returncode == 0
     real = iptables_rules.document
 
     def ipv6_refused(rs: RuleSet, family: int, output: Sequence[str] = ()) -> str:

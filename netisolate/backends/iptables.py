@@ -4,39 +4,43 @@ Loaded with `iptables-legacy-restore --noflush`: declaring our chains flushes on
 filter table is committed in one replace (a reader never sees half a chain), and chains and
 policies we do not own are never touched. The jumps are kept unique and first in the same commit.
 
-Reading OUTPUT first is what keeps the jumps unique and first (a re-apply deletes the old ones).
-A namespace the runtime has just created has no rule in OUTPUT, and the kernel says so without
-a tool: its table info (IPT_SO_GET_INFO) puts OUTPUT's first rule at its policy. Then the rules
-are written at once, without an `-save` in front.
+A namespace the runtime has just created holds nothing in its filter table but the built-in
+chains' policies. That table is written from this process (`xtables`: the kernel's own
+IPT_SO_SET_REPLACE, the entries packed as libiptc packs them), with no exec at all: this is a
+sandbox's CNI ADD, where two tool execs were most of the wait. Every other table goes to the tools,
+which keep everyone's rules: reading OUTPUT first is what keeps the jumps unique and first (a
+re-apply deletes the old ones), and where OUTPUT holds no rule the kernel says so without a tool
+(IPT_SO_GET_INFO puts its first rule at its policy), so no `-save` runs in front.
 
-The two families load at once: iptables-restore is sent all of its document but the final COMMIT
-while ip6tables-restore runs, and the COMMIT once IPv6 is in, so the two execs, their loading and
-parsing overlap, and IPv4 still commits last (the gate probes the IPv4 sentinel: once it answers,
-::1 is guarded too). Each family takes a lock file of ours (XTABLES_LOCKFILE), not the node's
-/run/xtables.lock: legacy tables are per network namespace and only we write a pod's filter table,
-so the node's lock would only serialise the two families and put a sandbox's CNI ADD behind
-whoever writes the node's own tables (kube-proxy's restores of a big node take seconds).
+Both ways, IPv4 commits last (the gate probes the IPv4 sentinel: once it answers, ::1 is guarded
+too). With the tools, the two families load at once: iptables-restore is sent all of its document
+but the final COMMIT while ip6tables-restore runs, and the COMMIT once IPv6 is in, so the two
+execs, their loading and parsing overlap. Each family takes a lock file of ours
+(XTABLES_LOCKFILE), not the node's /run/xtables.lock: legacy tables are per network namespace and
+only we write a pod's filter table, so the node's lock would only serialise the two families and
+put a sandbox's CNI ADD behind whoever writes the node's own tables (kube-proxy's restores of a big
+node take seconds). The in-process writer takes the same lock files, without waiting: held, the
+tools (which wait) do the write.
 
 A user-namespaced pod (`hostUsers: false`) owns its network namespace through its user namespace,
 and the kernel's owner match takes UIDs only from a writer inside that user namespace. There the
-tools run as its root (`nsenter --user`); the lock files are readable by it.
+tools run as its root (`nsenter --user`), never this process; the lock files are readable by it.
 """
 
 from __future__ import annotations
 
 import contextlib
-import ctypes
+import logging
 import os
 import re
-import socket
 import stat
-import struct
 import subprocess
 import tempfile
 import threading
 from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
+from netisolate.backends import xtables
 from netisolate.backends.base import EnforceError, Inspection, checked, run_tool, tool_command
 from netisolate.netns import NetNS, NetNSError
 from netisolate.rules import RuleSet
@@ -45,11 +49,16 @@ from netisolate.rules.iptables import (
     DENY_CHAIN,
     REFUSE_CHAIN,
     Family,
+    chain_rules,
     chains,
     document,
+    jump_rules,
     jumps,
     jumps_in_place,
 )
+from netisolate.rules.xtables import VALID_HOOKS, LayoutError, builtin_policies, table
+
+log = logging.getLogger(__name__)
 
 _TOOLS: dict[Family, str] = {4: "iptables-legacy", 6: "ip6tables-legacy"}
 _DENY_COUNTER = re.compile(rf"^\[(\d+):\d+\] -A {REFUSE_CHAIN} (.*)-g {DENY_CHAIN}$")
@@ -60,16 +69,8 @@ _COMMIT = "COMMIT\n"
 # is retried). Ours, not `--wait=N`: the tool's alarm would also cut IPv4 short while it waits for
 # its COMMIT (it is not cancelled once the lock is held, and ends the read of stdin).
 _TOOL_TIMEOUT_S = 10.0
-# struct ipt_getinfo (= ip6t_getinfo): name[32], valid_hooks, hook_entry[5], underflow[5],
-# num_entries, size; asked for with IPT_SO_GET_INFO (= IP6T_SO_GET_INFO) on a raw socket.
-_GETINFO = struct.Struct("=32sI5I5III")
-_SO_GET_INFO = 64
 _LOCAL_OUT = 3  # NF_INET_LOCAL_OUT: the OUTPUT hook
-_LIBC = ctypes.CDLL(None, use_errno=True)
-_SOCKET: dict[Family, tuple[int, int]] = {
-    4: (socket.AF_INET, socket.IPPROTO_IP),
-    6: (socket.AF_INET6, socket.IPPROTO_IPV6),
-}
+_FAMILIES: tuple[Family, ...] = (6, 4)  # the order of the writes: IPv4 last
 
 
 def _tool(ns: NetNS, argv: Sequence[str]) -> subprocess.CompletedProcess[str]:
@@ -201,20 +202,56 @@ def empty_outputs(ns: NetNS) -> set[Family]:
     tool reads the table then)."""
 
     def empty(family: Family) -> bool:
-        domain, level = _SOCKET[family]
-        with socket.socket(domain, socket.SOCK_RAW, socket.IPPROTO_RAW) as raw:
-            buffer = ctypes.create_string_buffer(b"filter", _GETINFO.size)
-            size = ctypes.c_uint32(_GETINFO.size)
-            if _LIBC.getsockopt(raw.fileno(), level, _SO_GET_INFO, buffer, ctypes.byref(size)) != 0:
-                return False
-        fields = _GETINFO.unpack(buffer.raw)
-        hook_entry, underflow = fields[2:7], fields[7:12]
-        return bool(hook_entry[_LOCAL_OUT] == underflow[_LOCAL_OUT])
+        with xtables.opened(family) as raw:
+            info = xtables.info(raw, family)
+        return info.hook_entry[_LOCAL_OUT] == info.underflow[_LOCAL_OUT]
+
+    def both() -> set[Family]:
+        found = set()
+        for family in _FAMILIES:
+            with contextlib.suppress(OSError):
+                found |= {family} if empty(family) else set()
+        return found
 
     try:
-        return ns.run(lambda: {family for family in _SOCKET if empty(family)})
-    except (OSError, NetNSError):
+        return ns.run(both)
+    except NetNSError:
         return set()
+
+
+def written_in_process(ns: NetNS, ruleset: RuleSet) -> bool:
+    """Write both families' tables from this process when each holds nothing but its built-in
+    chains (a new sandbox's), IPv6 first; True once both are in. False leaves the write to the
+    tools: a table with anyone's rules in it (the tools keep them), a user-namespaced pod (see the
+    module's docstring), a lock file held by our tools, or a replace the kernel refused."""
+    with _owner(ns, "the in-process writer") as owner:
+        if owner is not None:
+            return False
+    try:
+        return ns.run(lambda: all(_replaced_if_pristine(family, ruleset) for family in _FAMILIES))
+    except (NetNSError, OSError) as err:  # a table that changed meanwhile (EAGAIN), or refused
+        log.warning(
+            "pod %s: writing the filter table in-process failed (%s); using the tools", ruleset.pod, err
+        )
+        return False
+
+
+def _replaced_if_pristine(family: Family, ruleset: RuleSet) -> bool:
+    with xtables.locked(lock_file(family)) as held, xtables.opened(family) as raw:
+        if not held:
+            return False
+        info = xtables.info(raw, family)
+        try:
+            if info.valid_hooks != VALID_HOOKS:
+                raise LayoutError(f"hooks {info.valid_hooks:#x}")
+            policies = builtin_policies(
+                family, xtables.entries(raw, family, info.size), info.hook_entry, info.underflow
+            )
+        except LayoutError:
+            return False
+        new = table(family, policies, jump_rules(family), chain_rules(ruleset, family))
+        xtables.replace(raw, family, new, info.num_entries)
+    return True
 
 
 class IptablesBackend:
@@ -237,12 +274,13 @@ class IptablesBackend:
     def apply(self, ns: NetNS, ruleset: RuleSet) -> None:
         if ruleset.cgroups is not None:
             raise EnforceError("cgroup identity needs the nftables backend")
-        families: tuple[Family, ...] = (6, 4)
+        if written_in_process(ns, ruleset):
+            return
         empty = empty_outputs(ns)
-        read = [family for family in families if family not in empty]
+        read = [family for family in _FAMILIES if family not in empty]
         with ThreadPoolExecutor(max_workers=2) as pool:  # the two `-save` execs at once, too
             outputs = dict(zip(read, pool.map(lambda family: self._output(ns, family), read), strict=True))
-        _restore(ns, {f: document(ruleset, f, outputs.get(f, [])) for f in families}, ruleset.pod)
+        _restore(ns, {f: document(ruleset, f, outputs.get(f, [])) for f in _FAMILIES}, ruleset.pod)
 
     def verify(self, ns: NetNS, ruleset: RuleSet) -> list[str]:
         return self.inspect(ns, ruleset).drift

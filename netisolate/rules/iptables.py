@@ -1,9 +1,14 @@
 """The ruleset in iptables: two chains of our own per family (IPv4 for `iptables`, IPv6 for
-`ip6tables`), written as `iptables-save` prints them, and the jumps to them that must be the first
-rules of OUTPUT. What the rules decide, and why, is explained once, in `netisolate.rules`."""
+`ip6tables`) and the jumps to them that must be the first rules of OUTPUT. What the rules decide,
+and why, is explained once, in `netisolate.rules`.
+
+Rules are data: each match and target carries the words `iptables-save` prints for it and the
+struct the kernel holds for it, side by side, so the `-restore` document, the drift check and the
+in-process table (`rules.xtables`) are three readings of one rule."""
 
 from __future__ import annotations
 
+import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
@@ -17,120 +22,269 @@ REFUSE_CHAIN = "NETISOLATE-REFUSE"
 DENY_CHAIN = "NETISOLATE-DENY"
 Family = Literal[4, 6]
 _MULTIPORT_SLOTS = 15  # multiport takes at most 15 ports (a range counts twice)
+PROTOCOLS = {"icmp": 1, "tcp": 6, "udp": 17, "ipv6-icmp": 58, "udplite": 136}
+_ANY_PORT = (0, 0xFFFF)
+_TCP_FLAGS = {"SYN": 0x02, "ACK": 0x10}
+
+
+@dataclass(frozen=True)
+class Match:
+    """A `-m` module: its options as `iptables-save` prints them, and its struct (x_tables ABI)."""
+
+    module: str
+    options: str
+    revision: int
+    data: bytes
+
+    def __str__(self) -> str:
+        return f"-m {self.module} {self.options}"
+
+
+@dataclass(frozen=True)
+class Target:
+    """`-j` or `-g`: a verdict (ACCEPT, DROP), one of our chains, or an extension (`data` is its
+    struct; None for the first two)."""
+
+    name: str
+    options: str = ""
+    goto: bool = False
+    revision: int = 0
+    data: bytes | None = None
+
+    def __str__(self) -> str:
+        return " ".join(filter(None, ("-g" if self.goto else "-j", self.name, self.options)))
+
+
+@dataclass(frozen=True)
+class Rule:
+    """One rule: what the entry itself matches (destination, output device, protocol), its
+    matches, its target; printed in `iptables-save`'s order."""
+
+    target: Target
+    matches: tuple[Match, ...] = ()
+    protocol: str | None = None
+    destination: str | None = None  # an address with its prefix length
+    out_interface: str | None = None
+
+    def __str__(self) -> str:
+        words = [
+            *(["-d", self.destination] if self.destination else []),
+            *(["-o", self.out_interface] if self.out_interface else []),
+            *(["-p", self.protocol] if self.protocol else []),
+            *map(str, self.matches),
+            str(self.target),
+        ]
+        return " ".join(words)
+
+
+ACCEPT, DROP = Target("ACCEPT"), Target("DROP")
+
+
+def goto(chain: str) -> Target:
+    return Target(chain, goto=True)
+
+
+def jump(chain: str) -> Target:
+    return Target(chain)
+
+
+def _ports(low_high: tuple[int, int] | None) -> tuple[int, int]:
+    return low_high or _ANY_PORT
+
+
+def tcp(
+    sport: int | None = None,
+    dport: int | None = None,
+    flags: tuple[str, str] | None = None,
+    negated: bool = False,
+) -> Match:
+    """`-m tcp`: a source or destination port, or `--tcp-flags MASK COMPARE` (`negated`: `!`)."""
+    words = [f"--sport {sport}" if sport is not None else "", f"--dport {dport}" if dport is not None else ""]
+    mask = compare = 0
+    if flags is not None:
+        mask, compare = (sum(_TCP_FLAGS[f] for f in names.split(",")) for names in flags)
+        words.append(f"{'! ' if negated else ''}--tcp-flags {flags[0]} {flags[1]}")
+    spts = _ports((sport, sport) if sport is not None else None)
+    dpts = _ports((dport, dport) if dport is not None else None)
+    # struct xt_tcp: spts[2], dpts[2], option, flg_mask, flg_cmp, invflags (XT_TCP_INV_FLAGS = 4)
+    data = struct.pack("=4H4B4x", *spts, *dpts, 0, mask, compare, 4 if negated else 0)
+    return Match("tcp", " ".join(filter(None, words)), 0, data)
+
+
+def udp(sport: int | None = None, dport: int | None = None) -> Match:
+    words = [f"--sport {sport}" if sport is not None else "", f"--dport {dport}" if dport is not None else ""]
+    spts = _ports((sport, sport) if sport is not None else None)
+    dpts = _ports((dport, dport) if dport is not None else None)
+    data = struct.pack("=4HB5x", *spts, *dpts, 0)  # struct xt_udp: spts[2], dpts[2], invflags
+    return Match("udp", " ".join(filter(None, words)), 0, data)
+
+
+def ports(protocol: str, sport: int | None = None, dport: int | None = None) -> Match:
+    return tcp(sport, dport) if protocol == "tcp" else udp(sport, dport)
+
+
+def icmp(family: Family, icmp_type: int) -> Match:
+    data = struct.pack("=4B4x", icmp_type, 0, 0xFF, 0)  # struct ipt_icmp: type, code[2], invflags
+    if family == 4:
+        return Match("icmp", f"--icmp-type {icmp_type}", 0, data)
+    return Match("icmp6", f"--icmpv6-type {icmp_type}", 0, data)
+
+
+def owner(uid: int, negated: bool = False) -> Match:
+    # struct xt_owner_match_info: uid_min, uid_max, gid_min, gid_max, match, invert (XT_OWNER_UID)
+    data = struct.pack("=4I2B6x", uid, uid, 0, 0, 1, 1 if negated else 0)
+    return Match("owner", f"{'! ' if negated else ''}--uid-owner {uid}", 1, data)
+
+
+def multiport(destinations: Sequence[PortRange]) -> Match:
+    """`--dports`: at most 15 slots, a range taking two."""
+    slots: list[int] = []
+    flags: list[int] = []
+    for p in destinations:
+        slots += [p.low] if p.low == p.high else [p.low, p.high]
+        flags += [0] if p.low == p.high else [1, 0]
+    assert len(slots) <= _MULTIPORT_SLOTS
+    padding = _MULTIPORT_SLOTS - len(slots)
+    # struct xt_multiport_v1: flags (XT_MULTIPORT_DESTINATION), count, ports[15], pflags[15], invert
+    data = struct.pack("=2B15H15BB", 1, len(slots), *slots, *[0] * padding, *flags, *[0] * padding, 0)
+    words = ",".join(str(p.low) if p.low == p.high else f"{p.low}:{p.high}" for p in destinations)
+    return Match("multiport", f"--dports {words}", 1, data)
+
+
+def comment(text: str) -> Match:
+    encoded = text.encode()
+    assert len(encoded) < 256 and " " not in text  # -save would quote it
+    return Match("comment", f"--comment {text}", 0, encoded.ljust(256, b"\0"))
+
+
+_ADDRTYPES = {"LOCAL": 0x04, "BROADCAST": 0x08, "MULTICAST": 0x20}
+
+
+def addrtype(destination: str) -> Match:
+    dest = sum(_ADDRTYPES[t] for t in destination.split(","))
+    data = struct.pack("=2HI", 0, dest, 0)  # struct xt_addrtype_info_v1: source, dest, flags
+    return Match("addrtype", f"--dst-type {destination}", 1, data)
+
+
+def reply_direction() -> Match:
+    """`-m conntrack --ctdir REPLY` (struct xt_conntrack_mtinfo3: XT_CONNTRACK_DIRECTION in both
+    match_flags and invert_flags)."""
+    direction = 1 << 12
+    data = bytes(146) + struct.pack("=2H", direction, direction) + bytes(168 - 150)
+    return Match("conntrack", "--ctdir REPLY", 3, data)
+
+
+def reject(family: Family, with_: str) -> Target:
+    codes = {
+        4: {"tcp-reset": 7, "icmp-port-unreachable": 3, "icmp-admin-prohibited": 8},
+        6: {"tcp-reset": 6, "icmp6-port-unreachable": 4, "icmp6-adm-prohibited": 1},
+    }
+    return Target("REJECT", f"--reject-with {with_}", data=struct.pack("=I4x", codes[family][with_]))
 
 
 @dataclass(frozen=True)
 class _Icmp:
     proto: str
-    module: str
-    option: str
     error_types: tuple[int, ...]
     unreachable: str
     prohibited: str
 
 
 _ICMP: dict[Family, _Icmp] = {
-    4: _Icmp("icmp", "icmp", "--icmp-type", (3, 11, 12), "icmp-port-unreachable", "icmp-admin-prohibited"),
-    6: _Icmp(
-        "ipv6-icmp", "icmp6", "--icmpv6-type", (1, 2, 3, 4), "icmp6-port-unreachable", "icmp6-adm-prohibited"
-    ),
+    4: _Icmp("icmp", (3, 11, 12), "icmp-port-unreachable", "icmp-admin-prohibited"),
+    6: _Icmp("ipv6-icmp", (1, 2, 3, 4), "icmp6-port-unreachable", "icmp6-adm-prohibited"),
 }
-# the packets that stay in the pod, or of which the kernel keeps a copy for it (see WHICH PACKETS)
-_JUDGED: dict[Family, tuple[str, ...]] = {
-    4: (
-        "-o lo",
-        "-d 127.0.0.0/8",
-        "-m addrtype --dst-type LOCAL",
-        *(f"-p {p} -m addrtype --dst-type BROADCAST,MULTICAST" for p in ("udp", "udplite")),
-    ),
-    6: (
-        "-o lo",
-        "-d ::1/128",
-        "-m addrtype --dst-type LOCAL",
-        *(f"-d ff00::/8 -p {p}" for p in ("udp", "udplite")),
-    ),
-}
-_SYN_ACK = "--tcp-flags SYN,ACK SYN,ACK"
+_SYN_ACK = ("SYN,ACK", "SYN,ACK")
 
 
-def _multiport_chunks(ports: tuple[PortRange, ...]) -> list[str]:
-    chunks: list[list[str]] = [[]]
-    used = 0
-    for p in ports:
-        item, cost = (str(p.low), 1) if p.low == p.high else (f"{p.low}:{p.high}", 2)
-        if used + cost > _MULTIPORT_SLOTS:
-            chunks.append([])
-            used = 0
-        chunks[-1].append(item)
-        used += cost
-    return [",".join(chunk) for chunk in chunks]
-
-
-def _comment(containers: str) -> str:
-    return f"-m comment --comment {containers}"
-
-
-def _owners(owner: Owner, negated: bool) -> list[str]:
-    """One owner match per UID: negated, all must hold (none of them); else one rule each."""
-    return [f"-m owner {'! ' if negated else ''}--uid-owner {uid}" for uid in owner.uids]
-
-
-def _judging(rs: RuleSet, family: Family) -> list[str]:
-    icmp = _ICMP[family]
-    rules = ["-p tcp -m tcp ! --tcp-flags SYN SYN -j ACCEPT", f"-p tcp -m tcp {_SYN_ACK} -g {SERVE_CHAIN}"]
-    rules += [f"-p {icmp.proto} -m {icmp.module} {icmp.option} {t} -j ACCEPT" for t in icmp.error_types]
-    rules += [
-        f"-p udp -m udp --sport {owner.port} {' '.join(_owners(owner, True))} {_comment(owner.containers)} "
-        f"-g {REFUSE_CHAIN}"
-        for owner in rs.owned("udp")
-    ]
-    if rs.stateful:
-        rules.append("-m conntrack --ctdir REPLY -j ACCEPT")
-    rules += [
-        f"-p {proto} -m {proto} --dport {rs.sentinel_port} -j REJECT --reject-with {icmp.prohibited}"
-        for proto in ("tcp", "udp")
-    ]
-    if rs.allow_root:
-        rules.append("-m owner --uid-owner 0 -j ACCEPT")
-    rules += [
-        f"-p {g.protocol} -m owner --uid-owner {g.uid} -m multiport --dports {chunk} "
-        f"{_comment(g.containers)} -j ACCEPT"
-        for g in rs.grants
-        for chunk in _multiport_chunks(g.ports)
-    ]
-    rules.append(f"-g {REFUSE_CHAIN}")
+def _judged(family: Family) -> list[Rule]:
+    """The packets that stay in the pod, or of which the kernel keeps a copy for it (see WHICH
+    PACKETS): the jumps to our chain."""
+    to_us = jump(CHAIN)
+    loopback = "127.0.0.0/8" if family == 4 else "::1/128"
+    rules = [Rule(to_us, out_interface="lo"), Rule(to_us, destination=loopback)]
+    rules.append(Rule(to_us, (addrtype("LOCAL"),)))
+    for proto in ("udp", "udplite"):
+        if family == 4:
+            rules.append(Rule(to_us, (addrtype("BROADCAST,MULTICAST"),), protocol=proto))
+        else:
+            rules.append(Rule(to_us, protocol=proto, destination="ff00::/8"))
     return rules
 
 
-def _serve(rs: RuleSet) -> list[str]:
+def _multiport_chunks(ranges: tuple[PortRange, ...]) -> list[list[PortRange]]:
+    chunks: list[list[PortRange]] = [[]]
+    used = 0
+    for p in ranges:
+        cost = 1 if p.low == p.high else 2
+        if used + cost > _MULTIPORT_SLOTS:
+            chunks.append([])
+            used = 0
+        chunks[-1].append(p)
+        used += cost
+    return chunks
+
+
+def _owners(owned: Owner, negated: bool) -> list[Match]:
+    """One owner match per UID: negated, all must hold (none of them); else one rule each."""
+    return [owner(uid, negated) for uid in owned.uids]
+
+
+def _judging(rs: RuleSet, family: Family) -> list[Rule]:
+    icmp_ = _ICMP[family]
+    rules = [
+        Rule(ACCEPT, (tcp(flags=("SYN", "SYN"), negated=True),), "tcp"),
+        Rule(goto(SERVE_CHAIN), (tcp(flags=_SYN_ACK),), "tcp"),
+    ]
+    rules += [Rule(ACCEPT, (icmp(family, t),), icmp_.proto) for t in icmp_.error_types]
+    rules += [
+        Rule(goto(REFUSE_CHAIN), (udp(sport=o.port), *_owners(o, True), comment(o.containers)), "udp")
+        for o in rs.owned("udp")
+    ]
+    if rs.stateful:
+        rules.append(Rule(ACCEPT, (reply_direction(),)))
+    rules += [
+        Rule(reject(family, icmp_.prohibited), (ports(proto, dport=rs.sentinel_port),), proto)
+        for proto in ("tcp", "udp")
+    ]
+    if rs.allow_root:
+        rules.append(Rule(ACCEPT, (owner(0),)))
+    rules += [
+        Rule(ACCEPT, (owner(g.uid), multiport(chunk), comment(g.containers)), g.protocol)
+        for g in rs.grants
+        for chunk in _multiport_chunks(g.ports)
+    ]
+    rules.append(Rule(goto(REFUSE_CHAIN)))
+    return rules
+
+
+def _serve(rs: RuleSet) -> list[Rule]:
     """SYN-ACKs, in a chain of their own so that a SYN never walks the declared ports."""
     rules = []
-    for owner in rs.owned("tcp"):
-        served = f"-p tcp -m tcp --sport {owner.port}"
-        rules += [
-            f"{served} {match} {_comment(owner.containers)} -j ACCEPT" for match in _owners(owner, False)
-        ]
-        rules.append(f"{served} -g {REFUSE_CHAIN}")
-    return [*rules, "-j ACCEPT"]
+    for o in rs.owned("tcp"):
+        served = tcp(sport=o.port)
+        rules += [Rule(ACCEPT, (served, match, comment(o.containers)), "tcp") for match in _owners(o, False)]
+        rules.append(Rule(goto(REFUSE_CHAIN), (served,), "tcp"))
+    return [*rules, Rule(ACCEPT)]
 
 
-def _refuse(rs: RuleSet) -> list[str]:
-    rules = [f"-m owner --uid-owner {i.uid} {_comment(i.containers)} -g {DENY_CHAIN}" for i in rs.identities]
-    return [*rules, f"-g {DENY_CHAIN}"]
+def _refuse(rs: RuleSet) -> list[Rule]:
+    rules = [Rule(goto(DENY_CHAIN), (owner(i.uid), comment(i.containers))) for i in rs.identities]
+    return [*rules, Rule(goto(DENY_CHAIN))]
 
 
-def _deny(rs: RuleSet, family: Family) -> list[str]:
+def _deny(rs: RuleSet, family: Family) -> list[Rule]:
     if rs.mode == "audit":
-        return ["-j ACCEPT"]
+        return [Rule(ACCEPT)]
     return [
-        "-p tcp -j REJECT --reject-with tcp-reset",
-        f"-p udp -j REJECT --reject-with {_ICMP[family].unreachable}",
-        "-j DROP",
+        Rule(reject(family, "tcp-reset"), protocol="tcp"),
+        Rule(reject(family, _ICMP[family].unreachable), protocol="udp"),
+        Rule(DROP),
     ]
 
 
-def chains(rs: RuleSet, family: Family) -> dict[str, list[str]]:
-    """Our chains' rules as `iptables-save` lists them, less the `-A CHAIN ` prefix."""
+def chain_rules(rs: RuleSet, family: Family) -> dict[str, list[Rule]]:
+    """Our chains and their rules."""
     return {
         CHAIN: _judging(rs, family),
         SERVE_CHAIN: _serve(rs),
@@ -139,9 +293,18 @@ def chains(rs: RuleSet, family: Family) -> dict[str, list[str]]:
     }
 
 
-def jumps(family: Family) -> list[str]:
+def chains(rs: RuleSet, family: Family) -> dict[str, list[str]]:
+    """Our chains' rules as `iptables-save` lists them, less the `-A CHAIN ` prefix."""
+    return {chain: list(map(str, rules)) for chain, rules in chain_rules(rs, family).items()}
+
+
+def jump_rules(family: Family) -> list[Rule]:
     """The rules that must begin OUTPUT, in this order, and be its only jumps to our chain."""
-    return [f"{match} -j {CHAIN}" for match in _JUDGED[family]]
+    return _judged(family)
+
+
+def jumps(family: Family) -> list[str]:
+    return list(map(str, jump_rules(family)))
 
 
 def jumps_in_place(output: Sequence[str], family: Family) -> bool:
@@ -157,8 +320,9 @@ def document(rs: RuleSet, family: Family, output: Sequence[str] = ()) -> str:
     OUTPUT's current rules (empty for a new namespace). Declaring our chains flushes only them, and
     the whole table is committed at once; when our jumps are not already exactly first, the same
     commit deletes every jump to our chain and inserts them first, so they end up once and first."""
-    lines = ["*filter", *(f":{chain} - [0:0]" for chain in chains(rs, family))]
-    lines += [f"-A {chain} {rule}" for chain, rules in chains(rs, family).items() for rule in rules]
+    ours = chains(rs, family)
+    lines = ["*filter", *(f":{chain} - [0:0]" for chain in ours)]
+    lines += [f"-A {chain} {rule}" for chain, rules in ours.items() for rule in rules]
     if not jumps_in_place(output, family):
         lines += [f"-D OUTPUT {rule}" for rule in output if rule.endswith(f"-j {CHAIN}")]
         lines += [f"-I OUTPUT {i} {jump}" for i, jump in enumerate(jumps(family), 1)]

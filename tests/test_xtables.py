@@ -1,0 +1,230 @@
+"""The in-process iptables writer (`rules.xtables`, `backends.xtables`): a new sandbox's filter table
+written without a tool must be, byte for byte, the table `iptables-restore` writes from our
+document, and every table it cannot rebuild exactly must go to the tools, everyone's rules kept."""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import subprocess
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from netisolate import scenarios
+from netisolate.backends import run_tool, select_backend, xtables
+from netisolate.backends.iptables import lock_file, written_in_process
+from netisolate.netns import NetNS
+from netisolate.policy import pod_policy
+from netisolate.rules import RuleSet, Settings, build_ruleset
+from netisolate.rules import iptables as rules
+from netisolate.rules.iptables import Family
+from netisolate.rules.xtables import LayoutError, _entry, _error, _standard, builtin_policies, split
+from netisolate.rules.xtables import _cleared as cleared
+
+FAMILIES: tuple[Family, ...] = (4, 6)
+TOOLS = {4: "iptables-legacy", 6: "ip6tables-legacy"}
+
+
+def _uid_rulesets() -> dict[str, RuleSet]:
+    """Every scenario known by UID, and one pod with ranges and more ports than a multiport match
+    holds; without root's pass and on another sentinel port for some, so every struct we pack
+    (tcp, udp, icmp, owner, multiport, comment, addrtype, conntrack, REJECT) is compared."""
+    pods = {name: scenarios.load(name) for name in scenarios.names()}
+    many = ",".join([*map(str, range(3000, 3020)), "4000-4100", "5000-5001/udp"])
+    pods["many-ports"] = scenarios.load("app-proxy-rogue")
+    pods["many-ports"].pod["metadata"]["annotations"]["allow.netisolate.io/app"] = many
+    found = {}
+    for name, scenario in pods.items():
+        settings = Settings(
+            allow_root=name != "audit-mode", sentinel_port=65000 if name == "udp-grant" else 9
+        )
+        rs = build_ruleset(pod_policy(scenario.parsed_pod(), scenario.namespace_labels), settings)
+        if rs is not None and rs.cgroups is None:
+            found[name] = rs
+    return found
+
+
+RULESETS = _uid_rulesets()
+
+
+@contextmanager
+def fresh_netns() -> Iterator[NetNS]:
+    """A network namespace of its own, held by a process, gone afterwards."""
+    holder = subprocess.Popen(["unshare", "--net", "sleep", "infinity"], start_new_session=True)
+    try:
+        own = os.stat("/proc/self/ns/net").st_ino
+        deadline = time.monotonic() + 5
+        while os.stat(f"/proc/{holder.pid}/ns/net").st_ino == own:
+            assert time.monotonic() < deadline, "unshare --net did not start"
+            time.sleep(0.005)
+        with NetNS.open(f"/proc/{holder.pid}/ns/net") as ns:
+            yield ns
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def kernel_entries(ns: NetNS, family: Family) -> list[bytes]:
+    """The filter table as the kernel holds it, without counters and hook marks."""
+
+    def read() -> bytes:
+        with xtables.opened(family) as raw:
+            return xtables.entries(raw, family, xtables.info(raw, family).size)
+
+    return [cleared(family, entry) for _, entry in split(family, ns.run(read))]
+
+
+def saved(ns: NetNS, family: Family) -> list[str]:
+    out = run_tool(ns, [f"{TOOLS[family]}-save", "-t", "filter"]).stdout
+    return [line for line in out.splitlines() if not line.startswith("#")]
+
+
+def restored(ns: NetNS, rs: RuleSet, family: Family) -> None:
+    result = run_tool(ns, [f"{TOOLS[family]}-restore", "--noflush"], rules.document(rs, family))
+    assert result.returncode == 0, result.stderr
+
+
+@pytest.mark.kernel
+@pytest.mark.parametrize("name", RULESETS)
+def test_a_new_sandbox_is_written_in_process_exactly_as_the_tools_write_it(name: str) -> None:
+    rs = RULESETS[name]
+    with fresh_netns() as ours, fresh_netns() as tools:
+        assert written_in_process(ours, rs)
+        for family in FAMILIES:
+            restored(tools, rs, family)
+            assert kernel_entries(ours, family) == kernel_entries(tools, family)
+            assert saved(ours, family) == saved(tools, family)
+        assert select_backend("iptables").verify(ours, rs) == []
+
+
+@pytest.mark.kernel
+def test_the_built_in_policies_are_kept() -> None:
+    rs = RULESETS["app-proxy-rogue"]
+    with fresh_netns() as ns:
+        for family in FAMILIES:
+            assert run_tool(ns, [TOOLS[family], "-P", "INPUT", "DROP"]).returncode == 0
+        assert written_in_process(ns, rs)
+        for family in FAMILIES:
+            assert ":INPUT DROP [0:0]" in saved(ns, family)
+
+
+@pytest.mark.kernel
+@pytest.mark.parametrize("family", FAMILIES)
+def test_a_table_holding_anyones_rule_goes_to_the_tools(family: Family) -> None:
+    rs = RULESETS["app-proxy-rogue"]
+    with fresh_netns() as ns:
+        assert run_tool(ns, [TOOLS[family], "-A", "INPUT", "-j", "ACCEPT"]).returncode == 0
+        assert not written_in_process(ns, rs)
+        assert (f":{rules.CHAIN} - [0:0]" in saved(ns, 6)) == (family == 4), "IPv6 goes first"
+        assert f":{rules.CHAIN} - [0:0]" not in saved(ns, family)
+        select_backend("iptables").apply(ns, rs)
+        assert "-A INPUT -j ACCEPT" in saved(ns, family)
+        assert select_backend("iptables").verify(ns, rs) == []
+
+
+@pytest.mark.kernel
+def test_a_table_that_changes_before_the_replace_goes_to_the_tools(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Someone adds a rule between our read and our replace: the kernel refuses the replace (the
+    entry count moved), nothing of ours or theirs is lost, and the tools write the rules."""
+    rs = RULESETS["app-proxy-rogue"]
+    real = xtables.replace
+
+    def raced(raw: object, family: Family, new: object, num_counters: int) -> None:
+        subprocess.run([TOOLS[family], "-A", "FORWARD", "-j", "DROP"], check=True)  # in the namespace
+        real(raw, family, new, num_counters)  # type: ignore[arg-type]
+
+    with fresh_netns() as ns:
+        monkeypatch.setattr(xtables, "replace", raced)
+        assert not written_in_process(ns, rs)
+        assert "-A FORWARD -j DROP" in saved(ns, 6)
+        monkeypatch.undo()
+        select_backend("iptables").apply(ns, rs)
+        assert "-A FORWARD -j DROP" in saved(ns, 6)
+        assert select_backend("iptables").verify(ns, rs) == []
+
+
+@pytest.mark.kernel
+def test_ipv4_is_written_last_and_not_at_all_when_ipv6_fails(monkeypatch: pytest.MonkeyPatch) -> None:
+    rs = RULESETS["app-proxy-rogue"]
+    order: list[Family] = []
+    real = xtables.replace
+
+    def recorded(raw: object, family: Family, new: object, num_counters: int) -> None:
+        order.append(family)
+        if family == 6 and len(order) == 1:
+            raise OSError(22, "refused")
+        real(raw, family, new, num_counters)  # type: ignore[arg-type]
+
+    with fresh_netns() as ns:
+        monkeypatch.setattr(xtables, "replace", recorded)
+        pristine = kernel_entries(ns, 4)
+        assert not written_in_process(ns, rs)
+        assert order == [6] and kernel_entries(ns, 4) == pristine
+        assert written_in_process(ns, rs)
+        assert order == [6, 6, 4]
+
+
+@pytest.mark.kernel
+def test_a_held_lock_file_leaves_the_write_to_the_tools() -> None:
+    rs = RULESETS["app-proxy-rogue"]
+    with fresh_netns() as ns, open(lock_file(6)) as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        pristine = kernel_entries(ns, 6)
+        assert not written_in_process(ns, rs)
+        assert kernel_entries(ns, 6) == pristine
+
+
+# --- the pure layer ------------------------------------------------------------------------------
+
+
+def _accept(family: Family) -> bytes:
+    return _entry(family, None, _standard(-2))
+
+
+def _pristine(family: Family) -> tuple[bytes, tuple[int, ...]]:
+    """A new table's entries (INPUT, FORWARD, OUTPUT policies and ERROR) and its hook offsets."""
+    policy = _accept(family)
+    entries = policy * 3 + _entry(family, None, _error("ERROR"))
+    offsets = tuple(0xFFFFFFFF if h in (0, 4) else (h - 1) * len(policy) for h in range(5))
+    return entries, offsets
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_builtin_policies_of_a_new_table(family: Family) -> None:
+    entries, offsets = _pristine(family)
+    assert builtin_policies(family, entries, offsets, offsets) == [_accept(family)] * 3
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_a_rule_in_a_built_in_chain_is_not_pristine(family: Family) -> None:
+    entries, offsets = _pristine(family)
+    with pytest.raises(LayoutError):
+        builtin_policies(family, _accept(family) + entries, offsets, offsets)
+    moved = (*offsets[:3], offsets[3] + 1, offsets[4])
+    with pytest.raises(LayoutError):
+        builtin_policies(family, entries, offsets, moved)
+
+
+@given(st.sampled_from(FAMILIES), st.binary(max_size=2048))
+def test_reading_any_bytes_raises_only_layout_errors(family: Family, data: bytes) -> None:
+    offsets = (0xFFFFFFFF, 0, 152, 304, 0xFFFFFFFF)
+    with suppress(LayoutError):
+        builtin_policies(family, data, offsets, offsets)
+
+
+@given(st.sampled_from(FAMILIES), st.data())
+def test_a_new_table_with_any_bytes_changed_is_read_or_refused(family: Family, data: st.DataObject) -> None:
+    """Mutations of a real layout reach past the first checks: what is read back is either three
+    plain policies or a LayoutError, never another exception."""
+    entries, offsets = _pristine(family)
+    at = data.draw(st.integers(0, len(entries) - 1))
+    patch = data.draw(st.binary(min_size=1, max_size=8))
+    mutated = entries[:at] + patch + entries[at + len(patch) :]
+    with suppress(LayoutError):
+        policies = builtin_policies(family, mutated, offsets, offsets)
+        assert all(len(p) == len(_accept(family)) for p in policies)
