@@ -389,8 +389,7 @@ def test_iptables_commits_ipv4_only_once_ipv6_is_in(
     the gate's IPv4 probe must never answer while ::1 is still open. (A table holding anyone's
     rule goes to the tools; tests/test_xtables.py covers the in-process writer's order.)"""
     backend, ns, rs = select_backend("iptables"), ns_of(local_pod), ruleset_for(local_pod.pod)
-    for tool in ("iptables-legacy", "ip6tables-legacy"):
-        assert run_tool(ns, [tool, "-A", "INPUT", "-j", "ACCEPT"]).returncode == 0
+    someones_rule(ns)
     real = iptables_rules.document
 
     def ipv6_refused(rs: RuleSet, family: int, output: Sequence[str] = ()) -> str:
@@ -406,12 +405,21 @@ def test_iptables_commits_ipv4_only_once_ipv6_is_in(
     assert backend.verify(ns, rs) == []
 
 
+def someones_rule(ns: NetNS) -> None:
+    """A rule of someone else's in both families' filter table: the tools write it from here."""
+    for tool in ("iptables-legacy", "ip6tables-legacy"):
+        assert run_tool(ns, [tool, "-A", "INPUT", "-j", "ACCEPT"]).returncode == 0
+
+
+@pytest.mark.parametrize("table", ["new (written in-process)", "used (by the tools)"])
 def test_iptables_holds_ipv4_back_while_ipv6_waits_for_its_lock(
-    local_pod: LocalPod, monkeypatch: pytest.MonkeyPatch
+    local_pod: LocalPod, monkeypatch: pytest.MonkeyPatch, table: str
 ) -> None:
-    """While IPv6 waits for its lock, IPv4 (loaded meanwhile) waits for its COMMIT; a tool that
-    waits past the timeout is killed and the write fails, IPv4 still not in."""
+    """While IPv6 waits for its lock, IPv4 waits too (the tool loaded meanwhile, for its COMMIT);
+    a write that waits past the timeout fails, IPv4 still not in."""
     backend, ns, rs = select_backend("iptables"), ns_of(local_pod), ruleset_for(local_pod.pod)
+    if table.startswith("used"):
+        someones_rule(ns)
     with open(lock_file(6)) as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         monkeypatch.setattr("netisolate.backends.iptables._TOOL_TIMEOUT_S", 1.0)
@@ -429,10 +437,13 @@ def test_iptables_holds_ipv4_back_while_ipv6_waits_for_its_lock(
     assert backend.verify(ns, rs) == []
 
 
-def test_iptables_writes_a_pods_rules_while_the_node_lock_is_held(local_pod: LocalPod) -> None:
+@pytest.mark.parametrize("table", ["new (written in-process)", "used (by the tools)"])
+def test_iptables_writes_a_pods_rules_while_the_node_lock_is_held(local_pod: LocalPod, table: str) -> None:
     """Whoever holds the node's /run/xtables.lock (kube-proxy, for seconds on a big node) writes the
     node's tables, not the pod's: it must not hold a sandbox's rules (and its CNI ADD) back."""
     backend, ns, rs = select_backend("iptables"), ns_of(local_pod), ruleset_for(local_pod.pod)
+    if table.startswith("used"):
+        someones_rule(ns)
     # (never removed: the node's iptables tools make it too, and others may hold it open)
     with open(NODE_LOCK, "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)

@@ -10,16 +10,20 @@ import subprocess
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
+from dataclasses import replace
+from pathlib import Path
 
 import pytest
+import yaml
 from hypothesis import given
 from hypothesis import strategies as st
 
 from netisolate import scenarios
-from netisolate.backends import run_tool, select_backend, xtables
+from netisolate.backends import EnforceError, run_tool, select_backend, xtables
 from netisolate.backends.iptables import lock_file, written_in_process
+from netisolate.model import parse_pod
 from netisolate.netns import NetNS
-from netisolate.policy import pod_policy
+from netisolate.policy import IdentityMode, pod_policy
 from netisolate.rules import RuleSet, Settings, build_ruleset
 from netisolate.rules import iptables as rules
 from netisolate.rules.iptables import Family
@@ -27,26 +31,40 @@ from netisolate.rules.xtables import LayoutError, _entry, _error, _standard, bui
 from netisolate.rules.xtables import _cleared as cleared
 
 FAMILIES: tuple[Family, ...] = (4, 6)
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 TOOLS = {4: "iptables-legacy", 6: "ip6tables-legacy"}
 
 
 def _uid_rulesets() -> dict[str, RuleSet]:
-    """Every scenario known by UID, and one pod with ranges and more ports than a multiport match
+    """Every scenario and example known by UID (the shared-UID scenario too: its comment is
+    "app,proxy", which -save quotes), and a pod with ranges and more ports than a multiport match
     holds; without root's pass and on another sentinel port for some, so every struct we pack
-    (tcp, udp, icmp, owner, multiport, comment, addrtype, conntrack, REJECT) is compared."""
-    pods = {name: scenarios.load(name) for name in scenarios.names()}
+    (tcp, udp, icmp, owner and negated owner, multiport, comment, addrtype, conntrack, REJECT) and
+    the serve chain's owners are compared."""
+    pods = {name: (s.parsed_pod(), s.namespace_labels) for name, s in map(_scenario, scenarios.names())}
+    for path in sorted(EXAMPLES.glob("*.yaml")):
+        pods[f"example-{path.stem}"] = (parse_pod(yaml.safe_load(path.read_text())), {})
     many = ",".join([*map(str, range(3000, 3020)), "4000-4100", "5000-5001/udp"])
-    pods["many-ports"] = scenarios.load("app-proxy-rogue")
-    pods["many-ports"].pod["metadata"]["annotations"]["allow.netisolate.io/app"] = many
+    pod, labels = pods["app-proxy-rogue"]
+    annotations = {**(pod.metadata.annotations or {}), "allow.netisolate.io/app": many}
+    pods["many-ports"] = (
+        pod.model_copy(update={"metadata": pod.metadata.model_copy(update={"annotations": annotations})}),
+        labels,
+    )
     found = {}
-    for name, scenario in pods.items():
+    for name, (pod, labels) in pods.items():
         settings = Settings(
             allow_root=name != "audit-mode", sentinel_port=65000 if name == "udp-grant" else 9
         )
-        rs = build_ruleset(pod_policy(scenario.parsed_pod(), scenario.namespace_labels), settings)
-        if rs is not None and rs.cgroups is None:
+        policy = replace(pod_policy(pod, labels), identity=IdentityMode.UID)
+        rs = build_ruleset(policy, settings)
+        if rs is not None:
             found[name] = rs
     return found
+
+
+def _scenario(name: str) -> tuple[str, scenarios.Scenario]:
+    return name, scenarios.load(name)
 
 
 RULESETS = _uid_rulesets()
@@ -170,49 +188,85 @@ def test_ipv4_is_written_last_and_not_at_all_when_ipv6_fails(monkeypatch: pytest
 
 
 @pytest.mark.kernel
-def test_a_held_lock_file_leaves_the_write_to_the_tools() -> None:
+def test_a_lock_file_held_too_long_fails_the_write(monkeypatch: pytest.MonkeyPatch) -> None:
     rs = RULESETS["app-proxy-rogue"]
+    monkeypatch.setattr("netisolate.backends.iptables._TOOL_TIMEOUT_S", 0.2)
     with fresh_netns() as ns, open(lock_file(6)) as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         pristine = kernel_entries(ns, 6)
-        assert not written_in_process(ns, rs)
+        with pytest.raises(EnforceError, match=r"IPv6 rules failed \(in-process\): no answer within"):
+            written_in_process(ns, rs)
         assert kernel_entries(ns, 6) == pristine
 
 
 # --- the pure layer ------------------------------------------------------------------------------
 
 
-def _accept(family: Family) -> bytes:
-    return _entry(family, None, _standard(-2))
+def _policy(family: Family, verdict: int = -2) -> bytes:
+    return _entry(family, None, _standard(verdict))
 
 
-def _pristine(family: Family) -> tuple[bytes, tuple[int, ...]]:
-    """A new table's entries (INPUT, FORWARD, OUTPUT policies and ERROR) and its hook offsets."""
-    policy = _accept(family)
-    entries = policy * 3 + _entry(family, None, _error("ERROR"))
-    offsets = tuple(0xFFFFFFFF if h in (0, 4) else (h - 1) * len(policy) for h in range(5))
+def _pristine(family: Family, policy: bytes | None = None) -> tuple[bytes, tuple[int, ...]]:
+    """A new table's entries (INPUT, FORWARD, OUTPUT policies and ERROR) and its hook offsets;
+    `policy` in place of FORWARD's."""
+    accept = _policy(family)
+    entries = accept + (policy or accept) + accept + _entry(family, None, _error("ERROR"))
+    size = len(accept)
+    offsets = (0xFFFFFFFF, 0, size, size + len(policy or accept), 0xFFFFFFFF)
     return entries, offsets
 
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_builtin_policies_of_a_new_table(family: Family) -> None:
-    entries, offsets = _pristine(family)
-    assert builtin_policies(family, entries, offsets, offsets) == [_accept(family)] * 3
+    entries, offsets = _pristine(family, _policy(family, -1))
+    assert builtin_policies(family, entries, offsets, offsets) == [
+        _policy(family),
+        _policy(family, -1),
+        _policy(family),
+    ]
 
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_a_rule_in_a_built_in_chain_is_not_pristine(family: Family) -> None:
     entries, offsets = _pristine(family)
     with pytest.raises(LayoutError):
-        builtin_policies(family, _accept(family) + entries, offsets, offsets)
+        builtin_policies(family, _policy(family) + entries, offsets, offsets)
     moved = (*offsets[:3], offsets[3] + 1, offsets[4])
     with pytest.raises(LayoutError):
         builtin_policies(family, entries, offsets, moved)
 
 
+RULE = rules.Rule(rules.ACCEPT, (rules.tcp(dport=80),), "tcp")
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize(
+    "policy",
+    ["RETURN", "a jump", "a match", "a header field"],
+)
+def test_only_an_accept_or_drop_policy_is_pristine(family: Family, policy: str) -> None:
+    odd = {
+        "RETURN": _policy(family, -5),
+        "a jump": _policy(family, 0),
+        "a match": _entry(family, RULE, _standard(-2)),
+        "a header field": _entry(family, rules.Rule(rules.ACCEPT, protocol="udp"), _standard(-2)),
+    }[policy]
+    entries, offsets = _pristine(family, odd)
+    with pytest.raises(LayoutError):
+        builtin_policies(family, entries, offsets, offsets)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_a_table_without_its_error_entry_is_not_pristine(family: Family) -> None:
+    entries, offsets = _pristine(family)
+    policy = _policy(family)
+    with pytest.raises(LayoutError):
+        builtin_policies(family, entries[: 3 * len(policy)] + policy, offsets, offsets)
+
+
 @given(st.sampled_from(FAMILIES), st.binary(max_size=2048))
 def test_reading_any_bytes_raises_only_layout_errors(family: Family, data: bytes) -> None:
-    offsets = (0xFFFFFFFF, 0, 152, 304, 0xFFFFFFFF)
+    offsets = _pristine(family)[1]
     with suppress(LayoutError):
         builtin_policies(family, data, offsets, offsets)
 
@@ -220,11 +274,17 @@ def test_reading_any_bytes_raises_only_layout_errors(family: Family, data: bytes
 @given(st.sampled_from(FAMILIES), st.data())
 def test_a_new_table_with_any_bytes_changed_is_read_or_refused(family: Family, data: st.DataObject) -> None:
     """Mutations of a real layout reach past the first checks: what is read back is either three
-    plain policies or a LayoutError, never another exception."""
+    plain ACCEPT or DROP policies or a LayoutError, never another exception."""
     entries, offsets = _pristine(family)
     at = data.draw(st.integers(0, len(entries) - 1))
     patch = data.draw(st.binary(min_size=1, max_size=8))
     mutated = entries[:at] + patch + entries[at + len(patch) :]
     with suppress(LayoutError):
         policies = builtin_policies(family, mutated, offsets, offsets)
-        assert all(len(p) == len(_accept(family)) for p in policies)
+        assert all(p in (_policy(family), _policy(family, -1)) for p in policies)
+
+
+def test_a_comment_with_other_characters_is_quoted_as_save_prints_it() -> None:
+    assert str(rules.comment("app")) == "-m comment --comment app"
+    assert str(rules.comment("app,proxy")) == '-m comment --comment "app,proxy"'
+    assert rules.comment("app,proxy").data.rstrip(b"\0") == b"app,proxy"

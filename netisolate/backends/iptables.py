@@ -1,13 +1,15 @@
 """iptables (legacy tables, IPv4 and IPv6): our own chains, jumped to first from OUTPUT.
 
-Loaded with `iptables-legacy-restore --noflush`: declaring our chains flushes only them, the whole
-filter table is committed in one replace (a reader never sees half a chain), and chains and
-policies we do not own are never touched. The jumps are kept unique and first in the same commit.
+The whole filter table is committed in one replace (a reader never sees half a chain), and chains
+and policies we do not own are never touched; the jumps are kept unique and first in the same
+commit. Written in-process where the table is a new one, else by `iptables-legacy-restore
+--noflush`, where declaring our chains flushes only them.
 
 A namespace the runtime has just created holds nothing in its filter table but the built-in
 chains' policies. That table is written from this process (`xtables`: the kernel's own
 IPT_SO_SET_REPLACE, the entries packed as libiptc packs them), with no exec at all: this is a
-sandbox's CNI ADD, where two tool execs were most of the wait. Every other table goes to the tools,
+sandbox's CNI ADD (but a user-namespaced pod's, below), where two tool execs were most of the
+wait. Every other table goes to the tools,
 which keep everyone's rules: reading OUTPUT first is what keeps the jumps unique and first (a
 re-apply deletes the old ones), and where OUTPUT holds no rule the kernel says so without a tool
 (IPT_SO_GET_INFO puts its first rule at its policy), so no `-save` runs in front.
@@ -19,8 +21,7 @@ execs, their loading and parsing overlap. Each family takes a lock file of ours
 (XTABLES_LOCKFILE), not the node's /run/xtables.lock: legacy tables are per network namespace and
 only we write a pod's filter table, so the node's lock would only serialise the two families and
 put a sandbox's CNI ADD behind whoever writes the node's own tables (kube-proxy's restores of a big
-node take seconds). The in-process writer takes the same lock files, without waiting: held, the
-tools (which wait) do the write.
+node take seconds). The in-process writer takes the same lock files, with the same timeout.
 
 A user-namespaced pod (`hostUsers: false`) owns its network namespace through its user namespace,
 and the kernel's owner match takes UIDs only from a writer inside that user namespace. There the
@@ -56,7 +57,7 @@ from netisolate.rules.iptables import (
     jumps,
     jumps_in_place,
 )
-from netisolate.rules.xtables import VALID_HOOKS, LayoutError, builtin_policies, table
+from netisolate.rules.xtables import LOCAL_OUT, SUPPORTED, VALID_HOOKS, LayoutError, builtin_policies, table
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +70,6 @@ _COMMIT = "COMMIT\n"
 # is retried). Ours, not `--wait=N`: the tool's alarm would also cut IPv4 short while it waits for
 # its COMMIT (it is not cancelled once the lock is held, and ends the read of stdin).
 _TOOL_TIMEOUT_S = 10.0
-_LOCAL_OUT = 3  # NF_INET_LOCAL_OUT: the OUTPUT hook
 _FAMILIES: tuple[Family, ...] = (6, 4)  # the order of the writes: IPv4 last
 
 
@@ -129,7 +129,7 @@ def _load_in_order(
     watchdog = threading.Timer(_TOOL_TIMEOUT_S, expire)
     watchdog.start()
     try:
-        for family in (6, 4):  # one by one: if the second cannot start, the first is killed below
+        for family in _FAMILIES:  # one by one: if the second cannot start, the first is killed below
             tools[family] = _started(*commands[family], locks[family])
         assert documents[4].endswith(_COMMIT)
         failed: dict[Family, str] = {}
@@ -204,7 +204,7 @@ def empty_outputs(ns: NetNS) -> set[Family]:
     def empty(family: Family) -> bool:
         with xtables.opened(family) as raw:
             info = xtables.info(raw, family)
-        return info.hook_entry[_LOCAL_OUT] == info.underflow[_LOCAL_OUT]
+        return info.hook_entry[LOCAL_OUT] == info.underflow[LOCAL_OUT]
 
     def both() -> set[Family]:
         found = set()
@@ -223,7 +223,10 @@ def written_in_process(ns: NetNS, ruleset: RuleSet) -> bool:
     """Write both families' tables from this process when each holds nothing but its built-in
     chains (a new sandbox's), IPv6 first; True once both are in. False leaves the write to the
     tools: a table with anyone's rules in it (the tools keep them), a user-namespaced pod (see the
-    module's docstring), a lock file held by our tools, or a replace the kernel refused."""
+    module's docstring), or a replace the kernel refused. A lock file held past the tools' timeout
+    fails the write (EnforceError), as it would fail theirs."""
+    if not SUPPORTED:
+        return False
     with _owner(ns, "the in-process writer") as owner:
         if owner is not None:
             return False
@@ -237,13 +240,17 @@ def written_in_process(ns: NetNS, ruleset: RuleSet) -> bool:
 
 
 def _replaced_if_pristine(family: Family, ruleset: RuleSet) -> bool:
-    with xtables.locked(lock_file(family)) as held, xtables.opened(family) as raw:
+    path = lock_file(family)
+    with xtables.locked(path, _TOOL_TIMEOUT_S) as held, xtables.opened(family) as raw:
         if not held:
-            return False
+            raise EnforceError(
+                f"loading {ruleset.pod}'s IPv{family} rules failed (in-process): no answer within "
+                f"{_TOOL_TIMEOUT_S:.0f} s ({path} stayed locked)"
+            )
         info = xtables.info(raw, family)
+        if info.valid_hooks != VALID_HOOKS:
+            return False
         try:
-            if info.valid_hooks != VALID_HOOKS:
-                raise LayoutError(f"hooks {info.valid_hooks:#x}")
             policies = builtin_policies(
                 family, xtables.entries(raw, family, info.size), info.hook_entry, info.underflow
             )

@@ -2,10 +2,14 @@
 options on a raw socket: read its info and entries, replace it whole. What to write is computed in
 `netisolate.rules.xtables`; this module only talks to the kernel.
 
-The kernel takes a replace only if the table still holds as many entries as the caller says
-(`num_counters`), so a table that changed since it was read is refused (EAGAIN), never half-merged.
-Writers of ours hold the family's lock file (XTABLES_LOCKFILE for our tools), so this process and
-its `-restore` tools never interleave."""
+The kernel takes a replace only if the table still holds as many entries as the caller read
+(`num_counters`): a rule added or deleted since is refused whole (EAGAIN), never lost. A change
+that keeps the count (a policy set, a rule replaced in place) is not seen by the kernel; against
+that only the lock helps, and it binds our writers alone, as the node's lock binds only those who
+take it: a pod's filter table is ours to write (see netisolate.backends.iptables). Our writers
+hold the family's lock file (our tools through XTABLES_LOCKFILE), so this process and its
+`-restore` tools never interleave.
+"""
 
 from __future__ import annotations
 
@@ -15,6 +19,7 @@ import fcntl
 import os
 import socket
 import struct
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -47,6 +52,8 @@ class Info:
 
 
 def _getsockopt(raw: socket.socket, family: Family, option: int, buffer: ctypes.Array[ctypes.c_char]) -> None:
+    """getsockopt through libc: these options read the table's name from the buffer they fill,
+    and socket.getsockopt passes the kernel a zeroed one."""
     size = ctypes.c_uint32(len(buffer))
     if _LIBC.getsockopt(raw.fileno(), _SOCKET[family][1], option, buffer, ctypes.byref(size)) != 0:
         errno = ctypes.get_errno()
@@ -91,15 +98,23 @@ def replace(raw: socket.socket, family: Family, table: Table, num_counters: int)
 
 
 @contextlib.contextmanager
-def locked(path: str) -> Iterator[bool]:
-    """The lock file held, without waiting: False when someone else holds it."""
+def locked(path: str, timeout: float) -> Iterator[bool]:
+    """The lock file held, waiting at most `timeout` seconds: False when it stayed held. Polled,
+    not a blocking flock: a thread cannot be woken from that, and our writes hold it for well
+    under a millisecond (a tool of ours for a few)."""
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            yield False
-            return
+        deadline, pause = time.monotonic() + timeout, 0.0005
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    yield False
+                    return
+                time.sleep(pause)
+                pause = min(pause * 2, 0.02)
         yield True
     finally:
         os.close(fd)

@@ -8,6 +8,7 @@ in-process table (`rules.xtables`) are three readings of one rule."""
 
 from __future__ import annotations
 
+import re
 import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -23,7 +24,6 @@ DENY_CHAIN = "NETISOLATE-DENY"
 Family = Literal[4, 6]
 _MULTIPORT_SLOTS = 15  # multiport takes at most 15 ports (a range counts twice)
 PROTOCOLS = {"icmp": 1, "tcp": 6, "udp": 17, "ipv6-icmp": 58, "udplite": 136}
-_ANY_PORT = (0, 0xFFFF)
 _TCP_FLAGS = {"SYN": 0x02, "ACK": 0x10}
 
 
@@ -88,8 +88,13 @@ def jump(chain: str) -> Target:
     return Target(chain)
 
 
-def _ports(low_high: tuple[int, int] | None) -> tuple[int, int]:
-    return low_high or _ANY_PORT
+def _range(port: int | None) -> tuple[int, int]:
+    """A port match's (low, high): the port, or any."""
+    return (port, port) if port is not None else (0, 0xFFFF)
+
+
+def _port_words(sport: int | None, dport: int | None) -> list[str]:
+    return [f"--{name} {port}" for name, port in (("sport", sport), ("dport", dport)) if port is not None]
 
 
 def tcp(
@@ -99,24 +104,19 @@ def tcp(
     negated: bool = False,
 ) -> Match:
     """`-m tcp`: a source or destination port, or `--tcp-flags MASK COMPARE` (`negated`: `!`)."""
-    words = [f"--sport {sport}" if sport is not None else "", f"--dport {dport}" if dport is not None else ""]
+    words = _port_words(sport, dport)
     mask = compare = 0
     if flags is not None:
         mask, compare = (sum(_TCP_FLAGS[f] for f in names.split(",")) for names in flags)
         words.append(f"{'! ' if negated else ''}--tcp-flags {flags[0]} {flags[1]}")
-    spts = _ports((sport, sport) if sport is not None else None)
-    dpts = _ports((dport, dport) if dport is not None else None)
     # struct xt_tcp: spts[2], dpts[2], option, flg_mask, flg_cmp, invflags (XT_TCP_INV_FLAGS = 4)
-    data = struct.pack("=4H4B4x", *spts, *dpts, 0, mask, compare, 4 if negated else 0)
-    return Match("tcp", " ".join(filter(None, words)), 0, data)
+    data = struct.pack("=4H4B4x", *_range(sport), *_range(dport), 0, mask, compare, 4 if negated else 0)
+    return Match("tcp", " ".join(words), 0, data)
 
 
 def udp(sport: int | None = None, dport: int | None = None) -> Match:
-    words = [f"--sport {sport}" if sport is not None else "", f"--dport {dport}" if dport is not None else ""]
-    spts = _ports((sport, sport) if sport is not None else None)
-    dpts = _ports((dport, dport) if dport is not None else None)
-    data = struct.pack("=4HB5x", *spts, *dpts, 0)  # struct xt_udp: spts[2], dpts[2], invflags
-    return Match("udp", " ".join(filter(None, words)), 0, data)
+    data = struct.pack("=4HB5x", *_range(sport), *_range(dport), 0)  # struct xt_udp: spts, dpts, invflags
+    return Match("udp", " ".join(_port_words(sport, dport)), 0, data)
 
 
 def ports(protocol: str, sport: int | None = None, dport: int | None = None) -> Match:
@@ -151,10 +151,16 @@ def multiport(destinations: Sequence[PortRange]) -> Match:
     return Match("multiport", f"--dports {words}", 1, data)
 
 
+_PLAIN = re.compile(r"[A-Za-z0-9_-]+")
+
+
 def comment(text: str) -> Match:
+    """`--comment`, quoted as `iptables-save` quotes any string with other characters than these
+    (libxtables' xtables_save_string): containers sharing a UID are listed "app,proxy"."""
     encoded = text.encode()
-    assert len(encoded) < 256 and " " not in text  # -save would quote it
-    return Match("comment", f"--comment {text}", 0, encoded.ljust(256, b"\0"))
+    assert len(encoded) < 256
+    words = text if _PLAIN.fullmatch(text) else '"' + re.sub(r"([\"'\\])", r"\\\1", text) + '"'
+    return Match("comment", f"--comment {words}", 0, encoded.ljust(256, b"\0"))
 
 
 _ADDRTYPES = {"LOCAL": 0x04, "BROADCAST": 0x08, "MULTICAST": 0x20}
@@ -197,9 +203,9 @@ _ICMP: dict[Family, _Icmp] = {
 _SYN_ACK = ("SYN,ACK", "SYN,ACK")
 
 
-def _judged(family: Family) -> list[Rule]:
-    """The packets that stay in the pod, or of which the kernel keeps a copy for it (see WHICH
-    PACKETS): the jumps to our chain."""
+def jump_rules(family: Family) -> list[Rule]:
+    """The rules that must begin OUTPUT, in this order, and be its only jumps to our chain: the
+    packets that stay in the pod, or of which the kernel keeps a copy for it (see WHICH PACKETS)."""
     to_us = jump(CHAIN)
     loopback = "127.0.0.0/8" if family == 4 else "::1/128"
     rules = [Rule(to_us, out_interface="lo"), Rule(to_us, destination=loopback)]
@@ -296,11 +302,6 @@ def chain_rules(rs: RuleSet, family: Family) -> dict[str, list[Rule]]:
 def chains(rs: RuleSet, family: Family) -> dict[str, list[str]]:
     """Our chains' rules as `iptables-save` lists them, less the `-A CHAIN ` prefix."""
     return {chain: list(map(str, rules)) for chain, rules in chain_rules(rs, family).items()}
-
-
-def jump_rules(family: Family) -> list[Rule]:
-    """The rules that must begin OUTPUT, in this order, and be its only jumps to our chain."""
-    return _judged(family)
 
 
 def jumps(family: Family) -> list[str]:

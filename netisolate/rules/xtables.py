@@ -5,7 +5,9 @@ packed into x_tables entries the way libiptc packs them, so what `iptables-save`
 Only a table that holds nothing but its three built-in chains (a new sandbox's) is rebuilt here:
 its layout is then known exactly, and everyone else's rules cannot be lost. The new table is the
 built-in chains with their policies as they were, our jumps first in OUTPUT, our chains (sorted by
-name, as libiptc keeps user chains), and the closing ERROR entry.
+name, as libiptc keeps user chains), and the closing ERROR entry. Unlike libiptc, the built-in
+policies' counters are not carried over (SO_SET_ADD_COUNTERS): a new sandbox's have counted
+nothing that matters yet.
 
 An entry is the IP header part (`ipt_ip` / `ip6t_ip6`), offsets, counters, then its matches and its
 target, each a 32-byte header (size, name, revision) and a struct padded to 8 bytes. A jump is the
@@ -20,6 +22,9 @@ from dataclasses import dataclass
 
 from netisolate.rules.iptables import PROTOCOLS, Family, Rule, Target
 
+# The layouts of a 64-bit process (x86_64, arm64: u64 aligned to 8, pointers of 8 bytes); elsewhere
+# the tools write the table.
+SUPPORTED = struct.calcsize("P") == 8
 _ENTRY: dict[Family, struct.Struct] = {
     # src, dst, smsk, dmsk, iniface, outiface, iniface_mask, outiface_mask, proto, flags, invflags,
     # nfcache, target_offset, next_offset, comefrom, packets, bytes
@@ -27,13 +32,14 @@ _ENTRY: dict[Family, struct.Struct] = {
     # the same, with tos before flags and padding
     6: struct.Struct("=16s16s16s16s16s16s16s16sHBBB3xIHHI4xQQ"),
 }
-_OFFSETS = {4: 88, 6: 140}  # of target_offset (next_offset follows)
+_TARGET_OFFSET = {4: 88, 6: 140}  # of target_offset (next_offset follows)
 _GOTO = {4: 0x02, 6: 0x04}  # IPT_F_GOTO, IP6T_F_GOTO
 _IP6T_F_PROTO = 0x01
 _HEADER = struct.Struct("=H29sB")  # struct xt_entry_match / xt_entry_target
 _VERDICTS = {"ACCEPT": -2, "DROP": -1, "RETURN": -5}  # -NF_ACCEPT - 1, -NF_DROP - 1, XT_RETURN
 _ERROR = "ERROR"
-HOOKS = (1, 2, 3)  # NF_INET_LOCAL_IN, NF_INET_FORWARD, NF_INET_LOCAL_OUT: the filter table's
+HOOKS = (1, 2, 3)  # the filter table's: NF_INET_LOCAL_IN, NF_INET_FORWARD, NF_INET_LOCAL_OUT
+LOCAL_OUT = HOOKS[2]
 VALID_HOOKS = sum(1 << hook for hook in HOOKS)
 _NO_HOOK = 0xFFFFFFFF
 
@@ -117,7 +123,7 @@ def split(family: Family, entries: bytes) -> list[tuple[int, bytes]]:
     while offset < len(entries):
         if len(entries) - offset < _ENTRY[family].size:
             raise LayoutError(f"{len(entries) - offset} bytes at {offset} are no entry")
-        (next_offset,) = struct.unpack_from("=H", entries, offset + _OFFSETS[family] + 2)
+        (next_offset,) = struct.unpack_from("=H", entries, offset + _TARGET_OFFSET[family] + 2)
         if next_offset < _ENTRY[family].size or offset + next_offset > len(entries):
             raise LayoutError(f"an entry at {offset} is {next_offset} bytes long")
         found.append((offset, entries[offset : offset + next_offset]))
@@ -125,33 +131,22 @@ def split(family: Family, entries: bytes) -> list[tuple[int, bytes]]:
     return found
 
 
-def _target_of(family: Family, entry: bytes) -> tuple[str, bytes]:
-    (target_offset,) = struct.unpack_from("=H", entry, _OFFSETS[family])
-    if target_offset < _ENTRY[family].size or target_offset + _HEADER.size > len(entry):
-        raise LayoutError(f"an entry's target is at {target_offset} of its {len(entry)} bytes")
-    _, name, _ = _HEADER.unpack_from(entry, target_offset)
-    return name.rstrip(b"\0").decode(errors="replace"), entry[target_offset + _HEADER.size :]
-
-
 def builtin_policies(
     family: Family, entries: bytes, hook_entry: Sequence[int], underflow: Sequence[int]
 ) -> list[bytes]:
     """The policy entries of INPUT, FORWARD and OUTPUT, from a table that holds nothing else
-    (LayoutError otherwise): each unconditional, without matches, ACCEPT or DROP."""
+    (LayoutError otherwise): each exactly an unconditional ACCEPT or DROP, at its hook."""
     found = split(family, entries)
     if len(found) != len(HOOKS) + 1:
         raise LayoutError(f"the table holds {len(found)} entries, not only its built-in chains")
-    size = _ENTRY[family].size
+    plain = {_entry(family, None, _standard(_VERDICTS[v])) for v in ("ACCEPT", "DROP")}
     policies = []
-    for hook, (offset, entry) in zip(HOOKS, found, strict=False):
-        name, data = _target_of(family, entry)
-        verdict = struct.unpack_from("=i", data)[0] if name == "" else None
-        plain = entry[: _OFFSETS[family]] == _entry(family, None, b"")[: _OFFSETS[family]]
-        in_place = hook_entry[hook] == underflow[hook] == offset
-        if not (plain and in_place and len(entry) == size + len(_standard(0)) and verdict in (-1, -2)):
-            raise LayoutError(f"built-in chain {hook} holds more than its policy")
-        policies.append(_cleared(family, entry))
-    if _target_of(family, found[-1][1]) != (_ERROR, _error(_ERROR)[_HEADER.size :]):
+    for hook, (offset, entry) in zip(HOOKS, found[: len(HOOKS)], strict=True):
+        policy = _cleared(family, entry)
+        if policy not in plain or not hook_entry[hook] == underflow[hook] == offset:
+            raise LayoutError(f"built-in chain {hook} holds more than an ACCEPT or DROP policy")
+        policies.append(policy)
+    if _cleared(family, found[-1][1]) != _entry(family, None, _error(_ERROR)):
         raise LayoutError("the table does not end with its ERROR entry")
     return policies
 
@@ -161,8 +156,6 @@ def table(
 ) -> Table:
     """The table: the built-in chains' `policies` (INPUT, FORWARD, OUTPUT entries, kept as they
     were), `output` first in OUTPUT, then `chains`, each a head, its rules and a RETURN."""
-    if len(policies) != len(HOOKS):
-        raise LayoutError(f"{len(policies)} built-in chains, not {len(HOOKS)}")
 
     def entries(starts: Mapping[str, int]) -> list[bytes]:
         packed = [*policies[:2], *(_entry(family, r, _target(r.target, starts)) for r in output), policies[2]]
