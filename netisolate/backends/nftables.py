@@ -95,6 +95,9 @@ class NftablesBackend:
         return result.returncode, f"{what} failed: {result.stderr.strip()}"
 
     def apply(self, ns: NetNS, ruleset: RuleSet) -> None:
+        ns.run(lambda: self._apply_inside(ns, ruleset))  # its steps on one thread (NetNS.run)
+
+    def _apply_inside(self, ns: NetNS, ruleset: RuleSet) -> None:
         kept = self._kept.get(ns) if ruleset.cgroups is None else None
         if kept is None:
             self._apply(ns, ruleset, None)
@@ -191,7 +194,7 @@ class NftablesBackend:
             return result.returncode, result.stdout, result.stderr
 
         try:
-            status, out, err = ns.run(read_blind) if by_id else self._run(ns, command)
+            status, out, err = ns.run(read_blind, fresh=True) if by_id else self._run(ns, command)
         except blind.BlindError as error:
             raise EnforceError(f"cannot list cgroup rules by ID: {error}") from None
         if status != 0:
