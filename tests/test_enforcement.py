@@ -486,6 +486,24 @@ def test_netns_never_moves_the_caller() -> None:
     here.close()
 
 
+def test_netns_calls_from_inside_share_the_thread_unless_asked_not_to() -> None:
+    with LocalPod(make_pod(GRANTS)) as pod, LocalPod(make_pod(GRANTS)) as other:
+        ns, elsewhere = ns_of(pod), ns_of(other)
+
+        def nested() -> tuple[int, int, int, int]:
+            outer = threading.get_ident()
+            return (
+                outer,
+                ns.run(threading.get_ident),
+                ns.run(threading.get_ident, fresh=True),
+                elsewhere.run(lambda: NetNS.current().inode),
+            )
+
+        outer, same, fresh, entered = ns.run(nested)
+        assert same == outer != fresh
+        assert entered == elsewhere.inode, "another namespace is entered on a thread of its own"
+
+
 @pytest.mark.parametrize("target", ["/run/netns/ni-missing-0000", "/proc/self/ns/uts", "/etc/hostname"])
 def test_netns_open_refuses_what_is_not_a_netns(target: str) -> None:
     with pytest.raises(NetNSError):
