@@ -42,16 +42,22 @@ from netisolate.rules import RuleSet, Settings, build_ruleset, iptables, nft
 UIDS = {"app": 1000, "proxy": 1001, "worker": 1002}
 
 
-def bench_pod(extra_port: int = 0, identity: str = "uid", grants: int = 4) -> Pod:
+def bench_pod(
+    extra_port: int = 0, identity: str = "uid", grants: int = 4, declared_extra: int | None = None
+) -> Pod:
     """Each container is granted `grants` ports, which the next one declares it serves (so the
-    loopback connections, app → proxy on 8000, pass the SYN-ACK ownership rules too)."""
+    loopback connections, app → proxy on 8000, pass the SYN-ACK ownership rules too). The
+    declared ports move with the grants by `extra_port`, or by `declared_extra` (a running pod's
+    policy change moves its grants alone: its containers' ports are fixed)."""
     annotations = {"netisolate.io/isolation": "enforce", "netisolate.io/identity": identity}
     names = list(UIDS)
     served: dict[str, list[dict[str, int]]] = {}
+    moved = extra_port if declared_extra is None else declared_extra
     for i, name in enumerate(names):
         ports = [8000 + 100 * i + extra_port + p for p in range(grants)]
         annotations[f"allow.netisolate.io/{name}"] = ", ".join(map(str, ports))
-        served[names[(i + 1) % len(names)]] = [{"containerPort": port} for port in ports]
+        declared = [8000 + 100 * i + moved + p for p in range(grants)]
+        served[names[(i + 1) % len(names)]] = [{"containerPort": port} for port in declared]
     containers = [
         {"name": n, "securityContext": {"runAsUser": u}, "ports": served[n]} for n, u in UIDS.items()
     ]

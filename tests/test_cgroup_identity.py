@@ -16,6 +16,8 @@ from netisolate.agent.cgroups import NodeCgroups, container_ids, named, runtime_
 from netisolate.agent.hierarchy import below, v2_mounts
 from netisolate.agent.reconcile import Reconciler
 from netisolate.backends import EnforceError, select_backend
+from netisolate.backends.kept import KeptSockets
+from netisolate.backends.nftables import NftablesBackend
 from netisolate.learning import Observed, learned
 from netisolate.localpod import LocalPod
 from netisolate.model import Pod, parse_pod
@@ -98,7 +100,10 @@ def test_rules_name_cgroups_by_id_when_listed_and_by_path_when_loaded() -> None:
     listed, loaded = nft.table(rs), nft.create(rs)
     assert "elements = { 101 }" in listed and f"{POD_DIR}/a" not in listed
     assert f'elements = {{ "{POD_DIR}/a" }}' in loaded
-    assert 'socket cgroupv2 level 4 @c-app tcp dport 15001 accept comment "app"' in listed
+    # grants are one lookup in a set keyed by cgroup, protocol and port (rule 8)
+    assert "socket cgroupv2 level 4 . meta l4proto . th dport @grants accept" in listed
+    assert '101 . tcp . 15001 comment "app"' in listed and '101 . udp . 5353 comment "app"' in listed
+    assert f'"{POD_DIR}/a" . tcp . 15001 comment "app"' in loaded
     assert "socket cgroupv2 level 3 @pod goto refuse" in listed
     # the runtime exception comes after everything of the pod's own cgroup is refused
     assert listed.index("@pod goto refuse") < listed.index("meta skuid 0 accept")
@@ -113,7 +118,8 @@ def test_uid_and_cgroup_must_both_match() -> None:
     rs = build_ruleset(pod_policy(shared_uid_pod("uid+cgroup"), {}), Settings(), cgroups=SEEN)
     assert rs is not None
     listed = nft.table(rs)
-    assert 'meta skuid 1000 socket cgroupv2 level 4 @c-app tcp dport 15001 accept comment "app"' in listed
+    assert "meta skuid . socket cgroupv2 level 4 . meta l4proto . th dport @grants accept" in listed
+    assert '1000 . 101 . tcp . 15001 comment "app"' in listed
     assert "udp sport 5353 meta skuid != 1000 goto refuse" in listed
     assert "tcp sport 8080 meta skuid 1000 accept" in listed  # the serve chain: SYN-ACKs
 
@@ -136,14 +142,46 @@ def test_an_id_change_is_an_element_update() -> None:
         pod_policy(shared_uid_pod(**{"allow.netisolate.io/app": "15002"}), {}), Settings(), cgroups=SEEN
     )
     assert regranted is not None and not regranted.same_but_cgroups(before)
-    # the new cgroup first (the grants hold from then), the old one after; nothing else is touched
-    add = f'add element inet netisolate c-app {{ "{POD_DIR}/a2" }}\n'
-    assert nft.elements(after, before) == (add, f"flush set inet netisolate c-app\n{add}")
+    # the new cgroup first, in its set and the grants (which hold from then), the old one out
+    # after; nothing else is touched
+    a2, proxy = f'"{POD_DIR}/a2"', f'"{POD_DIR}/p" . tcp . 8080 comment "proxy"'
+    app_grants = f'{a2} . tcp . 15001 comment "app", {a2} . udp . 5353 comment "app"'
+    add = f"add element inet netisolate c-app {{ {a2} }}\n"
+    assert nft.elements(after, before) == (
+        f"{add}add element inet netisolate grants {{ {app_grants} }}\n",
+        f"flush set inet netisolate c-app\n{add}"
+        f"flush set inet netisolate grants\nadd element inet netisolate grants {{ {app_grants}, {proxy} }}\n",
+    )
     gone = replace(SEEN, containers=SEEN.containers[1:])  # the app exited: its set is emptied
     assert nft.elements(build_ruleset(policy, Settings(), cgroups=gone), before) == (  # type: ignore[arg-type]
         "",
-        "flush set inet netisolate c-app\n",
+        f"flush set inet netisolate c-app\nflush set inet netisolate grants\n"
+        f"add element inet netisolate grants {{ {proxy} }}\n",
     )
+
+
+def test_a_policy_change_is_a_refill_of_the_grant_sets_alone() -> None:
+    before = build_ruleset(pod_policy(shared_uid_pod(), {}), Settings(), cgroups=SEEN)
+    regranted = build_ruleset(
+        pod_policy(shared_uid_pod(**{"allow.netisolate.io/app": "15002,6000-6010,5353/udp"}), {}),
+        Settings(),
+        cgroups=SEEN,
+    )
+    assert before is not None and regranted is not None
+    delta = nft.update(regranted, nft.expected(before))
+    app = f'"{POD_DIR}/a"'
+    assert delta == (
+        "flush set inet netisolate grant_ranges\n"
+        f'add element inet netisolate grant_ranges {{ {app} . tcp . 6000-6010 comment "app" }}\n'
+        "flush set inet netisolate grants\n"
+        f'add element inet netisolate grants {{ {app} . tcp . 15002 comment "app", '
+        f'{app} . udp . 5353 comment "app", "{POD_DIR}/p" . tcp . 8080 comment "proxy" }}\n'
+    )
+    assert nft.update(before, nft.expected(before)) == ""
+    audited = build_ruleset(
+        pod_policy(shared_uid_pod(**{"netisolate.io/isolation": "audit"}), {}), Settings(), cgroups=SEEN
+    )
+    assert audited is not None and nft.update(audited, nft.expected(before)) is None  # a new layout
 
 
 def test_cgroup_paths_under_the_mount_the_agent_sees() -> None:
@@ -291,18 +329,31 @@ def test_loaded_by_path_listed_by_id_and_exact(local: LocalPod, monkeypatch: pyt
     monkeypatch.setattr(backend, "apply", no_new_table)
     backend.update_cgroups(local.ns, after, rs)
     assert backend.verify(local.ns, after) == []
-    assert backend.verify(local.ns, rs) == [  # a set's elements are compared as a set
+    drift = backend.verify(local.ns, rs)  # a set's elements are compared as a set
+    assert drift == [
         f"missing in set c-app: {old_app.id}",
         f"unexpected in set c-app: {new_app.id}",
+        *(
+            f'missing in set grants: {old_app.id} . {grant} comment "app"'
+            for grant in ("tcp . 15001", "udp . 5353")
+        ),
+        *(
+            f'unexpected in set grants: {new_app.id} . {grant} comment "app"'
+            for grant in ("tcp . 15001", "udp . 5353")
+        ),
     ]
-    # a cgroup that vanished before it could be loaded fails the update (the agent retries)
+    # a cgroup that vanished meanwhile: over the kept socket its ID goes in (no socket can be in
+    # it again); by `nft -f`, which needs its path, the update fails (the agent retries)
     fresh.rmdir()
     gone = build_ruleset(pod_policy(local.pod, {}), Settings(), cgroups=replace(restarted, containers=()))
     assert gone is not None
     backend.update_cgroups(local.ns, gone, after)
     assert backend.verify(local.ns, gone) == []
+    backend.update_cgroups(local.ns, after, gone)
+    assert backend.verify(local.ns, after) == []
+    without_socket = NftablesBackend(kept=KeptSockets(limit=0))
     with pytest.raises(EnforceError, match="updating"):
-        backend.update_cgroups(local.ns, after, gone)
+        without_socket.update_cgroups(local.ns, after, gone)
 
 
 @pytest_kernel
@@ -339,6 +390,48 @@ def test_a_container_reaches_only_its_grants_whatever_its_uid(local: LocalPod) -
     assert set(learned(rs, {}, inspection.observed, cap=10)) == {
         Observed(name, "tcp", port) for name, port in refused if name != "app-restarted"
     }
+
+
+@pytest_kernel
+@pytest.mark.parametrize("identity", ["cgroup", "uid+cgroup"])
+def test_a_policy_change_is_an_element_update(identity: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    with LocalPod(shared_uid_pod(identity)) as local:
+        changed_in_place(local, monkeypatch)
+
+
+def changed_in_place(local: LocalPod, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The grants move from 15001 to 15002 (and a range) in the same table, over the kept socket:
+    no new table (what was learned stays), no process, exact afterwards, and the app reaches only
+    its new grant."""
+    assert local.ns is not None
+    local.listen("proxy", ["15001", "15002"])
+    backend, cgroups = select_backend("nftables"), local.cgroups()
+    rs = build_ruleset(pod_policy(local.pod, {}), Settings(), cgroups=cgroups)
+    assert rs is not None
+    backend.apply(local.ns, rs)
+    targets = [("127.0.0.1", 15001, "tcp"), ("127.0.0.1", 15002, "tcp")]
+    assert local.probe(1000, targets, container="app") == ["open", "refused"]
+    annotations = {
+        **(local.pod.metadata.annotations or {}),
+        "allow.netisolate.io/app": "15002,6000-6010,5353/udp",
+    }
+    regranted = local.pod.model_copy(
+        update={"metadata": local.pod.metadata.model_copy(update={"annotations": annotations})}
+    )
+    after = build_ruleset(pod_policy(regranted, {}), Settings(), cgroups=cgroups)
+    assert after is not None
+
+    def no_new_table(*args: object) -> str:
+        raise AssertionError("a policy change must not load a new table")
+
+    monkeypatch.setattr(nft, "replace", no_new_table)
+    monkeypatch.setattr(nft, "create", no_new_table)
+    monkeypatch.setattr("netisolate.backends.nftables.run_tool", no_new_table)  # nor fork nft
+    backend.apply(local.ns, after)
+    assert backend.verify(local.ns, after) == []
+    assert local.probe(1000, targets, container="app") == ["refused", "open"]
+    observed = backend.inspect(local.ns, after).observed
+    assert (str(dict(cgroups.containers)["app"].id), "tcp", 15002) in {o[:3] for o in observed}
 
 
 def test_a_new_cgroup_is_named_by_its_runtime_bundle(tmp_path: Path) -> None:

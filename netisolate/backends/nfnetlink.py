@@ -12,8 +12,8 @@ and neither sends a batch generation nor collects a batch's errors, both of whic
 A batch carries the ruleset generation its delta was computed against (NFNL_BATCH_GENID): the
 kernel refuses it whole (ERESTART) if anything changed the namespace's nftables since, so an update
 from a remembered listing is as exact as one from a fresh read. Elements are encoded as nft
-encodes them: each field of a concatenated key padded to 4 bytes, a UID in host order (in network
-order in an interval set, where nft converts it), ports in network order, an interval's end as
+encodes them: each field of a concatenated key padded to 4 bytes, a UID or a cgroup ID in host order
+(in network order in an interval set, where nft converts it), ports in network order, an interval's end as
 KEY_END, a comment as nftnl user data, `counter` as the element's expression.
 """
 
@@ -88,6 +88,21 @@ def _field(expression: str, interval: bool) -> str:
     raise UnsupportedError(f"key field {expression!r}")
 
 
+# the struct format of a field of a set declared by `type`: (without intervals, in an interval set)
+_TYPES = {
+    "uid": ("=I", ">I"),
+    "cgroupsv2": ("=Q", ">Q"),  # a cgroup's ID, 8 bytes
+    "inet_proto": ("B", "B"),
+    "inet_service": (">H", ">H"),
+}
+
+
+def _typed(name: str, interval: bool) -> str:
+    if name not in _TYPES:
+        raise UnsupportedError(f"key type {name!r}")
+    return _TYPES[name][interval]
+
+
 @dataclass(frozen=True)
 class SetKey:
     """How a set's elements are keyed: one struct format per field, and whether it holds intervals."""
@@ -97,12 +112,16 @@ class SetKey:
 
     @classmethod
     def of(cls, declaration: Sequence[str]) -> SetKey:
-        """From a set's declaration lines as nft lists them (`typeof A . B`, `flags interval`)."""
-        typeof = next((line[len("typeof ") :] for line in declaration if line.startswith("typeof ")), None)
-        if typeof is None:
-            raise UnsupportedError("a set not declared by typeof")
+        """From a set's declaration lines as nft lists them (`typeof A . B` or `type A . B`,
+        `flags interval`)."""
         interval = any(line.startswith("flags ") and "interval" in line for line in declaration)
-        return cls(tuple(_field(part, interval) for part in typeof.split(" . ")), interval)
+        for line in declaration:
+            kind, _, key = line.partition(" ")
+            if kind == "typeof":
+                return cls(tuple(_field(part, interval) for part in key.split(" . ")), interval)
+            if kind == "type":
+                return cls(tuple(_typed(part, interval) for part in key.split(" . ")), interval)
+        raise UnsupportedError("a set declared by neither type nor typeof")
 
 
 _ELEMENT = re.compile(r'(?P<key>.+?)(?P<counter> counter)?(?: comment "(?P<comment>[^"]*)")?')

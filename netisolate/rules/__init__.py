@@ -74,7 +74,8 @@ container is known by its cgroup (v2) at the containers' level of the hierarchy 
 level N`, the ancestor of the socket's cgroup at depth N): sockets a container creates can only be
 in its own cgroup, whatever UID it runs as, so containers may share a UID or run as root. Each
 container has a set of its own holding its cgroup's ID (empty until the agent has seen the cgroup),
-so a restart — a new cgroup — is an element update, not a new ruleset. The same decisions as above,
+and the grants name the same cgroup, so a restart — a new cgroup — is an element update, not a new
+ruleset. The same decisions as above,
 with the container's cgroup (and, under uid+cgroup, its UID too) in place of the UID:
 
 - 4: a UDP datagram from a declared port passes only from a declaring container's cgroup;
@@ -83,7 +84,9 @@ with the container's cgroup (and, under uid+cgroup, its UID too) in place of the
 - 7: the runtime exception (UID 0) comes after the grants and after a catch-all that refuses
   every other socket of the pod's own cgroup, one level up. A container whose new cgroup the
   agent has not seen yet is refused, never let through as the runtime or given another's grant;
-- 8: a container's cgroup passes to its grants;
+- 8: a container's cgroup passes to its grants: one lookup of cgroup . protocol . port (under
+  uid+cgroup UID . cgroup . protocol . port) in the grant sets, which hold each grant once per
+  cgroup its container is known by, so a changed policy is an element update here too;
 - 9: what is left of the pod's own cgroup is recorded by the container's cgroup ID (under
   uid+cgroup too: the cgroup is what tells containers apart), then refused; sockets of other
   cgroups are not recorded, so nothing outside the pod fills its record;

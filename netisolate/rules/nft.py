@@ -17,7 +17,11 @@ every pod of a given shape and a changed policy is an element update inside the 
 
 The identity is the key `IDENTITY` names (the socket's UID); the sets are declared with `typeof`
 that key, so an identity of another kind changes the key, not the layout. Cgroup identity has a set
-per container instead (`_sets`) and the same `observed`, keyed by the container's cgroup ID.
+per container holding its cgroup (`c-<name>`, which the owner rules and the refusal counters name)
+and the pod's (`pod`), the same `grants` and `grant_ranges` keyed by the container's cgroup ID
+(`_grant_key`: the UID first under uid+cgroup), and the same `observed`. Its elements name cgroups
+by path when loaded and by ID when listed; nft 1.0 deletes none by ID, so a set that must lose an
+element is flushed and refilled in one transaction (`elements`, `update`).
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 
 from netisolate.policy import PortRange
-from netisolate.rules import Cgroup, CgroupOwner, CgroupRules, Member, RuleSet
+from netisolate.rules import Cgroup, CgroupOwner, CgroupRules, RuleSet
 
 TABLE = "netisolate"
 IDENTITY = "meta skuid"
@@ -86,10 +90,10 @@ def _comment(containers: str) -> str:
 
 
 def sets(rs: RuleSet) -> tuple[NftSet, ...]:
-    """The table's named sets with the elements this ruleset wants, in a stable order (UID
-    identity; cgroup identity has a set per container, see `_sets`)."""
+    """The table's named sets with the elements this ruleset wants (cgroups by ID, as listed), in
+    a stable order."""
     if rs.cgroups is not None:
-        return ()
+        return _cgroup_sets(rs.cgroups, loading=False)
     grants = [
         (p.low == p.high, f"{g.uid} . {g.protocol} . {_port(p)}{_comment(g.containers)}")
         for g in rs.grants
@@ -189,10 +193,6 @@ def _one_or_set(items: list[str]) -> str:
     return items[0] if len(items) == 1 else "{ " + ", ".join(items) + " }"
 
 
-def _ports(ports: tuple[PortRange, ...]) -> str:
-    return _one_or_set([_port(p) for p in ports])
-
-
 # --- cgroup identity (see CGROUP IDENTITY) -----------------------------------------------------
 
 
@@ -201,9 +201,38 @@ def _in(cg: CgroupRules, set_name: str, level: int | None = None, negated: bool 
     return f"socket cgroupv2 level {depth} {'!= ' if negated else ''}@{set_name}"
 
 
-def _member(cg: CgroupRules, m: Member) -> str:
-    """The match for a member's sockets: its cgroup, and under uid+cgroup its UID as well."""
-    return (f"meta skuid {m.uid} " if cg.by_uid else "") + _in(cg, m.set)
+def _grant_key(cg: CgroupRules) -> tuple[str, str]:
+    """The grant sets' key: its type, and what a packet is looked up by (under uid+cgroup the
+    socket's UID too). `type`, not `typeof`: see `_sets`."""
+    flow = f"socket cgroupv2 level {cg.level} . meta l4proto . th dport"
+    if cg.by_uid:
+        return "type uid . cgroupsv2 . inet_proto . inet_service", f"meta skuid . {flow}"
+    return "type cgroupsv2 . inet_proto . inet_service", flow
+
+
+def _grants(cg: CgroupRules, loading: bool) -> tuple[list[str], list[str]]:
+    """Rule 8's elements by cgroup: (single ports, port ranges), each member's grants once per
+    cgroup the rules know it by. A member not seen yet has none: it is refused everything."""
+    single: list[str] = []
+    ranges: list[str] = []
+    for m in cg.usable():
+        if m.cgroup is None:
+            continue
+        who = (f"{m.uid} . " if cg.by_uid else "") + _element(m.cgroup, loading)
+        for protocol, ports in m.grants:
+            for p in ports:
+                (single if p.low == p.high else ranges).append(
+                    f"{who} . {protocol} . {_port(p)}{_comment(m.name)}"
+                )
+    return single, ranges
+
+
+def _cgroup_elements(cg: CgroupRules, loading: bool) -> dict[str, list[str]]:
+    """Every set of ours whose elements name cgroups, with them: the pod's, each container's, the
+    grants."""
+    found = {name: [_element(cgroup, loading)] if cgroup else [] for name, cgroup in cg.elements()}
+    single, ranges = _grants(cg, loading)
+    return {**found, "grants": single, "grant_ranges": ranges}
 
 
 def _not_owner(cg: CgroupRules, owner: CgroupOwner) -> str:
@@ -222,11 +251,8 @@ def _judging_by_cgroup(rs: RuleSet, cg: CgroupRules) -> list[str]:
     if rs.stateful:
         rules.append("ct direction reply accept")
     rules.append(_sentinel(rs))
-    rules += [
-        f'{_member(cg, m)} {protocol} dport {_ports(ports)} accept comment "{m.name}"'
-        for m in cg.usable()
-        for protocol, ports in m.grants
-    ]
+    key = _grant_key(cg)[1]
+    rules += [f"{key} @grants accept", f"{key} @grant_ranges accept"]
     in_pod = _in(cg, "pod", level=cg.level - 1)
     rules.append(f"{in_pod} {_RECORDED} {{ socket cgroupv2 level {cg.level} . meta l4proto . th dport }}")
     rules.append(f"{in_pod} goto refuse")
@@ -255,33 +281,43 @@ def _element(cgroup: Cgroup, loading: bool) -> str:
     return f'"{cgroup.path}"' if loading else str(cgroup.id)
 
 
-def _sets(cg: CgroupRules, loading: bool) -> list[str]:
-    blocks = []
-    for name, cgroup in cg.elements():
-        lines = ["type cgroupsv2", *([f"elements = {{ {_element(cgroup, loading)} }}"] if cgroup else [])]
-        blocks.append(f"\tset {name} {{\n" + "".join(f"\t\t{line}\n" for line in lines) + "\t}")
+def _cgroup_sets(cg: CgroupRules, loading: bool) -> tuple[NftSet, ...]:
     # `type`, not `typeof`: nft 1.0.6 lists a `typeof socket cgroupv2 level N` key back as level 0
-    return [*blocks, _set_block(_observed("type cgroupsv2 . inet_proto . inet_service"))]
+    elements = _cgroup_elements(cg, loading)
+    key = _grant_key(cg)[0]
+    declared: dict[str, tuple[str, ...]] = {name: ("type cgroupsv2",) for name, _ in cg.elements()}
+    declared |= {"grants": (key,), "grant_ranges": (key, "flags interval")}
+    sets_ = (NftSet(name, declaration, tuple(elements[name])) for name, declaration in declared.items())
+    return (*sets_, _observed("type cgroupsv2 . inet_proto . inet_service"))
 
 
 def elements(rs: RuleSet, installed: RuleSet) -> tuple[str, str]:
     """Two `nft -f` documents that turn the sets of `installed` into those of `rs`: first the new
-    cgroups are added (~1 ms: the grants hold from here), then the old ones cleared out (which
-    waits ~15 ms in the kernel for RCU). nft 1.0 takes a cgroup only by path, so an element whose
-    cgroup is gone cannot be deleted by name: the set is flushed and refilled in one transaction,
-    never empty in between. Until then it also holds the removed cgroup's ID, which nothing can be
-    in again (IDs are not reused). Either document may be empty."""
+    cgroups are added, to the containers' sets and the grants (~1 ms: the grants hold from here),
+    then the old ones cleared out (which waits ~15 ms in the kernel for RCU). nft 1.0 takes a
+    cgroup only by path, so an element whose cgroup is gone cannot be deleted by name: the set is
+    flushed and refilled in one transaction, never empty in between. Until then it also holds the
+    removed cgroup's ID, which nothing can be in again (IDs are not reused). Either document may
+    be empty."""
     assert rs.cgroups is not None and installed.cgroups is not None
-    old = dict(installed.cgroups.elements())
+    ids, paths = _cgroup_elements(rs.cgroups, False), _cgroup_elements(rs.cgroups, True)
+    old = _cgroup_elements(installed.cgroups, False)
     added, cleared = [], []
-    for name, cgroup in rs.cgroups.elements():
-        if old.get(name) == cgroup:
-            continue
-        add = f"add element inet {TABLE} {name} {{ {_element(cgroup, True)} }}" if cgroup else ""
-        added += [add] if add else []
-        if old.get(name) is not None:
-            cleared += [f"flush set inet {TABLE} {name}", *([add] if add else [])]
-    return "".join(f"{line}\n" for line in added), "".join(f"{line}\n" for line in cleared)
+    for name, wanted in ids.items():
+        fresh = [path for key, path in zip(wanted, paths[name], strict=True) if key not in old.get(name, [])]
+        added += [_added(name, fresh)] if fresh else []
+        if set(old.get(name, [])) - set(wanted):
+            cleared.append(_refilled(name, paths[name]))
+    return "".join(added), "".join(cleared)
+
+
+def _added(name: str, items: list[str]) -> str:
+    return f"add element inet {TABLE} {name} {{ {', '.join(items)} }}\n"
+
+
+def _refilled(name: str, items: list[str]) -> str:
+    """A set emptied and filled anew, in the same transaction."""
+    return f"flush set inet {TABLE} {name}\n" + (_added(name, items) if items else "")
 
 
 def _deny(rs: RuleSet) -> list[str]:
@@ -315,7 +351,8 @@ def table(rs: RuleSet, loading: bool = False) -> str:
     }
     if rs.cgroups is not None and rs.cgroups.owners:
         chains["input"] = _receiving(rs.cgroups)
-    blocks = _sets(rs.cgroups, loading) if rs.cgroups is not None else [_set_block(s) for s in sets(rs)]
+    declared = _cgroup_sets(rs.cgroups, loading) if rs.cgroups is not None else sets(rs)
+    blocks = [_set_block(s) for s in declared]
     blocks += [
         f"\tchain {name} {{\n" + "".join(f"\t\t{line}\n" for line in lines) + "\t}"
         for name, lines in chains.items()
@@ -393,8 +430,12 @@ def update(rs: RuleSet, listed: Listing) -> str | None:
     """The `nft -f` document that turns a listed table with this ruleset's layout into exactly this
     ruleset by element updates alone — one transaction, so no packet sees a half-changed policy —
     or None when the layout differs (then only `replace` will do). "" when nothing is to change."""
-    if rs.cgroups is not None or expected(rs).layout != listed.layout:
-        return None  # cgroup identity: `elements` updates its sets, anything else is a replace
+    if expected(rs).layout != listed.layout:
+        return None
+    if rs.cgroups is not None:  # listed by ID, loaded by path: each changed set is refilled
+        paths = _cgroup_elements(rs.cgroups, True)
+        changed = [name for name, missing, unexpected in element_changes(rs, listed) if missing or unexpected]
+        return "".join(_refilled(name, paths.get(name, [])) for name in changed)
     interval = {s.name for s in sets(rs) if "flags interval" in s.declaration}
     lines = []
     for name, missing, unexpected in element_changes(rs, listed):
