@@ -57,7 +57,15 @@ from netisolate.rules.iptables import (
     jumps,
     jumps_in_place,
 )
-from netisolate.rules.xtables import LOCAL_OUT, SUPPORTED, VALID_HOOKS, LayoutError, builtin_policies, table
+from netisolate.rules.xtables import (
+    HOOKS,
+    LOCAL_OUT,
+    SUPPORTED,
+    VALID_HOOKS,
+    LayoutError,
+    builtin_policies,
+    table,
+)
 
 log = logging.getLogger(__name__)
 
@@ -240,25 +248,33 @@ def written_in_process(ns: NetNS, ruleset: RuleSet) -> bool:
 
 
 def _replaced_if_pristine(family: Family, ruleset: RuleSet) -> bool:
-    path = lock_file(family)
-    with xtables.locked(path, _TOOL_TIMEOUT_S) as held, xtables.opened(family) as raw:
-        if not held:
-            raise EnforceError(
-                f"loading {ruleset.pod}'s IPv{family} rules failed (in-process): no answer within "
-                f"{_TOOL_TIMEOUT_S:.0f} s ({path} stayed locked)"
-            )
-        info = xtables.info(raw, family)
-        if info.valid_hooks != VALID_HOOKS:
+    with xtables.opened(family) as raw:
+        if not _may_be_pristine(xtables.info(raw, family)):  # a used table: no lock to wait for
             return False
-        try:
-            policies = builtin_policies(
-                family, xtables.entries(raw, family, info.size), info.hook_entry, info.underflow
-            )
-        except LayoutError:
-            return False
-        new = table(family, policies, jump_rules(family), chain_rules(ruleset, family))
-        xtables.replace(raw, family, new, info.num_entries)
+        path = lock_file(family)
+        with xtables.locked(path, _TOOL_TIMEOUT_S) as held:
+            if not held:
+                raise EnforceError(
+                    f"loading {ruleset.pod}'s IPv{family} rules failed (in-process): no answer within "
+                    f"{_TOOL_TIMEOUT_S:.0f} s ({path} stayed locked)"
+                )
+            info = xtables.info(raw, family)  # again, now that no writer of ours can change it
+            if not _may_be_pristine(info):
+                return False
+            try:
+                entries = xtables.entries(raw, family, info.size)
+                policies = builtin_policies(family, entries, info.hook_entry, info.underflow)
+            except LayoutError:
+                return False
+            new = table(family, policies, jump_rules(family), chain_rules(ruleset, family))
+            xtables.replace(raw, family, new, info.num_entries)
     return True
+
+
+def _may_be_pristine(info: xtables.Info) -> bool:
+    """What the table's info alone says: the filter table's hooks, and one entry per built-in
+    chain and the closing one (`builtin_policies` reads the rest)."""
+    return info.valid_hooks == VALID_HOOKS and info.num_entries == len(HOOKS) + 1
 
 
 class IptablesBackend:
