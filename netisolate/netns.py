@@ -109,6 +109,17 @@ class NetNS:
         except OSError as err:
             raise NetNSError(f"cannot enter network namespace {self.path}: {err.strerror}") from None
 
+    @classmethod
+    def of_process(cls) -> NetNS:
+        """The process's own namespace: its main thread's, which NetNS.run never moves."""
+        return cls.open("/proc/self/ns/net")
+
+    def move_here(self) -> None:
+        """Move the calling thread into this namespace for good: for a long-lived thread of ours
+        that was started from a thread inside a pod's namespace (threads inherit it)."""
+        self._enter()
+        _inside.inode = None
+
     def run(self, fn: Callable[[], T], fresh: bool = False) -> T:
         """Run fn on a thread of its own that enters this namespace and ends with the call, so no
         thread outlives its work inside a pod's namespace. Processes fn starts live in the namespace.
@@ -123,7 +134,7 @@ class NetNS:
         def inside() -> None:
             try:
                 self._enter()
-                _inside.inode = self.inode
+                _inside.inode = None if fresh else self.inode  # fn may move a fresh thread further
                 outcome["value"] = fn()
             except BaseException as err:  # handed to the caller, whatever it is
                 outcome["error"] = err

@@ -15,7 +15,7 @@ import pytest
 from netisolate.agent.cgroups import NodeCgroups, container_ids, named, runtime_name, v2_path
 from netisolate.agent.hierarchy import below, v2_mounts
 from netisolate.agent.reconcile import Reconciler
-from netisolate.backends import EnforceError, select_backend
+from netisolate.backends import EnforceError, run_tool, select_backend
 from netisolate.backends.kept import KeptSockets
 from netisolate.backends.nftables import NftablesBackend
 from netisolate.learning import Observed, learned
@@ -327,7 +327,11 @@ def test_loaded_by_path_listed_by_id_and_exact(local: LocalPod, monkeypatch: pyt
         raise AssertionError("an element update must not load a new table")
 
     monkeypatch.setattr(backend, "apply", no_new_table)
-    backend.update_cgroups(local.ns, after, rs)
+    # someone else's commit in the namespace: what the backend knew is stale, so it reads again
+    assert run_tool(local.ns, ["nft", "add", "table", "ip", "someone"]).returncode == 0
+    with monkeypatch.context() as no_fork:  # one transaction over the kept socket, no `nft -f`
+        no_fork.setattr("netisolate.backends.nftables.run_tool", no_new_table)
+        backend.update_cgroups(local.ns, after, rs)
     assert backend.verify(local.ns, after) == []
     drift = backend.verify(local.ns, rs)  # a set's elements are compared as a set
     assert drift == [
@@ -402,15 +406,15 @@ def test_a_policy_change_is_an_element_update(identity: str, monkeypatch: pytest
 def changed_in_place(local: LocalPod, monkeypatch: pytest.MonkeyPatch) -> None:
     """The grants move from 15001 to 15002 (and a range) in the same table, over the kept socket:
     no new table (what was learned stays), no process, exact afterwards, and the app reaches only
-    its new grant."""
+    its new grant; and back, the range deleted by ID."""
     assert local.ns is not None
-    local.listen("proxy", ["15001", "15002"])
+    local.listen("proxy", ["15001", "15002", "6005", "6011"])
     backend, cgroups = select_backend("nftables"), local.cgroups()
     rs = build_ruleset(pod_policy(local.pod, {}), Settings(), cgroups=cgroups)
     assert rs is not None
     backend.apply(local.ns, rs)
-    targets = [("127.0.0.1", 15001, "tcp"), ("127.0.0.1", 15002, "tcp")]
-    assert local.probe(1000, targets, container="app") == ["open", "refused"]
+    targets = [("127.0.0.1", port, "tcp") for port in (15001, 15002, 6005, 6011)]
+    assert local.probe(1000, targets, container="app") == ["open", "refused", "refused", "refused"]
     annotations = {
         **(local.pod.metadata.annotations or {}),
         "allow.netisolate.io/app": "15002,6000-6010,5353/udp",
@@ -429,9 +433,13 @@ def changed_in_place(local: LocalPod, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr("netisolate.backends.nftables.run_tool", no_new_table)  # nor fork nft
     backend.apply(local.ns, after)
     assert backend.verify(local.ns, after) == []
-    assert local.probe(1000, targets, container="app") == ["refused", "open"]
+    assert local.probe(1000, targets, container="app") == ["refused", "open", "open", "refused"]
+    assert local.probe(1000, targets, container="proxy") == ["refused"] * 4  # the app's grants only
     observed = backend.inspect(local.ns, after).observed
     assert (str(dict(cgroups.containers)["app"].id), "tcp", 15002) in {o[:3] for o in observed}
+    backend.apply(local.ns, rs)
+    assert backend.verify(local.ns, rs) == []
+    assert local.probe(1000, targets, container="app") == ["open", "refused", "refused", "refused"]
 
 
 def test_a_new_cgroup_is_named_by_its_runtime_bundle(tmp_path: Path) -> None:

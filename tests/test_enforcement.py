@@ -20,6 +20,8 @@ import pytest
 from netisolate import scenarios
 from netisolate.backends import Backend, EnforceError, apply_many, run_tool, select_backend
 from netisolate.backends.iptables import empty_outputs, lock_file
+from netisolate.backends.kept import KeptSockets
+from netisolate.backends.nftables import NftablesBackend
 from netisolate.cli import main
 from netisolate.localpod import (
     ALL_ADDRESSES,
@@ -484,6 +486,25 @@ def test_netns_never_moves_the_caller() -> None:
         assert NetNS.current().inode == here.inode
         threading.Thread(target=lambda: None).start()
     here.close()
+
+
+@pytest.mark.parametrize("backend_name", BACKENDS)
+def test_no_thread_stays_in_a_pods_namespace(backend_name: str) -> None:
+    """Whatever an apply starts (the kept sockets' sweeper, first of all) ends or leaves the
+    pod's namespace: a thread left inside would keep the namespace, its rules and all, alive."""
+    backend = (
+        NftablesBackend(kept=KeptSockets()) if backend_name == "nftables" else select_backend(backend_name)
+    )
+    own = os.stat("/proc/self/ns/net").st_ino
+    with LocalPod(make_pod(GRANTS)) as pod:
+        backend.apply(ns_of(pod), ruleset_for(pod.pod))
+        time.sleep(0.1)  # a thread that would move out has had the time to
+        inside = [
+            task
+            for task in os.listdir("/proc/self/task")
+            if os.stat(f"/proc/self/task/{task}/ns/net").st_ino != own
+        ]
+    assert inside == [], f"threads left in the pod's namespace: {inside}"
 
 
 def test_netns_calls_from_inside_share_the_thread_unless_asked_not_to() -> None:

@@ -116,6 +116,10 @@ class KeptSockets:
             self._sweeper.start()
 
     def _sweep_forever(self) -> None:
+        # Started by whichever thread first keeps a socket: one inside a pod's namespace, which
+        # this thread would inherit and keep alive for good. It joins the process's own first.
+        with NetNS.of_process() as own:
+            own.move_here()
         while True:
             time.sleep(self._sweep_every_s)
             try:

@@ -86,6 +86,10 @@ def run(args: argparse.Namespace) -> int:
         ruleset = build_ruleset(policy, pod_settings, cgroups=PodCgroups(args.cgroup_level))
         if ruleset is None:
             continue
+        if ruleset.cgroups is not None:  # the grant sets fill as the agent names cgroups
+            for member in ruleset.cgroups.usable():
+                ranges = tuple(p for _, ports in member.grants for p in ports)
+                print(f"# grants {member.name}, by its cgroup: {format_grants(ranges) or 'nothing'}")
         if args.backend == "nftables":
             print(nft.replace(ruleset), end="")
         else:

@@ -31,6 +31,7 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import lru_cache
+from typing import NamedTuple
 
 from netisolate.policy import PortRange
 from netisolate.rules import Cgroup, CgroupOwner, CgroupRules, RuleSet
@@ -201,13 +202,20 @@ def _in(cg: CgroupRules, set_name: str, level: int | None = None, negated: bool 
     return f"socket cgroupv2 level {depth} {'!= ' if negated else ''}@{set_name}"
 
 
-def _grant_key(cg: CgroupRules) -> tuple[str, str]:
-    """The grant sets' key: its type, and what a packet is looked up by (under uid+cgroup the
-    socket's UID too). `type`, not `typeof`: see `_sets`."""
+class GrantKey(NamedTuple):
+    """The grant sets' key under cgroup identity: how they are declared, and what a packet is
+    looked up by (under uid+cgroup the socket's UID too). `type`, not `typeof`: see
+    `_cgroup_sets`."""
+
+    declared: str
+    looked_up: str
+
+
+def _grant_key(cg: CgroupRules) -> GrantKey:
     flow = f"socket cgroupv2 level {cg.level} . meta l4proto . th dport"
     if cg.by_uid:
-        return "type uid . cgroupsv2 . inet_proto . inet_service", f"meta skuid . {flow}"
-    return "type cgroupsv2 . inet_proto . inet_service", flow
+        return GrantKey("type uid . cgroupsv2 . inet_proto . inet_service", f"meta skuid . {flow}")
+    return GrantKey("type cgroupsv2 . inet_proto . inet_service", flow)
 
 
 def _grants(cg: CgroupRules, loading: bool) -> tuple[list[str], list[str]]:
@@ -251,7 +259,7 @@ def _judging_by_cgroup(rs: RuleSet, cg: CgroupRules) -> list[str]:
     if rs.stateful:
         rules.append("ct direction reply accept")
     rules.append(_sentinel(rs))
-    key = _grant_key(cg)[1]
+    key = _grant_key(cg).looked_up
     rules += [f"{key} @grants accept", f"{key} @grant_ranges accept"]
     in_pod = _in(cg, "pod", level=cg.level - 1)
     rules.append(f"{in_pod} {_RECORDED} {{ socket cgroupv2 level {cg.level} . meta l4proto . th dport }}")
@@ -284,7 +292,7 @@ def _element(cgroup: Cgroup, loading: bool) -> str:
 def _cgroup_sets(cg: CgroupRules, loading: bool) -> tuple[NftSet, ...]:
     # `type`, not `typeof`: nft 1.0.6 lists a `typeof socket cgroupv2 level N` key back as level 0
     elements = _cgroup_elements(cg, loading)
-    key = _grant_key(cg)[0]
+    key = _grant_key(cg).declared
     declared: dict[str, tuple[str, ...]] = {name: ("type cgroupsv2",) for name, _ in cg.elements()}
     declared |= {"grants": (key,), "grant_ranges": (key, "flags interval")}
     sets_ = (NftSet(name, declaration, tuple(elements[name])) for name, declaration in declared.items())
