@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 
 from netisolate import scenarios
 from netisolate.backends import EnforceError, run_tool, select_backend, xtables
-from netisolate.backends.iptables import lock_file, written_in_process
+from netisolate.backends.iptables import IptablesBackend, lock_file, written_in_process
 from netisolate.model import parse_pod
 from netisolate.netns import NetNS
 from netisolate.policy import IdentityMode, pod_policy
@@ -197,6 +197,53 @@ def test_a_lock_file_held_too_long_fails_the_write(monkeypatch: pytest.MonkeyPat
         with pytest.raises(EnforceError, match=r"IPv6 rules failed \(in-process\): no answer within"):
             written_in_process(ns, rs)
         assert kernel_entries(ns, 6) == pristine
+
+
+@pytest.mark.kernel
+@pytest.mark.parametrize(
+    "someone",
+    [
+        "nothing",
+        "a rule after our jumps",
+        "a rule before our jumps",
+        "a second jump to our chain",
+    ],
+)
+def test_a_changed_policy_reads_output_with_a_tool_only_when_our_jumps_are_not_exactly_first(
+    someone: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """OUTPUT is judged from the kernel's entries: exactly our jumps first and none after them
+    needs no `-save`; anything else is read by the tool and repaired (jumps once and first),
+    everyone's rules kept."""
+    rs, changed = RULESETS["app-proxy-rogue"], RULESETS["many-ports"]
+    backend = IptablesBackend()
+    extra = {
+        "nothing": None,
+        "a rule after our jumps": ["-A", "OUTPUT", "-p", "udp", "-j", "ACCEPT"],
+        "a rule before our jumps": ["-I", "OUTPUT", "1", "-p", "udp", "-j", "ACCEPT"],
+        "a second jump to our chain": ["-A", "OUTPUT", "-p", "udp", "-j", rules.CHAIN],
+    }[someone]
+    with fresh_netns() as ns:
+        backend.apply(ns, rs)
+        for family in FAMILIES:
+            if extra is not None:
+                assert run_tool(ns, [TOOLS[family], *extra]).returncode == 0
+        read: list[Family] = []
+        real = IptablesBackend._output
+
+        def output(self: IptablesBackend, ns_: NetNS, family: Family) -> list[str]:
+            read.append(family)
+            return real(self, ns_, family)
+
+        monkeypatch.setattr(IptablesBackend, "_output", output)
+        backend.apply(ns, changed)
+        needs_a_tool = someone in ("a rule before our jumps", "a second jump to our chain")
+        assert sorted(read) == (sorted(FAMILIES) if needs_a_tool else [])
+        assert backend.verify(ns, changed) == []
+        for family in FAMILIES:
+            output_rules = [line for line in saved(ns, family) if line.startswith("-A OUTPUT")]
+            assert output_rules[: len(rules.jumps(family))] == [f"-A OUTPUT {j}" for j in rules.jumps(family)]
+            assert ("-A OUTPUT -p udp -j ACCEPT" in output_rules) == (someone.startswith("a rule"))
 
 
 # --- the pure layer ------------------------------------------------------------------------------

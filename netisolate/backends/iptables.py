@@ -10,9 +10,10 @@ chains' policies. That table is written from this process (`xtables`: the kernel
 IPT_SO_SET_REPLACE, the entries packed as libiptc packs them), with no exec at all: this is a
 sandbox's CNI ADD (but a user-namespaced pod's, below), where two tool execs were most of the
 wait. Every other table goes to the tools,
-which keep everyone's rules: reading OUTPUT first is what keeps the jumps unique and first (a
-re-apply deletes the old ones), and where OUTPUT holds no rule the kernel says so without a tool
-(IPT_SO_GET_INFO puts its first rule at its policy), so no `-save` runs in front.
+which keep everyone's rules: knowing OUTPUT first is what keeps the jumps unique and first (a
+re-apply deletes the old ones). The kernel's entries say, without a tool, whether OUTPUT holds no
+rule or exactly our jumps first and none after (`known_outputs`, the usual changed policy);
+only otherwise does a `-save` run in front.
 
 Both ways, IPv4 commits last (the gate probes the IPv4 sentinel: once it answers, ::1 is guarded
 too). With the tools, the two families load at once: iptables-restore is sent all of its document
@@ -64,6 +65,7 @@ from netisolate.rules.xtables import (
     VALID_HOOKS,
     LayoutError,
     builtin_policies,
+    jumps_first,
     table,
 )
 
@@ -205,26 +207,42 @@ def lock_file(family: Family) -> str:
 
 
 def empty_outputs(ns: NetNS) -> set[Family]:
-    """The families whose filter table holds no rule in OUTPUT, from the kernel's table info (the
-    chain's first rule is its policy); a family the kernel does not answer for is left out (its
-    tool reads the table then)."""
+    """The families whose filter table holds no rule in OUTPUT (see `known_outputs`)."""
+    return {family for family, rules in known_outputs(ns).items() if not rules}
 
-    def empty(family: Family) -> bool:
+
+def known_outputs(ns: NetNS) -> dict[Family, list[str]]:
+    """What a `-restore` document must know of OUTPUT, for the families where the kernel's table
+    says it without a tool: no rule at all (the table info puts OUTPUT's first rule at its
+    policy), or our jumps exactly first and none of ours after them (the entries say so), which
+    is then all the document needs (`jumps`: nothing to delete or insert). A family left out is
+    read by its `-save` tool."""
+
+    def known(family: Family) -> list[str] | None:
         with xtables.opened(family) as raw:
             info = xtables.info(raw, family)
-        return info.hook_entry[LOCAL_OUT] == info.underflow[LOCAL_OUT]
+            if info.hook_entry[LOCAL_OUT] == info.underflow[LOCAL_OUT]:
+                return []
+            entries = xtables.entries(raw, family, info.size)
+        try:
+            in_place = jumps_first(family, entries, info.hook_entry, info.underflow, jump_rules(family))
+        except LayoutError:
+            return None
+        return jumps(family) if in_place else None
 
-    def both() -> set[Family]:
-        found = set()
+    def both() -> dict[Family, list[str]]:
+        found = {}
         for family in _FAMILIES:
             with contextlib.suppress(OSError):
-                found |= {family} if empty(family) else set()
+                rules = known(family)
+                if rules is not None:
+                    found[family] = rules
         return found
 
     try:
         return ns.run(both)
     except NetNSError:
-        return set()
+        return {}
 
 
 def written_in_process(ns: NetNS, ruleset: RuleSet) -> bool:
@@ -299,11 +317,11 @@ class IptablesBackend:
             raise EnforceError("cgroup identity needs the nftables backend")
         if written_in_process(ns, ruleset):
             return
-        empty = empty_outputs(ns)
-        read = [family for family in _FAMILIES if family not in empty]
+        outputs = known_outputs(ns)
+        read = [family for family in _FAMILIES if family not in outputs]
         with ThreadPoolExecutor(max_workers=2) as pool:  # the two `-save` execs at once, too
-            outputs = dict(zip(read, pool.map(lambda family: self._output(ns, family), read), strict=True))
-        _restore(ns, {f: document(ruleset, f, outputs.get(f, [])) for f in _FAMILIES}, ruleset.pod)
+            outputs |= dict(zip(read, pool.map(lambda family: self._output(ns, family), read), strict=True))
+        _restore(ns, {f: document(ruleset, f, outputs[f]) for f in _FAMILIES}, ruleset.pod)
 
     def verify(self, ns: NetNS, ruleset: RuleSet) -> list[str]:
         return self.inspect(ns, ruleset).drift

@@ -131,6 +131,45 @@ def split(family: Family, entries: bytes) -> list[tuple[int, bytes]]:
     return found
 
 
+def _head_size(family: Family) -> int:
+    """A user chain's head: an entry with the ERROR target naming the chain."""
+    return _ENTRY[family].size + len(_error(""))
+
+
+def _target_of(family: Family, entry: bytes) -> tuple[str, bytes]:
+    """An entry's target: its name and its struct."""
+    (target_offset,) = struct.unpack_from("=H", entry, _TARGET_OFFSET[family])
+    if target_offset < _ENTRY[family].size or target_offset + _HEADER.size > len(entry):
+        raise LayoutError(f"an entry's target is at {target_offset} of its {len(entry)} bytes")
+    _, name, _ = _HEADER.unpack_from(entry, target_offset)
+    return name.rstrip(b"\0").decode(errors="replace"), entry[target_offset + _HEADER.size :]
+
+
+def jumps_first(
+    family: Family, entries: bytes, hook_entry: Sequence[int], underflow: Sequence[int], jumps: Sequence[Rule]
+) -> bool:
+    """Whether OUTPUT begins with exactly `jumps` (to one chain of ours) and jumps or goes to that
+    chain nowhere else, from the table's entries: what a changed policy must know of OUTPUT,
+    without an `iptables-save` (LayoutError: entries that cannot be read)."""
+    found = split(family, entries)
+    chain = jumps[0].target.name
+    heads = [
+        offset
+        for offset, entry in found
+        if _target_of(family, entry) == (_ERROR, _error(chain)[_HEADER.size :])
+    ]
+    if len(heads) != 1:
+        return False
+    start = heads[0] + _head_size(family)
+    output = [entry for offset, entry in found if hook_entry[LOCAL_OUT] <= offset < underflow[LOCAL_OUT]]
+    expected = [_entry(family, rule, _standard(start)) for rule in jumps]
+    if [_cleared(family, entry) for entry in output[: len(expected)]] != expected:
+        return False
+    return all(
+        _target_of(family, entry)[1][:4] != struct.pack("=i", start) for entry in output[len(expected) :]
+    )
+
+
 def builtin_policies(
     family: Family, entries: bytes, hook_entry: Sequence[int], underflow: Sequence[int]
 ) -> list[bytes]:
