@@ -6,6 +6,8 @@ change is an element update, drift is exact."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -26,6 +28,7 @@ from netisolate.policy import IdentityMode, Level, parse_identity, pod_policy
 from netisolate.rules import Cgroup, PodCgroups, Settings, build_ruleset, nft
 from tests.test_reconcile import Backend, Events, Sandboxes
 
+ROOT = Path(__file__).resolve().parent.parent
 ID = "0123456789abcdef" * 4
 POD_DIR = "unified/kubepods/besteffort/podX"
 
@@ -358,6 +361,29 @@ def test_loaded_by_path_listed_by_id_and_exact(local: LocalPod, monkeypatch: pyt
     without_socket = NftablesBackend(kept=KeptSockets(limit=0))
     with pytest.raises(EnforceError, match="updating"):
         without_socket.update_cgroups(local.ns, after, gone)
+
+
+LIST_BY_ID = """
+import sys
+from netisolate.backends.nftables import NftablesBackend
+from netisolate.netns import NetNS
+with NetNS.open(sys.argv[1]) as ns:
+    print(NftablesBackend().listing(ns, by_id=True), end="")
+"""
+
+
+@pytest_kernel
+def test_cgroup_rules_are_listed_by_id_without_cap_sys_chroot(local: LocalPod) -> None:
+    """The DaemonSet grants CAP_SYS_ADMIN but not CAP_SYS_CHROOT, which entering a mount
+    namespace (setns) would need: the listing by ID must not (in the image it failed so)."""
+    assert local.ns is not None
+    rs = build_ruleset(pod_policy(local.pod, {}), Settings(), cgroups=local.cgroups())
+    assert rs is not None
+    select_backend("nftables").apply(local.ns, rs)
+    argv = ["setpriv", "--bounding-set=-sys_chroot", sys.executable, "-c", LIST_BY_ID, local.ns.path]
+    listed = subprocess.run(argv, capture_output=True, text=True, check=False, cwd=ROOT)
+    assert listed.returncode == 0, listed.stderr
+    assert nft.drift(rs, nft.parse(listed.stdout)) == []
 
 
 @pytest_kernel
