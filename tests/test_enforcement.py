@@ -19,7 +19,7 @@ import pytest
 
 from netisolate import scenarios
 from netisolate.backends import Backend, EnforceError, apply_many, run_tool, select_backend
-from netisolate.backends.iptables import empty_outputs, lock_file
+from netisolate.backends.iptables import known_outputs, lock_file
 from netisolate.backends.kept import KeptSockets
 from netisolate.backends.nftables import NftablesBackend
 from netisolate.cli import main
@@ -405,6 +405,11 @@ def test_iptables_commits_ipv4_only_once_ipv6_is_in(
     monkeypatch.undo()
     backend.apply(ns, rs)
     assert backend.verify(ns, rs) == []
+
+
+def empty_outputs(ns: NetNS) -> set[int]:
+    """The families whose filter table holds no rule in OUTPUT, as the backend tells it."""
+    return {family for family, rules in known_outputs(ns).items() if not rules}
 
 
 def someones_rule(ns: NetNS) -> None:

@@ -9,11 +9,10 @@ A namespace the runtime has just created holds nothing in its filter table but t
 chains' policies. That table is written from this process (`xtables`: the kernel's own
 IPT_SO_SET_REPLACE, the entries packed as libiptc packs them), with no exec at all: this is a
 sandbox's CNI ADD (but a user-namespaced pod's, below), where two tool execs were most of the
-wait. Every other table goes to the tools,
-which keep everyone's rules: knowing OUTPUT first is what keeps the jumps unique and first (a
-re-apply deletes the old ones). The kernel's entries say, without a tool, whether OUTPUT holds no
-rule or exactly our jumps first and none after (`known_outputs`, the usual changed policy);
-only otherwise does a `-save` run in front.
+wait. Every other table goes to the tools, which keep everyone's rules: knowing OUTPUT first is
+what keeps the jumps unique and first (a re-apply deletes the old ones). The kernel's entries
+say, without a tool, whether OUTPUT holds no rule or exactly our jumps first and none after
+(`known_outputs`, the usual changed policy); only otherwise does a `-save` run in front.
 
 Both ways, IPv4 commits last (the gate probes the IPv4 sentinel: once it answers, ::1 is guarded
 too). With the tools, the two families load at once: iptables-restore is sent all of its document
@@ -204,11 +203,6 @@ def lock_file(family: Family) -> str:
     finally:
         os.close(fd)
     return path
-
-
-def empty_outputs(ns: NetNS) -> set[Family]:
-    """The families whose filter table holds no rule in OUTPUT (see `known_outputs`)."""
-    return {family for family, rules in known_outputs(ns).items() if not rules}
 
 
 def known_outputs(ns: NetNS) -> dict[Family, list[str]]:
