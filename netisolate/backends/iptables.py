@@ -309,6 +309,9 @@ class IptablesBackend:
     def apply(self, ns: NetNS, ruleset: RuleSet) -> None:
         if ruleset.cgroups is not None:
             raise EnforceError("cgroup identity needs the nftables backend")
+        ns.run(lambda: self._apply_inside(ns, ruleset))  # its steps on one thread (NetNS.run)
+
+    def _apply_inside(self, ns: NetNS, ruleset: RuleSet) -> None:
         if written_in_process(ns, ruleset):
             return
         outputs = known_outputs(ns)
