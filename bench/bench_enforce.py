@@ -1,6 +1,7 @@
 """Enforcement benchmark: prints one JSON object per scenario, each with its baseline from the same run.
 
     sudo .venv/bin/python bench/bench_enforce.py [--quick] [--backend nftables|iptables]
+    sudo .venv/bin/python bench/bench_enforce.py --guard     # loopback: nftables vs the socket guard
 
 apply-new / apply-update  per-namespace apply of a 3-container x 4-port policy, per backend, median
                           and p95, next to the same change loaded by the raw tool (`nft -f`,
@@ -15,7 +16,9 @@ loopback                  connection rate from app to proxy (50 grants per conta
                           test rounds (B with rules) alternating with A/A control rounds (B without
                           them too); the median of the rounds' own ratios with its 95 % interval,
                           quartiles and extremes, next to the control's (the benchmark's resolution),
-                          by wall time and per CPU-second of client and server
+                          by wall time and per CPU-second of client and server; with --guard
+                          a cgroup identity pod, nftables' rules and the socket guard (cgroup BPF,
+                          netisolate.rules.sockaddr) in the same rounds
 """
 
 from __future__ import annotations
@@ -30,14 +33,16 @@ import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
-from netisolate.backends import Backend, apply_many, checked, run_tool, select_backend
+from netisolate.backends import Backend, apply_many, bpf, checked, run_tool, select_backend
 from netisolate.localpod import LocalPod, as_uid
 from netisolate.model import Pod, parse_pod
 from netisolate.netns import NetNS
 from netisolate.policy import pod_policy
-from netisolate.rules import RuleSet, Settings, build_ruleset, iptables, nft
+from netisolate.rules import RuleSet, Settings, build_ruleset, iptables, nft, sockaddr
 
 UIDS = {"app": 1000, "proxy": 1001, "worker": 1002}
 
@@ -221,12 +226,15 @@ def _without_rules(ns: NetNS, backend: str = "nftables") -> None:
 
 class Client:
     """One connloop client for the whole run (no process start between measurements), with the
-    server it connects to; both pinned to `cpu` when it is >= 0."""
+    server it connects to, in the app's and the proxy's containers; both pinned to `cpu` when it
+    is >= 0."""
 
     def __init__(self, pod: LocalPod, binary: str, cpu: int) -> None:
-        self.server = pod.spawn(as_uid(UIDS["proxy"], [binary, "server", "8000", str(cpu)]))
+        server = as_uid(UIDS["proxy"], [binary, "server", "8000", str(cpu)])
+        self.server = pod.spawn(server, container="proxy")
         assert self.server.stdout is not None and self.server.stdout.readline().strip() == "ready"
-        self.client = pod.spawn(as_uid(UIDS["app"], [binary, "client", "8000", str(cpu)]), stdin=True)
+        client = as_uid(UIDS["app"], [binary, "client", "8000", str(cpu)])
+        self.client = pod.spawn(client, stdin=True, container="app")
 
     def measure(self, seconds: float) -> tuple[float, float]:
         """(connections per second of wall time, per second of CPU the client and the server ran
@@ -272,62 +280,133 @@ SETTLE_S = 0.03  # after each change of the rules, before measuring: the kernel 
 WARMUP_ROUNDS = 4  # discarded: caches, the first connections' allocations, the first apply
 
 
-def bench_loopback(backend: Backend, rounds: int, seconds: float, cpu: int) -> dict[str, object]:
-    """app (UID 1000, granted 8000 among 50 ports) → proxy (UID 1001, which declares them) on
-    127.0.0.1:8000; TCP-only grants, so no conntrack. Rounds alternate between a test round and
-    a control round, each four short measurements of the same client in the order A B B A (so a
-    linear drift of a shared machine cancels): A without rules, B with them (test) or without them
-    as well (control, the A/A: its spread is the benchmark's own resolution). A round's ratio is
-    B/A of its sums; the result is the median of the rounds' ratios with its confidence interval,
-    both for the wall-time rate and for connections per CPU-second of client and server (immune to
-    other processes taking the CPU, the same as the wall rate on a quiet machine with both pinned
-    to one CPU)."""
-    rs = ruleset(grants=LOOPBACK_GRANTS)
-    ratios: dict[str, list[float]] = {"test": [], "control": [], "test_cpu": [], "control_cpu": []}
-    rates: dict[str, list[float]] = {"without": [], "with": []}
-    load = os.getloadavg()
-    with connloop() as binary, LocalPod(bench_pod(grants=LOOPBACK_GRANTS)) as pod:
-        ns = pod.ns
-        assert ns is not None
-        client, installed = Client(pod, binary, cpu), False
+class Rules(Protocol):
+    """A way of putting rules into the loopback pod and taking them out again."""
 
-        def measured(rules: bool) -> tuple[float, float]:
-            nonlocal installed
-            if rules != installed:
-                if rules:
-                    backend.apply(ns, rs)
-                else:
-                    _without_rules(ns, backend.name)
-                installed = rules
+    @property
+    def name(self) -> str: ...
+
+    def put(self) -> None: ...
+
+    def take(self) -> None: ...
+
+
+@dataclass
+class BackendRules:
+    backend: Backend
+    ns: NetNS
+    rs: RuleSet
+
+    @property
+    def name(self) -> str:
+        return self.backend.name
+
+    def put(self) -> None:
+        self.backend.apply(self.ns, self.rs)
+
+    def take(self) -> None:
+        _without_rules(self.ns, self.backend.name)
+
+
+@dataclass
+class GuardRules:
+    """The socket guard (cgroup BPF, netisolate.rules.sockaddr) on the pod's cgroup."""
+
+    pod: LocalPod
+    rs: RuleSet
+    installed: bpf.Installed | None = None
+    name: str = "guard"
+
+    def put(self) -> None:
+        assert self.pod.cgroup is not None and self.pod.ns is not None
+        v4, v6 = bpf.local_addresses(self.pod.ns)
+        self.installed = bpf.install(str(self.pod.cgroup), sockaddr.guard(self.rs), v4, v6)
+
+    def take(self) -> None:
+        assert self.installed is not None
+        self.installed.detach()
+
+
+Variant = Callable[[LocalPod, RuleSet], Rules]
+
+
+def bench_loopback(
+    variants: list[Variant], identity: str, rounds: int, seconds: float, cpu: int
+) -> dict[str, object]:
+    """app (granted 8000 among 50 ports) -> proxy (which declares them) on 127.0.0.1:8000;
+    TCP-only grants, so no conntrack. Rounds cycle through a test round of each variant and a
+    control round, each four short measurements of the same client in the order A B B A (so a
+    linear drift of a shared machine cancels): A without rules, B with the variant's rules (test)
+    or without them as well (control, the A/A: its spread is the benchmark's own resolution). A
+    round's ratio is B/A of its sums; the result is the median of the rounds' ratios with its
+    confidence interval, both for the wall-time rate and for connections per CPU-second of client
+    and server (immune to other processes taking the CPU, the same as the wall rate on a quiet
+    machine with both pinned to one CPU)."""
+    ratios: dict[str, list[float]] = {}
+    rates: dict[str, list[float]] = {}
+    load = os.getloadavg()
+    with connloop() as binary, LocalPod(bench_pod(identity=identity, grants=LOOPBACK_GRANTS)) as pod:
+        cgroups = pod.cgroups() if identity != "uid" else None
+        rs = build_ruleset(pod_policy(pod.pod, {}), Settings(), cgroups=cgroups)
+        assert rs is not None
+        rules: list[Rules | None] = [make(pod, rs) for make in variants]
+        kinds = [r.name for r in rules if r is not None] + ["control"]
+        rules.append(None)
+        client, current = Client(pod, binary, cpu), None
+
+        def measured(wanted: Rules | None) -> tuple[float, float]:
+            nonlocal current
+            if wanted is not current:
+                if current is not None:
+                    current.take()
+                if wanted is not None:
+                    wanted.put()
+                current = wanted
             time.sleep(SETTLE_S)
             return client.measure(seconds)
 
-        for i in range(2 * (rounds + WARMUP_ROUNDS)):
-            kind = "test" if i % 2 == 0 else "control"
-            a1, b1, b2, a2 = (measured(b and kind == "test") for b in (False, True, True, False))
-            if i < 2 * WARMUP_ROUNDS:
-                continue
-            ratios[kind].append((b1[0] + b2[0]) / (a1[0] + a2[0]))
-            ratios[f"{kind}_cpu"].append((b1[1] + b2[1]) / (a1[1] + a2[1]))
-            rates["without"] += [a1[0], a2[0]]
-            if kind == "test":
-                rates["with"] += [b1[0], b2[0]]
+        try:
+            for i in range(len(kinds) * (rounds + WARMUP_ROUNDS)):
+                kind, variant = kinds[i % len(kinds)], rules[i % len(kinds)]
+                a1, b1, b2, a2 = (measured(variant if b else None) for b in (False, True, True, False))
+                if i < len(kinds) * WARMUP_ROUNDS:
+                    continue
+                ratios.setdefault(kind, []).append((b1[0] + b2[0]) / (a1[0] + a2[0]))
+                ratios.setdefault(f"{kind}_cpu", []).append((b1[1] + b2[1]) / (a1[1] + a2[1]))
+                rates.setdefault("without", []).extend([a1[0], a2[0]])
+                rates.setdefault(kind, []).extend([b1[0], b2[0]])
+        finally:
+            measured(None)
     return {
         "scenario": "loopback",
-        "backend": backend.name,
+        "identity": identity,
         "grants_in_pod": LOOPBACK_GRANTS * len(UIDS),
-        "rounds": {"test": rounds, "control": rounds, "warm_up_discarded": 2 * WARMUP_ROUNDS},
+        "rounds_each": rounds,
+        "warm_up_discarded": len(kinds) * WARMUP_ROUNDS,
         "seconds_each": seconds,
         "pinned_cpu": cpu,
         "conn_per_s_without_median": round(statistics.median(rates["without"])),
-        "conn_per_s_with_median": round(statistics.median(rates["with"])),
-        "conn_rate_ratio_paired": _spread(ratios["test"]),
         "control_ratio_paired": _spread(ratios["control"]),
-        "conn_per_cpu_s_ratio_paired": _spread(ratios["test_cpu"]),
         "control_per_cpu_s_ratio_paired": _spread(ratios["control_cpu"]),
+        **{
+            kind: {
+                "conn_per_s_with_median": round(statistics.median(rates[kind])),
+                "conn_rate_ratio_paired": _spread(ratios[kind]),
+                "conn_per_cpu_s_ratio_paired": _spread(ratios[f"{kind}_cpu"]),
+            }
+            for kind in kinds[:-1]
+        },
         "load_average_before": [round(x, 2) for x in load],
         "load_average_after": [round(x, 2) for x in os.getloadavg()],
     }
+
+
+def _backend_rules(backend: Backend) -> Variant:
+    def make(pod: LocalPod, rs: RuleSet) -> Rules:
+        assert pod.ns is not None
+        return BackendRules(backend, pod.ns, rs)
+
+    return make
 
 
 def main() -> None:
@@ -358,18 +437,26 @@ def main() -> None:
     parser.add_argument(
         "--backend", choices=("nftables", "iptables"), action="append", help="only this backend (repeatable)"
     )
+    parser.add_argument(
+        "--guard",
+        action="store_true",
+        help="only the loopback rate of a cgroup identity pod: nftables' rules and the socket guard "
+        "(cgroup BPF) in the same rounds",
+    )
     args = parser.parse_args()
     rounds, many, loop_rounds, seconds = (5, 10, 4, 0.1) if args.quick else (40, 100, 100, 0.1)
+    loopback = (args.loopback_rounds or loop_rounds, args.loopback_seconds or seconds, args.loopback_cpu)
+    if args.guard:
+        guarded = [_backend_rules(select_backend("nftables")), GuardRules]
+        print(json.dumps(bench_loopback(guarded, "cgroup", *loopback)), flush=True)
+        return
     for name in args.backend or ("nftables", "iptables"):
         backend = select_backend(name)
         if not args.loopback_only:
             for result in bench_apply(backend, rounds):
                 print(json.dumps(result), flush=True)
             print(json.dumps(bench_many(backend, many)), flush=True)
-        loopback = bench_loopback(
-            backend, args.loopback_rounds or loop_rounds, args.loopback_seconds or seconds, args.loopback_cpu
-        )
-        print(json.dumps(loopback), flush=True)
+        print(json.dumps(bench_loopback([_backend_rules(backend)], "uid", *loopback)), flush=True)
 
 
 if __name__ == "__main__":

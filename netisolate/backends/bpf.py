@@ -1,0 +1,281 @@
+"""The socket guard in the kernel: bpf(2) for maps, programs and their attachment to a cgroup (v2).
+What the programs are and what the maps hold is computed in `netisolate.rules.sockaddr`; this
+module only talks to the kernel, through the syscall itself (ctypes), as netisolate.backends.xtables
+does for x_tables: no compiler, no ELF loader, nothing to install.
+
+Attached with BPF_F_ALLOW_MULTI, so a program another tool attached to the same cgroup or above
+stays and runs too (the kernel runs every program of the cgroup and its ancestors, ours first; a
+call passes only if all let it). An attachment lives as long as the cgroup does: it is not undone
+when the process that made it exits, and the maps live as long as a program uses them, so a
+restarted agent finds its programs by name on the cgroup (`attached`).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+import platform
+import socket
+import struct
+import subprocess
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from functools import partial
+
+from netisolate.backends.base import EnforceError
+from netisolate.netns import NetNS
+from netisolate.rules import ebpf
+from netisolate.rules.sockaddr import ATTACH, MAPS, Guard, MapSpec
+
+_LIBC = ctypes.CDLL(None, use_errno=True)
+_SYSCALL = {"x86_64": 321, "aarch64": 280}
+_MAP_CREATE, _LOOKUP, _UPDATE, _DELETE, _NEXT_KEY, _PROG_LOAD = 0, 1, 2, 3, 4, 5
+_PROG_ATTACH, _PROG_DETACH, _PROG_GET_FD_BY_ID, _OBJ_GET_INFO_BY_FD, _PROG_QUERY = 8, 9, 13, 15, 16
+_MAP_TYPES = {"hash": 1, "lru_hash": 9, "lpm_trie": 11}
+_NO_PREALLOC = 1  # a longest-prefix trie must be made without it
+_CGROUP_SOCK_ADDR = 18  # enum bpf_prog_type
+ATTACH_TYPES = {"bind4": 8, "bind6": 9, "connect4": 10, "connect6": 11, "sendmsg4": 14, "sendmsg6": 15}
+_ALLOW_MULTI = 2
+_ATTR = 128  # bytes of union bpf_attr we pass: more than any command here reads
+_LOG = 1 << 16
+_QUERY_MAX = 64  # programs one cgroup's attach point can list back
+_PROG_INFO = 256  # bytes of struct bpf_prog_info we read (its name ends at 80)
+PREFIX = "ni_"  # our programs' and maps' names begin with it
+
+
+class GuardError(EnforceError):
+    """bpf(2) refused; the message says what and what to do."""
+
+
+def _bpf(command: int, attr: bytes, what: str, buffer: ctypes.Array[ctypes.c_char] | None = None) -> int:
+    """bpf(command, attr); `buffer`, when given, is the attr (the kernel writes some answers there)."""
+    number = _SYSCALL.get(platform.machine())
+    if number is None:
+        raise GuardError(f"{what}: the socket guard knows bpf(2) on x86_64 and aarch64 only")
+    buffer = buffer if buffer is not None else ctypes.create_string_buffer(attr, _ATTR)
+    result = int(_LIBC.syscall(number, command, buffer, _ATTR))
+    if result < 0:
+        errno = ctypes.get_errno()
+        hint = " (needs CAP_BPF and CAP_NET_ADMIN, or root)" if errno == 1 else ""
+        raise GuardError(f"{what}: {os.strerror(errno)}{hint}")
+    return result
+
+
+def _pointer(buffer: ctypes.Array[ctypes.c_char]) -> int:
+    return ctypes.addressof(buffer)
+
+
+@dataclass
+class Map:
+    spec: MapSpec
+    fd: int
+
+    @classmethod
+    def create(cls, spec: MapSpec) -> Map:
+        flags = _NO_PREALLOC if spec.kind == "lpm_trie" else 0
+        name = f"{PREFIX}{spec.name}".encode()
+        sizes = (spec.key_size, spec.value_size, spec.max_entries)
+        attr = struct.pack("=7I16s", _MAP_TYPES[spec.kind], *sizes, flags, 0, 0, name)
+        return cls(spec, _bpf(_MAP_CREATE, attr, f"creating the map {spec.name}"))
+
+    def _elem(self, command: int, key: bytes, value: ctypes.Array[ctypes.c_char] | None, what: str) -> None:
+        k = ctypes.create_string_buffer(key, len(key))
+        v = _pointer(value) if value is not None else 0
+        _bpf(command, struct.pack("=I4xQQQ", self.fd, _pointer(k), v, 0), f"{what} in {self.spec.name}")
+
+    def put(self, key: bytes, value: bytes) -> None:
+        self._elem(_UPDATE, key, ctypes.create_string_buffer(value, len(value)), "adding an element")
+
+    def delete(self, key: bytes) -> None:
+        self._elem(_DELETE, key, None, "deleting an element")
+
+    def get(self, key: bytes) -> bytes | None:
+        value = ctypes.create_string_buffer(self.spec.value_size)
+        try:
+            self._elem(_LOOKUP, key, value, "reading an element")
+        except GuardError as err:
+            if "No such file" in str(err):
+                return None
+            raise
+        return value.raw
+
+    def keys(self) -> Iterator[bytes]:
+        """Every key. A longest-prefix trie lists prefixes, each as it was added."""
+        key: bytes | None = None
+        while True:
+            current = ctypes.create_string_buffer(key or b"", self.spec.key_size)
+            following = ctypes.create_string_buffer(self.spec.key_size)
+            attr = struct.pack("=I4xQQQ", self.fd, _pointer(current) if key else 0, _pointer(following), 0)
+            try:
+                _bpf(_NEXT_KEY, attr, f"listing {self.spec.name}")
+            except GuardError as err:
+                if "No such file" in str(err):
+                    return
+                raise
+            key = following.raw
+            yield key
+
+    def items(self) -> dict[bytes, bytes]:
+        return {key: value for key in self.keys() if (value := self.get(key)) is not None}
+
+    def replace(self, entries: Mapping[bytes, bytes]) -> None:
+        """Exactly `entries` afterwards: what is missing added first, then what is extra deleted
+        (each element is one update, so a policy change is never a window with fewer grants)."""
+        for key, value in entries.items():
+            self.put(key, value)
+        for key in set(self.keys()) - set(entries):
+            self.delete(key)
+
+
+def load(name: str, attach: str, program: ebpf.Program, maps: Mapping[str, Map]) -> int:
+    """The program's fd; a refusal carries the verifier's log."""
+    code = ebpf.encode(program, {n: m.fd for n, m in maps.items()})
+    insns = ctypes.create_string_buffer(code, len(code))
+    license_ = ctypes.create_string_buffer(b"GPL")
+    log = ctypes.create_string_buffer(_LOG)
+    attr = struct.pack(
+        "=IIQQIIQII16sII",
+        _CGROUP_SOCK_ADDR,
+        len(code) // 8,
+        _pointer(insns),
+        _pointer(license_),
+        1,
+        _LOG,
+        _pointer(log),
+        0,
+        0,
+        f"{PREFIX}{name}".encode(),
+        0,
+        ATTACH_TYPES[attach],
+    )
+    try:
+        return _bpf(_PROG_LOAD, attr, f"loading {name}")
+    except GuardError as err:
+        raise GuardError(f"{err}; the verifier said: {log.value.decode(errors='replace')[-2000:]}") from None
+
+
+def attach(cgroup: int, program: int, attach_type: str) -> None:
+    attr = struct.pack("=4I", cgroup, program, ATTACH_TYPES[attach_type], _ALLOW_MULTI)
+    _bpf(_PROG_ATTACH, attr, f"attaching {attach_type}")
+
+
+def detach(cgroup: int, program: int, attach_type: str) -> None:
+    attr = struct.pack("=4I", cgroup, program, ATTACH_TYPES[attach_type], 0)
+    _bpf(_PROG_DETACH, attr, f"detaching {attach_type}")
+
+
+def attached(cgroup: int, attach_type: str) -> list[tuple[int, str]]:
+    """(ID, name) of every program attached to the cgroup itself at `attach_type`."""
+    ids = ctypes.create_string_buffer(4 * _QUERY_MAX)
+    attr = struct.pack("=4IQI", cgroup, ATTACH_TYPES[attach_type], 0, 0, _pointer(ids), _QUERY_MAX)
+    buffer = ctypes.create_string_buffer(attr, _ATTR)
+    _bpf(_PROG_QUERY, attr, f"querying {attach_type}", buffer)
+    count = struct.unpack_from("=I", buffer.raw, 24)[0]  # prog_cnt, as the kernel wrote it
+    found = []
+    for prog_id in struct.unpack_from(f"={count}I", ids.raw):
+        fd = _bpf(_PROG_GET_FD_BY_ID, struct.pack("=I", prog_id), f"opening program {prog_id}")
+        try:
+            info = ctypes.create_string_buffer(_PROG_INFO)
+            attr = struct.pack("=IIQ", fd, _PROG_INFO, _pointer(info))
+            _bpf(_OBJ_GET_INFO_BY_FD, attr, f"reading program {prog_id}")
+            found.append((prog_id, info.raw[64:80].rstrip(b"\0").decode()))  # struct bpf_prog_info's name
+        finally:
+            os.close(fd)
+    return found
+
+
+@dataclass
+class Installed:
+    """A guard attached to a cgroup: the maps (to update, and to read counters and the record
+    from) and the programs, until `detach`."""
+
+    cgroup: str
+    maps: dict[str, Map]
+    programs: dict[str, int] = field(default_factory=dict)  # attach point -> fd
+
+    def update(self, guard: Guard, local4: set[bytes], local6: set[bytes]) -> None:
+        """The maps as `guard` wants them, and `local4`/`local6` as `local_addresses` reads them."""
+        one = struct.pack("=I", 1)
+        for name, entries in guard.entries.items():
+            self.maps[name].replace(entries)
+        self.maps["local4"].replace(dict.fromkeys(local4, one))
+        self.maps["local6"].replace(dict.fromkeys(local6, one))
+        for cgroup in guard.identities:
+            key = struct.pack("=Q", cgroup)
+            if self.maps["refused"].get(key) is None:
+                self.maps["refused"].put(key, bytes(8))
+
+    def refused(self, guard: Guard) -> dict[str, int]:
+        """Refusals by container ("" for the pod's own cgroup and cgroups nobody names)."""
+        counts: dict[str, int] = {}
+        for key, value in self.maps["refused"].items().items():
+            name = guard.identities.get(struct.unpack("=Q", key)[0], "")
+            counts[name] = counts.get(name, 0) + struct.unpack("=Q", value)[0]
+        return counts
+
+    def detach(self) -> None:
+        fd = os.open(self.cgroup, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            for attach_type, program in self.programs.items():
+                detach(fd, program, attach_type)
+        finally:
+            os.close(fd)
+        self.close()
+
+    def close(self) -> None:
+        """Our fds only: what is attached stays attached."""
+        for program in self.programs.values():
+            os.close(program)
+        for m in self.maps.values():
+            os.close(m.fd)
+        self.programs, self.maps = {}, {}
+
+
+def install(cgroup: str, guard: Guard, local4: set[bytes], local6: set[bytes]) -> Installed:
+    """Make the maps, fill them, load the programs and attach them to the cgroup directory (a v2
+    cgroup: the pod's). The maps are filled before any program is attached, so the guard is whole
+    from its first call."""
+    installed = Installed(cgroup, {})
+    try:
+        installed.maps = {spec.name: Map.create(spec) for spec in MAPS}
+        installed.update(guard, local4, local6)
+        loaded = {
+            point: load(f"{point}", point, guard.programs[body], installed.maps) for point, body in ATTACH
+        }
+        installed.programs = loaded
+        fd = os.open(cgroup, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            done = {}
+            try:
+                for point, program in loaded.items():
+                    attach(fd, program, point)
+                    done[point] = program
+            except GuardError:
+                for point, program in done.items():
+                    detach(fd, program, point)
+                raise
+        finally:
+            os.close(fd)
+    except BaseException:
+        installed.close()
+        raise
+    return installed
+
+
+def local_addresses(ns: NetNS) -> tuple[set[bytes], set[bytes]]:
+    """The local4 and local6 keys (prefix length, then the address, network order) of what the
+    namespace's `local` routing table calls local, broadcast or multicast: the pod's own
+    addresses, its subnets' broadcast addresses, whatever else routes back into it."""
+    keys: tuple[set[bytes], set[bytes]] = (set(), set())
+    for index, (flag, family) in enumerate((("-4", socket.AF_INET), ("-6", socket.AF_INET6))):
+        argv = ["ip", flag, "-j", "route", "show", "table", "local"]
+        result = ns.run(partial(subprocess.run, argv, capture_output=True, text=True, check=False))
+        if result.returncode != 0:
+            raise GuardError(f"reading the pod's local routes ({' '.join(argv)}): {result.stderr.strip()}")
+        width = 32 if family == socket.AF_INET else 128
+        for route in json.loads(result.stdout or "[]"):
+            if route.get("type") in ("local", "broadcast", "multicast"):
+                address, _, bits = str(route["dst"]).partition("/")
+                keys[index].add(struct.pack("=I", int(bits or width)) + socket.inet_pton(family, address))
+    return keys

@@ -1,0 +1,348 @@
+"""The socket guard: a cgroup identity ruleset as cgroup BPF programs that judge connect(),
+sendmsg() and bind() — once per call, not once per packet — and the maps they read. Pure; the
+kernel half is netisolate.backends.bpf.
+
+WHY. Any netfilter hook in a pod's namespace is paid by every packet: on this project's loopback
+benchmark an empty output base chain costs about 2 % of the connection rate and the smallest table
+that can judge loopback about 3.5 %, before a single grant. A program attached to the pod's cgroup
+runs only when a container names a destination; a connection's packets meet nothing.
+
+WHERE. The programs are attached to the pod's own cgroup, so every container's cgroup below it
+inherits them, from the first instruction of its first process; a process outside the pod (the
+runtime's port-forward) meets none of them. Each call is judged by the caller's cgroup at the
+containers' level (`get_current_ancestor_cgroup_id(level)`), the same ID `socket cgroupv2 level N`
+compares; under uid+cgroup the caller's UID must match too. A process of the pod's cgroup that is in
+no container's (the level's ancestor is 0) or in a cgroup the agent has not seen is granted nothing.
+
+WHAT IS JUDGED. A destination that stays in the pod's namespace: 127.0.0.0/8, 0.0.0.0 and ::, ::1,
+their IPv4-mapped forms, what the namespace's `local` routing table names local, broadcast or
+multicast (the `local4`/`local6` tries, which the caller fills from it: what nftables' `fib daddr
+type` asks), and multicast and broadcast anyway (224.0.0.0/4 and above, ff00::/8), since the kernel
+hands the pod's own sockets a copy. Anything else passes untouched.
+
+THE DECISIONS, per call, in this order (the numbers are netisolate.rules' decisions):
+- connect() and sendmsg() to a judged destination (rule 6): the sentinel port is refused, whoever
+  asks; (rule 8) one lookup of identity . protocol . port in `grants`, a longest-prefix trie, so a
+  port range is a few prefixes and the lookup costs the same for 1 grant or 500; (rule 9) what no
+  grant allows is counted by identity (`refused`), recorded for learning (`observed`, TCP and UDP,
+  256 entries, least recently used out), and refused with EPERM — at audit, let through.
+- bind() to a declared port (rules 2 and 4) is refused unless the caller's identity declares it
+  (`owned`, `owners`), so a squatter never holds an owner's port at all; counted like a refusal.
+  A port the kernel picks itself (port 0) is not judged: the caller must also reserve the declared
+  ports in the namespace (`net.ipv4.ip_local_reserved_ports`), so no socket is ever given one.
+
+WHAT IT DOES NOT DO, which is why it is a building block and not yet a backend: it judges the
+address the caller names, before any NAT, so a mesh's nat REDIRECT to loopback (or a socket
+load-balancer's rewrite attached further up) is judged by its original destination; it sees no
+replies, so a policy that grants UDP (whose replies netfilter lets back by conntrack) cannot be
+served; the runtime is never judged, so --deny-port-forward cannot be kept; and a refusal is
+EPERM, not a reset. A caller must keep pods with any of these on netfilter.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+from typing import Literal
+
+from netisolate.policy import PortRange
+from netisolate.rules import RuleSet
+from netisolate.rules.ebpf import (
+    R0,
+    R1,
+    R2,
+    R3,
+    R4,
+    R5,
+    R6,
+    R7,
+    R10,
+    Insn,
+    Label,
+    alu,
+    atomic_add,
+    call,
+    exit_with,
+    goto,
+    jump,
+    load,
+    load_map,
+    mov,
+    store,
+    store_imm,
+)
+
+PROTOCOLS = {"tcp": 6, "udp": 17}
+_LOOKUP, _UPDATE, _UID_GID, _ANCESTOR_CGROUP = 1, 2, 15, 123  # helper numbers
+# struct bpf_sock_addr
+_USER_IP4, _USER_IP6, _USER_PORT, _PROTOCOL = 4, 8, 24, 36
+# the stack: an LPM key is prefixlen (u32) then the identity key: uid (u32), cgroup ID (u64),
+# protocol and port (u16 each, network order); all aligned as the verifier wants
+_KEY, _UID, _CGROUP, _PORT_KEY, _SCRATCH = -24, -20, -16, -8, -32
+_LOCAL = -48  # a local4/local6 key: prefixlen, then the address
+IDENTITY_KEY = 16  # bytes of uid . cgroup . protocol . port
+_FULL = IDENTITY_KEY * 8  # the prefix length of a single port
+
+
+@dataclass(frozen=True)
+class MapSpec:
+    name: str
+    kind: Literal["hash", "lpm_trie", "lru_hash"]
+    key_size: int
+    value_size: int
+    max_entries: int
+
+
+MAPS = (
+    MapSpec("grants", "lpm_trie", 4 + IDENTITY_KEY, 4, 4096),
+    MapSpec("owners", "hash", IDENTITY_KEY, 4, 1024),
+    MapSpec("owned", "hash", 4, 4, 1024),
+    MapSpec("local4", "lpm_trie", 4 + 4, 4, 256),
+    MapSpec("local6", "lpm_trie", 4 + 16, 4, 256),
+    MapSpec("refused", "hash", 8, 8, 1024),
+    MapSpec("observed", "lru_hash", IDENTITY_KEY, 8, 256),
+)
+
+# (attach point, which body); the attach points are the kernel's enum bpf_attach_type names
+ATTACH = (
+    ("connect4", "judge4"),
+    ("connect6", "judge6"),
+    ("sendmsg4", "judge4"),
+    ("sendmsg6", "judge6"),
+    ("bind4", "bind"),
+    ("bind6", "bind"),
+)
+
+
+@dataclass(frozen=True)
+class Guard:
+    """What the guard of one pod is: its programs (by body) and what each map must hold."""
+
+    pod: str
+    programs: dict[str, tuple[Insn | Label, ...]]
+    entries: dict[str, dict[bytes, bytes]]  # map name -> key -> value; local4/6, refused counters aside
+    identities: dict[int, str]  # cgroup ID -> container, 0 for the pod's own cgroup and the unseen
+
+
+def identity_key(uid: int, cgroup: int, protocol: int, port: int) -> bytes:
+    """The 16 bytes every map keyed by identity uses: host-order UID and cgroup ID (as the helpers
+    return them), protocol and port in network order (as the socket address holds the port, and as
+    a longest-prefix trie compares: most significant byte first)."""
+    return struct.pack("=IQ", uid, cgroup) + struct.pack(">HH", protocol, port)
+
+
+def prefixes(ports: PortRange) -> list[tuple[int, int]]:
+    """The fewest (port, prefix bits) blocks that cover low..high exactly."""
+    out, low = [], ports.low
+    while low <= ports.high:
+        bits = 0
+        while bits < 16 and low % (1 << (bits + 1)) == 0 and low + (1 << (bits + 1)) - 1 <= ports.high:
+            bits += 1
+        out.append((low, 16 - bits))
+        low += 1 << bits
+    return out
+
+
+def _grants(rs: RuleSet) -> dict[bytes, bytes]:
+    assert rs.cgroups is not None
+    entries = {}
+    for member in rs.cgroups.usable():
+        if member.cgroup is None:
+            continue
+        uid = member.uid if rs.cgroups.by_uid and member.uid is not None else 0
+        for protocol, ranges in member.grants:
+            for ports in ranges:
+                for low, bits in prefixes(ports):
+                    if bits == 16 and low == rs.sentinel_port:
+                        continue  # dead behind the sentinel's refusal
+                    key = identity_key(uid, member.cgroup.id, PROTOCOLS[protocol], low)
+                    entries[struct.pack("=I", _FULL - 16 + bits) + key] = struct.pack("=I", 1)
+    return entries
+
+
+def _owners(rs: RuleSet) -> tuple[dict[bytes, bytes], dict[bytes, bytes]]:
+    assert rs.cgroups is not None
+    one = struct.pack("=I", 1)
+    owned, owners = {}, {}
+    members = {m.name: m for m in rs.cgroups.usable()}
+    for owner in rs.cgroups.owners:
+        protocol = PROTOCOLS[owner.protocol]
+        owned[struct.pack(">HH", protocol, owner.port)] = one
+        for name in owner.members:
+            member = members.get(name)
+            if member is None or member.cgroup is None:
+                continue
+            uid = member.uid if rs.cgroups.by_uid and member.uid is not None else 0
+            owners[identity_key(uid, member.cgroup.id, protocol, owner.port)] = one
+    return owned, owners
+
+
+def guard(rs: RuleSet) -> Guard:
+    """The guard for a cgroup identity ruleset (raises ValueError for any other)."""
+    if rs.cgroups is None:
+        raise ValueError(f"{rs.pod}: the socket guard needs cgroup identity")
+    owned, owners = _owners(rs)
+    identities = {m.cgroup.id: m.name for m in rs.cgroups.members if m.cgroup is not None}
+    bodies = {
+        "judge4": _judge4(rs),
+        "judge6": _judge6(rs),
+        "bind": _bind(rs),
+    }
+    entries = {"grants": _grants(rs), "owned": owned, "owners": owners}
+    return Guard(rs.pod, bodies, entries, {0: "", **identities})
+
+
+def _identity(rs: RuleSet) -> list[Insn | Label]:
+    """The caller's UID (under uid+cgroup, else 0) and cgroup at the level, onto the stack."""
+    assert rs.cgroups is not None
+    out: list[Insn | Label] = []
+    if rs.cgroups.by_uid:
+        out += [call(_UID_GID), alu(R0, "<<=", 32), alu(R0, ">>=", 32), store(4, R10, _UID, R0)]
+    else:
+        out.append(store_imm(4, R10, _UID, 0))
+    out += [alu(R1, "=", rs.cgroups.level), call(_ANCESTOR_CGROUP), store(8, R10, _CGROUP, R0)]
+    return out
+
+
+def _protocol_and_port() -> list[Insn | Label]:
+    """The call's protocol and port onto the stack, network order, after the identity."""
+    return [
+        load(4, R2, R6, _PROTOCOL),
+        alu(R2, "<<=", 8),  # stored as a u16 little-endian: [0, protocol], i.e. network order
+        store(2, R10, _PORT_KEY, R2),
+        load(2, R2, R6, _USER_PORT),  # already network order
+        store(2, R10, _PORT_KEY + 2, R2),
+    ]
+
+
+def _lookup(name: str, key: int) -> list[Insn | Label]:
+    return [load_map(R1, name), mov(R2, R10), alu(R2, "+=", key), call(_LOOKUP)]
+
+
+def _count() -> list[Insn | Label]:
+    """refused[cgroup] += 1, or refused[0] for a cgroup that holds no counter (none of ours)."""
+    return [
+        *_lookup("refused", _CGROUP),
+        jump(R0, "!=", 0, "count"),
+        store_imm(8, R10, _SCRATCH, 0),
+        *_lookup("refused", _SCRATCH),
+        jump(R0, "==", 0, "counted"),
+        Label("count"),
+        alu(R1, "=", 1),
+        atomic_add(R0, 0, R1),
+        Label("counted"),
+    ]
+
+
+def _verdict(rs: RuleSet) -> list[Insn | Label]:
+    return exit_with(1 if rs.mode == "audit" else 0)
+
+
+def _judge(rs: RuleSet) -> list[Insn | Label]:
+    """From `judged:` on, with the context in r6: the sentinel, the grant, the record, the refusal."""
+    sentinel = struct.unpack("=H", struct.pack(">H", rs.sentinel_port))[0]
+    return [
+        Label("judged"),
+        load(2, R2, R6, _USER_PORT),
+        jump(R2, "==", sentinel, "refuse"),
+        *_identity(rs),
+        *_protocol_and_port(),
+        store_imm(4, R10, _KEY, _FULL),
+        *_lookup("grants", _KEY),
+        jump(R0, "!=", 0, "allow"),
+        *_count(),
+        load(4, R2, R6, _PROTOCOL),
+        jump(R2, "==", PROTOCOLS["tcp"], "record"),
+        jump(R2, "!=", PROTOCOLS["udp"], "refused"),
+        Label("record"),
+        *_lookup("observed", _UID),
+        jump(R0, "==", 0, "first"),
+        alu(R1, "=", 1),
+        atomic_add(R0, 0, R1),
+        goto("refused"),
+        Label("first"),
+        store_imm(8, R10, _SCRATCH, 1),
+        load_map(R1, "observed"),
+        mov(R2, R10),
+        alu(R2, "+=", _UID),
+        mov(R3, R10),
+        alu(R3, "+=", _SCRATCH),
+        alu(R4, "=", 0),
+        call(_UPDATE),
+        Label("refused"),
+        *_verdict(rs),
+        Label("refuse"),
+        *exit_with(0),
+        Label("allow"),
+        *exit_with(1),
+    ]
+
+
+def _ipv4(register: int, prefix: str) -> list[Insn | Label]:
+    """Jump to `judged` when the IPv4 address in `register` (network order, loaded little-endian:
+    the first octet is the low byte) stays in the pod; else to `{prefix}pass`."""
+    return [
+        jump(register, "==", 0, "judged"),
+        mov(R2, register),
+        alu(R2, "&=", 0xFF),
+        jump(R2, "==", 127, "judged"),
+        jump(R2, ">=", 224, "judged"),
+        store_imm(4, R10, _LOCAL, 32),
+        store(4, R10, _LOCAL + 4, register),
+        *_lookup("local4", _LOCAL),
+        jump(R0, "!=", 0, "judged"),
+        goto(f"{prefix}pass"),
+    ]
+
+
+def _judge4(rs: RuleSet) -> tuple[Insn | Label, ...]:
+    address = (mov(R6, R1), load(4, R7, R6, _USER_IP4), *_ipv4(R7, "4"))
+    return (*address, Label("4pass"), *exit_with(1), *_judge(rs))
+
+
+def _judge6(rs: RuleSet) -> tuple[Insn | Label, ...]:
+    words = [load(4, register, R6, _USER_IP6 + 4 * i) for i, register in enumerate((R2, R3, R4, R5))]
+    return (
+        mov(R6, R1),
+        *words,
+        mov(R7, R2),
+        alu(R7, "&=", 0xFF),
+        jump(R7, "==", 0xFF, "judged"),  # ff00::/8
+        mov(R7, R2),
+        alu(R7, "|=", R3, reg=True),
+        jump(R7, "!=", 0, "local6"),
+        jump(R4, "==", 0xFFFF0000, "mapped", low32=True),  # ::ffff:a.b.c.d
+        jump(R4, "!=", 0, "local6"),
+        jump(R5, "==", 0, "judged"),  # ::
+        jump(R5, "==", 0x01000000, "judged"),  # ::1
+        goto("local6"),
+        Label("mapped"),
+        mov(R7, R5),
+        *_ipv4(R7, "6"),
+        Label("local6"),
+        store_imm(4, R10, _LOCAL, 128),
+        *(store(4, R10, _LOCAL + 4 + 4 * i, register) for i, register in enumerate((R2, R3, R4, R5))),
+        *_lookup("local6", _LOCAL),
+        jump(R0, "!=", 0, "judged"),
+        Label("6pass"),
+        *exit_with(1),
+        *_judge(rs),
+    )
+
+
+def _bind(rs: RuleSet) -> tuple[Insn | Label, ...]:
+    return (
+        mov(R6, R1),
+        load(2, R2, R6, _USER_PORT),
+        jump(R2, "==", 0, "allow"),  # the kernel picks: reserved ports keep declared ones out
+        *_protocol_and_port(),
+        *_lookup("owned", _PORT_KEY),
+        jump(R0, "==", 0, "allow"),
+        *_identity(rs),
+        *_lookup("owners", _UID),
+        jump(R0, "!=", 0, "allow"),
+        *_count(),
+        *_verdict(rs),
+        Label("allow"),
+        *exit_with(1),
+    )

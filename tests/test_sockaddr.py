@@ -1,0 +1,302 @@
+"""The socket guard (cgroup BPF, issue 14's route past netfilter's per-packet cost): the assembler
+and the maps' contents as pure functions, then the programs in the real kernel on real cgroups:
+what is judged, what passes untouched, ownership at bind(), counting, learning, audit, updates."""
+
+from __future__ import annotations
+
+import os
+import random
+import struct
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from netisolate.backends import bpf
+from netisolate.localpod import PEER_IPV4, POD_IPV4, POD_IPV6, LocalPod
+from netisolate.model import Pod, parse_pod
+from netisolate.policy import PortRange, pod_policy
+from netisolate.rules import Cgroup, PodCgroups, RuleSet, Settings, build_ruleset, ebpf, sockaddr
+
+GOLDEN = Path(__file__).resolve().parent / "golden_guard"
+
+
+def guarded_pod(mode: str = "enforce", app: str = "8080, 9000-9100, 9") -> Pod:
+    """app may reach the proxy's 8080 and a range; the proxy declares 8080 and 53/udp; rogue is
+    granted nothing. All three share a UID: only the cgroup tells them apart."""
+    user = {"runAsUser": 1000}
+    return parse_pod(
+        {
+            "metadata": {
+                "name": "web",
+                "namespace": "shop",
+                "annotations": {
+                    "netisolate.io/isolation": mode,
+                    "netisolate.io/identity": "cgroup",
+                    "allow.netisolate.io/app": app,
+                },
+            },
+            "spec": {
+                "containers": [
+                    {"name": "app", "securityContext": user},
+                    {
+                        "name": "proxy",
+                        "securityContext": user,
+                        "ports": [{"containerPort": 8080}, {"containerPort": 53, "protocol": "UDP"}],
+                    },
+                    {"name": "rogue", "securityContext": user},
+                ]
+            },
+        }
+    )
+
+
+SEEN = PodCgroups(4, Cgroup(40, "p"), (("app", Cgroup(41, "p/a")), ("proxy", Cgroup(42, "p/b"))))
+
+
+def ruleset(pod: Pod, cgroups: PodCgroups = SEEN) -> RuleSet:
+    rs = build_ruleset(pod_policy(pod, {}), Settings(), cgroups=cgroups)
+    assert rs is not None
+    return rs
+
+
+# --- pure -------------------------------------------------------------------------------------
+
+
+def test_prefixes_cover_a_range_exactly_with_aligned_blocks() -> None:
+    rng = random.Random(14)
+    cases = [(0, 65535), (1, 65535), (9000, 9100), (8080, 8080), (1, 2)]
+    for _ in range(300):
+        a, b = rng.randrange(65536), rng.randrange(65536)
+        cases.append((min(a, b), max(a, b)))
+    for low, high in cases:
+        blocks = sockaddr.prefixes(PortRange("tcp", low, high))
+        covered: list[int] = []
+        for start, bits in blocks:
+            size = 1 << (16 - bits)
+            assert start % size == 0, (low, high, start, bits)
+            covered += range(start, start + size)
+        assert covered == list(range(low, high + 1))
+        assert len(blocks) <= 30  # at most two blocks per bit length
+
+
+def test_maps_hold_each_seen_container_by_cgroup_and_leave_the_unseen_out() -> None:
+    guard = sockaddr.guard(ruleset(guarded_pod()))
+    grants = guard.entries["grants"]
+    expected = {(128, 8080)} | {
+        (112 + bits, port) for port, bits in sockaddr.prefixes(PortRange("tcp", 9000, 9100))
+    }
+    # 8080 and the range's blocks; the sentinel's grant left out (dead behind its refusal)
+    assert {
+        (struct.unpack_from("=I", key)[0], struct.unpack_from(">H", key, 18)[0]) for key in grants
+    } == expected
+    assert {key[4:18] for key in grants} == {sockaddr.identity_key(0, 41, 6, 0)[:14]}
+    assert guard.entries["owned"] == {
+        struct.pack(">HH", 6, 8080): b"\1\0\0\0",
+        struct.pack(">HH", 17, 53): b"\1\0\0\0",
+    }
+    assert set(guard.entries["owners"]) == {
+        sockaddr.identity_key(0, 42, 6, 8080),
+        sockaddr.identity_key(0, 42, 17, 53),
+    }
+    assert guard.identities == {0: "", 41: "app", 42: "proxy"}  # rogue not seen yet: nothing names it
+
+
+def test_uid_identity_is_refused() -> None:
+    pod = {
+        "metadata": {"name": "p", "annotations": {"netisolate.io/isolation": "enforce"}},
+        "spec": {"containers": []},
+    }
+    rs = build_ruleset(pod_policy(parse_pod(pod), {}), Settings())
+    assert rs is not None
+    with pytest.raises(ValueError, match="cgroup identity"):
+        sockaddr.guard(rs)
+
+
+def test_the_assembler_resolves_labels_wide_loads_and_unsigned_immediates() -> None:
+    program = [
+        ebpf.load_map(ebpf.R1, "m"),
+        ebpf.jump(ebpf.R2, "==", 0xFFFF0000, "end", low32=True),
+        ebpf.goto("end"),
+        ebpf.Label("end"),
+        *ebpf.exit_with(1),
+    ]
+    code = ebpf.encode(program, {"m": 7})
+    insns = [struct.unpack_from("<BBhi", code, i) for i in range(0, len(code), 8)]
+    assert insns[0] == (0x18, 0x11, 0, 7) and insns[1] == (0, 0, 0, 0)  # two slots, the map's fd
+    assert insns[2] == (0x16, 0x02, 1, -65536)  # JMP32 JEQ, over the goto
+    assert insns[3] == (0x05, 0, 0, 0)
+    with pytest.raises(ValueError, match="twice"):
+        ebpf.encode([ebpf.Label("x"), ebpf.Label("x")], {})
+
+
+@pytest.mark.parametrize("body", ["judge4", "judge6", "bind"])
+def test_programs_match_their_golden_files(body: str) -> None:
+    """A change to the programs shows as a diff; regenerate with NETISOLATE_UPDATE_GOLDEN=1."""
+    text = ebpf.text(sockaddr.guard(ruleset(guarded_pod())).programs[body]) + "\n"
+    golden = GOLDEN / f"{body}.txt"
+    if os.environ.get("NETISOLATE_UPDATE_GOLDEN") == "1":
+        golden.write_text(text)
+    assert text == golden.read_text()
+
+
+# --- in the kernel ----------------------------------------------------------------------------
+
+kernel = pytest.mark.kernel
+
+
+class Guarded:
+    def __init__(self, local: LocalPod, mode: str = "enforce") -> None:
+        assert local.ns is not None and local.cgroup is not None
+        self.local, self.rs = local, ruleset(local.pod, local.cgroups())
+        self.guard = sockaddr.guard(self.rs)
+        self.installed = bpf.install(str(local.cgroup), self.guard, *bpf.local_addresses(local.ns))
+
+    def probe(self, container: str, *targets: tuple[str, int, str]) -> list[str]:
+        return self.local.probe(1000, list(targets), container=container)
+
+
+@pytest.fixture
+def guarded() -> Iterator[Guarded]:
+    with LocalPod(guarded_pod()) as local:
+        g = Guarded(local)
+        try:
+            yield g
+        finally:
+            g.installed.detach()
+
+
+LOOPBACKS = ["127.0.0.1", "127.9.9.9", "::1", "::ffff:127.0.0.1", "0.0.0.0", "::", POD_IPV4, POD_IPV6]
+
+
+@kernel
+def test_grants_by_cgroup_on_every_local_address(guarded: Guarded) -> None:
+    guarded.local.listen("proxy", ["8080", "9050"])
+    granted = [(a, 8080, "tcp") for a in LOOPBACKS if not a.startswith("127.9")] + [
+        ("127.0.0.1", 9050, "tcp")
+    ]
+    assert guarded.probe("app", *granted) == ["open"] * len(granted)
+    # the same UID in other containers: refused before a packet leaves, on every local address
+    judged = [(a, 8080, "tcp") for a in LOOPBACKS] + [("127.0.0.1", 9050, "tcp")]
+    assert guarded.probe("rogue", *judged) == ["eperm"] * len(judged)
+    assert guarded.probe("app", ("127.0.0.1", 9101, "tcp"), ("::1", 8081, "tcp")) == ["eperm", "eperm"]
+    # the sentinel, even where granted; UDP is judged too, and not granted
+    assert guarded.probe("app", ("127.0.0.1", 9, "tcp"), ("127.0.0.1", 53, "udp")) == ["eperm", "eperm"]
+    # beyond the pod: untouched (the peer answers with a reset)
+    assert guarded.probe("rogue", (PEER_IPV4, 8080, "tcp")) == ["refused"]
+
+
+SEND = """
+import socket, sys
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.setsockopt(socket.SOL_SOCKET, socket.SO_BROADCAST, 1)
+for a in sys.argv[1:]:
+    try:
+        s.sendto(b"x", (a, 5000))
+        print("sent")
+    except OSError as e:
+        print(e.errno)
+"""
+BIND = """
+import socket
+TCP, UDP = socket.SOCK_STREAM, socket.SOCK_DGRAM
+for kind, port in ((TCP, 8080), (UDP, 53), (TCP, 8081), (TCP, 0)):
+    s = socket.socket(socket.AF_INET6, kind)
+    try:
+        s.bind(("::", port))
+        print("bound")
+    except OSError as e:
+        print(e.errno)
+"""
+
+
+def _python(local: LocalPod, container: str, script: str, *args: str) -> list[str]:
+    """What a script printed, run in the container's cgroup (as root: the guard knows no UID)."""
+    proc = local.spawn(["/usr/bin/python3", "-c", script, *args], container=container)
+    out, _ = proc.communicate(timeout=10)
+    local.processes.remove(proc)
+    return out.split()
+
+
+@kernel
+def test_unconnected_udp_multicast_and_broadcast_are_judged(guarded: Guarded) -> None:
+    targets = ["127.0.0.1", "224.0.0.251", "255.255.255.255", "192.0.2.255", PEER_IPV4]
+    # EPERM (1) for what stays in the pod: the subnet's broadcast too, as the local table says
+    assert _python(guarded.local, "rogue", SEND, *targets) == ["1", "1", "1", "1", "sent"]
+
+
+@kernel
+def test_bind_keeps_a_declared_port_to_its_owner(guarded: Guarded) -> None:
+    assert _python(guarded.local, "rogue", BIND) == ["1", "1", "bound", "bound"]
+    assert _python(guarded.local, "proxy", BIND) == ["bound", "bound", "bound", "bound"]
+    assert guarded.installed.refused(guarded.guard)["rogue"] == 2
+
+
+@kernel
+def test_refusals_are_counted_and_recorded_by_container(guarded: Guarded) -> None:
+    guarded.probe("rogue", ("127.0.0.1", 8080, "tcp"), ("127.0.0.1", 8080, "tcp"), ("::1", 5353, "udp"))
+    guarded.probe("app", ("127.0.0.1", 8081, "tcp"), ("127.0.0.1", 9, "tcp"))  # the sentinel is not a refusal
+    refused = guarded.installed.refused(guarded.guard)
+    assert refused == {"": 0, "app": 1, "proxy": 0, "rogue": 3}
+    ids = {name: c.id for name, c in guarded.local.cgroups().containers}
+    observed = {
+        key: struct.unpack("=Q", value)[0]
+        for key, value in guarded.installed.maps["observed"].items().items()
+    }
+    assert observed == {
+        sockaddr.identity_key(0, ids["rogue"], 6, 8080): 2,
+        sockaddr.identity_key(0, ids["rogue"], 17, 5353): 1,
+        sockaddr.identity_key(0, ids["app"], 6, 8081): 1,
+    }
+
+
+@kernel
+def test_a_process_of_the_pod_in_no_container_is_granted_nothing(guarded: Guarded) -> None:
+    assert guarded.local.cgroup is not None
+    procs = guarded.local.cgroup / "cgroup.procs"
+    argv = ["/bin/sh", "-c", 'echo $$ > "$0" && exec "$@"', str(procs), "/usr/bin/python3"]
+    argv += ["-m", "netisolate.workload.probe", "127.0.0.1", "8080", "tcp"]
+    proc = guarded.local.spawn(argv)
+    out, _ = proc.communicate(timeout=10)
+    guarded.local.processes.remove(proc)
+    assert out.split() == ["eperm"]
+    assert guarded.installed.refused(guarded.guard)[""] == 1
+
+
+@kernel
+def test_a_changed_policy_is_an_element_update_of_the_attached_guard(guarded: Guarded) -> None:
+    guarded.local.listen("proxy", ["8080", "8081"])
+    changed = sockaddr.guard(ruleset(guarded_pod(app="8081"), guarded.local.cgroups()))
+    before = {point: bpf.attached(_fd(guarded), point) for point, _ in sockaddr.ATTACH}
+    guarded.installed.update(changed, *bpf.local_addresses(guarded.local.ns))  # type: ignore[arg-type]
+    assert guarded.probe("app", ("127.0.0.1", 8080, "tcp"), ("127.0.0.1", 8081, "tcp")) == ["eperm", "open"]
+    assert {point: bpf.attached(_fd(guarded), point) for point, _ in sockaddr.ATTACH} == before
+    assert set(guarded.installed.maps["grants"].items()) == set(changed.entries["grants"])
+
+
+@kernel
+def test_audit_lets_through_and_still_counts() -> None:
+    with LocalPod(guarded_pod("audit")) as local:
+        g = Guarded(local)
+        try:
+            local.listen("proxy", ["8080"])
+            assert g.probe("rogue", ("127.0.0.1", 8080, "tcp"), ("127.0.0.1", 9, "tcp")) == ["open", "eperm"]
+            assert g.installed.refused(g.guard)["rogue"] == 1
+        finally:
+            g.installed.detach()
+
+
+@kernel
+def test_attached_by_name_and_detached_whole() -> None:
+    with LocalPod(guarded_pod()) as local:
+        g = Guarded(local)
+        fd = _fd(g)
+        assert [name for _, name in bpf.attached(fd, "connect4")] == ["ni_connect4"]
+        g.installed.detach()
+        assert all(bpf.attached(fd, point) == [] for point, _ in sockaddr.ATTACH)
+        assert local.probe(1000, [("127.0.0.1", 8080, "tcp")], container="rogue") == ["refused"]
+
+
+def _fd(g: Guarded) -> int:
+    """The pod cgroup's directory, open for queries (closed with the test process)."""
+    return os.open(str(g.local.cgroup), os.O_RDONLY | os.O_DIRECTORY)
