@@ -272,12 +272,15 @@ def _judging_by_cgroup(rs: RuleSet, cg: CgroupRules) -> list[str]:
 
 def _receiving(cg: CgroupRules) -> list[str]:
     """The input hook: what opens a flow to a declared port is refused when the socket it would be
-    delivered to is in no owner's cgroup."""
-    opening = {"tcp": "tcp flags syn / syn,ack tcp", "udp": "udp"}
+    delivered to is in no owner's cgroup. Every packet the pod receives takes this hook, so TCP
+    that opens nothing (all but the SYN) passes first: without that rule each of them walked one
+    rule per declared port (150 of them cost 44 % of the loopback connection rate)."""
+    opening = {"tcp": "tcp dport", "udp": "udp dport"}
     return [
         "type filter hook input priority filter; policy accept;",
+        "tcp flags != syn / syn,ack accept",
         *(
-            f"{opening[o.protocol]} dport {o.port} {_not_owner(cg, o)} goto refuse "
+            f"{opening[o.protocol]} {o.port} {_not_owner(cg, o)} goto refuse "
             f'comment "{",".join(o.members)}"'
             for o in cg.owners
         ),
