@@ -280,8 +280,7 @@ def _receiving(cg: CgroupRules) -> list[str]:
         "type filter hook input priority filter; policy accept;",
         "tcp flags != syn / syn,ack accept",
         *(
-            f"{opening[o.protocol]} {o.port} {_not_owner(cg, o)} goto refuse "
-            f'comment "{",".join(o.members)}"'
+            f'{opening[o.protocol]} {o.port} {_not_owner(cg, o)} goto refuse comment "{",".join(o.members)}"'
             for o in cg.owners
         ),
     ]
