@@ -111,12 +111,16 @@ def test_rules_name_cgroups_by_id_when_listed_and_by_path_when_loaded() -> None:
     # the runtime exception comes after everything of the pod's own cgroup is refused
     assert listed.index("@pod goto refuse") < listed.index("meta skuid 0 accept")
     # declared ports: received only by their owners (input), and the UDP one sent only by them
-    # every TCP packet but a SYN meets one rule on input, however many ports are declared (it
-    # walked all of them: 150 declared ports cost 44 % of the loopback connection rate)
-    receiving = listed[listed.index("chain input {") :].splitlines()
-    assert receiving[2].strip() == "tcp flags != syn / syn,ack accept"
-    assert "tcp dport 8080 socket cgroupv2 level 4 != @c-app goto refuse" in listed
-    assert "udp dport 5353 socket cgroupv2 level 4 != @c-proxy goto refuse" in listed
+    # on input, every TCP packet but a SYN meets one rule, and the rest two lookups, however many
+    # ports are declared (each packet walked a rule per port: 150 cost 44 % of the loopback rate)
+    receiving = [line.strip() for line in listed[listed.index("chain input {") :].splitlines()[2:-2]]
+    assert receiving == [
+        "tcp flags != syn / syn,ack accept",
+        "meta l4proto . th dport @owned socket cgroupv2 level 4 . meta l4proto . th dport"
+        " != @owners goto refuse",
+    ]
+    assert set(nft.parse(listed).elements["owned"]) == {"tcp . 8080", "tcp . 15001", "udp . 5353"}
+    assert '101 . tcp . 8080 comment "app"' in listed and '102 . udp . 5353 comment "proxy"' in listed
     assert "udp sport 5353 socket cgroupv2 level 4 != @c-proxy goto refuse" in listed
     assert "meta skuid 1000" not in listed  # cgroup alone: a UID means nothing here
 
@@ -153,17 +157,27 @@ def test_an_id_change_is_an_element_update() -> None:
     # after; nothing else is touched
     a2, proxy = f'"{POD_DIR}/a2"', f'"{POD_DIR}/p" . tcp . 8080 comment "proxy"'
     app_grants = f'{a2} . tcp . 15001 comment "app", {a2} . udp . 5353 comment "app"'
+    # the proxy declares 15001 and 5353/udp, the app 8080: what the input hook checks owners by
+    p = f'"{POD_DIR}/p"'
+    app_owns, proxy_owns = (
+        f'{a2} . tcp . 8080 comment "app"',
+        f'{p} . tcp . 15001 comment "proxy", {p} . udp . 5353 comment "proxy"',
+    )
     add = f"add element inet netisolate c-app {{ {a2} }}\n"
+    owners = f"add element inet netisolate owners {{ {app_owns} }}\n"
     assert nft.elements(after, before) == (
-        f"{add}add element inet netisolate grants {{ {app_grants} }}\n",
+        f"{add}add element inet netisolate grants {{ {app_grants} }}\n{owners}",
         f"flush set inet netisolate c-app\n{add}"
-        f"flush set inet netisolate grants\nadd element inet netisolate grants {{ {app_grants}, {proxy} }}\n",
+        f"flush set inet netisolate grants\nadd element inet netisolate grants {{ {app_grants}, {proxy} }}\n"
+        f"flush set inet netisolate owners\n"
+        f"add element inet netisolate owners {{ {app_owns}, {proxy_owns} }}\n",
     )
     gone = replace(SEEN, containers=SEEN.containers[1:])  # the app exited: its set is emptied
     assert nft.elements(build_ruleset(policy, Settings(), cgroups=gone), before) == (  # type: ignore[arg-type]
         "",
         f"flush set inet netisolate c-app\nflush set inet netisolate grants\n"
-        f"add element inet netisolate grants {{ {proxy} }}\n",
+        f"add element inet netisolate grants {{ {proxy} }}\n"
+        f"flush set inet netisolate owners\nadd element inet netisolate owners {{ {proxy_owns} }}\n",
     )
 
 
@@ -352,6 +366,8 @@ def test_loaded_by_path_listed_by_id_and_exact(local: LocalPod, monkeypatch: pyt
             f'unexpected in set grants: {new_app.id} . {grant} comment "app"'
             for grant in ("tcp . 15001", "udp . 5353")
         ),
+        f'missing in set owners: {old_app.id} . tcp . 8080 comment "app"',
+        f'unexpected in set owners: {new_app.id} . tcp . 8080 comment "app"',
     ]
     # a cgroup that vanished meanwhile: over the kept socket its ID goes in (no socket can be in
     # it again); by `nft -f`, which needs its path, the update fails (the agent retries)
@@ -424,6 +440,25 @@ def test_a_container_reaches_only_its_grants_whatever_its_uid(local: LocalPod) -
     assert set(learned(rs, {}, inspection.observed, cap=10)) == {
         Observed(name, "tcp", port) for name, port in refused if name != "app-restarted"
     }
+
+
+@pytest_kernel
+def test_a_declared_port_is_received_only_by_its_owners(local: LocalPod) -> None:
+    """The input hook's two lookups: a squatter on the proxy's 15001 never completes the app's
+    connection; the proxy itself, on the same port, does."""
+    assert local.ns is not None
+    rs = build_ruleset(pod_policy(local.pod, {}), Settings(), cgroups=local.cgroups())
+    assert rs is not None
+    select_backend("nftables").apply(local.ns, rs)
+    target = [("127.0.0.1", 15001, "tcp")]
+    local.listen("rogue", ["15001"])
+    assert local.probe(1000, target, container="app") == ["refused"]
+    squatter = local.processes.pop()
+    squatter.kill()
+    squatter.wait()
+    local.listen("proxy", ["15001"])
+    assert local.probe(1000, target, container="app") == ["open"]
+    assert select_backend("nftables").verify(local.ns, rs) == []
 
 
 @pytest_kernel
