@@ -8,6 +8,7 @@ import os
 import random
 import struct
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -21,7 +22,7 @@ from netisolate.rules import Cgroup, PodCgroups, RuleSet, Settings, build_rulese
 GOLDEN = Path(__file__).resolve().parent / "golden_guard"
 
 
-def guarded_pod(mode: str = "enforce", app: str = "8080, 9000-9100, 9") -> Pod:
+def guarded_pod(mode: str = "enforce", app: str = "8080, 9000-9100, 9", identity: str = "cgroup") -> Pod:
     """app may reach the proxy's 8080 and a range; the proxy declares 8080 and 53/udp; rogue is
     granted nothing. All three share a UID: only the cgroup tells them apart."""
     user = {"runAsUser": 1000}
@@ -32,7 +33,7 @@ def guarded_pod(mode: str = "enforce", app: str = "8080, 9000-9100, 9") -> Pod:
                 "namespace": "shop",
                 "annotations": {
                     "netisolate.io/isolation": mode,
-                    "netisolate.io/identity": "cgroup",
+                    "netisolate.io/identity": identity,
                     "allow.netisolate.io/app": app,
                 },
             },
@@ -128,13 +129,17 @@ def test_the_assembler_resolves_labels_wide_loads_and_unsigned_immediates() -> N
     assert insns[3] == (0x05, 0, 0, 0)
     with pytest.raises(ValueError, match="twice"):
         ebpf.encode([ebpf.Label("x"), ebpf.Label("x")], {})
+    with pytest.raises(ValueError, match="sign-extended"):  # a 64-bit compare would never match it
+        ebpf.encode([ebpf.jump(ebpf.R2, "==", 0xFFFF0000, "x"), ebpf.Label("x")], {})
 
 
-@pytest.mark.parametrize("body", ["judge4", "judge6", "bind"])
-def test_programs_match_their_golden_files(body: str) -> None:
+@pytest.mark.parametrize(
+    ("identity", "body"), [*(("cgroup", b) for b in ("judge4", "judge6", "bind")), ("uid+cgroup", "judge4")]
+)
+def test_programs_match_their_golden_files(identity: str, body: str) -> None:
     """A change to the programs shows as a diff; regenerate with NETISOLATE_UPDATE_GOLDEN=1."""
-    text = ebpf.text(sockaddr.guard(ruleset(guarded_pod())).programs[body]) + "\n"
-    golden = GOLDEN / f"{body}.txt"
+    text = ebpf.text(sockaddr.guard(ruleset(guarded_pod(identity=identity))).programs[body]) + "\n"
+    golden = GOLDEN / f"{body}{'' if identity == 'cgroup' else '@' + identity}.txt"
     if os.environ.get("NETISOLATE_UPDATE_GOLDEN") == "1":
         golden.write_text(text)
     assert text == golden.read_text()
@@ -223,6 +228,11 @@ def test_unconnected_udp_multicast_and_broadcast_are_judged(guarded: Guarded) ->
     targets = ["127.0.0.1", "224.0.0.251", "255.255.255.255", "192.0.2.255", PEER_IPV4]
     # EPERM (1) for what stays in the pod: the subnet's broadcast too, as the local table says
     assert _python(guarded.local, "rogue", SEND, *targets) == ["1", "1", "1", "1", "sent"]
+    targets6 = ["::1", "ff02::1", "::ffff:127.0.0.1", POD_IPV6, "2001:db8::1"]
+    assert _python(guarded.local, "rogue", SEND.replace("AF_INET,", "AF_INET6,"), *targets6) == [
+        *["1"] * 4,
+        "sent",
+    ]
 
 
 @kernel
@@ -272,6 +282,43 @@ def test_a_changed_policy_is_an_element_update_of_the_attached_guard(guarded: Gu
     assert guarded.probe("app", ("127.0.0.1", 8080, "tcp"), ("127.0.0.1", 8081, "tcp")) == ["eperm", "open"]
     assert {point: bpf.attached(_fd(guarded), point) for point, _ in sockaddr.ATTACH} == before
     assert set(guarded.installed.maps["grants"].items()) == set(changed.entries["grants"])
+
+
+@kernel
+def test_uid_and_cgroup_must_both_match() -> None:
+    with LocalPod(guarded_pod(identity="uid+cgroup")) as local:
+        g = Guarded(local)
+        try:
+            local.listen("proxy", ["8080"])
+            target = [("127.0.0.1", 8080, "tcp")]
+            assert local.probe(1000, target, container="app") == ["open"]
+            assert local.probe(1001, target, container="app") == ["eperm"]  # the app's cgroup, not its UID
+        finally:
+            g.installed.detach()
+
+
+@kernel
+def test_a_gone_cgroup_s_counter_is_folded_into_the_pod_s(guarded: Guarded) -> None:
+    guarded.probe("app", ("127.0.0.1", 8081, "tcp"))
+    restarted = replace(guarded.local.cgroups(), containers=())  # every container gone
+    gone = sockaddr.guard(ruleset(guarded.local.pod, restarted))
+    guarded.installed.update(gone, set(), set())
+    assert guarded.installed.refused(gone) == {"": 1}
+    assert len(guarded.installed.maps["refused"].items()) == 1
+
+
+@kernel
+def test_a_full_map_is_replaced_extra_first() -> None:
+    small = bpf.Map.create(sockaddr.MapSpec("test", "hash", 4, 4, 4))
+    try:
+        keys = [struct.pack("=I", i) for i in range(6)]
+        small.replace(dict.fromkeys(keys[:3], b"\1\0\0\0"))
+        small.replace(dict.fromkeys(keys[3:], b"\1\0\0\0"))  # 6 would not fit at once
+        assert set(small.keys()) == set(keys[3:])
+        with pytest.raises(bpf.GuardError, match="do not fit"):
+            small.replace(dict.fromkeys(keys, b"\1\0\0\0"))
+    finally:
+        os.close(small.fd)
 
 
 @kernel

@@ -3,11 +3,14 @@ What the programs are and what the maps hold is computed in `netisolate.rules.so
 module only talks to the kernel, through the syscall itself (ctypes), as netisolate.backends.xtables
 does for x_tables: no compiler, no ELF loader, nothing to install.
 
-Attached with BPF_F_ALLOW_MULTI, so a program another tool attached to the same cgroup or above
-stays and runs too (the kernel runs every program of the cgroup and its ancestors, ours first; a
-call passes only if all let it). An attachment lives as long as the cgroup does: it is not undone
-when the process that made it exits, and the maps live as long as a program uses them, so a
-restarted agent finds its programs by name on the cgroup (`attached`).
+Attached with BPF_F_ALLOW_MULTI, so a program another tool attached to the same cgroup, below
+it or above it stays and runs too: the kernel runs the container's cgroup's programs first, then
+each ancestor's in the order they were attached, and a call passes only if all let it (so a
+destination rewrite attached below us, or earlier on the pod's cgroup, is judged rewritten). An
+attachment lives as long as the cgroup does: it is not undone when the process that made it
+exits, and the maps live as long as a program uses them. `attached` finds our programs on a
+cgroup by name; reopening their maps (by the IDs the program's info lists) is not written yet, so
+a restarted caller can only detach and install again.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import struct
 import subprocess
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
+from errno import ENOENT
 from functools import partial
 
 from netisolate.backends.base import EnforceError
@@ -45,7 +49,11 @@ PREFIX = "ni_"  # our programs' and maps' names begin with it
 
 
 class GuardError(EnforceError):
-    """bpf(2) refused; the message says what and what to do."""
+    """bpf(2) refused; the message says what and what to do, `errno` why."""
+
+    def __init__(self, message: str, errno: int = 0) -> None:
+        super().__init__(message)
+        self.errno = errno
 
 
 def _bpf(command: int, attr: bytes, what: str, buffer: ctypes.Array[ctypes.c_char] | None = None) -> int:
@@ -58,7 +66,7 @@ def _bpf(command: int, attr: bytes, what: str, buffer: ctypes.Array[ctypes.c_cha
     if result < 0:
         errno = ctypes.get_errno()
         hint = " (needs CAP_BPF and CAP_NET_ADMIN, or root)" if errno == 1 else ""
-        raise GuardError(f"{what}: {os.strerror(errno)}{hint}")
+        raise GuardError(f"{what}: {os.strerror(errno)}{hint}", errno)
     return result
 
 
@@ -95,7 +103,7 @@ class Map:
         try:
             self._elem(_LOOKUP, key, value, "reading an element")
         except GuardError as err:
-            if "No such file" in str(err):
+            if err.errno == ENOENT:
                 return None
             raise
         return value.raw
@@ -110,7 +118,7 @@ class Map:
             try:
                 _bpf(_NEXT_KEY, attr, f"listing {self.spec.name}")
             except GuardError as err:
-                if "No such file" in str(err):
+                if err.errno == ENOENT:
                     return
                 raise
             key = following.raw
@@ -120,11 +128,23 @@ class Map:
         return {key: value for key in self.keys() if (value := self.get(key)) is not None}
 
     def replace(self, entries: Mapping[bytes, bytes]) -> None:
-        """Exactly `entries` afterwards: what is missing added first, then what is extra deleted
-        (each element is one update, so a policy change is never a window with fewer grants)."""
+        """Exactly `entries` afterwards. What is missing is added before what is extra goes, so a
+        policy change never has a moment with fewer grants than either side; where both would not
+        fit in the map at once, the extra go first (a moment with fewer: fail closed)."""
+        if len(entries) > self.spec.max_entries:
+            raise GuardError(
+                f"{len(entries)} elements do not fit in {self.spec.name} ({self.spec.max_entries})"
+            )
+        extra = set(self.keys()) - set(entries)
+        if len(extra) + len(entries) > self.spec.max_entries:
+            self.delete_keys(extra)
+            extra = set()
         for key, value in entries.items():
             self.put(key, value)
-        for key in set(self.keys()) - set(entries):
+        self.delete_keys(extra)
+
+    def delete_keys(self, keys: set[bytes]) -> None:
+        for key in keys:
             self.delete(key)
 
 
@@ -201,10 +221,22 @@ class Installed:
             self.maps[name].replace(entries)
         self.maps["local4"].replace(dict.fromkeys(local4, one))
         self.maps["local6"].replace(dict.fromkeys(local6, one))
-        for cgroup in guard.identities:
-            key = struct.pack("=Q", cgroup)
-            if self.maps["refused"].get(key) is None:
-                self.maps["refused"].put(key, bytes(8))
+        self._counters(guard)
+
+    def _counters(self, guard: Guard) -> None:
+        """A refusal counter for each cgroup the guard names; a gone cgroup's count is folded into
+        the pod's own (key 0) and its counter deleted, so restarts never fill the map."""
+        counters = self.maps["refused"]
+        wanted = {struct.pack("=Q", cgroup) for cgroup in guard.identities}
+        gone = {key: value for key, value in counters.items().items() if key not in wanted}
+        for key in wanted:
+            if counters.get(key) is None:
+                counters.put(key, bytes(8))
+        if gone:
+            pod = struct.pack("=Q", 0)
+            total = sum(struct.unpack("=Q", v)[0] for v in (counters.get(pod) or bytes(8), *gone.values()))
+            counters.put(pod, struct.pack("=Q", total))
+            counters.delete_keys(set(gone))
 
     def refused(self, guard: Guard) -> dict[str, int]:
         """Refusals by container ("" for the pod's own cgroup and cgroups nobody names)."""
@@ -215,13 +247,15 @@ class Installed:
         return counts
 
     def detach(self) -> None:
-        fd = os.open(self.cgroup, os.O_RDONLY | os.O_DIRECTORY)
         try:
-            for attach_type, program in self.programs.items():
-                detach(fd, program, attach_type)
+            fd = os.open(self.cgroup, os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                for attach_type, program in self.programs.items():
+                    detach(fd, program, attach_type)
+            finally:
+                os.close(fd)
         finally:
-            os.close(fd)
-        self.close()
+            self.close()
 
     def close(self) -> None:
         """Our fds only: what is attached stays attached."""
@@ -235,25 +269,25 @@ class Installed:
 def install(cgroup: str, guard: Guard, local4: set[bytes], local6: set[bytes]) -> Installed:
     """Make the maps, fill them, load the programs and attach them to the cgroup directory (a v2
     cgroup: the pod's). The maps are filled before any program is attached, so the guard is whole
-    from its first call."""
+    from its first call; on any failure, whatever was attached is detached again and every fd
+    closed."""
     installed = Installed(cgroup, {})
     try:
-        installed.maps = {spec.name: Map.create(spec) for spec in MAPS}
+        for spec in MAPS:
+            installed.maps[spec.name] = Map.create(spec)
         installed.update(guard, local4, local6)
-        loaded = {
-            point: load(f"{point}", point, guard.programs[body], installed.maps) for point, body in ATTACH
-        }
-        installed.programs = loaded
+        for point, body in ATTACH:
+            installed.programs[point] = load(point, point, guard.programs[body], installed.maps)
         fd = os.open(cgroup, os.O_RDONLY | os.O_DIRECTORY)
         try:
-            done = {}
+            done: list[str] = []
             try:
-                for point, program in loaded.items():
+                for point, program in installed.programs.items():
                     attach(fd, program, point)
-                    done[point] = program
-            except GuardError:
-                for point, program in done.items():
-                    detach(fd, program, point)
+                    done.append(point)
+            except BaseException:
+                for point in done:
+                    detach(fd, installed.programs[point], point)
                 raise
         finally:
             os.close(fd)

@@ -131,7 +131,9 @@ def encode(program: Program, maps: Mapping[str, int]) -> bytes:
             off = labels[item.target] - (slot + 1)
         if item.map:
             imm = maps[item.map]
-        if imm >= 1 << 31:  # an unsigned 32-bit constant, as the field's two's complement
+        if imm >= 1 << 31:  # only a 32-bit compare sees such a constant as it is written
+            if item.code & 0x07 != _JMP32:
+                raise ValueError(f"{imm:#x} would be sign-extended to 64 bits: compare with low32")
             imm -= 1 << 32
         out += struct.pack("<BBhi", item.code, item.src << 4 | item.dst, off, imm)
         if item.slots == 2:

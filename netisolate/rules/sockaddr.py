@@ -9,10 +9,13 @@ runs only when a container names a destination; a connection's packets meet noth
 
 WHERE. The programs are attached to the pod's own cgroup, so every container's cgroup below it
 inherits them, from the first instruction of its first process; a process outside the pod (the
-runtime's port-forward) meets none of them. Each call is judged by the caller's cgroup at the
-containers' level (`get_current_ancestor_cgroup_id(level)`), the same ID `socket cgroupv2 level N`
-compares; under uid+cgroup the caller's UID must match too. A process of the pod's cgroup that is in
-no container's (the level's ancestor is 0) or in a cgroup the agent has not seen is granted nothing.
+runtime's port-forward) meets none of them. Each call is judged by the calling task, not by the
+socket as netfilter does: its cgroup at the containers' level
+(`get_current_ancestor_cgroup_id(level)`, the same kind of ID `socket cgroupv2 level N` compares)
+and, under uid+cgroup, its real UID. So a socket handed to another container (SCM_RIGHTS over an
+abstract unix socket, which the pod's containers share) is judged by whoever uses it. A process
+of the pod's cgroup that is in no container's (the level's ancestor is 0) or in a cgroup the agent
+has not seen is granted nothing.
 
 WHAT IS JUDGED. A destination that stays in the pod's namespace: 127.0.0.0/8, 0.0.0.0 and ::, ::1,
 their IPv4-mapped forms, what the namespace's `local` routing table names local, broadcast or
@@ -35,8 +38,11 @@ WHAT IT DOES NOT DO, which is why it is a building block and not yet a backend: 
 address the caller names, before any NAT, so a mesh's nat REDIRECT to loopback (or a socket
 load-balancer's rewrite attached further up) is judged by its original destination; it sees no
 replies, so a policy that grants UDP (whose replies netfilter lets back by conntrack) cannot be
-served; the runtime is never judged, so --deny-port-forward cannot be kept; and a refusal is
-EPERM, not a reset. A caller must keep pods with any of these on netfilter.
+served; the runtime is never judged, so --deny-port-forward cannot be kept; a refusal is
+EPERM, not a reset; and the local tries are a snapshot of the routing table, which the caller
+must refresh when it changes (an IPv6 address that finishes duplicate address detection, an
+interface a CNI plugin adds later), where nftables' `fib` asks on every packet. A caller must keep
+pods with any of these on netfilter.
 """
 
 from __future__ import annotations
@@ -205,7 +211,8 @@ def _identity(rs: RuleSet) -> list[Insn | Label]:
 
 
 def _protocol_and_port() -> list[Insn | Label]:
-    """The call's protocol and port onto the stack, network order, after the identity."""
+    """The call's protocol and port onto the stack, network order, after the identity (the
+    protocol's low byte: TCP, UDP and UDP-Lite all fit in it)."""
     return [
         load(4, R2, R6, _PROTOCOL),
         alu(R2, "<<=", 8),  # stored as a u16 little-endian: [0, protocol], i.e. network order
