@@ -28,7 +28,7 @@ from prometheus_client import REGISTRY
 
 from netisolate.agent import endpoints
 from netisolate.agent.node import Agent
-from netisolate.backends import run_tool, select_backend
+from netisolate.backends import guarded, run_tool, select_backend
 from netisolate.backends.nftables import KEPT
 from netisolate.kube import AgentApi
 from netisolate.kubeclient import ApiError, Client, Listing
@@ -58,7 +58,7 @@ class Running:
     ) -> None:
         self.agent = Agent(
             node,
-            select_backend(backend),
+            guarded(select_backend("nftables")) if backend == "nftables+guard" else select_backend(backend),
             settings or Settings(),
             api or ours(core),  # the agent's own client, of the server `core` drives
             verify_interval=verify_interval,

@@ -25,6 +25,7 @@ from kubernetes import client
 
 from netisolate import scenarios
 from netisolate.backends import select_backend
+from netisolate.backends.guarded import GuardedBackend
 from netisolate.backends.libnft import load as nft_load
 from netisolate.netns import NetNS
 from netisolate.policy import IdentityMode
@@ -111,6 +112,39 @@ async def exec_out(kubelet: Kubelet, pod: RunningPod, container: str, script: st
     result = await asyncio.to_thread(kubelet.exec, pod, container, ["sh", "-c", script])
     assert result.exit_code == 0, result.stderr
     return result.stdout
+
+
+@pytest.mark.asyncio
+async def test_the_socket_guard_serves_a_real_pod_through_restarts(kubelet: Kubelet, kmock: Any) -> None:
+    """--socket-guard: the shared-uid pod (cgroup identity, TCP grants) is judged by the guard on
+    its cgroup alone — its table replaced once the sandbox's cgroup is seen — and each container
+    still reaches exactly its grants, before and after a container restart (a new cgroup: an
+    element update of the guard's maps)."""
+    running = Running(
+        client.CoreV1Api(api_client(kmock)), "nftables+guard", node=NODE_NAME, verify_interval=0.5
+    )
+    try:
+        scenario = scenarios.load("shared-uid")
+        pod = await start(kubelet, kmock, shared_uid_pod(IdentityMode.CGROUP))
+        await enforced(running, pod)
+        backend = running.agent.reconciler.backend
+        assert isinstance(backend, GuardedBackend)
+        ns = running.agent.reconciler.pods[pod.uid].ns
+        assert ns is not None
+        await until(lambda: not backend.inner.installed(ns), what="the pod's table replaced by the guard")
+        for _ in range(2):
+            await asyncio.to_thread(wait_listening, pod, scenario.listeners)
+            got = await asyncio.to_thread(
+                matrix, kubelet, pod, scenario.listeners, list(scenario.expect_open)
+            )
+            assert not mismatches(scenario, got), mismatches(scenario, got)
+            rs = applied(running, pod)
+            assert rs is not None and await asyncio.to_thread(backend.verify, ns, rs) == []
+            await asyncio.to_thread(restart_unreported, kubelet, pod, "app")
+            await until(lambda: holds(running, pod, "app"), what="the restarted app's cgroup")
+        assert not backend.inner.installed(ns)
+    finally:
+        await asyncio.to_thread(running.stop)
 
 
 def record_updates(agent: Running) -> list[tuple[float, list[str]]]:

@@ -13,11 +13,12 @@ from pathlib import Path
 
 import pytest
 
-from netisolate.backends import bpf
+from netisolate.backends import bpf, run_tool
+from netisolate.backends.guarded import GuardedBackend, reserved
 from netisolate.localpod import PEER_IPV4, POD_IPV4, POD_IPV6, LocalPod
 from netisolate.model import Pod, parse_pod
 from netisolate.policy import PortRange, pod_policy
-from netisolate.rules import Cgroup, PodCgroups, RuleSet, Settings, build_ruleset, ebpf, sockaddr
+from netisolate.rules import Cgroup, PodCgroups, RuleSet, Settings, build_ruleset, ebpf, nft, sockaddr
 
 GOLDEN = Path(__file__).resolve().parent / "golden_guard"
 
@@ -347,3 +348,143 @@ def test_attached_by_name_and_detached_whole() -> None:
 def _fd(g: Guarded) -> int:
     """The pod cgroup's directory, open for queries (closed with the test process)."""
     return os.open(str(g.local.cgroup), os.O_RDONLY | os.O_DIRECTORY)
+
+
+# --- the agent's backend under --socket-guard --------------------------------------------------
+
+
+def _table(local: LocalPod) -> bool:
+    assert local.ns is not None
+    return run_tool(local.ns, ["nft", "list", "table", "inet", nft.TABLE]).returncode == 0
+
+
+def _ours(local: LocalPod, point: str = "connect4") -> list[str]:
+    fd = os.open(str(local.cgroup), os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        return [name for _, name in bpf.attached(fd, point)]
+    finally:
+        os.close(fd)
+
+
+Served = tuple[LocalPod, GuardedBackend, RuleSet]
+
+
+@pytest.fixture
+def served() -> Iterator[Served]:
+    with LocalPod(guarded_pod()) as local:
+        backend = GuardedBackend()
+        rs = ruleset(local.pod, local.cgroups())
+        try:
+            yield local, backend, rs
+        finally:
+            if local.cgroup is not None:
+                for point, _ in sockaddr.ATTACH:  # whatever a test left attached
+                    _detach_all(local, point)
+
+
+def _detach_all(local: LocalPod, point: str) -> None:
+    fd = os.open(str(local.cgroup), os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        for prog_id, _ in bpf.attached(fd, point):
+            program = bpf.open_program(prog_id)
+            try:
+                bpf.detach(fd, program, point)
+            finally:
+                os.close(program)
+    finally:
+        os.close(fd)
+
+
+@kernel
+def test_the_guard_replaces_the_table_and_verification_is_exact(served: Served) -> None:
+    local, backend, rs = served
+    assert local.ns is not None
+    # the CNI ADD's table: the pod's cgroup is not known yet, so nftables serves it
+    early = ruleset(local.pod, PodCgroups(rs.cgroups.level if rs.cgroups else 0))
+    backend.apply(local.ns, early)
+    assert _table(local) and _ours(local) == []
+    backend.update_cgroups(local.ns, rs, early)  # the sandbox's cgroup seen: the guard takes over
+    assert not _table(local) and _ours(local) == ["ni_connect4"]
+    assert backend.verify(local.ns, rs) == []
+    local.listen("proxy", ["8080"])
+    assert local.probe(1000, [("127.0.0.1", 8080, "tcp")], container="app") == ["open"]
+    assert local.probe(1000, [("127.0.0.1", 8080, "tcp")], container="rogue") == ["eperm"]
+    inspection = backend.inspect(local.ns, rs)
+    assert inspection.drift == [] and inspection.refused["rogue"] == 1
+    rogue = dict(local.cgroups().containers)["rogue"].id
+    assert inspection.observed == [(str(rogue), "tcp", 8080, 1)]
+    # tampering is drift, and the next apply settles it
+    _detach_all(local, "bind6")
+    drift = backend.verify(local.ns, rs)
+    assert drift == [f"the socket guard's bind6 program is not attached to {local.cgroup}"]
+    backend.apply(local.ns, rs)
+    assert backend.verify(local.ns, rs) == []
+
+
+@kernel
+def test_nat_in_the_pod_hands_it_back_to_its_table(served: Served) -> None:
+    local, backend, rs = served
+    assert local.ns is not None
+    backend.apply(local.ns, rs)
+    nat = "add table ip meshnat\nadd chain ip meshnat out { type nat hook output priority -100; }\n"
+    assert run_tool(local.ns, ["nft", "-f", "-"], nat).returncode == 0
+    assert backend.verify(local.ns, rs)[-1].endswith("needs its table: an nftables nat chain")
+    backend.apply(local.ns, rs)
+    assert _table(local) and _ours(local) == [] and backend.verify(local.ns, rs) == []
+    local.listen("proxy", ["8080"])
+    assert local.probe(1000, [("127.0.0.1", 8080, "tcp")], container="rogue") == ["refused"]  # nftables'
+
+
+@kernel
+def test_a_restarted_agent_puts_its_guard_beside_the_old_then_removes_it(served: Served) -> None:
+    local, backend, rs = served
+    assert local.ns is not None
+    backend.apply(local.ns, rs)
+    restarted = GuardedBackend()
+    assert restarted.verify(local.ns, rs) == [f"the socket guard is not attached to {local.cgroup}"]
+    restarted.apply(local.ns, rs)
+    assert all(_ours(local, point) == [f"ni_{point}"] for point, _ in sockaddr.ATTACH)
+    assert restarted.verify(local.ns, rs) == []
+
+
+@kernel
+def test_what_the_guard_cannot_serve_keeps_its_table() -> None:
+    with LocalPod(guarded_pod(app="8080, 53/udp")) as local:
+        assert local.ns is not None
+        backend = GuardedBackend()
+        rs = ruleset(local.pod, local.cgroups())
+        assert sockaddr.unfit(rs) == "the pod grants UDP or is at audit: replies need conntrack"
+        backend.apply(local.ns, rs)
+        assert _table(local) and _ours(local) == [] and backend.verify(local.ns, rs) == []
+
+
+AUTOBIND = """
+import socket
+for _ in range(5):
+    s = socket.socket()
+    try:
+        s.listen()
+        print(s.getsockname()[1])
+    except OSError as e:
+        print(e.errno)
+    s.close()
+"""
+
+
+@kernel
+def test_the_kernel_never_hands_a_declared_port_to_an_unbound_socket(served: Served) -> None:
+    """The ephemeral range narrowed to the proxy's 8080: an unbound listen() gets it, until the
+    guard reserves it (then the kernel has no port to give: EADDRINUSE)."""
+    local, backend, rs = served
+    assert local.ns is not None
+    assert run_tool(local.ns, ["sysctl", "-qw", "net.ipv4.ip_local_port_range=8080 8080"]).returncode == 0
+    assert run_tool(local.ns, ["sysctl", "-qw", "net.ipv4.ip_local_reserved_ports=7000"]).returncode == 0
+    assert set(_python(local, "rogue", AUTOBIND)) == {"8080"}  # what a squatter could be handed
+    backend.apply(local.ns, rs)
+    assert reserved(local.ns) == {7000, 53, 8080}  # the pod's own reservation kept
+    assert set(_python(local, "rogue", AUTOBIND)) == {"98"}  # EADDRINUSE
+    assert run_tool(local.ns, ["sysctl", "-qw", "net.ipv4.ip_local_reserved_ports=7000"]).returncode == 0
+    assert backend.verify(local.ns, rs) == [
+        "declared port 53 is not reserved in the namespace",
+        "declared port 8080 is not reserved in the namespace",
+    ]

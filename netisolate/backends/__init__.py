@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 
 from netisolate.backends.base import Backend, EnforceError, Inspection, checked, run_tool
+from netisolate.backends.guarded import GuardedBackend
 from netisolate.backends.iptables import IptablesBackend
 from netisolate.backends.nftables import NftablesBackend
 from netisolate.netns import NetNS
@@ -25,6 +26,7 @@ __all__ = [
     "Inspection",
     "apply_many",
     "checked",
+    "guarded",
     "run_tool",
     "select_backend",
 ]
@@ -67,6 +69,16 @@ def select_backend(name: str = "auto", host: NetNS | None = None) -> Backend:
     if name == "iptables":
         return IptablesBackend()
     raise EnforceError(f"unknown backend {name!r}: use auto, nftables or iptables")
+
+
+def guarded(backend: Backend) -> Backend:
+    """The socket guard over nftables (`--socket-guard`); EnforceError over any other backend."""
+    if not isinstance(backend, NftablesBackend):
+        raise EnforceError(
+            f"--socket-guard needs the nftables backend, and this node's is {backend.name}: "
+            "pass --backend nftables, or leave --socket-guard out"
+        )
+    return GuardedBackend(backend)
 
 
 def apply_many(

@@ -9,8 +9,9 @@ each ancestor's in the order they were attached, and a call passes only if all l
 destination rewrite attached below us, or earlier on the pod's cgroup, is judged rewritten). An
 attachment lives as long as the cgroup does: it is not undone when the process that made it
 exits, and the maps live as long as a program uses them. `attached` finds our programs on a
-cgroup by name; reopening their maps (by the IDs the program's info lists) is not written yet, so
-a restarted caller can only detach and install again.
+cgroup by name; their maps are not reopened (by the IDs the program's info lists): a restarted
+caller installs a guard of its own beside the old one, then detaches the old (`detach_others`),
+so the cgroup is never without one; the refusal counters start again from 0.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from functools import partial
 from netisolate.backends.base import EnforceError
 from netisolate.netns import NetNS
 from netisolate.rules import ebpf
-from netisolate.rules.sockaddr import ATTACH, MAPS, Guard, MapSpec
+from netisolate.rules.sockaddr import ATTACH, MAPS, PROTOCOLS, Guard, MapSpec
 
 _LIBC = ctypes.CDLL(None, use_errno=True)
 _SYSCALL = {"x86_64": 321, "aarch64": 280}
@@ -194,7 +195,7 @@ def attached(cgroup: int, attach_type: str) -> list[tuple[int, str]]:
     count = struct.unpack_from("=I", buffer.raw, 24)[0]  # prog_cnt, as the kernel wrote it
     found = []
     for prog_id in struct.unpack_from(f"={count}I", ids.raw):
-        fd = _bpf(_PROG_GET_FD_BY_ID, struct.pack("=I", prog_id), f"opening program {prog_id}")
+        fd = open_program(prog_id)
         try:
             info = ctypes.create_string_buffer(_PROG_INFO)
             attr = struct.pack("=IIQ", fd, _PROG_INFO, _pointer(info))
@@ -205,6 +206,16 @@ def attached(cgroup: int, attach_type: str) -> list[tuple[int, str]]:
     return found
 
 
+def open_program(prog_id: int) -> int:
+    return _bpf(_PROG_GET_FD_BY_ID, struct.pack("=I", prog_id), f"opening program {prog_id}")
+
+
+def program_id(fd: int) -> int:
+    info = ctypes.create_string_buffer(_PROG_INFO)
+    _bpf(_OBJ_GET_INFO_BY_FD, struct.pack("=IIQ", fd, _PROG_INFO, _pointer(info)), "reading a program's info")
+    return int(struct.unpack_from("=I", info.raw, 4)[0])
+
+
 @dataclass
 class Installed:
     """A guard attached to a cgroup: the maps (to update, and to read counters and the record
@@ -213,6 +224,68 @@ class Installed:
     cgroup: str
     maps: dict[str, Map]
     programs: dict[str, int] = field(default_factory=dict)  # attach point -> fd
+
+    def _attached(self) -> dict[str, list[tuple[int, str]]]:
+        fd = os.open(self.cgroup, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            return {point: attached(fd, point) for point, _ in ATTACH}
+        finally:
+            os.close(fd)
+
+    def whole(self) -> bool:
+        """Whether each of our programs is still attached (someone may have detached one)."""
+        found = self._attached()
+        return all(program_id(fd) in {i for i, _ in found[point]} for point, fd in self.programs.items())
+
+    def drift(self, guard: Guard, local4: set[bytes], local6: set[bytes]) -> list[str]:
+        """What differs from `guard` attached here ([] when exactly it): our programs, and only
+        ours of netisolate's, at every attach point, and each map's elements."""
+        problems = []
+        for point, found in self._attached().items():
+            ours = program_id(self.programs[point])
+            if ours not in {prog_id for prog_id, _ in found}:
+                problems.append(f"the socket guard's {point} program is not attached to {self.cgroup}")
+            stale = [prog_id for prog_id, name in found if name.startswith(PREFIX) and prog_id != ours]
+            problems += [
+                f"another netisolate {point} program (ID {i}) is attached to {self.cgroup}" for i in stale
+            ]
+        one = struct.pack("=I", 1)
+        wanted = {**guard.entries, "local4": dict.fromkeys(local4, one), "local6": dict.fromkeys(local6, one)}
+        for name, entries in wanted.items():
+            have = self.maps[name].items()
+            missing = sorted(key.hex() for key in set(entries) - set(have))
+            unexpected = sorted(key.hex() for key in set(have) - set(entries))
+            problems += [f"missing in map {name}: {key}" for key in missing]
+            problems += [f"unexpected in map {name}: {key}" for key in unexpected]
+        return problems
+
+    def observed(self) -> list[tuple[str, str, int, int]]:
+        """(cgroup ID, protocol, port, refusals) of what the guard recorded, as nftables' record."""
+        names = {number: name for name, number in PROTOCOLS.items()}
+        found = []
+        for key, value in self.maps["observed"].items().items():
+            _, cgroup, protocol, port = struct.unpack("=IQ", key[:12]) + struct.unpack(">HH", key[12:])
+            if protocol in names:
+                found.append((str(cgroup), names[protocol], port, struct.unpack("=Q", value)[0]))
+        return found
+
+    def detach_others(self) -> None:
+        """Detach every netisolate program on the cgroup that is not ours (an earlier agent's)."""
+        fd = os.open(self.cgroup, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            for point, found in self._attached().items():
+                ours = program_id(self.programs[point])
+                for prog_id, name in found:
+                    if name.startswith(PREFIX) and prog_id != ours:
+                        other = _bpf(
+                            _PROG_GET_FD_BY_ID, struct.pack("=I", prog_id), f"opening program {prog_id}"
+                        )
+                        try:
+                            detach(fd, other, point)
+                        finally:
+                            os.close(other)
+        finally:
+            os.close(fd)
 
     def update(self, guard: Guard, local4: set[bytes], local6: set[bytes]) -> None:
         """The maps as `guard` wants them, and `local4`/`local6` as `local_addresses` reads them."""

@@ -12,7 +12,7 @@ import urllib.request
 from pathlib import Path
 
 from netisolate.agent.state import NodeStatus, PodState
-from netisolate.backends import BACKENDS, EnforceError, select_backend
+from netisolate.backends import BACKENDS, EnforceError, guarded, select_backend
 from netisolate.cni.options import DEFAULT_EXEMPT, CniOptions
 from netisolate.commands.common import add_command, add_rule_settings, port, rule_settings, seconds
 from netisolate.logs import setup_logging
@@ -46,6 +46,13 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     agent.add_argument("--node-name", default=os.environ.get("NODE_NAME"), help="default: $NODE_NAME")
     agent.add_argument("--kubeconfig", metavar="FILE", help="default: in-cluster configuration")
     agent.add_argument("--backend", choices=("auto", *BACKENDS), default="auto")
+    agent.add_argument(
+        "--socket-guard",
+        action="store_true",
+        help="nftables only: judge the pods it can serve (cgroup identity, enforce, no UDP grant, no "
+        "NAT in the pod) with cgroup BPF programs on the pod's cgroup, once per connect/send/bind, "
+        "instead of netfilter rules that every packet meets (docs/design.md, the socket guard)",
+    )
     agent.add_argument("--metrics-port", type=port, default=METRICS_PORT, help="default %(default)s")
     add_rule_settings(agent)
     agent.add_argument(
@@ -152,6 +159,8 @@ def run_agent(args: argparse.Namespace) -> int:
     try:
         with NetNS.open(args.host_netns) as host:
             backend = select_backend(args.backend, host)
+        if args.socket_guard:
+            backend = guarded(backend)
         agent = Agent(
             args.node_name,
             backend,

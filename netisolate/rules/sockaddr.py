@@ -183,6 +183,20 @@ def _owners(rs: RuleSet) -> tuple[dict[bytes, bytes], dict[bytes, bytes]]:
     return owned, owners
 
 
+def unfit(rs: RuleSet) -> str | None:
+    """Why the guard cannot serve this ruleset as netfilter would (None: it can). The namespace's
+    own NAT is the caller's to check: it is not in the ruleset."""
+    if rs.cgroups is None:
+        return "UID identity (the guard knows containers by their cgroups)"
+    if rs.cgroups.pod is None:
+        return "the pod's cgroup is not known yet"
+    if rs.stateful:
+        return "the pod grants UDP or is at audit: replies need conntrack"
+    if not rs.allow_root:
+        return "the runtime's port-forward is refused here, and it runs outside the pod's cgroup"
+    return None
+
+
 def guard(rs: RuleSet) -> Guard:
     """The guard for a cgroup identity ruleset (raises ValueError for any other)."""
     if rs.cgroups is None:
