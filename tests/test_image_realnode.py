@@ -29,6 +29,9 @@ import pytest
 import pytest_asyncio
 
 from netisolate import scenarios
+from netisolate.backends import run_tool
+from netisolate.backends.guarded import reserved
+from netisolate.netns import NetNS
 from tests.agent_process import kubeconfig as agent_kubeconfig
 from tests.kube_standin import put
 from tests.realnode import cri_pb2 as pb
@@ -221,6 +224,34 @@ async def test_the_agent_from_the_image_enforces_every_scenario(
     print(f"\nagent ({backend}) start-to-ready from the image: {ready:.2f} s")
     for name in scenarios.names():
         assert await scenario_mismatches(cluster, kmock, name, backend) == {}, name
+
+
+@pytest.mark.asyncio
+async def test_the_agent_from_the_image_serves_a_pod_with_its_socket_guard(
+    cluster: Kubelet, kmock: Any
+) -> None:
+    """--socket-guard in the agent's container (its /proc/sys read-only, only the manifest's
+    capabilities): the shared-uid pod is judged by the guard alone — its table gone, its declared
+    ports reserved in its namespace — and each container reaches exactly its grants."""
+    pod = agent_pod("nftables")
+    pod["spec"]["containers"][0]["args"].append("--socket-guard")
+    agent, _ = await run_agent(cluster, kmock, pod)
+    scenario = scenarios.load("shared-uid")
+    manifest = pods.scenario_pod("shared-uid", f"guard-{uuid.uuid4().hex[:5]}")
+    put(kmock, "v1/namespaces", {"metadata": {"name": manifest["metadata"]["namespace"], "labels": {}}})
+    target = await start(cluster, kmock, manifest)
+    state = await enforced(cluster, agent, target)
+    assert state == "enforce", container_log(cluster, agent)[-3000:]
+    with NetNS.open(f"/proc/{target.pid}/ns/net") as ns:
+        deadline = time.monotonic() + 15
+        while run_tool(ns, ["nft", "list", "table", "inet", "netisolate"]).returncode == 0:
+            assert time.monotonic() < deadline, f"the table stayed: {container_log(cluster, agent)[-2000:]}"
+            await asyncio.sleep(0.1)
+        assert {8080, 15000, 15001} <= reserved(ns)
+    await asyncio.to_thread(wait_listening, target, scenario.listeners)
+    got = await asyncio.to_thread(matrix, cluster, target, scenario.listeners, list(scenario.expect_open))
+    await asyncio.to_thread(cluster.delete, target)
+    assert pods.mismatches(scenario, got) == {}
 
 
 AGENT = find("DaemonSet", "netisolate-agent")["spec"]["template"]["spec"]

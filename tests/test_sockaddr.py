@@ -4,9 +4,13 @@ what is judged, what passes untouched, ownership at bind(), counting, learning, 
 
 from __future__ import annotations
 
+import json
 import os
 import random
+import socket
 import struct
+import subprocess
+import sys
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -488,3 +492,44 @@ def test_the_kernel_never_hands_a_declared_port_to_an_unbound_socket(served: Ser
         "declared port 53 is not reserved in the namespace",
         "declared port 8080 is not reserved in the namespace",
     ]
+
+
+SYSCTL_WRITE = """
+import threading
+from netisolate.backends import sysctl
+PATH = "/proc/sys/net/ipv4/ip_local_reserved_ports"
+thread = threading.Thread(target=sysctl.write, args=(PATH, "4242"))
+thread.start()
+thread.join()
+print(open(PATH).read().strip())
+try:
+    open(PATH, "w").write("1")
+except OSError as e:
+    print(e.errno)
+"""
+
+
+@kernel
+def test_a_sysctl_is_written_where_the_container_mounts_proc_sys_read_only() -> None:
+    """As the agent's container: /proc/sys read-only. The writing thread remounts it in a mount
+    namespace of its own; the process's stays read-only (EROFS, 30)."""
+    readonly = 'mount --bind /proc/sys /proc/sys && mount -o remount,bind,ro /proc/sys && exec "$@"'
+    argv = ["unshare", "-m", "-n", "sh", "-c", readonly, "sh", sys.executable, "-c", SYSCTL_WRITE]
+    result = subprocess.run(argv, capture_output=True, text=True, check=False, timeout=30)
+    assert result.stdout.split() == ["4242", "30"], result.stderr
+
+
+@kernel
+def test_the_local_routes_are_what_ip_lists(guarded: Guarded) -> None:
+    """The rtnetlink dump against `ip route show table local` (the image has no `ip`)."""
+    assert guarded.local.ns is not None
+    expected: tuple[set[bytes], set[bytes]] = (set(), set())
+    for index, (flag, family) in enumerate((("-4", socket.AF_INET), ("-6", socket.AF_INET6))):
+        argv = ["ip", flag, "-j", "route", "show", "table", "local"]
+        for route in json.loads(run_tool(guarded.local.ns, argv).stdout):
+            if route["type"] in ("local", "broadcast", "multicast"):
+                address, _, bits = route["dst"].partition("/")
+                width = 32 if family == socket.AF_INET else 128
+                expected[index].add(struct.pack("=I", int(bits or width)) + socket.inet_pton(family, address))
+    assert bpf.local_addresses(guarded.local.ns) == expected
+    assert struct.pack("=I", 32) + socket.inet_aton(POD_IPV4) in expected[0]

@@ -17,16 +17,13 @@ so the cgroup is never without one; the refusal counters start again from 0.
 from __future__ import annotations
 
 import ctypes
-import json
 import os
 import platform
 import socket
 import struct
-import subprocess
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from errno import ENOENT
-from functools import partial
 
 from netisolate.backends.base import EnforceError
 from netisolate.netns import NetNS
@@ -370,19 +367,59 @@ def install(cgroup: str, guard: Guard, local4: set[bytes], local6: set[bytes]) -
     return installed
 
 
+# rtnetlink, spoken directly (as netisolate.agent.listeners speaks sock_diag): no `ip` in the image
+_NETLINK_ROUTE, _RTM_NEWROUTE, _RTM_GETROUTE, _NLMSG_ERROR, _NLMSG_DONE = 0, 24, 26, 2, 3
+_DUMP = 0x1 | 0x300  # NLM_F_REQUEST | NLM_F_DUMP
+_HEADER = struct.Struct("=IHHII")  # nlmsghdr
+_RTMSG = struct.Struct("=BBBBBBBBI")  # family, dst_len, src_len, tos, table, protocol, scope, type, flags
+_RTATTR = struct.Struct("=HH")  # rtattr
+_RTA_DST, _RTA_TABLE, _RT_TABLE_LOCAL = 1, 15, 255
+_LOCAL_TYPES = {2, 3, 5}  # RTN_LOCAL, RTN_BROADCAST, RTN_MULTICAST
+
+
+def _route(message: bytes) -> tuple[int, int, bytes, int] | None:
+    """(table, type, destination, prefix length) of one RTM_NEWROUTE payload."""
+    family, dst_len, _, _, table, _, _, kind, _ = _RTMSG.unpack_from(message)
+    width = 4 if family == socket.AF_INET else 16
+    dst, offset = bytes(width), _RTMSG.size
+    while offset + _RTATTR.size <= len(message):
+        length, attr = _RTATTR.unpack_from(message, offset)
+        if length < _RTATTR.size:
+            return None
+        value = message[offset + _RTATTR.size : offset + length]
+        if attr == _RTA_DST:
+            dst = value
+        elif attr == _RTA_TABLE:
+            table = struct.unpack("=I", value)[0]
+        offset += (length + 3) & ~3
+    return table, kind, dst, dst_len
+
+
+def _local_routes(family: int) -> set[bytes]:
+    """The local4/local6 keys of the calling thread's namespace's `local` table (see below)."""
+    keys: set[bytes] = set()
+    request = _RTMSG.pack(family, 0, 0, 0, 0, 0, 0, 0, 0)
+    with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, _NETLINK_ROUTE) as rtnl:
+        rtnl.settimeout(5.0)
+        rtnl.send(_HEADER.pack(_HEADER.size + len(request), _RTM_GETROUTE, _DUMP, 1, 0) + request)
+        while True:
+            data, offset = rtnl.recv(1 << 16), 0
+            while offset + _HEADER.size <= len(data):
+                length, kind, _, _, _ = _HEADER.unpack_from(data, offset)
+                payload = data[offset + _HEADER.size : offset + length]
+                if kind == _NLMSG_DONE:
+                    return keys
+                if kind == _NLMSG_ERROR:
+                    code = -struct.unpack_from("=i", payload)[0]
+                    raise GuardError(f"reading the pod's local routes: {os.strerror(code)}", code)
+                route = _route(payload) if kind == _RTM_NEWROUTE else None
+                if route is not None and route[0] == _RT_TABLE_LOCAL and route[1] in _LOCAL_TYPES:
+                    keys.add(struct.pack("=I", route[3]) + route[2])
+                offset += (length + 3) & ~3
+
+
 def local_addresses(ns: NetNS) -> tuple[set[bytes], set[bytes]]:
     """The local4 and local6 keys (prefix length, then the address, network order) of what the
     namespace's `local` routing table calls local, broadcast or multicast: the pod's own
     addresses, its subnets' broadcast addresses, whatever else routes back into it."""
-    keys: tuple[set[bytes], set[bytes]] = (set(), set())
-    for index, (flag, family) in enumerate((("-4", socket.AF_INET), ("-6", socket.AF_INET6))):
-        argv = ["ip", flag, "-j", "route", "show", "table", "local"]
-        result = ns.run(partial(subprocess.run, argv, capture_output=True, text=True, check=False))
-        if result.returncode != 0:
-            raise GuardError(f"reading the pod's local routes ({' '.join(argv)}): {result.stderr.strip()}")
-        width = 32 if family == socket.AF_INET else 128
-        for route in json.loads(result.stdout or "[]"):
-            if route.get("type") in ("local", "broadcast", "multicast"):
-                address, _, bits = str(route["dst"]).partition("/")
-                keys[index].add(struct.pack("=I", int(bits or width)) + socket.inet_pton(family, address))
-    return keys
+    return ns.run(lambda: (_local_routes(socket.AF_INET), _local_routes(socket.AF_INET6)))

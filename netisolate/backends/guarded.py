@@ -22,7 +22,7 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
-from netisolate.backends import bpf, libnft
+from netisolate.backends import bpf, libnft, sysctl
 from netisolate.backends.base import EnforceError, Inspection, checked, run_tool
 from netisolate.backends.nftables import NftablesBackend
 from netisolate.netns import NetNS
@@ -81,13 +81,14 @@ def reserve(ns: NetNS, ports: set[int]) -> None:
     """Add `ports` to what the namespace reserves (what the pod reserved itself stays): the guard
     judges bind(), and this keeps the kernel from handing a declared port to anyone."""
 
-    def inside() -> None:
-        path = Path(_RESERVED)
-        have = _ports(path.read_text())
-        if not ports <= have:
-            path.write_text(",".join(map(str, sorted(have | ports))))
-
-    ns.run(inside)
+    have = reserved(ns)
+    if ports <= have:
+        return
+    value = ",".join(map(str, sorted(have | ports)))
+    try:  # a thread of its own: the write may have to remount /proc/sys in a mount namespace of its own
+        ns.run(lambda: sysctl.write(_RESERVED, value), fresh=True)
+    except OSError as err:
+        raise EnforceError(f"cannot reserve the declared ports in the pod's namespace: {err}") from None
 
 
 class GuardedBackend:
