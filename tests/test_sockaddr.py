@@ -17,10 +17,11 @@ from pathlib import Path
 
 import pytest
 
-from netisolate.backends import bpf, run_tool
+from netisolate.backends import EnforceError, bpf, run_tool
 from netisolate.backends.guarded import GuardedBackend, reserved
 from netisolate.localpod import PEER_IPV4, POD_IPV4, POD_IPV6, LocalPod
 from netisolate.model import Pod, parse_pod
+from netisolate.netns import NetNS
 from netisolate.policy import PortRange, pod_policy
 from netisolate.rules import Cgroup, PodCgroups, RuleSet, Settings, build_ruleset, ebpf, nft, sockaddr
 
@@ -190,8 +191,10 @@ def test_grants_by_cgroup_on_every_local_address(guarded: Guarded) -> None:
     judged = [(a, 8080, "tcp") for a in LOOPBACKS] + [("127.0.0.1", 9050, "tcp")]
     assert guarded.probe("rogue", *judged) == ["eperm"] * len(judged)
     assert guarded.probe("app", ("127.0.0.1", 9101, "tcp"), ("::1", 8081, "tcp")) == ["eperm", "eperm"]
-    # the sentinel, even where granted; UDP is judged too, and not granted
-    assert guarded.probe("app", ("127.0.0.1", 9, "tcp"), ("127.0.0.1", 53, "udp")) == ["eperm", "eperm"]
+    # the sentinel, even where granted, answers as the table's does (what the gate waits for);
+    # UDP is judged too, and not granted
+    assert guarded.probe("app", ("127.0.0.1", 9, "tcp"), ("127.0.0.1", 53, "udp")) == ["unreachable", "eperm"]
+    assert guarded.probe("rogue", ("::1", 9, "tcp")) == ["unreachable"]
     # beyond the pod: untouched (the peer answers with a reset)
     assert guarded.probe("rogue", (PEER_IPV4, 8080, "tcp")) == ["refused"]
 
@@ -332,7 +335,10 @@ def test_audit_lets_through_and_still_counts() -> None:
         g = Guarded(local)
         try:
             local.listen("proxy", ["8080"])
-            assert g.probe("rogue", ("127.0.0.1", 8080, "tcp"), ("127.0.0.1", 9, "tcp")) == ["open", "eperm"]
+            assert g.probe("rogue", ("127.0.0.1", 8080, "tcp"), ("127.0.0.1", 9, "tcp")) == [
+                "open",
+                "unreachable",
+            ]
             assert g.installed.refused(g.guard)["rogue"] == 1
         finally:
             g.installed.detach()
@@ -445,7 +451,7 @@ def test_a_restarted_agent_puts_its_guard_beside_the_old_then_removes_it(served:
     assert local.ns is not None
     backend.apply(local.ns, rs)
     restarted = GuardedBackend()
-    assert restarted.verify(local.ns, rs) == [f"the socket guard is not attached to {local.cgroup}"]
+    assert restarted.verify(local.ns, rs) == ["table inet netisolate is missing"]  # it knows no guard
     restarted.apply(local.ns, rs)
     assert all(_ours(local, point) == [f"ni_{point}"] for point, _ in sockaddr.ATTACH)
     assert restarted.verify(local.ns, rs) == []
@@ -533,3 +539,138 @@ def test_the_local_routes_are_what_ip_lists(guarded: Guarded) -> None:
                 expected[index].add(struct.pack("=I", int(bits or width)) + socket.inet_pton(family, address))
     assert bpf.local_addresses(guarded.local.ns) == expected
     assert struct.pack("=I", 32) + socket.inet_aton(POD_IPV4) in expected[0]
+
+
+@kernel
+def test_a_guard_that_fails_to_go_in_leaves_the_pod_on_its_table(
+    served: Served, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    local, backend, rs = served
+    assert local.ns is not None
+
+    def refused(*args: object) -> bpf.Installed:
+        raise bpf.GuardError("attaching connect4: Operation not permitted", 1)
+
+    monkeypatch.setattr(bpf, "install", refused)
+    backend.apply(local.ns, rs)
+    assert _table(local) and _ours(local) == [] and backend.verify(local.ns, rs) == []
+
+
+@kernel
+def test_a_table_that_fails_to_go_in_leaves_the_guard(
+    served: Served, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    local, backend, rs = served
+    assert local.ns is not None
+    backend.apply(local.ns, rs)
+    udp = ruleset(guarded_pod(app="8080, 53/udp"), local.cgroups())  # unfit: back to a table
+
+    def broken(*args: object) -> None:
+        raise EnforceError("nft -f failed")
+
+    monkeypatch.setattr(backend.inner, "apply", broken)
+    with pytest.raises(EnforceError):
+        backend.apply(local.ns, udp)
+    assert _ours(local) == ["ni_connect4"]  # never neither
+    monkeypatch.undo()
+    backend.apply(local.ns, udp)
+    assert _table(local) and _ours(local) == [] and backend.verify(local.ns, udp) == []
+
+
+@kernel
+def test_a_stale_guard_is_drift_and_goes_once_the_table_holds(served: Served) -> None:
+    """An earlier agent's guard, on a pod that now needs its table (a UDP grant)."""
+    local, backend, rs = served
+    assert local.ns is not None
+    GuardedBackend().apply(local.ns, rs)
+    udp = ruleset(guarded_pod(app="8080, 53/udp"), local.cgroups())
+    backend.inner.apply(local.ns, udp)
+    assert backend.verify(local.ns, udp)[-1].startswith(
+        "a socket guard is attached, but the pod needs its table"
+    )
+    backend.apply(local.ns, udp)
+    assert _ours(local) == [] and backend.verify(local.ns, udp) == []
+
+
+@kernel
+def test_a_changed_identity_mode_reinstalls_the_programs(served: Served) -> None:
+    local, backend, rs = served
+    assert local.ns is not None
+    backend.apply(local.ns, rs)
+    both = ruleset(guarded_pod(identity="uid+cgroup"), local.cgroups())
+    assert backend.verify(local.ns, both)[-1] == "the socket guard's programs are not the policy's"
+    backend.apply(local.ns, both)
+    assert backend.verify(local.ns, both) == [] and _ours(local) == ["ni_connect4"]
+    local.listen("proxy", ["8080"])
+    assert local.probe(1000, [("127.0.0.1", 8080, "tcp")], container="app") == ["open"]
+
+
+@kernel
+def test_another_program_judging_connects_keeps_the_table(served: Served) -> None:
+    """A socket load-balancer's connect4 (here one that lets everything through) would rewrite
+    what ours judged: while it is attached the pod keeps its table."""
+    local, backend, rs = served
+    assert local.ns is not None and local.cgroup is not None
+    program = bpf.load("connect4", "connect4", ebpf.exit_with(1), {}, named="lb_connect4")
+    fd = os.open(str(local.cgroup), os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        bpf.attach(fd, program, "connect4")
+        assert (
+            backend.unfit(local.ns, rs) == "another program judges the pod's connects (connect4: lb_connect4)"
+        )
+        backend.apply(local.ns, rs)
+        assert _table(local) and _ours(local) == ["lb_connect4"]
+        bpf.detach(fd, program, "connect4")
+        backend.apply(local.ns, rs)
+        assert not _table(local) and _ours(local) == ["ni_connect4"]
+    finally:
+        os.close(fd)
+        os.close(program)
+
+
+@kernel
+def test_a_squatter_on_a_declared_port_keeps_the_table(served: Served) -> None:
+    """The table keeps a squatter from receiving; the guard could only keep it from binding."""
+    local, backend, rs = served
+    assert local.ns is not None
+    backend.inner.apply(local.ns, rs)
+    local.listen("rogue", ["8080"])  # the proxy's, declared
+    assert backend.unfit(local.ns, rs) == "a container that does not own it holds tcp/8080"
+    backend.apply(local.ns, rs)
+    assert _table(local) and _ours(local) == []
+    squatter = local.processes.pop()
+    squatter.kill()
+    squatter.wait()
+    local.listen("proxy", ["8080"])  # its owner: the guard may take over
+    backend.apply(local.ns, rs)
+    assert not _table(local) and _ours(local) == ["ni_connect4"]
+
+
+@kernel
+def test_a_pod_moving_between_table_and_guard_has_one_at_every_moment(
+    served: Served, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """design.md's invariant: the guard goes in while the table still holds, and the table while
+    the guard still holds."""
+    local, backend, rs = served
+    assert local.ns is not None
+    seen: list[tuple[str, bool, list[str]]] = []
+    install, inner_apply = bpf.install, backend.inner.apply
+
+    def watched_install(*args: object, **kwargs: object) -> bpf.Installed:
+        seen.append(("install", _table(local), _ours(local)))
+        return install(*args, **kwargs)  # type: ignore[arg-type]
+
+    def watched_apply(ns: NetNS, ruleset: RuleSet) -> None:
+        seen.append(("table", _table(local), _ours(local)))
+        inner_apply(ns, ruleset)
+
+    monkeypatch.setattr(bpf, "install", watched_install)
+    monkeypatch.setattr(backend.inner, "apply", watched_apply)
+    early = ruleset(local.pod, PodCgroups(rs.cgroups.level if rs.cgroups else 0))
+    backend.apply(local.ns, early)  # the CNI ADD's table
+    backend.apply(local.ns, rs)  # the guard, while the table holds
+    backend.apply(
+        local.ns, ruleset(guarded_pod(app="8080, 53/udp"), local.cgroups())
+    )  # the table, under the guard
+    assert seen == [("table", False, []), ("install", True, []), ("table", False, ["ni_connect4"])]

@@ -42,6 +42,7 @@ _ALLOW_MULTI = 2
 _ATTR = 128  # bytes of union bpf_attr we pass: more than any command here reads
 _LOG = 1 << 16
 _QUERY_MAX = 64  # programs one cgroup's attach point can list back
+_QUERY_EFFECTIVE = 1
 _PROG_INFO = 256  # bytes of struct bpf_prog_info we read (its name ends at 80)
 PREFIX = "ni_"  # our programs' and maps' names begin with it
 
@@ -146,8 +147,8 @@ class Map:
             self.delete(key)
 
 
-def load(name: str, attach: str, program: ebpf.Program, maps: Mapping[str, Map]) -> int:
-    """The program's fd; a refusal carries the verifier's log."""
+def load(name: str, attach: str, program: ebpf.Program, maps: Mapping[str, Map], named: str = "") -> int:
+    """The program's fd, listed as `ni_<name>` (or `named`); a refusal carries the verifier's log."""
     code = ebpf.encode(program, {n: m.fd for n, m in maps.items()})
     insns = ctypes.create_string_buffer(code, len(code))
     license_ = ctypes.create_string_buffer(b"GPL")
@@ -163,7 +164,7 @@ def load(name: str, attach: str, program: ebpf.Program, maps: Mapping[str, Map])
         _pointer(log),
         0,
         0,
-        f"{PREFIX}{name}".encode(),
+        (named or f"{PREFIX}{name}").encode(),
         0,
         ATTACH_TYPES[attach],
     )
@@ -183,10 +184,12 @@ def detach(cgroup: int, program: int, attach_type: str) -> None:
     _bpf(_PROG_DETACH, attr, f"detaching {attach_type}")
 
 
-def attached(cgroup: int, attach_type: str) -> list[tuple[int, str]]:
-    """(ID, name) of every program attached to the cgroup itself at `attach_type`."""
+def attached(cgroup: int, attach_type: str, effective: bool = False) -> list[tuple[int, str]]:
+    """(ID, name) of every program attached to the cgroup itself at `attach_type`; `effective`:
+    every program that runs for it, its ancestors' included."""
     ids = ctypes.create_string_buffer(4 * _QUERY_MAX)
-    attr = struct.pack("=4IQI", cgroup, ATTACH_TYPES[attach_type], 0, 0, _pointer(ids), _QUERY_MAX)
+    flags = _QUERY_EFFECTIVE if effective else 0
+    attr = struct.pack("=4IQI", cgroup, ATTACH_TYPES[attach_type], flags, 0, _pointer(ids), _QUERY_MAX)
     buffer = ctypes.create_string_buffer(attr, _ATTR)
     _bpf(_PROG_QUERY, attr, f"querying {attach_type}", buffer)
     count = struct.unpack_from("=I", buffer.raw, 24)[0]  # prog_cnt, as the kernel wrote it
@@ -201,6 +204,50 @@ def attached(cgroup: int, attach_type: str) -> list[tuple[int, str]]:
         finally:
             os.close(fd)
     return found
+
+
+def _on(directory: str, effective: bool) -> dict[str, list[tuple[int, str]]]:
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        return {point: attached(fd, point, effective) for point, _ in ATTACH}
+    finally:
+        os.close(fd)
+
+
+def foreign(directory: str) -> list[str]:
+    """Programs not of ours that judge the cgroup's connects and sends (a socket load-balancer's,
+    which rewrites the address ours judged): `attach point: name`."""
+    found = _on(directory, effective=True)
+    return [
+        f"{point}: {name or prog_id}"
+        for point, programs in found.items()
+        for prog_id, name in programs
+        if not name.startswith(PREFIX) and not point.startswith("bind")
+    ]
+
+
+def ours_on(directory: str) -> list[tuple[str, int]]:
+    """(attach point, ID) of every netisolate program attached to the cgroup itself."""
+    found = _on(directory, effective=False)
+    return [
+        (point, prog_id)
+        for point, programs in found.items()
+        for prog_id, name in programs
+        if name.startswith(PREFIX)
+    ]
+
+
+def detach_ids(directory: str, programs: list[tuple[str, int]]) -> None:
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        for point, prog_id in programs:
+            program = open_program(prog_id)
+            try:
+                detach(fd, program, point)
+            finally:
+                os.close(program)
+    finally:
+        os.close(fd)
 
 
 def open_program(prog_id: int) -> int:
@@ -223,11 +270,7 @@ class Installed:
     programs: dict[str, int] = field(default_factory=dict)  # attach point -> fd
 
     def _attached(self) -> dict[str, list[tuple[int, str]]]:
-        fd = os.open(self.cgroup, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            return {point: attached(fd, point) for point, _ in ATTACH}
-        finally:
-            os.close(fd)
+        return _on(self.cgroup, effective=False)
 
     def whole(self) -> bool:
         """Whether each of our programs is still attached (someone may have detached one)."""
@@ -268,30 +311,20 @@ class Installed:
 
     def detach_others(self) -> None:
         """Detach every netisolate program on the cgroup that is not ours (an earlier agent's)."""
-        fd = os.open(self.cgroup, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            for point, found in self._attached().items():
-                ours = program_id(self.programs[point])
-                for prog_id, name in found:
-                    if name.startswith(PREFIX) and prog_id != ours:
-                        other = _bpf(
-                            _PROG_GET_FD_BY_ID, struct.pack("=I", prog_id), f"opening program {prog_id}"
-                        )
-                        try:
-                            detach(fd, other, point)
-                        finally:
-                            os.close(other)
-        finally:
-            os.close(fd)
+        mine = {program_id(fd) for fd in self.programs.values()}
+        detach_ids(self.cgroup, [(point, i) for point, i in ours_on(self.cgroup) if i not in mine])
 
     def update(self, guard: Guard, local4: set[bytes], local6: set[bytes]) -> None:
         """The maps as `guard` wants them, and `local4`/`local6` as `local_addresses` reads them."""
-        one = struct.pack("=I", 1)
         for name, entries in guard.entries.items():
             self.maps[name].replace(entries)
+        self.update_local(local4, local6)
+        self._counters(guard)
+
+    def update_local(self, local4: set[bytes], local6: set[bytes]) -> None:
+        one = struct.pack("=I", 1)
         self.maps["local4"].replace(dict.fromkeys(local4, one))
         self.maps["local6"].replace(dict.fromkeys(local6, one))
-        self._counters(guard)
 
     def _counters(self, guard: Guard) -> None:
         """A refusal counter for each cgroup the guard names; a gone cgroup's count is folded into

@@ -14,8 +14,8 @@ from netisolate.rules import DEFAULT_SENTINEL_PORT
 DETAILS = f"""\
 Waits until the pod's netisolate rules are live, so no other container starts before they hold:
 it connects to 127.0.0.1:PORT (the agent's sentinel, default {DEFAULT_SENTINEL_PORT}) until the connection
-fails with EHOSTUNREACH — an ICMP admin-prohibited answer that only the agent's rules produce — or,
-where the agent's socket guard serves the pod (--socket-guard), with EPERM before a packet leaves.
+fails with EHOSTUNREACH — an ICMP admin-prohibited answer that only the agent's rules produce (the
+socket guard, --socket-guard, answers the same, before a packet leaves).
 Exit 0 then; exit 1 at the timeout, so the kubelet retries the pod (fail closed).
 
   initContainers:
@@ -45,7 +45,7 @@ def sentinel_answers(port: int) -> bool:
         try:
             sock.connect(("127.0.0.1", port))
         except OSError as err:
-            return err.errno in (errno.EHOSTUNREACH, errno.EPERM)  # the rules', the guard's
+            return err.errno == errno.EHOSTUNREACH
         return False  # something listens there: not our rules
 
 

@@ -25,24 +25,24 @@ hands the pod's own sockets a copy. Anything else passes untouched.
 
 THE DECISIONS, per call, in this order (the numbers are netisolate.rules' decisions):
 - connect() and sendmsg() to a judged destination (rule 6): the sentinel port is refused, whoever
-  asks; (rule 8) one lookup of identity . protocol . port in `grants`, a longest-prefix trie, so a
-  port range is a few prefixes and the lookup costs the same for 1 grant or 500; (rule 9) what no
-  grant allows is counted by identity (`refused`), recorded for learning (`observed`, TCP and UDP,
-  256 entries, least recently used out), and refused with EPERM — at audit, let through.
+  asks, with EHOSTUNREACH (`set_retval`), what the table's ICMP admin-prohibited gives; (rule 8)
+  one lookup of identity . protocol . port in `grants`, a longest-prefix trie, so a port range is
+  a few prefixes and the lookup costs the same for 1 grant or 500; (rule 9) what no grant allows
+  is counted by identity (`refused`), recorded for learning (`observed`, TCP and UDP, 256
+  entries, least recently used out), and refused with EPERM — at audit, let through.
 - bind() to a declared port (rules 2 and 4) is refused unless the caller's identity declares it
   (`owned`, `owners`), so a squatter never holds an owner's port at all; counted like a refusal.
   A port the kernel picks itself (port 0) is not judged: the caller must also reserve the declared
   ports in the namespace (`net.ipv4.ip_local_reserved_ports`), so no socket is ever given one.
 
-WHAT IT DOES NOT DO, which is why it is a building block and not yet a backend: it judges the
-address the caller names, before any NAT, so a mesh's nat REDIRECT to loopback (or a socket
-load-balancer's rewrite attached further up) is judged by its original destination; it sees no
-replies, so a policy that grants UDP (whose replies netfilter lets back by conntrack) cannot be
-served; the runtime is never judged, so --deny-port-forward cannot be kept; a refusal is
-EPERM, not a reset; and the local tries are a snapshot of the routing table, which the caller
-must refresh when it changes (an IPv6 address that finishes duplicate address detection, an
-interface a CNI plugin adds later), where nftables' `fib` asks on every packet. A caller must keep
-pods with any of these on netfilter.
+WHAT IT DOES NOT DO, so what its caller (netisolate.backends.guarded, and `unfit` below) keeps on
+netfilter: it judges the address the caller names, before any NAT, so a mesh's nat REDIRECT to
+loopback (or a socket load-balancer's rewrite attached further up) would be judged by its original
+destination; it sees no replies, so a policy that grants UDP (whose replies netfilter lets back by
+conntrack) cannot be served; the runtime is never judged, so --deny-port-forward cannot be kept.
+A refusal is EPERM, not a reset, and the local tries are a snapshot of the routing table, which
+the caller refreshes (an IPv6 address that finishes duplicate address detection, an interface a
+CNI plugin adds later), where nftables' `fib` asks on every packet.
 """
 
 from __future__ import annotations
@@ -79,7 +79,8 @@ from netisolate.rules.ebpf import (
 )
 
 PROTOCOLS = {"tcp": 6, "udp": 17}
-_LOOKUP, _UPDATE, _UID_GID, _ANCESTOR_CGROUP = 1, 2, 15, 123  # helper numbers
+_LOOKUP, _UPDATE, _UID_GID, _ANCESTOR_CGROUP, _SET_RETVAL = 1, 2, 15, 123, 187  # helper numbers
+_EHOSTUNREACH = 113
 # struct bpf_sock_addr
 _USER_IP4, _USER_IP6, _USER_PORT, _PROTOCOL = 4, 8, 24, 36
 # the stack: an LPM key is prefixlen (u32) then the identity key: uid (u32), cgroup ID (u64),
@@ -265,7 +266,7 @@ def _judge(rs: RuleSet) -> list[Insn | Label]:
     return [
         Label("judged"),
         load(2, R2, R6, _USER_PORT),
-        jump(R2, "==", sentinel, "refuse"),
+        jump(R2, "==", sentinel, "sentinel"),
         *_identity(rs),
         *_protocol_and_port(),
         store_imm(4, R10, _KEY, _FULL),
@@ -292,7 +293,9 @@ def _judge(rs: RuleSet) -> list[Insn | Label]:
         call(_UPDATE),
         Label("refused"),
         *_verdict(rs),
-        Label("refuse"),
+        Label("sentinel"),  # EHOSTUNREACH, as the table's admin-prohibited: what the gate waits for
+        alu(R1, "=", -_EHOSTUNREACH),
+        call(_SET_RETVAL),
         *exit_with(0),
         Label("allow"),
         *exit_with(1),
