@@ -392,6 +392,11 @@ def served() -> Iterator[Served]:
                     _detach_all(local, point)
 
 
+def _started(local: LocalPod) -> RuleSet:
+    """The pod as the agent sees it when its sandbox starts: its cgroup, no container's yet."""
+    return ruleset(local.pod, replace(local.cgroups(), containers=()))
+
+
 def _detach_all(local: LocalPod, point: str) -> None:
     fd = os.open(str(local.cgroup), os.O_RDONLY | os.O_DIRECTORY)
     try:
@@ -413,8 +418,9 @@ def test_the_guard_replaces_the_table_and_verification_is_exact(served: Served) 
     early = ruleset(local.pod, PodCgroups(rs.cgroups.level if rs.cgroups else 0))
     backend.apply(local.ns, early)
     assert _table(local) and _ours(local) == []
-    backend.update_cgroups(local.ns, rs, early)  # the sandbox's cgroup seen: the guard takes over
+    backend.update_cgroups(local.ns, _started(local), early)  # the sandbox's cgroup: the guard takes over
     assert not _table(local) and _ours(local) == ["ni_connect4"]
+    backend.update_cgroups(local.ns, rs, _started(local))  # its containers start: the maps follow
     assert backend.verify(local.ns, rs) == []
     local.listen("proxy", ["8080"])
     assert local.probe(1000, [("127.0.0.1", 8080, "tcp")], container="app") == ["open"]
@@ -435,7 +441,7 @@ def test_the_guard_replaces_the_table_and_verification_is_exact(served: Served) 
 def test_nat_in_the_pod_hands_it_back_to_its_table(served: Served) -> None:
     local, backend, rs = served
     assert local.ns is not None
-    backend.apply(local.ns, rs)
+    backend.apply(local.ns, _started(local))
     nat = "add table ip meshnat\nadd chain ip meshnat out { type nat hook output priority -100; }\n"
     assert run_tool(local.ns, ["nft", "-f", "-"], nat).returncode == 0
     assert backend.verify(local.ns, rs)[-1].endswith("needs its table: an nftables nat chain")
@@ -449,7 +455,7 @@ def test_nat_in_the_pod_hands_it_back_to_its_table(served: Served) -> None:
 def test_a_restarted_agent_puts_its_guard_beside_the_old_then_removes_it(served: Served) -> None:
     local, backend, rs = served
     assert local.ns is not None
-    backend.apply(local.ns, rs)
+    backend.apply(local.ns, _started(local))
     restarted = GuardedBackend()
     assert restarted.verify(local.ns, rs) == ["table inet netisolate is missing"]  # it knows no guard
     restarted.apply(local.ns, rs)
@@ -485,16 +491,16 @@ for _ in range(5):
 def test_the_kernel_never_hands_a_declared_port_to_an_unbound_socket(served: Served) -> None:
     """The ephemeral range narrowed to the proxy's 8080: an unbound listen() gets it, until the
     guard reserves it (then the kernel has no port to give: EADDRINUSE)."""
-    local, backend, rs = served
+    local, backend, _rs = served
     assert local.ns is not None
     assert run_tool(local.ns, ["sysctl", "-qw", "net.ipv4.ip_local_port_range=8080 8080"]).returncode == 0
     assert run_tool(local.ns, ["sysctl", "-qw", "net.ipv4.ip_local_reserved_ports=7000"]).returncode == 0
     assert set(_python(local, "rogue", AUTOBIND)) == {"8080"}  # what a squatter could be handed
-    backend.apply(local.ns, rs)
+    backend.apply(local.ns, _started(local))
     assert reserved(local.ns) == {7000, 53, 8080}  # the pod's own reservation kept
     assert set(_python(local, "rogue", AUTOBIND)) == {"98"}  # EADDRINUSE
     assert run_tool(local.ns, ["sysctl", "-qw", "net.ipv4.ip_local_reserved_ports=7000"]).returncode == 0
-    assert backend.verify(local.ns, rs) == [
+    assert backend.verify(local.ns, _started(local)) == [
         "declared port 53 is not reserved in the namespace",
         "declared port 8080 is not reserved in the namespace",
     ]
@@ -545,24 +551,24 @@ def test_the_local_routes_are_what_ip_lists(guarded: Guarded) -> None:
 def test_a_guard_that_fails_to_go_in_leaves_the_pod_on_its_table(
     served: Served, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    local, backend, rs = served
+    local, backend, _rs = served
     assert local.ns is not None
 
     def refused(*args: object) -> bpf.Installed:
         raise bpf.GuardError("attaching connect4: Operation not permitted", 1)
 
     monkeypatch.setattr(bpf, "install", refused)
-    backend.apply(local.ns, rs)
-    assert _table(local) and _ours(local) == [] and backend.verify(local.ns, rs) == []
+    backend.apply(local.ns, _started(local))
+    assert _table(local) and _ours(local) == [] and backend.verify(local.ns, _started(local)) == []
 
 
 @kernel
 def test_a_table_that_fails_to_go_in_leaves_the_guard(
     served: Served, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    local, backend, rs = served
+    local, backend, _rs = served
     assert local.ns is not None
-    backend.apply(local.ns, rs)
+    backend.apply(local.ns, _started(local))
     udp = ruleset(guarded_pod(app="8080, 53/udp"), local.cgroups())  # unfit: back to a table
 
     def broken(*args: object) -> None:
@@ -580,9 +586,9 @@ def test_a_table_that_fails_to_go_in_leaves_the_guard(
 @kernel
 def test_a_stale_guard_is_drift_and_goes_once_the_table_holds(served: Served) -> None:
     """An earlier agent's guard, on a pod that now needs its table (a UDP grant)."""
-    local, backend, rs = served
+    local, backend, _rs = served
     assert local.ns is not None
-    GuardedBackend().apply(local.ns, rs)
+    GuardedBackend().apply(local.ns, _started(local))
     udp = ruleset(guarded_pod(app="8080, 53/udp"), local.cgroups())
     backend.inner.apply(local.ns, udp)
     assert backend.verify(local.ns, udp)[-1].startswith(
@@ -594,9 +600,9 @@ def test_a_stale_guard_is_drift_and_goes_once_the_table_holds(served: Served) ->
 
 @kernel
 def test_a_changed_identity_mode_reinstalls_the_programs(served: Served) -> None:
-    local, backend, rs = served
+    local, backend, _rs = served
     assert local.ns is not None
-    backend.apply(local.ns, rs)
+    backend.apply(local.ns, _started(local))
     both = ruleset(guarded_pod(identity="uid+cgroup"), local.cgroups())
     assert backend.verify(local.ns, both)[-1] == "the socket guard's programs are not the policy's"
     backend.apply(local.ns, both)
@@ -621,7 +627,7 @@ def test_another_program_judging_connects_keeps_the_table(served: Served) -> Non
         backend.apply(local.ns, rs)
         assert _table(local) and _ours(local) == ["lb_connect4"]
         bpf.detach(fd, program, "connect4")
-        backend.apply(local.ns, rs)
+        backend.apply(local.ns, _started(local))
         assert not _table(local) and _ours(local) == ["ni_connect4"]
     finally:
         os.close(fd)
@@ -629,21 +635,18 @@ def test_another_program_judging_connects_keeps_the_table(served: Served) -> Non
 
 
 @kernel
-def test_a_squatter_on_a_declared_port_keeps_the_table(served: Served) -> None:
-    """The table keeps a squatter from receiving; the guard could only keep it from binding."""
+def test_a_pod_whose_containers_started_under_its_table_keeps_it(served: Served) -> None:
+    """The table keeps a squatter from receiving, the guard only from binding: a socket bound
+    under the table must never meet the guard, so only a pod's start (or a guard already on its
+    cgroup, a restarted agent's) moves it."""
     local, backend, rs = served
     assert local.ns is not None
-    backend.inner.apply(local.ns, rs)
-    local.listen("rogue", ["8080"])  # the proxy's, declared
-    assert backend.unfit(local.ns, rs) == "a container that does not own it holds tcp/8080"
     backend.apply(local.ns, rs)
-    assert _table(local) and _ours(local) == []
-    squatter = local.processes.pop()
-    squatter.kill()
-    squatter.wait()
-    local.listen("proxy", ["8080"])  # its owner: the guard may take over
+    assert backend.unfit(local.ns, rs) == "its containers started under the table (app, proxy, rogue)"
+    assert _table(local) and _ours(local) == [] and backend.verify(local.ns, rs) == []
+    GuardedBackend().apply(local.ns, _started(local))  # an earlier agent's guard, from the start
     backend.apply(local.ns, rs)
-    assert not _table(local) and _ours(local) == ["ni_connect4"]
+    assert not _table(local) and _ours(local) == ["ni_connect4"] and backend.verify(local.ns, rs) == []
 
 
 @kernel
@@ -669,7 +672,7 @@ def test_a_pod_moving_between_table_and_guard_has_one_at_every_moment(
     monkeypatch.setattr(backend.inner, "apply", watched_apply)
     early = ruleset(local.pod, PodCgroups(rs.cgroups.level if rs.cgroups else 0))
     backend.apply(local.ns, early)  # the CNI ADD's table
-    backend.apply(local.ns, rs)  # the guard, while the table holds
+    backend.apply(local.ns, _started(local))  # the guard, while the table holds
     backend.apply(
         local.ns, ruleset(guarded_pod(app="8080, 53/udp"), local.cgroups())
     )  # the table, under the guard

@@ -445,7 +445,7 @@ def _local_routes(family: int) -> set[bytes]:
                 if kind == _NLMSG_ERROR:
                     code = -struct.unpack_from("=i", payload)[0]
                     raise GuardError(f"reading the pod's local routes: {os.strerror(code)}", code)
-                route = _route(payload) if kind == _RTM_NEWROUTE else None
+                route = _route(payload) if kind == _RTM_NEWROUTE and payload[0] == family else None
                 if route is not None and route[0] == _RT_TABLE_LOCAL and route[1] in _LOCAL_TYPES:
                     keys.add(struct.pack("=I", route[3]) + route[2])
                 offset += (length + 3) & ~3

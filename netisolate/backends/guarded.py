@@ -10,14 +10,16 @@ then the pod's nftables table is deleted, so no packet of the pod meets a netfil
 Every other pod keeps its table. A pod moves between the two without a moment unguarded: the new
 one is in place before the old one goes, and a guard that fails to go in leaves the pod on its
 table. The CNI ADD's table (the pod's cgroup is not known before its sandbox runs) is replaced by
-the guard once the sandbox's cgroup is seen. A pod moves from its table to the guard only while
-every socket on a declared port is its owner's: the table keeps a squatter from receiving, the
-guard only from binding.
+the guard once the sandbox's cgroup is seen. A pod moves from its table to the guard only before
+any of its containers has started (or where a guard of ours holds its cgroup already): the table
+keeps a squatter from receiving, the guard only from binding, so a socket bound under the table
+must never meet the guard.
 
 Verification reads the kernel: our program at every attach point of the pod's cgroup and no other
 of ours, every map exactly as the policy wants, NAT, other programs and reserved ports as they
 are now. The local routes are refreshed on every round (an address that appeared is the
-namespace changing, not drift).
+namespace changing, not drift). What cannot be read or written here is an EnforceError, and a
+guard that cannot go in leaves the pod on its table.
 """
 
 from __future__ import annotations
@@ -95,55 +97,6 @@ def reserve(ns: NetNS, ports: set[int]) -> None:
         raise EnforceError(f"cannot reserve the declared ports in the pod's namespace: {err}") from None
 
 
-def _held(ns: NetNS, ports: set[tuple[str, int]]) -> dict[int, tuple[str, int]]:
-    """{socket inode: (protocol, port)} of the namespace's TCP listeners and UDP sockets on `ports`."""
-
-    def inside() -> dict[int, tuple[str, int]]:
-        found = {}
-        for protocol, files in (("tcp", ("tcp", "tcp6")), ("udp", ("udp", "udp6"))):
-            for name in files:
-                lines = (Path("/proc/thread-self/net") / name).read_text().splitlines()[1:]
-                for line in lines:
-                    fields = line.split()
-                    port, state, inode = int(fields[1].rsplit(":", 1)[1], 16), fields[3], int(fields[9])
-                    if (protocol, port) in ports and (protocol == "udp" or state == "0A"):
-                        found[inode] = (protocol, port)
-        return found
-
-    return ns.run(inside)
-
-
-def squatters(ns: NetNS, ruleset: RuleSet, cgroupfs: str, proc: str = "/proc") -> list[str]:
-    """Sockets on a declared port that no owner holds (`protocol/port`): the guard, which judges
-    bind(), cannot take over from the table while one is bound."""
-    assert ruleset.cgroups is not None
-    owners: dict[tuple[str, int], set[str]] = {
-        (o.protocol, o.port): set(o.members) for o in ruleset.cgroups.owners
-    }
-    held = _held(ns, set(owners))
-    if not held:
-        return []
-    holder: dict[int, str] = {}
-    for member in ruleset.cgroups.members:
-        if member.cgroup is None:
-            continue
-        try:
-            pids = Path(cgroupfs, member.cgroup.path, "cgroup.procs").read_text().split()
-        except OSError:
-            continue
-        for pid in pids:
-            try:
-                links = [os.readlink(f"{proc}/{pid}/fd/{fd}") for fd in os.listdir(f"{proc}/{pid}/fd")]
-            except OSError:
-                continue
-            holder.update({int(link[8:-1]): member.name for link in links if link.startswith("socket:[")})
-    return [
-        f"{protocol}/{port}"
-        for inode, (protocol, port) in sorted(held.items(), key=lambda item: item[1])
-        if holder.get(inode) not in owners[(protocol, port)]
-    ]
-
-
 def _declared(ruleset: RuleSet) -> set[int]:
     return {owner.port for owner in ruleset.cgroups.owners} if ruleset.cgroups is not None else set()
 
@@ -167,9 +120,16 @@ class GuardedBackend:
     def _lock(self, ns: NetNS) -> threading.Lock:
         with self._mutex:
             for directory, entry in list(self._guards.items()):  # the kernel detached these with their cgroup
-                if not os.path.isdir(directory):
+                busy = self._pods.get(entry.inode)
+                if os.path.isdir(directory) or (busy is not None and not busy.acquire(blocking=False)):
+                    continue  # (a pod at work closes nothing of its own under itself)
+                try:
                     entry.installed.close()
                     del self._guards[directory]
+                    self._pods.pop(entry.inode, None)
+                finally:
+                    if busy is not None:
+                        busy.release()
             return self._pods.setdefault(ns.inode, threading.Lock())
 
     def _entry(self, ns: NetNS) -> _Entry | None:
@@ -188,17 +148,26 @@ class GuardedBackend:
             and directory is not None
             and not bpf.ours_on(directory)
         ):
-            held = squatters(ns, ruleset, self.cgroupfs)  # moving from the table
-            reason = f"a container that does not own it holds {', '.join(held)}" if held else None
+            assert ruleset.cgroups is not None  # moving from the table: only before any container ran
+            started = [m.name for m in ruleset.cgroups.members if m.cgroup is not None]
+            if started:
+                reason = f"its containers started under the table ({', '.join(started)})"
         return reason
+
+    def _fit(self, ns: NetNS, ruleset: RuleSet) -> str | None:
+        """unfit(), where not being able to tell is a reason too."""
+        try:
+            return self.unfit(ns, ruleset)
+        except (EnforceError, OSError) as err:
+            return f"cannot tell whether the guard can serve it: {err}"
 
     def apply(self, ns: NetNS, ruleset: RuleSet) -> None:
         with self._lock(ns):
-            reason = self.unfit(ns, ruleset)
+            reason = self._fit(ns, ruleset)
             if reason is None:
                 try:
                     self._guard(ns, ruleset)
-                except EnforceError as err:  # fail closed: the pod keeps (or gets) its table
+                except (EnforceError, OSError) as err:  # fail closed: the pod keeps (or gets) its table
                     log.warning(
                         "socket guard failed, the table serves", extra={"pod": ruleset.pod, "error": str(err)}
                     )
@@ -234,25 +203,29 @@ class GuardedBackend:
             entry.guard, entry.inode = guard, ns.inode
             return
         installed = bpf.install(directory, guard, local4, local6)
-        try:
-            installed.detach_others()  # ours is whole: an earlier one (a restarted agent's) goes
-        except BaseException:
-            installed.detach()
-            raise
         with self._mutex:
             self._guards[directory] = _Entry(ns.inode, installed, guard)
         if entry is not None:
-            entry.installed.close()  # detached by detach_others where it was still attached
+            entry.installed.close()  # (its programs go with the others' below)
+        try:
+            installed.detach_others()  # ours is whole: an earlier one (a restarted agent's) goes
+        except (EnforceError, OSError) as err:  # ours holds; what is left over is drift, retried
+            log.warning(
+                "an earlier socket guard stays attached", extra={"pod": ruleset.pod, "error": str(err)}
+            )
 
     def update_cgroups(self, ns: NetNS, ruleset: RuleSet, installed: RuleSet) -> None:
-        entry = self._entry(ns)
         guard = sockaddr.guard(ruleset) if ruleset.cgroups is not None else None
-        if entry is not None and guard is not None and guard.programs == entry.guard.programs:
-            with self._lock(ns):  # a restarted container: the maps' elements alone (~0.1 ms)
-                entry.installed.update(guard, *bpf.local_addresses(ns))
+        with self._lock(ns):
+            entry = self._entry(ns)
+            if entry is not None and guard is not None and guard.programs == entry.guard.programs:
+                try:  # a restarted container: the maps' elements alone (~0.1 ms)
+                    entry.installed.update(guard, *bpf.local_addresses(ns))
+                except OSError as err:
+                    raise EnforceError(f"updating the socket guard of {ruleset.pod}: {err}") from None
                 entry.guard = guard
-            return
-        if entry is not None or self.unfit(ns, ruleset) is None:
+                return
+        if entry is not None or self._fit(ns, ruleset) is None:
             self.apply(ns, ruleset)  # a move either way
         else:
             self.inner.update_cgroups(ns, ruleset, installed)
@@ -261,11 +234,18 @@ class GuardedBackend:
         return self.inspect(ns, ruleset).drift
 
     def inspect(self, ns: NetNS, ruleset: RuleSet) -> Inspection:
+        try:
+            return self._inspect(ns, ruleset)
+        except OSError as err:
+            raise EnforceError(f"reading the socket guard of {ruleset.pod}: {err}") from None
+
+    def _inspect(self, ns: NetNS, ruleset: RuleSet) -> Inspection:
         with self._lock(ns):
-            entry, reason, directory = self._entry(ns), self.unfit(ns, ruleset), self._directory(ruleset)
+            entry, reason, directory = self._entry(ns), self._fit(ns, ruleset), self._directory(ruleset)
             if reason is None and directory is not None and entry is not None:  # else its table serves it
-                entry.installed.update_local(*bpf.local_addresses(ns))  # the namespace's, not drift
-                drift = entry.installed.drift(sockaddr.guard(ruleset), *bpf.local_addresses(ns))
+                local = bpf.local_addresses(ns)
+                entry.installed.update_local(*local)  # the namespace changing is not drift
+                drift = entry.installed.drift(sockaddr.guard(ruleset), *local)
                 if sockaddr.guard(ruleset).programs != entry.guard.programs:
                     drift.append("the socket guard's programs are not the policy's")
                 drift += [
