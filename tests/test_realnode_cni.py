@@ -16,7 +16,9 @@ import pytest
 import pytest_asyncio
 from kubernetes import client
 
+from netisolate.backends.guarded import GuardedBackend
 from netisolate.cni import conflist
+from netisolate.netns import NetNS
 from tests.kube_standin import api_client, declare, put
 from tests.realnode.cni import (
     EagerKubelet,
@@ -31,6 +33,7 @@ from tests.realnode.cni import (
 from tests.realnode.kubelet import RunningPod
 from tests.realnode.node import RealNode
 from tests.realnode.pods import NODE_NAME
+from tests.test_agent import Running
 
 pytestmark = [pytest.mark.realnode, pytest.mark.timeout(300)]
 
@@ -187,3 +190,34 @@ async def test_a_recreated_sandbox_is_enforced_before_its_containers_start_again
     assert await asyncio.to_thread(first_attempt, chained.kubelet, pod) == "refused"
     tracked = chained.agent.reconciler.pods[pod.uid]
     assert tracked.ns is not None and tracked.ns.inode == new and tracked.state == "enforce"
+
+
+@pytest.mark.asyncio
+async def test_the_socket_guard_takes_over_a_chained_pod_from_its_table(
+    node: RealNode, core: client.CoreV1Api, kmock: Any
+) -> None:
+    """--socket-guard with the plugin chained and the agent's loop running: the CNI ADD's table
+    holds the sandbox back and refuses the rogue's first attempt; once the sandbox's cgroup is
+    seen, before its containers start, the guard takes over (a cgroup identity race pod)."""
+    running = Running(core, "nftables+guard", node=NODE_NAME, verify_interval=0.5)
+    stop = threading.Event()
+    service = await asyncio.to_thread(serve, node, running.agent, core, stop)
+    kubelet = EagerKubelet(node, core, NODE_NAME)
+    backend = running.agent.reconciler.backend
+    assert isinstance(backend, GuardedBackend)
+    try:
+        taken = []
+        for i in range(8):
+            manifest = race_pod(f"guard-race-{i}", NODE_NAME)
+            manifest["metadata"]["annotations"]["netisolate.io/identity"] = "cgroup"
+            put(kmock, "v1/pods", manifest)  # (the client's create would wait behind the agent's watches)
+            pod = await asyncio.to_thread(kubelet.run, manifest)
+            assert await asyncio.to_thread(first_attempt, kubelet, pod) == "refused"
+            with NetNS.open(f"/proc/{pod.pid}/ns/net") as ns:
+                taken.append(not await asyncio.to_thread(backend.inner.installed, ns))
+        print(f"\nchained pods the guard took over: {sum(taken)} of {len(taken)}")
+        assert all(taken)
+    finally:
+        await asyncio.to_thread(kubelet.close)
+        await asyncio.to_thread(unchain, node, service, stop)
+        await asyncio.to_thread(running.stop)
