@@ -26,7 +26,8 @@ class BlindError(OSError):
     """The namespace cannot be made or entered here (no CAP_SYS_ADMIN, no /sys/fs/cgroup)."""
 
 
-def _check(result: int, what: str) -> None:
+def check(result: int, what: str) -> None:
+    """Raise BlindError for a libc call that failed (`result` not 0), naming `what`."""
     if result != 0:
         err = ctypes.get_errno()
         raise BlindError(err, f"{what}: {os.strerror(err)}")
@@ -39,6 +40,6 @@ def enter() -> None:
     """Move the calling thread (one that ends soon: NetNS.run's) into a mount namespace of its
     own in which /sys/fs/cgroup is an empty, read-only tmpfs (a thread can leave the process's
     mount namespace only after unsharing its filesystem context)."""
-    _check(_libc.unshare(CLONE_FS | CLONE_NEWNS), "unshare")
-    _check(_libc.mount(None, b"/", None, MS_REC | MS_PRIVATE, None), "making mounts private")
-    _check(_libc.mount(b"none", CGROUP_ROOT.encode(), b"tmpfs", MS_RDONLY, b"size=4k"), "mounting tmpfs")
+    check(_libc.unshare(CLONE_FS | CLONE_NEWNS), "unshare")
+    check(_libc.mount(None, b"/", None, MS_REC | MS_PRIVATE, None), "making mounts private")
+    check(_libc.mount(b"none", CGROUP_ROOT.encode(), b"tmpfs", MS_RDONLY, b"size=4k"), "mounting tmpfs")

@@ -245,8 +245,9 @@ class GuardedBackend:
             if reason is None and directory is not None and entry is not None:  # else its table serves it
                 local = bpf.local_addresses(ns)
                 entry.installed.update_local(*local)  # the namespace changing is not drift
-                drift = entry.installed.drift(sockaddr.guard(ruleset), *local)
-                if sockaddr.guard(ruleset).programs != entry.guard.programs:
+                wanted = sockaddr.guard(ruleset)
+                drift = entry.installed.drift(wanted, *local)
+                if wanted.programs != entry.guard.programs:
                     drift.append("the socket guard's programs are not the policy's")
                 drift += [
                     f"declared port {p} is not reserved in the namespace"

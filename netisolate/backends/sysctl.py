@@ -14,16 +14,10 @@ import ctypes
 import errno
 from pathlib import Path
 
-from netisolate.backends.blind import CLONE_FS, CLONE_NEWNS, MS_PRIVATE, MS_REC, BlindError
+from netisolate.backends.blind import CLONE_FS, CLONE_NEWNS, MS_PRIVATE, MS_REC, check
 
 MS_REMOUNT, MS_BIND = 0x20, 0x1000
 _libc = ctypes.CDLL(None, use_errno=True)
-
-
-def _check(result: int, what: str) -> None:
-    if result != 0:
-        err = ctypes.get_errno()
-        raise BlindError(err, f"{what} (to write a pod's sysctl): {errno.errorcode.get(err, err)}")
 
 
 def write(path: str, value: str) -> None:
@@ -34,7 +28,7 @@ def write(path: str, value: str) -> None:
     except OSError as err:
         if err.errno != errno.EROFS:
             raise
-    _check(_libc.unshare(CLONE_FS | CLONE_NEWNS), "unshare")
-    _check(_libc.mount(None, b"/", None, MS_REC | MS_PRIVATE, None), "making mounts private")
-    _check(_libc.mount(None, b"/proc/sys", None, MS_REMOUNT | MS_BIND, None), "remounting /proc/sys")
+    check(_libc.unshare(CLONE_FS | CLONE_NEWNS), "unshare (to write a pod's sysctl)")
+    check(_libc.mount(None, b"/", None, MS_REC | MS_PRIVATE, None), "making mounts private")
+    check(_libc.mount(None, b"/proc/sys", None, MS_REMOUNT | MS_BIND, None), "remounting /proc/sys writable")
     Path(path).write_text(value)

@@ -49,6 +49,7 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Literal
 
 from netisolate.policy import PortRange
@@ -198,8 +199,10 @@ def unfit(rs: RuleSet) -> str | None:
     return None
 
 
+@lru_cache(maxsize=1024)
 def guard(rs: RuleSet) -> Guard:
-    """The guard for a cgroup identity ruleset (raises ValueError for any other)."""
+    """The guard for a cgroup identity ruleset (raises ValueError for any other). Cached, as
+    nft.expected is: the agent compares each pod's on every round; callers never change it."""
     if rs.cgroups is None:
         raise ValueError(f"{rs.pod}: the socket guard needs cgroup identity")
     owned, owners = _owners(rs)
