@@ -17,23 +17,13 @@ from __future__ import annotations
 import ipaddress
 import os
 import socket
-import struct
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+from netisolate.backends import sockdiag
 from netisolate.model import Pod
 from netisolate.netns import NetNS
 from netisolate.rules import Owner, RuleSet
-
-# sock_diag (what `ss` uses), spoken directly: /proc/net/tcp walks the whole socket hash (~5 ms a
-# read), and pyroute2's DiagSocket spends ~2 ms a pod in Python; this dump costs ~0.1 ms.
-_NETLINK_SOCK_DIAG, _SOCK_DIAG_BY_FAMILY, _NLMSG_ERROR, _NLMSG_DONE = 4, 20, 2, 3
-_NLM_F_REQUEST_DUMP = 0x1 | 0x300
-_HEADER = struct.Struct("=IHHII")  # nlmsghdr
-_REQUEST = struct.Struct("=BBBBI4x16s16sI8x")  # inet_diag_req_v2, with an empty inet_diag_sockid
-_MESSAGE = struct.Struct("=BBBB2s2s16s16sI8x12xI4x")  # inet_diag_msg, with idiag_uid
-_TCP_LISTEN = 10
-_ALL_STATES = 0xFFFFFFFF
 
 
 @dataclass(frozen=True, order=True)
@@ -65,42 +55,14 @@ def beyond_loopback(bound: Iterable[Bound]) -> set[Socket]:
     return {Socket(b.protocol, b.port) for b in bound if not b.connected and not _loopback(b.address)}
 
 
-def _dump(family: int, protocol: int, states: int) -> list[tuple[str, int, bool, int]]:
-    """(local address, port, connected, uid) of this thread's namespace's sockets in those states."""
-    body = _REQUEST.pack(family, protocol, 0, 0, states, bytes(16), bytes(16), 0)
-    header = _HEADER.pack(_HEADER.size + len(body), _SOCK_DIAG_BY_FAMILY, _NLM_F_REQUEST_DUMP, 1, 0)
-    found: list[tuple[str, int, bool, int]] = []
-    with socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM, _NETLINK_SOCK_DIAG) as diag:
-        diag.send(header + body)
-        while not _parse(diag.recv(65536), found):
-            pass
-    return found
-
-
-def _parse(data: bytes, found: list[tuple[str, int, bool, int]]) -> bool:
-    """Append one datagram's sockets to found; whether the dump is done."""
-    offset = 0
-    while offset < len(data):
-        length, kind, _, _, _ = _HEADER.unpack_from(data, offset)
-        if kind == _NLMSG_DONE:
-            return True
-        if kind == _NLMSG_ERROR:
-            raise OSError("sock_diag refused the dump")
-        family, _, _, _, port, remote, address, _, _, uid = _MESSAGE.unpack_from(data, offset + _HEADER.size)
-        local = ipaddress.ip_address(address[: 4 if family == socket.AF_INET else 16])
-        found.append((str(local), int.from_bytes(port, "big"), remote != bytes(2), uid))
-        offset += (length + 3) & ~3  # NLMSG_ALIGN
-    return False
-
-
 def _bound() -> list[Bound]:
     """TCP listeners and UDP sockets of this thread's network namespace."""
     found = []
-    for family in (socket.AF_INET, socket.AF_INET6):
-        tcp = _dump(family, socket.IPPROTO_TCP, 1 << _TCP_LISTEN)
-        found += [Bound("tcp", address, port, uid) for address, port, _, uid in tcp]
-        udp = _dump(family, socket.IPPROTO_UDP, _ALL_STATES)
-        found += [Bound("udp", address, port, uid, connected) for address, port, connected, uid in udp]
+    for family in sockdiag.FAMILIES:
+        tcp = sockdiag.dump(family, socket.IPPROTO_TCP, 1 << sockdiag.TCP_LISTEN)
+        found += [Bound("tcp", e.address, e.port, e.uid) for e in tcp]
+        udp = sockdiag.dump(family, socket.IPPROTO_UDP, sockdiag.ALL_STATES)
+        found += [Bound("udp", e.address, e.port, e.uid, e.connected) for e in udp]
     return found
 
 
