@@ -3,9 +3,10 @@ an eth0 veth with IPv4 and IPv6 addresses whose peer sits in a second namespace 
 listener process per container, running under that container's UID. Used by `netisolate demo`,
 the kernel tests and the shared end-to-end scenarios.
 
-A pod with cgroup identity (`netisolate.io/identity: cgroup` or `uid+cgroup`) also gets a cgroup
-(v2) of its own with one child per container, and every process of a container runs in that
-container's cgroup, as the runtime runs them; `cgroups()` says what the agent would have seen.
+A pod with cgroup identity (`netisolate.io/identity: cgroup` or `uid+cgroup`), or made with
+`with_cgroups=True`, also gets a cgroup (v2) of its own with one child per container, and every
+process of a container runs in that container's cgroup, as the runtime runs them; `cgroups()` says
+what the agent would have seen.
 
 With `user_namespace=True` it is shaped like a `hostUsers: false` pod instead: the network namespace
 belongs to a user namespace of its own that maps the pod's UIDs 0-65535 to the node's
@@ -74,7 +75,8 @@ class LocalPod:
     user_namespace: bool = False
     ns: NetNS | None = None
     processes: list[subprocess.Popen[str]] = field(default_factory=list)
-    cgroup: Path | None = None  # the pod's cgroup, with cgroup identity
+    cgroup: Path | None = None  # the pod's cgroup, with cgroup identity or with_cgroups
+    with_cgroups: bool = False  # cgroups whatever the identity (the socket guard's place under UID)
     # each container's cgroup, where the caller lays them out itself (as a node does): then every
     # process of a container starts in it, whatever the identity, and no cgroup of ours is made
     container_cgroup: Callable[[str], Path] | None = None
@@ -120,7 +122,7 @@ class LocalPod:
             check=True,
         )
         self.ns = NetNS.open(f"/run/netns/{self.name}")
-        if pod_identity(self.pod)[0].by_cgroup and self.container_cgroup is None:
+        if (pod_identity(self.pod)[0].by_cgroup or self.with_cgroups) and self.container_cgroup is None:
             self._add_cgroups()
         return self
 
@@ -134,7 +136,7 @@ class LocalPod:
 
     def cgroups(self) -> PodCgroups:
         """The pod's cgroups as the agent sees them on a node."""
-        assert self.cgroup is not None, "a pod with cgroup identity"
+        assert self.cgroup is not None, "a pod with cgroup identity, or made with_cgroups"
         directories = [(c.name, self.cgroup / c.name) for c in self.pod.all_containers()]
         return PodCgroups(
             2,  # <hierarchy root>/<pod>/<container>

@@ -16,7 +16,7 @@ import pytest
 
 from netisolate.agent.cgroups import NodeCgroups, container_ids, named, runtime_name, v2_path
 from netisolate.agent.hierarchy import below, v2_mounts
-from netisolate.agent.reconcile import Reconciler
+from netisolate.agent.reconcile import PENDING_FAST_S, Reconciler
 from netisolate.backends import EnforceError, run_tool, select_backend
 from netisolate.backends.kept import KeptSockets
 from netisolate.backends.nftables import NftablesBackend
@@ -312,6 +312,37 @@ def test_fail_closed_where_cgroups_cannot_be_matched(here: NetNS, where: str) ->
     expected = 0 if where == "pod not found" else 1
     assert events.reasons().count("CgroupIdentityUnavailable") == expected
     assert (rec.next_retry() < float("inf")) == (where == "pod not found")
+
+
+@pytest.mark.parametrize("guard", [False, True])
+def test_under_uid_identity_only_the_socket_guard_looks_for_the_pod_s_cgroup(
+    here: NetNS, guard: bool
+) -> None:
+    backend, cgroups = Backend(wants_pod_cgroup=guard), Cgroups([None])
+    rec, events = cgroup_reconciler(here, cgroups, backend)
+    pod = shared_uid_pod("uid")
+    rec.upsert_pod(pod)
+    assert [rs.pod_cgroup for _, rs in backend.applied] == [None]
+    assert (rec.next_retry() < float("inf")) == guard  # not there yet: looked for again at once, quietly
+    cgroups.seen_now[0] = SEEN
+    rec.retry_pending()
+    assert [rs.pod_cgroup for _, rs in backend.applied] == [None, SEEN.pod] if guard else [None]
+    assert rec.next_retry() == float("inf") and "CgroupIdentityUnavailable" not in events.reasons()
+
+
+def test_under_uid_identity_the_guard_stops_looking_once_the_pod_is_no_longer_new(here: NetNS) -> None:
+    """A pod moves to the guard only before its sockets are opened: past its first seconds, its
+    table serves it and its cgroup is no longer worth a look each round."""
+    backend, cgroups = Backend(wants_pod_cgroup=True), Cgroups([None])
+    rec, _ = cgroup_reconciler(here, cgroups, backend)
+    pod = shared_uid_pod("uid")
+    rec.upsert_pod(pod)
+    tracked = rec.pods[pod.metadata.uid or ""]
+    tracked.cgroup_wait_since -= PENDING_FAST_S
+    rec.upsert_pod(pod)
+    assert tracked.cgroup_sought and rec.next_retry() == float("inf")
+    rec.upsert_pod(pod)
+    assert rec.next_retry() == float("inf")
 
 
 # --- the kernel: a real namespace, real cgroups ------------------------------------------------

@@ -54,6 +54,7 @@ class Backend:
     observed: list[tuple[str, str, int, int]] = field(default_factory=list)  # what inspect lists as learned
     name: str = "fake"
     cgroups: bool = True
+    wants_pod_cgroup: bool = False
 
     def apply(self, ns: NetNS, ruleset: RuleSet) -> None:
         if self.failure is not None:

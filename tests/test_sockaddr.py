@@ -17,9 +17,11 @@ from pathlib import Path
 
 import pytest
 
+from netisolate import learning
 from netisolate.backends import EnforceError, bpf, run_tool
 from netisolate.backends.guarded import GuardedBackend, reserved
-from netisolate.localpod import PEER_IPV4, POD_IPV4, POD_IPV6, LocalPod
+from netisolate.learning import Observed
+from netisolate.localpod import PEER_IPV4, POD_IPV4, POD_IPV6, LocalPod, as_uid
 from netisolate.model import Pod, parse_pod
 from netisolate.netns import NetNS
 from netisolate.policy import PortRange, pod_policy
@@ -28,10 +30,15 @@ from netisolate.rules import Cgroup, PodCgroups, RuleSet, Settings, build_rulese
 GOLDEN = Path(__file__).resolve().parent / "golden_guard"
 
 
-def guarded_pod(mode: str = "enforce", app: str = "8080, 9000-9100, 9", identity: str = "cgroup") -> Pod:
+def guarded_pod(
+    mode: str = "enforce",
+    app: str = "8080, 9000-9100, 9",
+    identity: str = "cgroup",
+    uids: tuple[int, int, int] = (1000, 1000, 1000),
+) -> Pod:
     """app may reach the proxy's 8080 and a range; the proxy declares 8080 and 53/udp; rogue is
-    granted nothing. All three share a UID: only the cgroup tells them apart."""
-    user = {"runAsUser": 1000}
+    granted nothing. By default all three share a UID: only the cgroup tells them apart."""
+    app_user, proxy_user, rogue_user = ({"runAsUser": uid} for uid in uids)
     return parse_pod(
         {
             "metadata": {
@@ -45,17 +52,23 @@ def guarded_pod(mode: str = "enforce", app: str = "8080, 9000-9100, 9", identity
             },
             "spec": {
                 "containers": [
-                    {"name": "app", "securityContext": user},
+                    {"name": "app", "securityContext": app_user},
                     {
                         "name": "proxy",
-                        "securityContext": user,
+                        "securityContext": proxy_user,
                         "ports": [{"containerPort": 8080}, {"containerPort": 53, "protocol": "UDP"}],
                     },
-                    {"name": "rogue", "securityContext": user},
+                    {"name": "rogue", "securityContext": rogue_user},
                 ]
             },
         }
     )
+
+
+def uid_pod(mode: str = "enforce") -> Pod:
+    """guarded_pod under UID identity: each container a UID of its own (app 1000, proxy 1001,
+    rogue 1002), as admission wants."""
+    return guarded_pod(mode, identity="uid", uids=(1000, 1001, 1002))
 
 
 SEEN = PodCgroups(4, Cgroup(40, "p"), (("app", Cgroup(41, "p/a")), ("proxy", Cgroup(42, "p/b"))))
@@ -109,15 +122,23 @@ def test_maps_hold_each_seen_container_by_cgroup_and_leave_the_unseen_out() -> N
     assert guard.identities == {0: "", 41: "app", 42: "proxy"}  # rogue not seen yet: nothing names it
 
 
-def test_uid_identity_is_refused() -> None:
-    pod = {
-        "metadata": {"name": "p", "annotations": {"netisolate.io/isolation": "enforce"}},
-        "spec": {"containers": []},
+def test_under_uid_identity_the_maps_name_each_uid_where_a_cgroup_goes() -> None:
+    """Counters and the record read as cgroup identity's do: who is the UID, the UID slot 0."""
+    rs = ruleset(uid_pod(), PodCgroups(2, Cgroup(40, "p")))
+    guard = sockaddr.guard(rs)
+    assert sockaddr.unfit(rs) is None
+    assert {key[4:18] for key in guard.entries["grants"]} == {sockaddr.identity_key(0, 1000, 6, 0)[:14]}
+    assert set(guard.entries["owners"]) == {
+        sockaddr.identity_key(0, 1001, 6, 8080),
+        sockaddr.identity_key(0, 1001, 17, 53),
     }
-    rs = build_ruleset(pod_policy(parse_pod(pod), {}), Settings())
-    assert rs is not None
-    with pytest.raises(ValueError, match="cgroup identity"):
-        sockaddr.guard(rs)
+    assert guard.identities == {0: "", 1000: "app", 1001: "proxy", 1002: "rogue"}
+    # without the pod's cgroup (what an agent without --socket-guard builds) there is nowhere to attach
+    assert sockaddr.unfit(ruleset(uid_pod(), PodCgroups(2))) == "the pod's cgroup is not known yet"
+    assert ruleset(uid_pod(), PodCgroups(2)).pod_cgroup is None
+    # a user-namespaced pod: the helpers' UIDs are the node's, and port-forward cannot pass anyway
+    userns = build_ruleset(pod_policy(uid_pod(), {}), Settings(), True, PodCgroups(2, Cgroup(40, "p")))
+    assert userns is not None and (sockaddr.unfit(userns) or "").startswith("the runtime's port-forward")
 
 
 def test_the_assembler_resolves_labels_wide_loads_and_unsigned_immediates() -> None:
@@ -140,11 +161,17 @@ def test_the_assembler_resolves_labels_wide_loads_and_unsigned_immediates() -> N
 
 
 @pytest.mark.parametrize(
-    ("identity", "body"), [*(("cgroup", b) for b in ("judge4", "judge6", "bind")), ("uid+cgroup", "judge4")]
+    ("identity", "body"),
+    [
+        *(("cgroup", b) for b in ("judge4", "judge6", "bind")),
+        ("uid+cgroup", "judge4"),
+        *(("uid", b) for b in ("judge4", "bind")),
+    ],
 )
 def test_programs_match_their_golden_files(identity: str, body: str) -> None:
     """A change to the programs shows as a diff; regenerate with NETISOLATE_UPDATE_GOLDEN=1."""
-    text = ebpf.text(sockaddr.guard(ruleset(guarded_pod(identity=identity))).programs[body]) + "\n"
+    pod = uid_pod() if identity == "uid" else guarded_pod(identity=identity)
+    text = ebpf.text(sockaddr.guard(ruleset(pod)).programs[body]) + "\n"
     golden = GOLDEN / f"{body}{'' if identity == 'cgroup' else '@' + identity}.txt"
     if os.environ.get("NETISOLATE_UPDATE_GOLDEN") == "1":
         golden.write_text(text)
@@ -223,9 +250,11 @@ for kind, port in ((TCP, 8080), (UDP, 53), (TCP, 8081), (TCP, 0)):
 """
 
 
-def _python(local: LocalPod, container: str, script: str, *args: str) -> list[str]:
-    """What a script printed, run in the container's cgroup (as root: the guard knows no UID)."""
-    proc = local.spawn(["/usr/bin/python3", "-c", script, *args], container=container)
+def _python(local: LocalPod, container: str, script: str, *args: str, uid: int | None = None) -> list[str]:
+    """What a script printed, run in the container's cgroup (as root, where no UID is given: cgroup
+    identity knows no UID)."""
+    argv = ["/usr/bin/python3", "-c", script, *args]
+    proc = local.spawn(argv if uid is None else as_uid(uid, argv), container=container)
     out, _ = proc.communicate(timeout=10)
     local.processes.remove(proc)
     return out.split()
@@ -301,6 +330,28 @@ def test_uid_and_cgroup_must_both_match() -> None:
             target = [("127.0.0.1", 8080, "tcp")]
             assert local.probe(1000, target, container="app") == ["open"]
             assert local.probe(1001, target, container="app") == ["eperm"]  # the app's cgroup, not its UID
+        finally:
+            g.installed.detach()
+
+
+@kernel
+def test_under_uid_identity_the_caller_s_uid_is_judged_and_root_is_no_exception() -> None:
+    with LocalPod(uid_pod(), with_cgroups=True) as local:
+        g = Guarded(local)
+        try:
+            local.listen("proxy", ["8080"])  # the proxy's UID owns it: its bind passes
+            target = [("127.0.0.1", 8080, "tcp"), ("::1", 8080, "tcp")]
+            assert g.local.probe(1000, target, container="app") == ["open", "open"]
+            assert g.local.probe(1002, target, container="rogue") == ["eperm", "eperm"]
+            assert g.local.probe(1000, target[:1], container="rogue") == ["open"]  # the UID, not the cgroup
+            # root inside the pod is not the runtime the table lets through: it is granted nothing
+            assert g.local.probe(0, target[:1], container="app") == ["eperm"]
+            assert g.local.probe(1002, [("127.0.0.1", 9, "tcp")], container="rogue") == ["unreachable"]
+            assert _python(local, "rogue", BIND, uid=1002) == ["1", "1", "bound", "bound"]
+            assert _python(local, "proxy", BIND, uid=1001)[1:] == ["bound", "bound", "bound"]  # 8080 is taken
+            assert g.installed.refused(g.guard) == {"": 1, "app": 0, "proxy": 0, "rogue": 4}
+            observed = {key for key in g.installed.maps["observed"].items()}
+            assert observed == {sockaddr.identity_key(0, 1002, 6, 8080), sockaddr.identity_key(0, 0, 6, 8080)}
         finally:
             g.installed.detach()
 
@@ -435,6 +486,29 @@ def test_the_guard_replaces_the_table_and_verification_is_exact(served: Served) 
     assert drift == [f"the socket guard's bind6 program is not attached to {local.cgroup}"]
     backend.apply(local.ns, rs)
     assert backend.verify(local.ns, rs) == []
+
+
+@kernel
+def test_a_uid_identity_pod_moves_to_the_guard_once_its_cgroup_is_known() -> None:
+    with LocalPod(uid_pod(), with_cgroups=True) as local:
+        assert local.ns is not None
+        backend, rs = GuardedBackend(), ruleset(local.pod, local.cgroups())
+        try:
+            backend.apply(local.ns, ruleset(local.pod, PodCgroups(2)))  # the CNI ADD's: no cgroup yet
+            assert _table(local) and _ours(local) == []
+            backend.apply(local.ns, rs)
+            assert (
+                not _table(local) and _ours(local) == ["ni_connect4"] and backend.verify(local.ns, rs) == []
+            )
+            assert reserved(local.ns) >= {8080, 53}
+            local.listen("proxy", ["8080"])
+            assert local.probe(1002, [("127.0.0.1", 8080, "tcp")], container="rogue") == ["eperm"]
+            inspection = backend.inspect(local.ns, rs)
+            assert inspection.drift == [] and inspection.refused["rogue"] == 1
+            assert learning.observations(rs, inspection.observed, {}) == {Observed("rogue", "tcp", 8080): 1}
+        finally:
+            for point, _ in sockaddr.ATTACH:
+                _detach_all(local, point)
 
 
 @kernel
@@ -635,16 +709,33 @@ def test_another_program_judging_connects_keeps_the_table(served: Served) -> Non
 
 
 @kernel
-def test_a_pod_whose_containers_started_under_its_table_keeps_it(served: Served) -> None:
-    """The table keeps a squatter from receiving, the guard only from binding: a socket bound
-    under the table must never meet the guard, so only a pod's start (or a guard already on its
-    cgroup, a restarted agent's) moves it."""
+def test_a_pod_with_sockets_opened_before_the_guard_keeps_its_table(served: Served) -> None:
+    """The guard judges a socket when it binds or connects, the table every packet: a socket
+    opened under the table (here a squatter on the proxy's port, which the table lets bind but
+    never receive) must never be left to the guard, so the pod keeps its table. It is asked once
+    the guard is attached, so none slips in between, and only once per namespace."""
     local, backend, rs = served
     assert local.ns is not None
+    early = ruleset(local.pod, PodCgroups(rs.cgroups.level if rs.cgroups else 0))
+    backend.apply(local.ns, early)  # the CNI ADD's table
+    local.listen("rogue", ["8080"])
     backend.apply(local.ns, rs)
-    assert backend.unfit(local.ns, rs) == "its containers started under the table (app, proxy, rogue)"
     assert _table(local) and _ours(local) == [] and backend.verify(local.ns, rs) == []
-    GuardedBackend().apply(local.ns, _started(local))  # an earlier agent's guard, from the start
+    reason = backend.unfit(local.ns, rs) or ""
+    assert reason.startswith("sockets were opened before the guard could judge them (tcp "), reason
+    assert reason.endswith(":8080)")
+    assert local.probe(1000, [("127.0.0.1", 8080, "tcp")], container="app") == ["refused"]  # the table's
+
+
+@kernel
+def test_a_guard_of_ours_on_the_cgroup_already_judged_every_socket_and_the_pod_moves(served: Served) -> None:
+    """A restarted agent: the earlier agent's guard held the pod from its start, so the sockets
+    opened since met it, and the new guard takes over beside it."""
+    local, backend, rs = served
+    assert local.ns is not None
+    GuardedBackend().apply(local.ns, rs)
+    local.listen("proxy", ["8080"])
+    backend.inner.apply(local.ns, rs)  # a table too (as a pod that moved back and forth has)
     backend.apply(local.ns, rs)
     assert not _table(local) and _ours(local) == ["ni_connect4"] and backend.verify(local.ns, rs) == []
 

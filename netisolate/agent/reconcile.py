@@ -58,7 +58,8 @@ class Sandboxes(Protocol):
 
 
 class Cgroups(Protocol):
-    """Containers' cgroups (netisolate.agent.cgroups.NodeCgroups on a node), for cgroup identity."""
+    """Containers' cgroups (netisolate.agent.cgroups.NodeCgroups on a node), for cgroup identity
+    and, under UID identity, the pod's own for the socket guard."""
 
     def unavailable(self) -> str | None:
         """Why cgroup identity cannot be enforced on this node, or None."""
@@ -108,6 +109,7 @@ class Tracked:
     preinstalled: tuple[RuleSet, float] | None = None  # loaded into a fresh `ns` outside the lock
     cgroup_problem: str = ""  # why cgroup identity was last unavailable for this pod, if it was
     cgroup_wait_since: float = 0.0  # since when the pod's cgroup is looked for (0: found)
+    cgroup_sought: bool = False  # UID identity under the guard: looked for long enough, not found
 
 
 @dataclass
@@ -426,6 +428,8 @@ class Reconciler:
         settings, seen = self.settings, None
         if policy.identity.by_cgroup:
             policy, settings, seen = self._by_cgroup(tracked, policy)
+        elif self.backend.wants_pod_cgroup:
+            seen = self._pod_cgroup(tracked)
         desired = build_ruleset(policy, settings, ns.user_namespaced(), seen)
         assert desired is not None  # isolated
         if tracked.applied == desired and tracked.state is not PodState.FAILED:
@@ -470,6 +474,20 @@ class Reconciler:
             message = f"enforced with no grants (fail closed): {reason}"
             self.reporter.event(pod, "CgroupIdentityUnavailable", message, warning=True)
         return (*without_cgroups(policy, self.settings, reason), None)
+
+    def _pod_cgroup(self, tracked: Tracked) -> PodCgroups | None:
+        """UID identity, where the backend attaches to the pod's cgroup (the socket guard): where
+        it is. Looked for as often as for cgroup identity while the pod is new (its sandbox joins
+        its cgroup a moment after the CNI ADD), then no more: a pod moves to the guard only before
+        its sockets are opened, and meanwhile its table serves it."""
+        if self.cgroups is None or self.cgroups.unavailable() is not None:
+            return None
+        seen = self.cgroups.seen(tracked.pod)
+        if seen is not None:
+            tracked.cgroup_wait_since = 0.0
+        elif not tracked.cgroup_sought and not self._cgroup_soon(tracked):
+            tracked.cgroup_sought, tracked.cgroup_wait_since = True, 0.0
+        return seen
 
     def _cgroup_soon(self, tracked: Tracked) -> bool:
         """Look for the pod's cgroup again shortly; True while that is still normal (no event)."""

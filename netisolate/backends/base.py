@@ -30,6 +30,7 @@ class Inspection:
 class Backend(Protocol):
     name: str
     cgroups: bool  # whether it can enforce cgroup identity
+    wants_pod_cgroup: bool  # whether UID identity pods' rulesets need their pod's cgroup too (the guard's)
 
     def apply(self, ns: NetNS, ruleset: RuleSet) -> None:
         """Install atomically and idempotently; raises EnforceError."""

@@ -1,7 +1,7 @@
 """nftables with the socket guard: the agent's backend under `--socket-guard`.
 
-A pod the guard can serve as netfilter would (netisolate.rules.sockaddr.unfit: cgroup identity,
-its pod's cgroup known, no UDP grant, enforce, port-forward allowed), whose namespace holds no NAT
+A pod the guard can serve as netfilter would (netisolate.rules.sockaddr.unfit: its pod's cgroup
+known, whatever the identity, no UDP grant, enforce, port-forward allowed), whose namespace holds no NAT
 (a nat table or chain would send a connection somewhere else than the address the guard judged)
 and whose cgroup no other program judges connects on (a socket load-balancer's rewrite would do
 the same) is judged by the guard alone: its declared ports are reserved in the namespace (the
@@ -10,10 +10,12 @@ then the pod's nftables table is deleted, so no packet of the pod meets a netfil
 Every other pod keeps its table. A pod moves between the two without a moment unguarded: the new
 one is in place before the old one goes, and a guard that fails to go in leaves the pod on its
 table. The CNI ADD's table (the pod's cgroup is not known before its sandbox runs) is replaced by
-the guard once the sandbox's cgroup is seen. A pod moves from its table to the guard only before
-any of its containers has started (or where a guard of ours holds its cgroup already): the table
-keeps a squatter from receiving, the guard only from binding, so a socket bound under the table
-must never meet the guard.
+the guard once the sandbox's cgroup is seen. A pod moves to the guard only while its namespace
+holds no bound or connected socket (or where a guard of ours holds its cgroup already), asked once
+the guard is attached, so no socket escapes between the look and the attach: the guard judges a
+socket when it binds or connects, the table every packet, so a socket bound or connected under
+the table (a squatter on an owner's port, a UDP socket connected to a port nobody granted) would
+keep what the table denied it.
 
 Verification reads the kernel: our program at every attach point of the pod's cgroup and no other
 of ours, every map exactly as the policy wants, NAT, other programs and reserved ports as they
@@ -30,7 +32,7 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
-from netisolate.backends import bpf, libnft, sysctl
+from netisolate.backends import bpf, libnft, sockdiag, sysctl
 from netisolate.backends.base import EnforceError, Inspection, checked, run_tool
 from netisolate.backends.nftables import NftablesBackend
 from netisolate.netns import NetNS
@@ -98,24 +100,27 @@ def reserve(ns: NetNS, ports: set[int]) -> None:
 
 
 def _declared(ruleset: RuleSet) -> set[int]:
-    return {owner.port for owner in ruleset.cgroups.owners} if ruleset.cgroups is not None else set()
+    owners = ruleset.cgroups.owners if ruleset.cgroups is not None else ruleset.owners
+    return {owner.port for owner in owners}
 
 
 class GuardedBackend:
     name = "nftables+guard"
     cgroups = True
+    wants_pod_cgroup = True  # attached there, whatever the identity
 
     def __init__(self, inner: NftablesBackend | None = None, cgroupfs: str = CGROUPFS) -> None:
         self.inner = inner or NftablesBackend()
         self.cgroupfs = cgroupfs
         self._guards: dict[str, _Entry] = {}  # pod cgroup directory -> the guard we attached there
+        # pod cgroup directory -> (namespace inode, why): moves refused for good (sockets were open)
+        self._tabled: dict[str, tuple[int, str]] = {}
         self._mutex = threading.Lock()  # the dicts only
         self._pods: dict[int, threading.Lock] = {}  # namespace inode -> one pod's operations
 
     def _directory(self, ruleset: RuleSet) -> str | None:
-        if ruleset.cgroups is None or ruleset.cgroups.pod is None:
-            return None
-        return os.path.join(self.cgroupfs, ruleset.cgroups.pod.path)
+        pod = ruleset.own_cgroup
+        return os.path.join(self.cgroupfs, pod.path) if pod is not None else None
 
     def _lock(self, ns: NetNS) -> threading.Lock:
         with self._mutex:
@@ -130,6 +135,11 @@ class GuardedBackend:
                 finally:
                     if busy is not None:
                         busy.release()
+            for directory, (inode, _) in list(self._tabled.items()):
+                if not os.path.isdir(directory):
+                    del self._tabled[directory]
+                    if inode != ns.inode and inode not in {e.inode for e in self._guards.values()}:
+                        self._pods.pop(inode, None)
             return self._pods.setdefault(ns.inode, threading.Lock())
 
     def _entry(self, ns: NetNS) -> _Entry | None:
@@ -142,16 +152,9 @@ class GuardedBackend:
         directory = self._directory(ruleset)
         if reason is None and directory is not None and (others := bpf.foreign(directory)):
             reason = f"another program judges the pod's connects ({', '.join(others)})"
-        if (
-            reason is None
-            and self._entry(ns) is None
-            and directory is not None
-            and not bpf.ours_on(directory)
-        ):
-            assert ruleset.cgroups is not None  # moving from the table: only before any container ran
-            started = [m.name for m in ruleset.cgroups.members if m.cgroup is not None]
-            if started:
-                reason = f"its containers started under the table ({', '.join(started)})"
+        tabled = self._tabled.get(directory or "")
+        if reason is None and tabled is not None and tabled[0] == ns.inode:
+            reason = tabled[1]
         return reason
 
     def _fit(self, ns: NetNS, ruleset: RuleSet) -> str | None:
@@ -166,20 +169,20 @@ class GuardedBackend:
             reason = self._fit(ns, ruleset)
             if reason is None:
                 try:
-                    self._guard(ns, ruleset)
+                    reason = self._guard(ns, ruleset)
                 except (EnforceError, OSError) as err:  # fail closed: the pod keeps (or gets) its table
                     log.warning(
                         "socket guard failed, the table serves", extra={"pod": ruleset.pod, "error": str(err)}
                     )
                     reason = f"the guard failed: {err}"
-                else:
+                if reason is None:
                     if self.inner.installed(ns):  # the guard holds: our hooks leave the packet path
                         checked(
                             run_tool(ns, ["nft", "delete", "table", "inet", nft.TABLE]), "nft delete table"
                         )
                     return
             self.inner.apply(ns, ruleset)
-            self._unguard(ns, ruleset)  # the table holds: the guard can go
+            self._unguard(ns, ruleset)  # the table holds: the guard can go (a move refused, too)
 
     def _unguard(self, ns: NetNS, ruleset: RuleSet) -> None:
         entry = self._entry(ns)
@@ -191,7 +194,9 @@ class GuardedBackend:
         if directory is not None and os.path.isdir(directory):
             bpf.detach_ids(directory, bpf.ours_on(directory))  # an earlier agent's, or a sandbox's before
 
-    def _guard(self, ns: NetNS, ruleset: RuleSet) -> None:
+    def _guard(self, ns: NetNS, ruleset: RuleSet) -> str | None:
+        """Attach (or update) the pod's guard; why the table must stay after all (None: it need
+        not): a move that finds sockets already bound or connected, which the guard never judged."""
         directory, guard = self._directory(ruleset), sockaddr.guard(ruleset)
         assert directory is not None
         reserve(ns, _declared(ruleset))  # before the guard: no moment a squatter is handed one
@@ -201,7 +206,8 @@ class GuardedBackend:
         if entry is not None and entry.guard.programs == guard.programs and entry.installed.whole():
             entry.installed.update(guard, local4, local6)
             entry.guard, entry.inode = guard, ns.inode
-            return
+            return None
+        moving = entry is None and not bpf.ours_on(directory)  # (else ours judged every socket)
         installed = bpf.install(directory, guard, local4, local6)
         with self._mutex:
             self._guards[directory] = _Entry(ns.inode, installed, guard)
@@ -213,12 +219,21 @@ class GuardedBackend:
             log.warning(
                 "an earlier socket guard stays attached", extra={"pod": ruleset.pod, "error": str(err)}
             )
+        opened = ns.run(sockdiag.opened) if moving else []  # asked now: any later one meets the guard
+        if opened:
+            shown = ", ".join(opened[:3]) + (f" and {len(opened) - 3} more" if len(opened) > 3 else "")
+            reason = f"sockets were opened before the guard could judge them ({shown})"
+            with self._mutex:
+                self._tabled[directory] = (ns.inode, reason)
+            log.info("the pod keeps its table", extra={"pod": ruleset.pod, "reason": reason})
+            return reason
+        return None
 
     def update_cgroups(self, ns: NetNS, ruleset: RuleSet, installed: RuleSet) -> None:
-        guard = sockaddr.guard(ruleset) if ruleset.cgroups is not None else None
+        guard = sockaddr.guard(ruleset)
         with self._lock(ns):
             entry = self._entry(ns)
-            if entry is not None and guard is not None and guard.programs == entry.guard.programs:
+            if entry is not None and guard.programs == entry.guard.programs:
                 try:  # a restarted container: the maps' elements alone (~0.1 ms)
                     entry.installed.update(guard, *bpf.local_addresses(ns))
                 except OSError as err:

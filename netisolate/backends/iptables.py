@@ -295,6 +295,7 @@ class IptablesBackend:
 
     name = "iptables"
     cgroups = False
+    wants_pod_cgroup = False
 
     def _save(self, ns: NetNS, family: Family, counters: bool = False) -> list[str]:
         argv = [f"{_TOOLS[family]}-save", "-t", "filter", *(["-c"] if counters else [])]

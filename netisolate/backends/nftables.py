@@ -71,6 +71,7 @@ def _generation(kept: Kept | None) -> int | None:
 class NftablesBackend:
     name = "nftables"
     cgroups = True
+    wants_pod_cgroup = False
 
     def __init__(self, kept: KeptSockets | None = None) -> None:
         self._kept = KEPT if kept is None else kept

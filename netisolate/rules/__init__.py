@@ -224,6 +224,14 @@ class RuleSet:
     identities: tuple[Identity, ...]
     owners: tuple[Owner, ...] = ()
     cgroups: CgroupRules | None = None  # cgroup identity (then grants, identities, owners are empty)
+    # UID identity: the pod's own cgroup, where the agent looked it up (only the socket guard,
+    # which is attached there, asks for it); cgroup identity keeps it in `cgroups.pod`
+    pod_cgroup: Cgroup | None = None
+
+    @property
+    def own_cgroup(self) -> Cgroup | None:
+        """The pod's own cgroup, where the agent knows it, whatever the identity."""
+        return self.cgroups.pod if self.cgroups is not None else self.pod_cgroup
 
     @property
     def stateful(self) -> bool:
@@ -292,7 +300,8 @@ def build_ruleset(
 ) -> RuleSet | None:
     """The ruleset for an isolated pod, or None when its level is off. `user_namespaced`: the kernel
     says the pod's network namespace belongs to a user namespace of its own, whatever the spec says.
-    `cgroups`: what the agent has seen of the pod's cgroups (cgroup identities only)."""
+    `cgroups`: what the agent has seen of the pod's cgroups (under UID identity only the pod's own
+    is kept: the socket guard's place)."""
     if policy.level is Level.OFF:
         return None
     if policy.identity.by_cgroup:
@@ -320,6 +329,7 @@ def build_ruleset(
         tuple(grants),
         tuple(identities),
         _owners(policy),
+        pod_cgroup=cgroups.pod if cgroups is not None else None,
     )
 
 

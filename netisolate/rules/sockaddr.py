@@ -1,6 +1,6 @@
-"""The socket guard: a cgroup identity ruleset as cgroup BPF programs that judge connect(),
-sendmsg() and bind() — once per call, not once per packet — and the maps they read. Pure; the
-kernel half is netisolate.backends.bpf.
+"""The socket guard: a pod's ruleset as cgroup BPF programs that judge connect(), sendmsg() and
+bind() — once per call, not once per packet — and the maps they read. Pure; the kernel half is
+netisolate.backends.bpf.
 
 WHY. Any netfilter hook in a pod's namespace is paid by every packet: on this project's loopback
 benchmark an empty output base chain costs about 2 % of the connection rate and the smallest table
@@ -10,12 +10,19 @@ runs only when a container names a destination; a connection's packets meet noth
 WHERE. The programs are attached to the pod's own cgroup, so every container's cgroup below it
 inherits them, from the first instruction of its first process; a process outside the pod (the
 runtime's port-forward) meets none of them. Each call is judged by the calling task, not by the
-socket as netfilter does: its cgroup at the containers' level
-(`get_current_ancestor_cgroup_id(level)`, the same kind of ID `socket cgroupv2 level N` compares)
-and, under uid+cgroup, its real UID. So a socket handed to another container (SCM_RIGHTS over an
-abstract unix socket, which the pod's containers share) is judged by whoever uses it. A process
-of the pod's cgroup that is in no container's (the level's ancestor is 0) or in a cgroup the agent
-has not seen is granted nothing.
+socket as netfilter does. Who the caller is, the identity every map is keyed by:
+- cgroup identity: its cgroup at the containers' level (`get_current_ancestor_cgroup_id(level)`,
+  the same kind of ID `socket cgroupv2 level N` compares); under uid+cgroup its real UID too. A
+  process of the pod's cgroup that is in no container's (the level's ancestor is 0) or in a cgroup
+  the agent has not seen is granted nothing.
+- UID identity: its real UID, kept where a cgroup ID goes (so counters and the record read the
+  same). UID 0 is no exception here: the runtime it stands for in the table (port-forward) runs
+  outside the pod's cgroup and never meets the guard, so inside the pod root is granted what a
+  container running as 0 is granted, which admission says is nothing. Where a process's real and
+  effective UIDs differ (a set-user-ID program, which admission's no-privilege-escalation rule
+  keeps out), the guard judges the real one, the table the effective one its socket was made by.
+So a socket handed to another container (SCM_RIGHTS over an abstract unix socket, which the pod's
+containers share) is judged by whoever uses it.
 
 WHAT IS JUDGED. A destination that stays in the pod's namespace: 127.0.0.0/8, 0.0.0.0 and ::, ::1,
 their IPv4-mapped forms, what the namespace's `local` routing table names local, broadcast or
@@ -52,7 +59,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Literal
 
-from netisolate.policy import PortRange
+from netisolate.policy import PortRange, Protocol
 from netisolate.rules import RuleSet
 from netisolate.rules.ebpf import (
     R0,
@@ -84,9 +91,10 @@ _LOOKUP, _UPDATE, _UID_GID, _ANCESTOR_CGROUP, _SET_RETVAL = 1, 2, 15, 123, 187  
 _EHOSTUNREACH = 113
 # struct bpf_sock_addr
 _USER_IP4, _USER_IP6, _USER_PORT, _PROTOCOL = 4, 8, 24, 36
-# the stack: an LPM key is prefixlen (u32) then the identity key: uid (u32), cgroup ID (u64),
-# protocol and port (u16 each, network order); all aligned as the verifier wants
-_KEY, _UID, _CGROUP, _PORT_KEY, _SCRATCH = -24, -20, -16, -8, -32
+# the stack: an LPM key is prefixlen (u32) then the identity key: uid (u32: uid+cgroup's, else 0),
+# who (u64: the cgroup ID, or under UID identity the UID), protocol and port (u16 each, network
+# order); all aligned as the verifier wants
+_KEY, _UID, _WHO, _PORT_KEY, _SCRATCH = -24, -20, -16, -8, -32
 _LOCAL = -48  # a local4/local6 key: prefixlen, then the address
 IDENTITY_KEY = 16  # bytes of uid . cgroup . protocol . port
 _FULL = IDENTITY_KEY * 8  # the prefix length of a single port
@@ -129,14 +137,14 @@ class Guard:
     pod: str
     programs: dict[str, tuple[Insn | Label, ...]]
     entries: dict[str, dict[bytes, bytes]]  # map name -> key -> value; local4/6, refused counters aside
-    identities: dict[int, str]  # cgroup ID -> container, 0 for the pod's own cgroup and the unseen
+    identities: dict[int, str]  # who (cgroup ID or UID) -> containers; 0: the pod's own cgroup, the unseen
 
 
-def identity_key(uid: int, cgroup: int, protocol: int, port: int) -> bytes:
-    """The 16 bytes every map keyed by identity uses: host-order UID and cgroup ID (as the helpers
-    return them), protocol and port in network order (as the socket address holds the port, and as
-    a longest-prefix trie compares: most significant byte first)."""
-    return struct.pack("=IQ", uid, cgroup) + struct.pack(">HH", protocol, port)
+def identity_key(uid: int, who: int, protocol: int, port: int) -> bytes:
+    """The 16 bytes every map keyed by identity uses: host-order UID and who (as the helpers return
+    them), protocol and port in network order (as the socket address holds the port, and as a
+    longest-prefix trie compares: most significant byte first)."""
+    return struct.pack("=IQ", uid, who) + struct.pack(">HH", protocol, port)
 
 
 def prefixes(ports: PortRange) -> list[tuple[int, int]]:
@@ -151,80 +159,106 @@ def prefixes(ports: PortRange) -> list[tuple[int, int]]:
     return out
 
 
-def _grants(rs: RuleSet) -> dict[bytes, bytes]:
-    assert rs.cgroups is not None
+@dataclass(frozen=True)
+class _Known:
+    """An identity the guard names: (uid, who) as identity_key takes them, its containers, grants."""
+
+    uid: int
+    who: int
+    containers: str
+    grants: tuple[tuple[Protocol, tuple[PortRange, ...]], ...]
+
+
+def _known(rs: RuleSet) -> list[_Known]:
+    if rs.cgroups is None:  # UID identity: the UID is who
+        return [
+            _Known(0, i.uid, i.containers, tuple((g.protocol, g.ports) for g in rs.grants if g.uid == i.uid))
+            for i in rs.identities
+        ]
+    by_uid = rs.cgroups.by_uid
+    return [
+        _Known(m.uid if by_uid and m.uid is not None else 0, m.cgroup.id, m.name, m.grants)
+        for m in rs.cgroups.usable()
+        if m.cgroup is not None
+    ]
+
+
+def _grants(known: list[_Known], sentinel: int) -> dict[bytes, bytes]:
     entries = {}
-    for member in rs.cgroups.usable():
-        if member.cgroup is None:
-            continue
-        uid = member.uid if rs.cgroups.by_uid and member.uid is not None else 0
-        for protocol, ranges in member.grants:
+    for k in known:
+        for protocol, ranges in k.grants:
             for ports in ranges:
                 for low, bits in prefixes(ports):
-                    if bits == 16 and low == rs.sentinel_port:
+                    if bits == 16 and low == sentinel:
                         continue  # dead behind the sentinel's refusal
-                    key = identity_key(uid, member.cgroup.id, PROTOCOLS[protocol], low)
+                    key = identity_key(k.uid, k.who, PROTOCOLS[protocol], low)
                     entries[struct.pack("=I", _FULL - 16 + bits) + key] = struct.pack("=I", 1)
     return entries
 
 
-def _owners(rs: RuleSet) -> tuple[dict[bytes, bytes], dict[bytes, bytes]]:
-    assert rs.cgroups is not None
+def _owners(rs: RuleSet, known: list[_Known]) -> tuple[dict[bytes, bytes], dict[bytes, bytes]]:
+    """owned: each declared (protocol, port); owners: each identity that declares one."""
     one = struct.pack("=I", 1)
+    declared: list[tuple[Protocol, int, list[_Known]]]
+    if rs.cgroups is None:
+        by_who = {k.who: k for k in known}
+        declared = [(o.protocol, o.port, [by_who[u] for u in o.uids if u in by_who]) for o in rs.owners]
+    else:
+        by_name = {k.containers: k for k in known}
+        declared = [
+            (o.protocol, o.port, [by_name[n] for n in o.members if n in by_name]) for o in rs.cgroups.owners
+        ]
     owned, owners = {}, {}
-    members = {m.name: m for m in rs.cgroups.usable()}
-    for owner in rs.cgroups.owners:
-        protocol = PROTOCOLS[owner.protocol]
-        owned[struct.pack(">HH", protocol, owner.port)] = one
-        for name in owner.members:
-            member = members.get(name)
-            if member is None or member.cgroup is None:
-                continue
-            uid = member.uid if rs.cgroups.by_uid and member.uid is not None else 0
-            owners[identity_key(uid, member.cgroup.id, protocol, owner.port)] = one
+    for protocol, port, keys in declared:
+        owned[struct.pack(">HH", PROTOCOLS[protocol], port)] = one
+        for k in keys:
+            owners[identity_key(k.uid, k.who, PROTOCOLS[protocol], port)] = one
     return owned, owners
 
 
 def unfit(rs: RuleSet) -> str | None:
     """Why the guard cannot serve this ruleset as netfilter would (None: it can). The namespace's
     own NAT is the caller's to check: it is not in the ruleset."""
-    if rs.cgroups is None:
-        return "UID identity (the guard knows containers by their cgroups)"
-    if rs.cgroups.pod is None:
+    if rs.own_cgroup is None:
         return "the pod's cgroup is not known yet"
     if rs.stateful:
         return "the pod grants UDP or is at audit: replies need conntrack"
-    if not rs.allow_root:
+    if not rs.allow_root:  # (so is every user-namespaced pod, whose UIDs the helpers would not map)
         return "the runtime's port-forward is refused here, and it runs outside the pod's cgroup"
     return None
 
 
 @lru_cache(maxsize=1024)
 def guard(rs: RuleSet) -> Guard:
-    """The guard for a cgroup identity ruleset (raises ValueError for any other). Cached, as
-    nft.expected is: the agent compares each pod's on every round; callers never change it."""
+    """The guard for a ruleset, whatever unfit() says of it. Cached, as nft.expected is: the agent
+    compares each pod's on every round; callers never change it."""
+    known = _known(rs)
+    owned, owners = _owners(rs, known)
     if rs.cgroups is None:
-        raise ValueError(f"{rs.pod}: the socket guard needs cgroup identity")
-    owned, owners = _owners(rs)
-    identities = {m.cgroup.id: m.name for m in rs.cgroups.members if m.cgroup is not None}
+        identities = {k.who: k.containers for k in known}
+    else:  # every container seen, those under uid+cgroup without a UID too (their refusals count)
+        identities = {m.cgroup.id: m.name for m in rs.cgroups.members if m.cgroup is not None}
     bodies = {
         "judge4": _judge4(rs),
         "judge6": _judge6(rs),
         "bind": _bind(rs),
     }
-    entries = {"grants": _grants(rs), "owned": owned, "owners": owners}
+    entries = {"grants": _grants(known, rs.sentinel_port), "owned": owned, "owners": owners}
     return Guard(rs.pod, bodies, entries, {0: "", **identities})
 
 
 def _identity(rs: RuleSet) -> list[Insn | Label]:
-    """The caller's UID (under uid+cgroup, else 0) and cgroup at the level, onto the stack."""
-    assert rs.cgroups is not None
+    """The caller's identity onto the stack: its UID (under uid+cgroup, else 0), then who it is
+    (its cgroup at the level, or under UID identity its UID)."""
+    real_uid = [call(_UID_GID), alu(R0, "<<=", 32), alu(R0, ">>=", 32)]  # the low half: the UID
+    if rs.cgroups is None:
+        return [*real_uid, store_imm(4, R10, _UID, 0), store(8, R10, _WHO, R0)]
     out: list[Insn | Label] = []
     if rs.cgroups.by_uid:
-        out += [call(_UID_GID), alu(R0, "<<=", 32), alu(R0, ">>=", 32), store(4, R10, _UID, R0)]
+        out += [*real_uid, store(4, R10, _UID, R0)]
     else:
         out.append(store_imm(4, R10, _UID, 0))
-    out += [alu(R1, "=", rs.cgroups.level), call(_ANCESTOR_CGROUP), store(8, R10, _CGROUP, R0)]
+    out += [alu(R1, "=", rs.cgroups.level), call(_ANCESTOR_CGROUP), store(8, R10, _WHO, R0)]
     return out
 
 
@@ -245,9 +279,9 @@ def _lookup(name: str, key: int) -> list[Insn | Label]:
 
 
 def _count() -> list[Insn | Label]:
-    """refused[cgroup] += 1, or refused[0] for a cgroup that holds no counter (none of ours)."""
+    """refused[who] += 1, or refused[0] for a who that holds no counter (none of ours)."""
     return [
-        *_lookup("refused", _CGROUP),
+        *_lookup("refused", _WHO),
         jump(R0, "!=", 0, "count"),
         store_imm(8, R10, _SCRATCH, 0),
         *_lookup("refused", _SCRATCH),
