@@ -17,8 +17,8 @@ loopback                  connection rate from app to proxy (50 grants per conta
                           them too); the median of the rounds' own ratios with its 95 % interval,
                           quartiles and extremes, next to the control's (the benchmark's resolution),
                           by wall time and per CPU-second of client and server; with --guard
-                          a cgroup identity pod, nftables' rules and the socket guard (cgroup BPF,
-                          netisolate.rules.sockaddr) in the same rounds
+                          a UID and a cgroup identity pod, each with nftables' rules and the socket
+                          guard (cgroup BPF, netisolate.rules.sockaddr) in the same rounds
 guard-apply (--guard)     the guard's new install and policy change next to the table's, one pod
 """
 
@@ -346,9 +346,9 @@ def bench_loopback(
     ratios: dict[str, list[float]] = {}
     rates: dict[str, list[float]] = {}
     load = os.getloadavg()
-    with connloop() as binary, LocalPod(bench_pod(identity=identity, grants=LOOPBACK_GRANTS)) as pod:
-        cgroups = pod.cgroups() if identity != "uid" else None
-        rs = build_ruleset(pod_policy(pod.pod, {}), Settings(), cgroups=cgroups)
+    pod_spec = bench_pod(identity=identity, grants=LOOPBACK_GRANTS)
+    with connloop() as binary, LocalPod(pod_spec, with_cgroups=True) as pod:  # (the guard's place)
+        rs = build_ruleset(pod_policy(pod.pod, {}), Settings(), cgroups=pod.cgroups())
         assert rs is not None
         rules: list[Rules | None] = [make(pod, rs) for make in variants]
         kinds = [r.name for r in rules if r is not None] + ["control"]
@@ -472,8 +472,8 @@ def main() -> None:
     parser.add_argument(
         "--guard",
         action="store_true",
-        help="only the loopback rate of a cgroup identity pod: nftables' rules and the socket guard "
-        "(cgroup BPF) in the same rounds",
+        help="only the socket guard: its apply, and the loopback rate of a UID and a cgroup identity "
+        "pod with nftables' rules and with the guard (cgroup BPF) in the same rounds",
     )
     args = parser.parse_args()
     rounds, many, loop_rounds, seconds = (5, 10, 4, 0.1) if args.quick else (40, 100, 100, 0.1)
@@ -481,7 +481,8 @@ def main() -> None:
     if args.guard:
         print(json.dumps(bench_guard_apply(rounds)), flush=True)
         guarded = [_backend_rules(select_backend("nftables")), GuardRules]
-        print(json.dumps(bench_loopback(guarded, "cgroup", *loopback)), flush=True)
+        for identity in ("uid", "cgroup"):
+            print(json.dumps(bench_loopback(guarded, identity, *loopback)), flush=True)
         return
     for name in args.backend or ("nftables", "iptables"):
         backend = select_backend(name)

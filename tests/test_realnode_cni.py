@@ -193,12 +193,14 @@ async def test_a_recreated_sandbox_is_enforced_before_its_containers_start_again
 
 
 @pytest.mark.asyncio
+@pytest.mark.parametrize("identity", ["uid", "cgroup"])
 async def test_the_socket_guard_takes_over_a_chained_pod_from_its_table(
-    node: RealNode, core: client.CoreV1Api, kmock: Any
+    node: RealNode, core: client.CoreV1Api, kmock: Any, identity: str
 ) -> None:
     """--socket-guard with the plugin chained and the agent's loop running: the CNI ADD's table
     holds the sandbox back and refuses the rogue's first attempt; once the sandbox's cgroup is
-    seen, before its containers start, the guard takes over (a cgroup identity race pod)."""
+    seen, before its containers open a socket, the guard takes over (race pods of either
+    identity: under UID identity the agent looks up the pod's cgroup for the guard alone)."""
     running = Running(core, "nftables+guard", node=NODE_NAME, verify_interval=0.5)
     stop = threading.Event()
     service = await asyncio.to_thread(serve, node, running.agent, core, stop)
@@ -209,13 +211,13 @@ async def test_the_socket_guard_takes_over_a_chained_pod_from_its_table(
         taken = []
         for i in range(8):
             manifest = race_pod(f"guard-race-{i}", NODE_NAME)
-            manifest["metadata"]["annotations"]["netisolate.io/identity"] = "cgroup"
+            manifest["metadata"]["annotations"]["netisolate.io/identity"] = identity
             put(kmock, "v1/pods", manifest)  # (the client's create would wait behind the agent's watches)
             pod = await asyncio.to_thread(kubelet.run, manifest)
             assert await asyncio.to_thread(first_attempt, kubelet, pod) == "refused"
             with NetNS.open(f"/proc/{pod.pid}/ns/net") as ns:
                 taken.append(not await asyncio.to_thread(backend.inner.installed, ns))
-        print(f"\nchained pods the guard took over: {sum(taken)} of {len(taken)}")
+        print(f"\nchained {identity} identity pods the guard took over: {sum(taken)} of {len(taken)}")
         assert all(taken)
     finally:
         await asyncio.to_thread(kubelet.close)
