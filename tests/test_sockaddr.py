@@ -4,6 +4,7 @@ what is judged, what passes untouched, ownership at bind(), counting, learning, 
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import random
@@ -119,7 +120,8 @@ def test_maps_hold_each_seen_container_by_cgroup_and_leave_the_unseen_out() -> N
         sockaddr.identity_key(0, 42, 6, 8080),
         sockaddr.identity_key(0, 42, 17, 53),
     }
-    assert guard.identities == {0: "", 41: "app", 42: "proxy"}  # rogue not seen yet: nothing names it
+    # rogue not seen yet: nothing names it (nor the pod's own cgroup, 0): UNKNOWN counts them
+    assert guard.identities == {sockaddr.UNKNOWN: "", 41: "app", 42: "proxy"}
 
 
 def test_under_uid_identity_the_maps_name_each_uid_where_a_cgroup_goes() -> None:
@@ -132,7 +134,10 @@ def test_under_uid_identity_the_maps_name_each_uid_where_a_cgroup_goes() -> None
         sockaddr.identity_key(0, 1001, 6, 8080),
         sockaddr.identity_key(0, 1001, 17, 53),
     }
-    assert guard.identities == {0: "", 1000: "app", 1001: "proxy", 1002: "rogue"}
+    assert guard.identities == {sockaddr.UNKNOWN: "", 1000: "app", 1001: "proxy", 1002: "rogue"}
+    # a container that runs as root owns root's counter, and no one else's refusals land there
+    root = sockaddr.guard(ruleset(guarded_pod(identity="uid", uids=(0, 1001, 1002)), SEEN))
+    assert root.identities == {sockaddr.UNKNOWN: "", 0: "app", 1001: "proxy", 1002: "rogue"}
     # without the pod's cgroup (what an agent without --socket-guard builds) there is nowhere to attach
     assert sockaddr.unfit(ruleset(uid_pod(), PodCgroups(2))) == "the pod's cgroup is not known yet"
     assert ruleset(uid_pod(), PodCgroups(2)).pod_cgroup is None
@@ -163,7 +168,7 @@ def test_the_assembler_resolves_labels_wide_loads_and_unsigned_immediates() -> N
 @pytest.mark.parametrize(
     ("identity", "body"),
     [
-        *(("cgroup", b) for b in ("judge4", "judge6", "bind")),
+        *(("cgroup", b) for b in ("judge4", "judge6", "bind", "create")),
         ("uid+cgroup", "judge4"),
         *(("uid", b) for b in ("judge4", "bind")),
     ],
@@ -270,6 +275,25 @@ def test_unconnected_udp_multicast_and_broadcast_are_judged(guarded: Guarded) ->
         *["1"] * 4,
         "sent",
     ]
+
+
+UDPLITE = """
+import socket
+V4, V6, DGRAM, STREAM = socket.AF_INET, socket.AF_INET6, socket.SOCK_DGRAM, socket.SOCK_STREAM
+for family, kind, protocol in ((V4, DGRAM, 136), (V6, DGRAM, 136), (V4, DGRAM, 0), (V6, STREAM, 0)):
+    try:
+        socket.socket(family, kind, protocol).close()
+        print("made")
+    except OSError as e:
+        print(e.errno)
+"""
+
+
+@kernel
+def test_udp_lite_sockets_are_refused_since_no_connect_of_theirs_is_judged(guarded: Guarded) -> None:
+    """The kernel runs no connect program for UDP-Lite: a connected one would send to any port of
+    the pod unjudged (the table drops those datagrams), so the guard refuses making one at all."""
+    assert _python(guarded.local, "app", UDPLITE) == ["1", "1", "made", "made"]
 
 
 @kernel
@@ -637,6 +661,30 @@ def test_a_guard_that_fails_to_go_in_leaves_the_pod_on_its_table(
 
 
 @kernel
+def test_a_kernel_that_refuses_the_programs_is_asked_once(
+    served: Served, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A verifier refusal (a kernel without bpf_set_retval, say) is the same for every pod: the
+    first pod's says so, once, and no pod tries again."""
+    local, backend, _rs = served
+    assert local.ns is not None
+    loads: list[str] = []
+
+    def refused(name: str, *args: object, **kwargs: object) -> int:
+        loads.append(name)
+        raise bpf.LoadError("loading connect4: Invalid argument; the verifier said: unknown func", 22)
+
+    monkeypatch.setattr(bpf, "load", refused)
+    for _ in range(3):
+        backend.apply(local.ns, _started(local))
+    assert loads == ["connect4"]
+    assert _table(local) and _ours(local) == [] and backend.verify(local.ns, _started(local)) == []
+    assert (backend.unfit(local.ns, _started(local)) or "").startswith(
+        "the kernel refuses the socket guard's"
+    )
+
+
+@kernel
 def test_a_table_that_fails_to_go_in_leaves_the_guard(
     served: Served, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -721,10 +769,48 @@ def test_a_pod_with_sockets_opened_before_the_guard_keeps_its_table(served: Serv
     local.listen("rogue", ["8080"])
     backend.apply(local.ns, rs)
     assert _table(local) and _ours(local) == [] and backend.verify(local.ns, rs) == []
-    reason = backend.unfit(local.ns, rs) or ""
-    assert reason.startswith("sockets were opened before the guard could judge them (tcp "), reason
-    assert reason.endswith(":8080)")
+    assert backend.unfit(local.ns, rs) == "the namespace holds what the guard never judged (tcp [::]:8080)"
     assert local.probe(1000, [("127.0.0.1", 8080, "tcp")], container="app") == ["refused"]  # the table's
+
+
+@kernel
+def test_a_recreated_sandbox_s_namespace_is_asked_as_a_move(served: Served) -> None:
+    """Our guard for the sandbox's earlier namespace judged the new one's sockets with the old
+    one's local addresses (a UDP socket connected to the new pod address passed it): the new
+    namespace is asked as any move is."""
+    local, backend, rs = served
+    assert local.ns is not None
+    backend.apply(local.ns, rs)
+    assert not _table(local)
+    [entry] = backend._guards.values()
+    entry.inode += 1  # as if attached for the sandbox's earlier namespace
+    local.listen("proxy", ["8080"])
+    backend.inner.apply(local.ns, rs)  # the CNI ADD's table in the new namespace
+    backend.apply(local.ns, rs)
+    assert _table(local) and _ours(local) == [] and backend.verify(local.ns, rs) == []
+
+
+@kernel
+def test_before_linux_6_8_a_pod_moves_only_while_no_container_was_made(
+    served: Served, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Older kernels list no TCP socket that is only bound: there the pod's cgroup tells, and a
+    second populated cgroup beside the sandbox's means a container was made."""
+    local, backend, rs = served
+    assert local.ns is not None
+    monkeypatch.setattr(importlib.import_module("netisolate.backends.guarded"), "BOUND_LISTED", False)
+    sleepers = [local.spawn(["sleep", "60"], container=c) for c in ("app", "proxy")]
+    backend.apply(local.ns, rs)
+    assert _table(local) and _ours(local) == []
+    assert backend.unfit(local.ns, rs) == (
+        "the namespace holds what the guard never judged "
+        "(1 containers made before it, whose bound sockets Linux < 6.8 cannot list)"
+    )
+    sleepers[1].kill()
+    sleepers[1].wait()
+    fresh = GuardedBackend()  # (the first remembers its refusal for the namespace)
+    fresh.apply(local.ns, rs)  # the app's process alone: the sandbox's place
+    assert not _table(local) and _ours(local) == ["ni_connect4"]
 
 
 @kernel

@@ -17,6 +17,7 @@ so the cgroup is never without one; the refusal counters start again from 0.
 from __future__ import annotations
 
 import ctypes
+import errno
 import os
 import platform
 import socket
@@ -28,7 +29,7 @@ from errno import ENOENT
 from netisolate.backends.base import EnforceError
 from netisolate.netns import NetNS
 from netisolate.rules import ebpf
-from netisolate.rules.sockaddr import ATTACH, MAPS, PROTOCOLS, Guard, MapSpec
+from netisolate.rules.sockaddr import ATTACH, MAPS, PROTOCOLS, UNKNOWN, Guard, MapSpec
 
 _LIBC = ctypes.CDLL(None, use_errno=True)
 _SYSCALL = {"x86_64": 321, "aarch64": 280}
@@ -36,8 +37,16 @@ _MAP_CREATE, _LOOKUP, _UPDATE, _DELETE, _NEXT_KEY, _PROG_LOAD = 0, 1, 2, 3, 4, 5
 _PROG_ATTACH, _PROG_DETACH, _PROG_GET_FD_BY_ID, _OBJ_GET_INFO_BY_FD, _PROG_QUERY = 8, 9, 13, 15, 16
 _MAP_TYPES = {"hash": 1, "lru_hash": 9, "lpm_trie": 11}
 _NO_PREALLOC = 1  # a longest-prefix trie must be made without it
-_CGROUP_SOCK_ADDR = 18  # enum bpf_prog_type
-ATTACH_TYPES = {"bind4": 8, "bind6": 9, "connect4": 10, "connect6": 11, "sendmsg4": 14, "sendmsg6": 15}
+_CGROUP_SOCK, _CGROUP_SOCK_ADDR = 9, 18  # enum bpf_prog_type: socket(), and the calls naming an address
+ATTACH_TYPES = {
+    "sock_create": 2,
+    "bind4": 8,
+    "bind6": 9,
+    "connect4": 10,
+    "connect6": 11,
+    "sendmsg4": 14,
+    "sendmsg6": 15,
+}
 _ALLOW_MULTI = 2
 _ATTR = 128  # bytes of union bpf_attr we pass: more than any command here reads
 _LOG = 1 << 16
@@ -53,6 +62,11 @@ class GuardError(EnforceError):
     def __init__(self, message: str, errno: int = 0) -> None:
         super().__init__(message)
         self.errno = errno
+
+
+class LoadError(GuardError):
+    """The kernel will not load the guard's programs (the verifier, a helper it lacks, no
+    capability): every pod's would be refused alike, so the node has no guard."""
 
 
 def _bpf(command: int, attr: bytes, what: str, buffer: ctypes.Array[ctypes.c_char] | None = None) -> int:
@@ -155,7 +169,7 @@ def load(name: str, attach: str, program: ebpf.Program, maps: Mapping[str, Map],
     log = ctypes.create_string_buffer(_LOG)
     attr = struct.pack(
         "=IIQQIIQII16sII",
-        _CGROUP_SOCK_ADDR,
+        _CGROUP_SOCK if attach == "sock_create" else _CGROUP_SOCK_ADDR,
         len(code) // 8,
         _pointer(insns),
         _pointer(license_),
@@ -171,7 +185,10 @@ def load(name: str, attach: str, program: ebpf.Program, maps: Mapping[str, Map],
     try:
         return _bpf(_PROG_LOAD, attr, f"loading {name}")
     except GuardError as err:
-        raise GuardError(f"{err}; the verifier said: {log.value.decode(errors='replace')[-2000:]}") from None
+        said = log.value.decode(errors="replace")[-2000:]
+        if err.errno in (errno.EINVAL, errno.EACCES, errno.EPERM):
+            raise LoadError(f"{err}; the verifier said: {said}", err.errno) from None
+        raise GuardError(f"{err}; the verifier said: {said}", err.errno) from None  # (ENOMEM: next time)
 
 
 def attach(cgroup: int, program: int, attach_type: str) -> None:
@@ -222,7 +239,7 @@ def foreign(directory: str) -> list[str]:
         f"{point}: {name or prog_id}"
         for point, programs in found.items()
         for prog_id, name in programs
-        if not name.startswith(PREFIX) and not point.startswith("bind")
+        if not name.startswith(PREFIX) and point.startswith(("connect", "sendmsg"))
     ]
 
 
@@ -300,13 +317,14 @@ class Installed:
         return problems
 
     def observed(self) -> list[tuple[str, str, int, int]]:
-        """(cgroup ID, protocol, port, refusals) of what the guard recorded, as nftables' record."""
+        """(who: cgroup ID or UID, protocol, port, refusals) of what the guard recorded, as
+        nftables' record names them."""
         names = {number: name for name, number in PROTOCOLS.items()}
         found = []
         for key, value in self.maps["observed"].items().items():
-            _, cgroup, protocol, port = struct.unpack("=IQ", key[:12]) + struct.unpack(">HH", key[12:])
+            _, who, protocol, port = struct.unpack("=IQ", key[:12]) + struct.unpack(">HH", key[12:])
             if protocol in names:
-                found.append((str(cgroup), names[protocol], port, struct.unpack("=Q", value)[0]))
+                found.append((str(who), names[protocol], port, struct.unpack("=Q", value)[0]))
         return found
 
     def detach_others(self) -> None:
@@ -327,22 +345,24 @@ class Installed:
         self.maps["local6"].replace(dict.fromkeys(local6, one))
 
     def _counters(self, guard: Guard) -> None:
-        """A refusal counter for each cgroup the guard names; a gone cgroup's count is folded into
-        the pod's own (key 0) and its counter deleted, so restarts never fill the map."""
+        """A refusal counter for each identity the guard names; a gone one's count (a restarted
+        container's old cgroup) is folded into the unknown callers' (UNKNOWN) and its counter
+        deleted, so restarts never fill the map."""
         counters = self.maps["refused"]
-        wanted = {struct.pack("=Q", cgroup) for cgroup in guard.identities}
+        wanted = {struct.pack("=Q", who) for who in guard.identities}
         gone = {key: value for key, value in counters.items().items() if key not in wanted}
         for key in wanted:
             if counters.get(key) is None:
                 counters.put(key, bytes(8))
         if gone:
-            pod = struct.pack("=Q", 0)
+            pod = struct.pack("=Q", UNKNOWN)
             total = sum(struct.unpack("=Q", v)[0] for v in (counters.get(pod) or bytes(8), *gone.values()))
             counters.put(pod, struct.pack("=Q", total))
             counters.delete_keys(set(gone))
 
     def refused(self, guard: Guard) -> dict[str, int]:
-        """Refusals by container ("" for the pod's own cgroup and cgroups nobody names)."""
+        """Refusals by container ("" for callers nobody names: the pod's own cgroup, cgroups or
+        UIDs of no container)."""
         counts: dict[str, int] = {}
         for key, value in self.maps["refused"].items().items():
             name = guard.identities.get(struct.unpack("=Q", key)[0], "")
@@ -400,7 +420,7 @@ def install(cgroup: str, guard: Guard, local4: set[bytes], local6: set[bytes]) -
     return installed
 
 
-# rtnetlink, spoken directly (as netisolate.agent.listeners speaks sock_diag): no `ip` in the image
+# rtnetlink, spoken directly (as netisolate.backends.sockdiag speaks sock_diag): no `ip` in the image
 _NETLINK_ROUTE, _RTM_NEWROUTE, _RTM_GETROUTE, _NLMSG_ERROR, _NLMSG_DONE = 0, 24, 26, 2, 3
 _DUMP = 0x1 | 0x300  # NLM_F_REQUEST | NLM_F_DUMP
 _HEADER = struct.Struct("=IHHII")  # nlmsghdr

@@ -59,11 +59,12 @@ def _parse(data: bytes, found: list[Entry]) -> bool:
 
 
 def opened() -> list[str]:
-    """Every TCP and UDP socket of the thread's namespace that is bound or connected, any state
-    (`tcp 127.0.0.1:8080`): an unbound one is not in the kernel's tables, and whatever it binds or
-    connects to later is asked then."""
+    """Every TCP, UDP and UDP-Lite socket of the thread's namespace that is bound or connected, any
+    state (`tcp 127.0.0.1:8080`; a TCP socket bound and no more only from Linux 6.8, which lists
+    that state): an unbound one is not in the kernel's tables."""
     found = []
     for family in FAMILIES:
-        for name, protocol in (("tcp", socket.IPPROTO_TCP), ("udp", socket.IPPROTO_UDP)):
-            found += [f"{name} {e.address}:{e.port}" for e in dump(family, protocol, ALL_STATES)]
+        for name, protocol in (("tcp", socket.IPPROTO_TCP), ("udp", socket.IPPROTO_UDP), ("udplite", 136)):
+            at = "{}:{}" if family == socket.AF_INET else "[{}]:{}"
+            found += [f"{name} {at.format(e.address, e.port)}" for e in dump(family, protocol, ALL_STATES)]
     return sorted(found)

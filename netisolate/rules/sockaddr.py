@@ -22,7 +22,9 @@ socket as netfilter does. Who the caller is, the identity every map is keyed by:
   effective UIDs differ (a set-user-ID program, which admission's no-privilege-escalation rule
   keeps out), the guard judges the real one, the table the effective one its socket was made by.
 So a socket handed to another container (SCM_RIGHTS over an abstract unix socket, which the pod's
-containers share) is judged by whoever uses it.
+containers share) is judged by whoever uses it. Whether the programs run at all is the socket's
+cgroup's affair, though (the one it was made in): a socket made outside the pod's cgroup and
+handed in is never judged; only the node's own processes can make one in the pod's namespace.
 
 WHAT IS JUDGED. A destination that stays in the pod's namespace: 127.0.0.0/8, 0.0.0.0 and ::, ::1,
 their IPv4-mapped forms, what the namespace's `local` routing table names local, broadcast or
@@ -41,6 +43,7 @@ THE DECISIONS, per call, in this order (the numbers are netisolate.rules' decisi
   (`owned`, `owners`), so a squatter never holds an owner's port at all; counted like a refusal.
   A port the kernel picks itself (port 0) is not judged: the caller must also reserve the declared
   ports in the namespace (`net.ipv4.ip_local_reserved_ports`), so no socket is ever given one.
+- socket() of UDP-Lite is refused (`_create`): the kernel judges no UDP-Lite connect().
 
 WHAT IT DOES NOT DO, so what its caller (netisolate.backends.guarded, and `unfit` below) keeps on
 netfilter: it judges the address the caller names, before any NAT, so a mesh's nat REDIRECT to
@@ -91,12 +94,14 @@ _LOOKUP, _UPDATE, _UID_GID, _ANCESTOR_CGROUP, _SET_RETVAL = 1, 2, 15, 123, 187  
 _EHOSTUNREACH = 113
 # struct bpf_sock_addr
 _USER_IP4, _USER_IP6, _USER_PORT, _PROTOCOL = 4, 8, 24, 36
+_SOCK_PROTOCOL, _UDPLITE = 12, 136  # struct bpf_sock's protocol; IPPROTO_UDPLITE
 # the stack: an LPM key is prefixlen (u32) then the identity key: uid (u32: uid+cgroup's, else 0),
 # who (u64: the cgroup ID, or under UID identity the UID), protocol and port (u16 each, network
 # order); all aligned as the verifier wants
 _KEY, _UID, _WHO, _PORT_KEY, _SCRATCH = -24, -20, -16, -8, -32
 _LOCAL = -48  # a local4/local6 key: prefixlen, then the address
-IDENTITY_KEY = 16  # bytes of uid . cgroup . protocol . port
+IDENTITY_KEY = 16  # bytes of uid . who . protocol . port
+UNKNOWN = 2**64 - 1  # the refusal counter of callers none names: never a cgroup ID, never a UID
 _FULL = IDENTITY_KEY * 8  # the prefix length of a single port
 
 
@@ -127,6 +132,7 @@ ATTACH = (
     ("sendmsg6", "judge6"),
     ("bind4", "bind"),
     ("bind6", "bind"),
+    ("sock_create", "create"),
 )
 
 
@@ -242,9 +248,10 @@ def guard(rs: RuleSet) -> Guard:
         "judge4": _judge4(rs),
         "judge6": _judge6(rs),
         "bind": _bind(rs),
+        "create": _create(rs),
     }
     entries = {"grants": _grants(known, rs.sentinel_port), "owned": owned, "owners": owners}
-    return Guard(rs.pod, bodies, entries, {0: "", **identities})
+    return Guard(rs.pod, bodies, entries, {UNKNOWN: "", **identities})
 
 
 def _identity(rs: RuleSet) -> list[Insn | Label]:
@@ -279,11 +286,11 @@ def _lookup(name: str, key: int) -> list[Insn | Label]:
 
 
 def _count() -> list[Insn | Label]:
-    """refused[who] += 1, or refused[0] for a who that holds no counter (none of ours)."""
+    """refused[who] += 1, or refused[UNKNOWN] for a who that holds no counter (none of ours)."""
     return [
         *_lookup("refused", _WHO),
         jump(R0, "!=", 0, "count"),
-        store_imm(8, R10, _SCRATCH, 0),
+        store_imm(8, R10, _SCRATCH, -1),  # UNKNOWN: the immediate is sign-extended to 64 bits
         *_lookup("refused", _SCRATCH),
         jump(R0, "==", 0, "counted"),
         Label("count"),
@@ -406,4 +413,18 @@ def _bind(rs: RuleSet) -> tuple[Insn | Label, ...]:
         *_verdict(rs),
         Label("allow"),
         *exit_with(1),
+    )
+
+
+def _create(rs: RuleSet) -> tuple[Insn | Label, ...]:
+    """socket(): a UDP-Lite socket is refused (EPERM). The kernel runs no connect program for
+    UDP-Lite (its protocol has no pre-connect step) and none at a connected socket's sends, so a
+    connected one would send anywhere unjudged; UDP-Lite is deprecated in Linux and nothing a pod
+    runs is known to need it. TCP, UDP and everything else are created as ever."""
+    return (
+        load(4, R2, R1, _SOCK_PROTOCOL),
+        jump(R2, "==", _UDPLITE, "refused"),
+        *exit_with(1),
+        Label("refused"),
+        *_verdict(rs),
     )
