@@ -109,7 +109,10 @@ class Tracked:
     preinstalled: tuple[RuleSet, float] | None = None  # loaded into a fresh `ns` outside the lock
     cgroup_problem: str = ""  # why cgroup identity was last unavailable for this pod, if it was
     cgroup_wait_since: float = 0.0  # since when the pod's cgroup is looked for (0: found)
-    cgroup_sought: bool = False  # UID identity under the guard: looked for long enough, not found
+    # UID identity under the guard: the pod's cgroup once found; the namespace (inode) for which it
+    # was looked for long enough in vain
+    pod_cgroup: PodCgroups | None = None
+    cgroup_sought: int = 0
 
 
 @dataclass
@@ -480,14 +483,16 @@ class Reconciler:
         it is. Looked for as often as for cgroup identity while the pod is new (its sandbox joins
         its cgroup a moment after the CNI ADD), then no more: a pod moves to the guard only before
         its sockets are opened, and meanwhile its table serves it."""
-        if self.cgroups is None or self.cgroups.unavailable() is not None:
+        if tracked.pod_cgroup is not None:  # a pod's own cgroup is the pod's for its lifetime
+            return tracked.pod_cgroup
+        if self.cgroups is None or self.cgroups.unavailable() is not None or tracked.ns is None:
             return None
         seen = self.cgroups.seen(tracked.pod)
-        if seen is not None:
-            tracked.cgroup_wait_since = 0.0
-        elif not tracked.cgroup_sought and not self._cgroup_soon(tracked):
-            tracked.cgroup_sought, tracked.cgroup_wait_since = True, 0.0
-        return seen
+        if seen is not None and seen.pod is not None:
+            tracked.cgroup_wait_since, tracked.pod_cgroup = 0.0, PodCgroups(seen.level, seen.pod)
+        elif tracked.cgroup_sought != tracked.ns.inode and not self._cgroup_soon(tracked):
+            tracked.cgroup_sought, tracked.cgroup_wait_since = tracked.ns.inode, 0.0  # (a new sandbox: again)
+        return tracked.pod_cgroup
 
     def _cgroup_soon(self, tracked: Tracked) -> bool:
         """Look for the pod's cgroup again shortly; True while that is still normal (no event)."""

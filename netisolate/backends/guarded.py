@@ -11,11 +11,13 @@ Every other pod keeps its table. A pod moves between the two without a moment un
 one is in place before the old one goes, and a guard that fails to go in leaves the pod on its
 table. The CNI ADD's table (the pod's cgroup is not known before its sandbox runs) is replaced by
 the guard once the sandbox's cgroup is seen. A pod moves to the guard only while its namespace
-holds no bound or connected socket (or where a guard of ours holds its cgroup already), asked once
-the guard is attached, so no socket escapes between the look and the attach: the guard judges a
-socket when it binds or connects, the table every packet, so a socket bound or connected under
-the table (a squatter on an owner's port, a UDP socket connected to a port nobody granted) would
-keep what the table denied it.
+holds no bound or connected socket (or where a guard already judged its every socket: ours,
+attached for this namespace, or a restarted agent's), asked once the guard is attached, so a
+socket bound or connected after the question meets the guard: the guard judges a socket when it
+binds or connects, the table every packet, so a socket bound or connected under the table (a
+squatter on an owner's port, a UDP socket connected to a port nobody granted) would keep what the
+table denied it. Before Linux 6.8, which lists sockets that are only bound, the pod's cgroup must
+show no container made either.
 
 Verification reads the kernel: our program at every attach point of the pod's cgroup and no other
 of ours, every map exactly as the policy wants, NAT, other programs and reserved ports as they
@@ -28,6 +30,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -99,6 +102,28 @@ def reserve(ns: NetNS, ports: set[int]) -> None:
         raise EnforceError(f"cannot reserve the declared ports in the pod's namespace: {err}") from None
 
 
+# Before Linux 6.8 sock_diag does not list a TCP socket that is bound and no more (a squatter
+# that listens only once the table is gone): there, a pod moves only while no container has been
+# made, as far as its cgroup tells (no cgroup under the pod's but its sandbox's holds a process).
+BOUND_LISTED = tuple(int(n) for n in re.findall(r"\d+", os.uname().release)[:2]) >= (6, 8)
+
+
+def _opened(ns: NetNS, directory: str) -> list[str]:
+    """What the namespace holds that the guard never judged ([]: nothing)."""
+    opened = ns.run(sockdiag.opened)
+    if opened or BOUND_LISTED:
+        return opened
+    populated = []
+    for child in os.scandir(directory):
+        events = Path(child.path, "cgroup.events")
+        if child.is_dir(follow_symlinks=False) and "populated 1" in events.read_text():
+            populated.append(child.name)
+    made = len(populated) - 1
+    return (
+        [f"{made} containers made before it, whose bound sockets Linux < 6.8 cannot list"] if made > 0 else []
+    )
+
+
 def _declared(ruleset: RuleSet) -> set[int]:
     owners = ruleset.cgroups.owners if ruleset.cgroups is not None else ruleset.owners
     return {owner.port for owner in owners}
@@ -117,6 +142,7 @@ class GuardedBackend:
         self._tabled: dict[str, tuple[int, str]] = {}
         self._mutex = threading.Lock()  # the dicts only
         self._pods: dict[int, threading.Lock] = {}  # namespace inode -> one pod's operations
+        self.unloadable = ""  # why this kernel refuses the guard's programs: every pod keeps its table
 
     def _directory(self, ruleset: RuleSet) -> str | None:
         pod = ruleset.own_cgroup
@@ -135,11 +161,8 @@ class GuardedBackend:
                 finally:
                     if busy is not None:
                         busy.release()
-            for directory, (inode, _) in list(self._tabled.items()):
-                if not os.path.isdir(directory):
-                    del self._tabled[directory]
-                    if inode != ns.inode and inode not in {e.inode for e in self._guards.values()}:
-                        self._pods.pop(inode, None)
+            for directory in [d for d in self._tabled if not os.path.isdir(d)]:
+                del self._tabled[directory]
             return self._pods.setdefault(ns.inode, threading.Lock())
 
     def _entry(self, ns: NetNS) -> _Entry | None:
@@ -148,7 +171,7 @@ class GuardedBackend:
 
     def unfit(self, ns: NetNS, ruleset: RuleSet) -> str | None:
         """Why this pod keeps its table (None: the guard can serve it)."""
-        reason = sockaddr.unfit(ruleset) or nat_in(ns)
+        reason = self.unloadable or sockaddr.unfit(ruleset) or nat_in(ns)
         directory = self._directory(ruleset)
         if reason is None and directory is not None and (others := bpf.foreign(directory)):
             reason = f"another program judges the pod's connects ({', '.join(others)})"
@@ -170,6 +193,13 @@ class GuardedBackend:
             if reason is None:
                 try:
                     reason = self._guard(ns, ruleset)
+                except bpf.LoadError as err:  # said once, and not tried again for every pod
+                    self.unloadable = f"the kernel refuses the socket guard's programs: {err}"
+                    log.warning(
+                        "socket guard unavailable on this node, every pod keeps its table",
+                        extra={"pod": ruleset.pod, "error": str(err)},
+                    )
+                    reason = self.unloadable
                 except (EnforceError, OSError) as err:  # fail closed: the pod keeps (or gets) its table
                     log.warning(
                         "socket guard failed, the table serves", extra={"pod": ruleset.pod, "error": str(err)}
@@ -203,26 +233,28 @@ class GuardedBackend:
         local4, local6 = bpf.local_addresses(ns)
         with self._mutex:
             entry = self._guards.get(directory)
+        # A guard judged this namespace's every socket: ours, attached for it (a recreated sandbox's
+        # new namespace was judged with the old one's local addresses), or a restarted agent's.
+        judged = entry.inode == ns.inode if entry is not None else bool(bpf.ours_on(directory))
         if entry is not None and entry.guard.programs == guard.programs and entry.installed.whole():
             entry.installed.update(guard, local4, local6)
             entry.guard, entry.inode = guard, ns.inode
-            return None
-        moving = entry is None and not bpf.ours_on(directory)  # (else ours judged every socket)
-        installed = bpf.install(directory, guard, local4, local6)
-        with self._mutex:
-            self._guards[directory] = _Entry(ns.inode, installed, guard)
-        if entry is not None:
-            entry.installed.close()  # (its programs go with the others' below)
-        try:
-            installed.detach_others()  # ours is whole: an earlier one (a restarted agent's) goes
-        except (EnforceError, OSError) as err:  # ours holds; what is left over is drift, retried
-            log.warning(
-                "an earlier socket guard stays attached", extra={"pod": ruleset.pod, "error": str(err)}
-            )
-        opened = ns.run(sockdiag.opened) if moving else []  # asked now: any later one meets the guard
+        else:
+            installed = bpf.install(directory, guard, local4, local6)
+            with self._mutex:
+                self._guards[directory] = _Entry(ns.inode, installed, guard)
+            if entry is not None:
+                entry.installed.close()  # (its programs go with the others' below)
+            try:
+                installed.detach_others()  # ours is whole: an earlier one (a restarted agent's) goes
+            except (EnforceError, OSError) as err:  # ours holds; what is left over is drift, retried
+                log.warning(
+                    "an earlier socket guard stays attached", extra={"pod": ruleset.pod, "error": str(err)}
+                )
+        opened = [] if judged else _opened(ns, directory)  # asked now: any later one meets the guard
         if opened:
             shown = ", ".join(opened[:3]) + (f" and {len(opened) - 3} more" if len(opened) > 3 else "")
-            reason = f"sockets were opened before the guard could judge them ({shown})"
+            reason = f"the namespace holds what the guard never judged ({shown})"
             with self._mutex:
                 self._tabled[directory] = (ns.inode, reason)
             log.info("the pod keeps its table", extra={"pod": ruleset.pod, "reason": reason})

@@ -49,9 +49,10 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     agent.add_argument(
         "--socket-guard",
         action="store_true",
-        help="nftables only: judge the pods it can serve (cgroup identity, enforce, no UDP grant, no "
-        "NAT in the pod) with cgroup BPF programs on the pod's cgroup, once per connect/send/bind, "
-        "instead of netfilter rules that every packet meets (docs/design.md, the socket guard)",
+        help="nftables only: judge the pods it can serve (enforce, no UDP grant, no NAT in the pod, "
+        "taken over before the pod opens a socket: with the chained CNI plugin) with cgroup BPF "
+        "programs on the pod's cgroup, once per connect/send/bind, instead of netfilter rules that "
+        "every packet meets (docs/design.md, the socket guard)",
     )
     agent.add_argument("--metrics-port", type=port, default=METRICS_PORT, help="default %(default)s")
     add_rule_settings(agent)
