@@ -404,7 +404,7 @@ def bench_loopback(
 
 def bench_guard_apply(rounds: int) -> dict[str, object]:
     """The socket guard's own costs on one cgroup identity pod (3 containers x 4 ports), next to
-    nftables' for the same pod in the same rounds: a new guard (7 maps made and filled, 6
+    nftables' for the same pod in the same rounds: a new guard (7 maps made and filled, 7
     programs verified and attached) against a new table, and a changed policy (all 12 grants
     moved: map elements) against the table's element update."""
     times: dict[str, list[float]] = {"guard_new": [], "guard_update": [], "table_new": [], "table_update": []}

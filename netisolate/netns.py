@@ -12,6 +12,8 @@ from __future__ import annotations
 import ctypes
 import fcntl
 import os
+import socket
+import struct
 import threading
 from collections.abc import Callable
 from typing import Any, TypeVar, cast
@@ -40,6 +42,15 @@ def _setns(fd: int) -> None:
         raise OSError(err, os.strerror(err))
 
 
+_SO_NETNS_COOKIE = 71
+
+
+def _own_cookie() -> int:
+    """The cookie of the calling thread's network namespace, as any socket made there tells."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as probe:
+        return int(struct.unpack("=Q", probe.getsockopt(socket.SOL_SOCKET, _SO_NETNS_COOKIE, 8))[0])
+
+
 class NetNS:
     """A network namespace held open by fd, so it cannot be recycled while we work on it."""
 
@@ -47,6 +58,15 @@ class NetNS:
         self.fd = fd
         self.path = path
         self.inode = os.fstat(fd).st_ino
+        self._cookie = 0
+
+    @property
+    def cookie(self) -> int:
+        """The namespace's cookie (Linux >= 5.14): unlike its inode number, which the kernel hands
+        a new namespace once this one is gone, never another namespace's while the machine runs."""
+        if not self._cookie:
+            self._cookie = self.run(_own_cookie)
+        return self._cookie
 
     @classmethod
     def open(cls, target: str | int) -> NetNS:

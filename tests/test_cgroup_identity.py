@@ -340,7 +340,7 @@ def test_under_uid_identity_the_guard_stops_looking_once_the_pod_is_no_longer_ne
     tracked = rec.pods[pod.metadata.uid or ""]
     tracked.cgroup_wait_since -= PENDING_FAST_S
     rec.upsert_pod(pod)
-    assert tracked.cgroup_sought == here.inode and rec.next_retry() == float("inf")
+    assert tracked.cgroup_sought == here.cookie and rec.next_retry() == float("inf")
     rec.upsert_pod(pod)
     assert rec.next_retry() == float("inf")
 

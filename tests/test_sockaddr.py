@@ -390,6 +390,15 @@ def test_a_gone_cgroup_s_counter_is_folded_into_the_pod_s(guarded: Guarded) -> N
     assert len(guarded.installed.maps["refused"].items()) == 1
 
 
+def test_no_capability_for_maps_is_the_node_s_not_the_pod_s(monkeypatch: pytest.MonkeyPatch) -> None:
+    def refused(command: int, attr: bytes, what: str, buffer: object = None) -> int:
+        raise bpf.GuardError(f"{what}: Operation not permitted", 1)
+
+    monkeypatch.setattr(bpf, "_bpf", refused)
+    with pytest.raises(bpf.LoadError, match="creating the map grants"):
+        bpf.Map.create(sockaddr.MAPS[0])
+
+
 @kernel
 def test_a_full_map_is_replaced_extra_first() -> None:
     small = bpf.Map.create(sockaddr.MapSpec("test", "hash", 4, 4, 4))
@@ -783,11 +792,40 @@ def test_a_recreated_sandbox_s_namespace_is_asked_as_a_move(served: Served) -> N
     backend.apply(local.ns, rs)
     assert not _table(local)
     [entry] = backend._guards.values()
-    entry.inode += 1  # as if attached for the sandbox's earlier namespace
+    # what names a namespace: never another's, as an inode number may be once its namespace is gone
+    assert local.ns.dup().cookie == entry.cookie != NetNS.open("/proc/self/ns/net").cookie
+    entry.cookie += 1  # as if attached for the sandbox's earlier namespace
     local.listen("proxy", ["8080"])
     backend.inner.apply(local.ns, rs)  # the CNI ADD's table in the new namespace
     backend.apply(local.ns, rs)
     assert _table(local) and _ours(local) == [] and backend.verify(local.ns, rs) == []
+
+
+@kernel
+def test_an_earlier_guard_missing_a_program_is_no_proof_and_the_move_is_asked(served: Served) -> None:
+    local, backend, rs = served
+    assert local.ns is not None
+    GuardedBackend().apply(local.ns, rs)  # an earlier agent's guard
+    _detach_all(local, "sock_create")  # (as one from before that program was)
+    local.listen("proxy", ["8080"])
+    backend.inner.apply(local.ns, rs)
+    backend.apply(local.ns, rs)
+    assert _table(local) and _ours(local) == [] and backend.verify(local.ns, rs) == []
+
+
+@kernel
+def test_what_the_backend_noted_of_a_gone_pod_is_forgotten(
+    served: Served, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    local, backend, rs = served
+    assert local.ns is not None
+    monkeypatch.setattr(importlib.import_module("netisolate.backends.guarded"), "SWEEP_S", 0.0)
+    with LocalPod(guarded_pod()) as gone:
+        assert gone.ns is not None
+        backend.apply(gone.ns, ruleset(gone.pod, gone.cgroups()))
+        assert len(backend._guards) == len(backend._pods) == 1
+    backend.apply(local.ns, rs)
+    assert list(backend._guards) == [str(local.cgroup)] and list(backend._pods) == [local.ns.cookie]
 
 
 @kernel

@@ -109,7 +109,7 @@ class Tracked:
     preinstalled: tuple[RuleSet, float] | None = None  # loaded into a fresh `ns` outside the lock
     cgroup_problem: str = ""  # why cgroup identity was last unavailable for this pod, if it was
     cgroup_wait_since: float = 0.0  # since when the pod's cgroup is looked for (0: found)
-    # UID identity under the guard: the pod's cgroup once found; the namespace (inode) for which it
+    # UID identity under the guard: the pod's cgroup once found; the namespace (cookie) for which it
     # was looked for long enough in vain
     pod_cgroup: PodCgroups | None = None
     cgroup_sought: int = 0
@@ -490,8 +490,11 @@ class Reconciler:
         seen = self.cgroups.seen(tracked.pod)
         if seen is not None and seen.pod is not None:
             tracked.cgroup_wait_since, tracked.pod_cgroup = 0.0, PodCgroups(seen.level, seen.pod)
-        elif tracked.cgroup_sought != tracked.ns.inode and not self._cgroup_soon(tracked):
-            tracked.cgroup_sought, tracked.cgroup_wait_since = tracked.ns.inode, 0.0  # (a new sandbox: again)
+        elif tracked.cgroup_sought != tracked.ns.cookie and not self._cgroup_soon(tracked):
+            tracked.cgroup_sought, tracked.cgroup_wait_since = (
+                tracked.ns.cookie,
+                0.0,
+            )  # (a new sandbox: again)
         return tracked.pod_cgroup
 
     def _cgroup_soon(self, tracked: Tracked) -> bool:

@@ -98,7 +98,10 @@ class Map:
         name = f"{PREFIX}{spec.name}".encode()
         sizes = (spec.key_size, spec.value_size, spec.max_entries)
         attr = struct.pack("=7I16s", _MAP_TYPES[spec.kind], *sizes, flags, 0, 0, name)
-        return cls(spec, _bpf(_MAP_CREATE, attr, f"creating the map {spec.name}"))
+        try:
+            return cls(spec, _bpf(_MAP_CREATE, attr, f"creating the map {spec.name}"))
+        except GuardError as err:  # no capability: the same for every pod
+            raise (LoadError(str(err), err.errno) if err.errno == errno.EPERM else err) from None
 
     def _elem(self, command: int, key: bytes, value: ctypes.Array[ctypes.c_char] | None, what: str) -> None:
         k = ctypes.create_string_buffer(key, len(key))

@@ -32,6 +32,7 @@ import logging
 import os
 import re
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -43,12 +44,13 @@ from netisolate.rules import RuleSet, nft, sockaddr
 
 CGROUPFS = "/sys/fs/cgroup"  # where rules' cgroup paths are relative to, as for nft
 _RESERVED = "/proc/sys/net/ipv4/ip_local_reserved_ports"  # per namespace, IPv6 included
+SWEEP_S = 10.0  # how often the pods whose cgroup is gone are forgotten (a stat each)
 log = logging.getLogger(__name__)
 
 
 @dataclass
 class _Entry:
-    inode: int  # the namespace it was attached for
+    cookie: int  # the namespace it was attached for (netisolate.netns.NetNS.cookie)
     installed: bpf.Installed
     guard: sockaddr.Guard
 
@@ -115,9 +117,14 @@ def _opened(ns: NetNS, directory: str) -> list[str]:
         return opened
     populated = []
     for child in os.scandir(directory):
-        events = Path(child.path, "cgroup.events")
-        if child.is_dir(follow_symlinks=False) and "populated 1" in events.read_text():
-            populated.append(child.name)
+        try:  # (a cgroup being removed holds no process)
+            if (
+                child.is_dir(follow_symlinks=False)
+                and "populated 1" in Path(child.path, "cgroup.events").read_text()
+            ):
+                populated.append(child.name)
+        except OSError:
+            continue
     made = len(populated) - 1
     return (
         [f"{made} containers made before it, whose bound sockets Linux < 6.8 cannot list"] if made > 0 else []
@@ -138,36 +145,48 @@ class GuardedBackend:
         self.inner = inner or NftablesBackend()
         self.cgroupfs = cgroupfs
         self._guards: dict[str, _Entry] = {}  # pod cgroup directory -> the guard we attached there
-        # pod cgroup directory -> (namespace inode, why): moves refused for good (sockets were open)
+        # pod cgroup directory -> (namespace cookie, why): moves refused for good (sockets were open)
         self._tabled: dict[str, tuple[int, str]] = {}
         self._mutex = threading.Lock()  # the dicts only
-        self._pods: dict[int, threading.Lock] = {}  # namespace inode -> one pod's operations
+        # namespace cookie -> (one pod's operations, its cgroup directory once known)
+        self._pods: dict[int, tuple[threading.Lock, str]] = {}
+        self._swept = time.monotonic()
         self.unloadable = ""  # why this kernel refuses the guard's programs: every pod keeps its table
 
     def _directory(self, ruleset: RuleSet) -> str | None:
         pod = ruleset.own_cgroup
         return os.path.join(self.cgroupfs, pod.path) if pod is not None else None
 
-    def _lock(self, ns: NetNS) -> threading.Lock:
+    def _lock(self, ns: NetNS, ruleset: RuleSet) -> threading.Lock:
+        """The pod's own lock (its operations one at a time), after forgetting, now and then, the
+        pods whose cgroup is gone."""
+        cookie, directory = ns.cookie, self._directory(ruleset) or ""
         with self._mutex:
-            for directory, entry in list(self._guards.items()):  # the kernel detached these with their cgroup
-                busy = self._pods.get(entry.inode)
-                if os.path.isdir(directory) or (busy is not None and not busy.acquire(blocking=False)):
-                    continue  # (a pod at work closes nothing of its own under itself)
-                try:
+            if time.monotonic() - self._swept > SWEEP_S:
+                self._sweep()
+            lock, known = self._pods.get(cookie, (threading.Lock(), ""))
+            self._pods[cookie] = (lock, directory or known)
+            return lock
+
+    def _sweep(self) -> None:
+        """(Under the mutex.) The kernel detached a gone cgroup's programs with it: our fds go, and
+        what we noted of its pod. A pod at work closes nothing of its own under itself."""
+        self._swept = time.monotonic()
+        for cookie, (lock, directory) in list(self._pods.items()):
+            if not directory or os.path.isdir(directory) or not lock.acquire(blocking=False):
+                continue
+            try:
+                entry = self._guards.pop(directory, None)
+                if entry is not None:
                     entry.installed.close()
-                    del self._guards[directory]
-                    self._pods.pop(entry.inode, None)
-                finally:
-                    if busy is not None:
-                        busy.release()
-            for directory in [d for d in self._tabled if not os.path.isdir(d)]:
-                del self._tabled[directory]
-            return self._pods.setdefault(ns.inode, threading.Lock())
+                self._tabled.pop(directory, None)
+                del self._pods[cookie]
+            finally:
+                lock.release()
 
     def _entry(self, ns: NetNS) -> _Entry | None:
         with self._mutex:
-            return next((e for e in self._guards.values() if e.inode == ns.inode), None)
+            return next((e for e in self._guards.values() if e.cookie == ns.cookie), None)
 
     def unfit(self, ns: NetNS, ruleset: RuleSet) -> str | None:
         """Why this pod keeps its table (None: the guard can serve it)."""
@@ -176,7 +195,7 @@ class GuardedBackend:
         if reason is None and directory is not None and (others := bpf.foreign(directory)):
             reason = f"another program judges the pod's connects ({', '.join(others)})"
         tabled = self._tabled.get(directory or "")
-        if reason is None and tabled is not None and tabled[0] == ns.inode:
+        if reason is None and tabled is not None and tabled[0] == ns.cookie:
             reason = tabled[1]
         return reason
 
@@ -188,7 +207,7 @@ class GuardedBackend:
             return f"cannot tell whether the guard can serve it: {err}"
 
     def apply(self, ns: NetNS, ruleset: RuleSet) -> None:
-        with self._lock(ns):
+        with self._lock(ns, ruleset):
             reason = self._fit(ns, ruleset)
             if reason is None:
                 try:
@@ -234,15 +253,18 @@ class GuardedBackend:
         with self._mutex:
             entry = self._guards.get(directory)
         # A guard judged this namespace's every socket: ours, attached for it (a recreated sandbox's
-        # new namespace was judged with the old one's local addresses), or a restarted agent's.
-        judged = entry.inode == ns.inode if entry is not None else bool(bpf.ours_on(directory))
+        # new namespace was judged with the old one's local addresses), or a restarted agent's, whole.
+        if entry is not None:
+            judged = entry.cookie == ns.cookie
+        else:
+            judged = {point for point, _ in bpf.ours_on(directory)} == {point for point, _ in sockaddr.ATTACH}
         if entry is not None and entry.guard.programs == guard.programs and entry.installed.whole():
             entry.installed.update(guard, local4, local6)
-            entry.guard, entry.inode = guard, ns.inode
+            entry.guard, entry.cookie = guard, ns.cookie
         else:
             installed = bpf.install(directory, guard, local4, local6)
             with self._mutex:
-                self._guards[directory] = _Entry(ns.inode, installed, guard)
+                self._guards[directory] = _Entry(ns.cookie, installed, guard)
             if entry is not None:
                 entry.installed.close()  # (its programs go with the others' below)
             try:
@@ -256,14 +278,14 @@ class GuardedBackend:
             shown = ", ".join(opened[:3]) + (f" and {len(opened) - 3} more" if len(opened) > 3 else "")
             reason = f"the namespace holds what the guard never judged ({shown})"
             with self._mutex:
-                self._tabled[directory] = (ns.inode, reason)
+                self._tabled[directory] = (ns.cookie, reason)
             log.info("the pod keeps its table", extra={"pod": ruleset.pod, "reason": reason})
             return reason
         return None
 
     def update_cgroups(self, ns: NetNS, ruleset: RuleSet, installed: RuleSet) -> None:
         guard = sockaddr.guard(ruleset)
-        with self._lock(ns):
+        with self._lock(ns, ruleset):
             entry = self._entry(ns)
             if entry is not None and guard.programs == entry.guard.programs:
                 try:  # a restarted container: the maps' elements alone (~0.1 ms)
@@ -287,7 +309,7 @@ class GuardedBackend:
             raise EnforceError(f"reading the socket guard of {ruleset.pod}: {err}") from None
 
     def _inspect(self, ns: NetNS, ruleset: RuleSet) -> Inspection:
-        with self._lock(ns):
+        with self._lock(ns, ruleset):
             entry, reason, directory = self._entry(ns), self._fit(ns, ruleset), self._directory(ruleset)
             if reason is None and directory is not None and entry is not None:  # else its table serves it
                 local = bpf.local_addresses(ns)

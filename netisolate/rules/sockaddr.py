@@ -143,7 +143,7 @@ class Guard:
     pod: str
     programs: dict[str, tuple[Insn | Label, ...]]
     entries: dict[str, dict[bytes, bytes]]  # map name -> key -> value; local4/6, refused counters aside
-    identities: dict[int, str]  # who (cgroup ID or UID) -> containers; 0: the pod's own cgroup, the unseen
+    identities: dict[int, str]  # who (cgroup ID or UID) -> containers; UNKNOWN: callers none names
 
 
 def identity_key(uid: int, who: int, protocol: int, port: int) -> bytes:
