@@ -782,6 +782,15 @@ def test_a_pod_with_sockets_opened_before_the_guard_keeps_its_table(served: Serv
     assert local.probe(1000, [("127.0.0.1", 8080, "tcp")], container="app") == ["refused"]  # the table's
 
 
+def _listen_then_move(served: Served) -> None:
+    """The proxy opens a socket, the pod is given its table, then the backend is asked to serve it."""
+    local, backend, rs = served
+    assert local.ns is not None
+    local.listen("proxy", ["8080"])
+    backend.inner.apply(local.ns, rs)
+    backend.apply(local.ns, rs)
+
+
 @kernel
 def test_a_recreated_sandbox_s_namespace_is_asked_as_a_move(served: Served) -> None:
     """Our guard for the sandbox's earlier namespace judged the new one's sockets with the old
@@ -795,9 +804,7 @@ def test_a_recreated_sandbox_s_namespace_is_asked_as_a_move(served: Served) -> N
     # what names a namespace: never another's, as an inode number may be once its namespace is gone
     assert local.ns.dup().cookie == entry.cookie != NetNS.open("/proc/self/ns/net").cookie
     entry.cookie += 1  # as if attached for the sandbox's earlier namespace
-    local.listen("proxy", ["8080"])
-    backend.inner.apply(local.ns, rs)  # the CNI ADD's table in the new namespace
-    backend.apply(local.ns, rs)
+    _listen_then_move(served)  # (the table: the CNI ADD's in the new namespace)
     assert _table(local) and _ours(local) == [] and backend.verify(local.ns, rs) == []
 
 
@@ -807,9 +814,7 @@ def test_an_earlier_guard_missing_a_program_is_no_proof_and_the_move_is_asked(se
     assert local.ns is not None
     GuardedBackend().apply(local.ns, rs)  # an earlier agent's guard
     _detach_all(local, "sock_create")  # (as one from before that program was)
-    local.listen("proxy", ["8080"])
-    backend.inner.apply(local.ns, rs)
-    backend.apply(local.ns, rs)
+    _listen_then_move(served)
     assert _table(local) and _ours(local) == [] and backend.verify(local.ns, rs) == []
 
 
@@ -858,9 +863,7 @@ def test_a_guard_of_ours_on_the_cgroup_already_judged_every_socket_and_the_pod_m
     local, backend, rs = served
     assert local.ns is not None
     GuardedBackend().apply(local.ns, rs)
-    local.listen("proxy", ["8080"])
-    backend.inner.apply(local.ns, rs)  # a table too (as a pod that moved back and forth has)
-    backend.apply(local.ns, rs)
+    _listen_then_move(served)  # (a table too, as a pod that moved back and forth has)
     assert not _table(local) and _ours(local) == ["ni_connect4"] and backend.verify(local.ns, rs) == []
 
 
